@@ -1,0 +1,99 @@
+//! The `smolvm.*` parameters of the kernel command line.
+
+use std::net::Ipv4Addr;
+
+/// What the host told the guest through `/proc/cmdline`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct BootConfig {
+    /// `smolvm.id=<id>`: the VM id, used as hostname.
+    pub id: Option<String>,
+    /// `smolvm.ip=<addr>/<prefix>`: eth0's address.
+    pub ip: Option<(Ipv4Addr, u8)>,
+    /// `smolvm.gw=<addr>`: default gateway.
+    pub gw: Option<Ipv4Addr>,
+    /// `smolvm.dns=<addr>`: resolver.
+    pub dns: Option<Ipv4Addr>,
+    /// Values that did not parse, as `key=value`, for the log.
+    pub invalid: Vec<String>,
+}
+
+impl BootConfig {
+    pub fn parse(cmdline: &str) -> Self {
+        let mut cfg = BootConfig::default();
+        for word in cmdline.split_ascii_whitespace() {
+            let Some((key, value)) = word.split_once('=') else { continue };
+            let ok = match key {
+                "smolvm.id" => {
+                    cfg.id = Some(value.to_string());
+                    true
+                }
+                "smolvm.ip" => {
+                    cfg.ip = parse_cidr(value);
+                    cfg.ip.is_some()
+                }
+                "smolvm.gw" => {
+                    cfg.gw = value.parse().ok();
+                    cfg.gw.is_some()
+                }
+                "smolvm.dns" => {
+                    cfg.dns = value.parse().ok();
+                    cfg.dns.is_some()
+                }
+                _ => true,
+            };
+            if !ok {
+                cfg.invalid.push(word.to_string());
+            }
+        }
+        cfg
+    }
+}
+
+fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (addr, prefix) = s.split_once('/')?;
+    let prefix: u8 = prefix.parse().ok()?;
+    (prefix <= 32).then_some((addr.parse().ok()?, prefix))
+}
+
+/// The netmask of a prefix length: 24 → 255.255.255.0.
+pub fn netmask(prefix: u8) -> Ipv4Addr {
+    let bits = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix.min(32))) };
+    Ipv4Addr::from(bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_smolvm_keys() {
+        let c = BootConfig::parse(
+            "console=ttyS0 reboot=t smolvm.id=sbx-1 smolvm.ip=10.0.2.15/24 smolvm.gw=10.0.2.2 \
+             smolvm.dns=10.0.2.3 quiet\n",
+        );
+        assert_eq!(c.id.as_deref(), Some("sbx-1"));
+        assert_eq!(c.ip, Some((Ipv4Addr::new(10, 0, 2, 15), 24)));
+        assert_eq!(c.gw, Some(Ipv4Addr::new(10, 0, 2, 2)));
+        assert_eq!(c.dns, Some(Ipv4Addr::new(10, 0, 2, 3)));
+        assert!(c.invalid.is_empty());
+    }
+
+    #[test]
+    fn bad_values_are_reported_not_fatal() {
+        let c = BootConfig::parse("smolvm.ip=10.0.2.15 smolvm.gw=nope smolvm.ip6=x smolvm.dns=1.2.3.4/33");
+        assert_eq!(c.ip, None);
+        assert_eq!(c.gw, None);
+        assert_eq!(c.dns, None);
+        assert_eq!(c.invalid.len(), 3);
+        assert_eq!(BootConfig::parse(""), BootConfig::default());
+        assert_eq!(BootConfig::parse("smolvm.ip=1.2.3.4/40").ip, None);
+    }
+
+    #[test]
+    fn netmasks() {
+        assert_eq!(netmask(0), Ipv4Addr::new(0, 0, 0, 0));
+        assert_eq!(netmask(8), Ipv4Addr::new(255, 0, 0, 0));
+        assert_eq!(netmask(24), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(netmask(32), Ipv4Addr::new(255, 255, 255, 255));
+    }
+}

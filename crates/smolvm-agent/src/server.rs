@@ -1,0 +1,177 @@
+//! Serving the protocol: the reader loop (this thread) decodes host frames
+//! and dispatches them; the writer thread (`writer`) sends every reply.
+
+use crate::exec::{Execs, StdinMsg};
+use crate::log::RateLimit;
+use crate::sys::boottime_ms;
+use crate::writer::{self, OnWriteError, Outbox};
+use smolvm_proto::{
+    decode_payload, Decoder, ErrorInfo, ErrorKind, Frame, GuestHello, GuestMsg, HostMsg, CONTROL_STREAM,
+    MAX_CHUNK_LEN, PROTOCOL_VERSION,
+};
+use std::fs::File;
+use std::io::{self, Read};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where the agent runs, which decides what a lost host and `Shutdown` mean.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// PID 1 in the guest, on the virtio-serial port: the host may come and
+    /// go; `Shutdown` ends the machine.
+    Guest,
+    /// A host-side test process on stdin/stdout: EOF or `Shutdown` exits.
+    Stdio,
+}
+
+/// While no host is connected a virtio port reads 0 bytes at once, forever.
+const DISCONNECTED_BACKOFF: Duration = Duration::from_millis(25);
+
+struct Server {
+    mode: Mode,
+    out: Outbox,
+    execs: Arc<Execs>,
+    start_ms: u64,
+    ready_ms: u64,
+}
+
+/// Serves the protocol on `input`/`output` until the end. Never returns.
+pub fn serve(input: File, output: File, mode: Mode, start_ms: u64) -> ! {
+    let on_error = match mode {
+        Mode::Guest => OnWriteError::Drop,
+        Mode::Stdio => OnWriteError::Exit,
+    };
+    let out = match writer::start(output, on_error) {
+        Ok(out) => out,
+        Err(e) => fatal(mode, &format!("cannot start the writer thread: {e}")),
+    };
+    let server = Server { mode, out, execs: Arc::new(Execs::default()), start_ms, ready_ms: boottime_ms() };
+    info!("serving protocol v{PROTOCOL_VERSION} (ready at {} ms)", server.ready_ms);
+    server.read_loop(input)
+}
+
+/// Gives up: as PID 1 that means ending the machine, never exiting.
+pub fn fatal(mode: Mode, msg: &str) -> ! {
+    error!("fatal: {msg}");
+    match mode {
+        Mode::Guest => crate::shutdown::power_off(msg),
+        Mode::Stdio => std::process::exit(1),
+    }
+}
+
+impl Server {
+    fn read_loop(&self, mut input: File) -> ! {
+        let mut dec = Decoder::new();
+        let mut buf = vec![0u8; 2 * MAX_CHUNK_LEN];
+        let mut read_errors = RateLimit::new(Duration::from_secs(5));
+        loop {
+            match input.read(&mut buf) {
+                Ok(0) => {
+                    if self.mode == Mode::Stdio {
+                        info!("host closed the channel; exiting");
+                        self.exit_stdio();
+                    }
+                    // No host: what we hold of a frame is from a host that left.
+                    dec.reset();
+                    std::thread::sleep(DISCONNECTED_BACKOFF);
+                }
+                Ok(n) => {
+                    dec.push(&buf[..n]);
+                    self.drain_frames(&mut dec);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    if self.mode == Mode::Stdio {
+                        fatal(self.mode, &format!("read from host: {e}"));
+                    }
+                    if let Some(n) = read_errors.allow() {
+                        error!("read from host: {e} ({n} more failures not shown)");
+                    }
+                    dec.reset();
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    fn drain_frames(&self, dec: &mut Decoder) {
+        loop {
+            match dec.next_payload() {
+                Ok(Some(payload)) => match decode_payload::<HostMsg>(&payload) {
+                    Ok(frame) => self.dispatch(frame),
+                    // The framing is intact: skip just this frame.
+                    Err(e) => error!("ignoring a frame from the host: {e}"),
+                },
+                Ok(None) => return,
+                Err(e) => {
+                    // A header announcing an oversized frame: we lost sync
+                    // with the host's framing. Drop what we hold and start
+                    // over with the next bytes that arrive.
+                    error!("{e}; discarding buffered input");
+                    dec.reset();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn dispatch(&self, frame: Frame<HostMsg>) {
+        let stream = frame.stream;
+        match frame.msg {
+            HostMsg::Hello(h) => {
+                if stream != CONTROL_STREAM {
+                    return self.error(stream, ErrorKind::InvalidRequest, "Hello belongs on stream 0");
+                }
+                if h.version != PROTOCOL_VERSION {
+                    error!("host speaks protocol v{}, agent v{PROTOCOL_VERSION}", h.version);
+                } else {
+                    info!("host hello (protocol v{})", h.version);
+                }
+                self.out.send(
+                    CONTROL_STREAM,
+                    GuestMsg::Hello(GuestHello {
+                        version: PROTOCOL_VERSION,
+                        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                        agent_start_ms: self.start_ms,
+                        ready_ms: self.ready_ms,
+                        now_ms: boottime_ms(),
+                    }),
+                );
+            }
+            HostMsg::Ping { nonce } => self.out.send(stream, GuestMsg::Pong { nonce }),
+            HostMsg::Exec(req) => {
+                if stream == CONTROL_STREAM {
+                    return self.error(stream, ErrorKind::InvalidRequest, "Exec needs a non-zero stream id");
+                }
+                if let Err(e) = self.execs.start(stream, req, &self.out) {
+                    self.out.send(stream, GuestMsg::Error(e));
+                }
+            }
+            HostMsg::Stdin(data) => self.execs.stdin(stream, StdinMsg::Data(data)),
+            HostMsg::StdinClose => self.execs.stdin(stream, StdinMsg::Close),
+            HostMsg::Signal { signal } => self.execs.signal(stream, signal),
+            HostMsg::Shutdown => self.shutdown(stream),
+        }
+    }
+
+    fn error(&self, stream: u32, kind: ErrorKind, msg: &str) {
+        self.out.send(stream, GuestMsg::Error(ErrorInfo::new(kind, msg)));
+    }
+
+    fn shutdown(&self, stream: u32) -> ! {
+        self.out.send(stream, GuestMsg::ShutdownAck);
+        if !self.out.flush(Duration::from_secs(2)) {
+            error!("could not flush the shutdown acknowledgement");
+        }
+        match self.mode {
+            Mode::Guest => crate::shutdown::power_off("the host asked"),
+            Mode::Stdio => self.exit_stdio(),
+        }
+    }
+
+    /// Stdio mode ends: leave no process of ours behind.
+    fn exit_stdio(&self) -> ! {
+        self.execs.kill_all();
+        std::process::exit(0)
+    }
+}

@@ -1,0 +1,137 @@
+//! Subcommands.
+
+mod doctor;
+mod image;
+mod run;
+mod vm;
+
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run a command in a fresh sandbox, then remove the sandbox.
+    Run(run::RunArgs),
+    /// Create a sandbox (state `created`).
+    Create(vm::CreateArgs),
+    /// Boot (or resume) sandboxes.
+    Start(vm::StartArgs),
+    /// Shut sandboxes down gracefully (killed after --timeout).
+    Stop(vm::StopArgs),
+    /// Pause sandboxes (vCPUs stop; memory stays).
+    Pause(vm::IdsArgs),
+    /// Resume paused sandboxes.
+    Resume(vm::IdsArgs),
+    /// Remove sandboxes and everything they have on disk.
+    #[command(alias = "delete")]
+    Rm(vm::RmArgs),
+    /// List sandboxes.
+    #[command(alias = "list")]
+    Ls(vm::LsArgs),
+    /// Show one sandbox.
+    Info(vm::InfoArgs),
+    /// Run a command in a running sandbox.
+    Exec(vm::ExecArgs),
+    /// Show a sandbox's guest console.
+    Logs(vm::LogsArgs),
+    /// Remove leftovers of sandboxes that no longer exist.
+    Prune(vm::PruneArgs),
+    /// Check the host: tools, KVM, disk, image.
+    Doctor(doctor::DoctorArgs),
+    /// Build, list and remove guest images.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+}
+
+/// Runs a subcommand; returns the process exit status.
+pub async fn dispatch(cmd: Command) -> anyhow::Result<u8> {
+    match cmd {
+        Command::Run(a) => run::run(a).await,
+        Command::Create(a) => vm::create(a).await,
+        Command::Start(a) => vm::start(a).await,
+        Command::Stop(a) => vm::stop(a).await,
+        Command::Pause(a) => vm::pause(a).await,
+        Command::Resume(a) => vm::resume(a).await,
+        Command::Rm(a) => vm::rm(a).await,
+        Command::Ls(a) => vm::ls(a).await,
+        Command::Info(a) => vm::info(a).await,
+        Command::Exec(a) => vm::exec(a).await,
+        Command::Logs(a) => vm::logs(a).await,
+        Command::Prune(a) => vm::prune(a).await,
+        Command::Doctor(a) => doctor::doctor(a).await,
+        Command::Image(c) => image::image(c).await,
+    }
+}
+
+/// Parses `KEY=VALUE` for clap.
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    smolvm::config::parse_env(s).map_err(|e| e.to_string())
+}
+
+/// Shared exec options.
+#[derive(clap::Args, Clone)]
+pub struct ExecFlags {
+    /// Environment variable for the command (repeatable).
+    #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Working directory in the guest.
+    #[arg(short = 'w', long)]
+    pub workdir: Option<String>,
+    /// Kill the command (and its process group) after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+}
+
+impl ExecFlags {
+    pub fn options(&self) -> anyhow::Result<smolvm::ExecOptions> {
+        let timeout = match self.timeout {
+            Some(t) if !(t > 0.0 && t.is_finite()) => anyhow::bail!("--timeout must be a positive number of seconds"),
+            Some(t) => Some(std::time::Duration::from_secs_f64(t)),
+            None => None,
+        };
+        Ok(smolvm::ExecOptions { env: self.env.clone(), workdir: self.workdir.clone(), timeout, stdin: None })
+    }
+}
+
+/// Streams a running command's output to ours; returns the shell-style
+/// exit status (code, or 128+signal; 124 on timeout like `timeout(1)`).
+pub async fn stream_to_stdio(mut s: smolvm::supervisor::ExecStream) -> anyhow::Result<u8> {
+    use smolvm::supervisor::ExecEvent;
+    use tokio::io::AsyncWriteExt;
+    let mut out = tokio::io::stdout();
+    let mut err = tokio::io::stderr();
+    loop {
+        match s.next().await? {
+            None => anyhow::bail!("the command stream ended without an exit status"),
+            Some(ExecEvent::Started { .. }) => {}
+            Some(ExecEvent::Stdout(b)) => {
+                out.write_all(&b).await?;
+                out.flush().await?;
+            }
+            Some(ExecEvent::Stderr(b)) => {
+                err.write_all(&b).await?;
+                err.flush().await?;
+            }
+            Some(ExecEvent::Exited(st)) => {
+                if st.timed_out {
+                    eprintln!("smolvm: command timed out after {} ms and was killed", st.duration_ms);
+                    return Ok(124);
+                }
+                return Ok(match (st.code, st.signal) {
+                    (Some(c), _) => (c & 0xff) as u8,
+                    (None, Some(sig)) => (128 + sig).clamp(0, 255) as u8,
+                    _ => 255,
+                });
+            }
+            Some(ExecEvent::Failed(e)) => anyhow::bail!("the guest could not run the command: {}", e.message),
+        }
+    }
+}
+
+/// The command to run: one argument is still argv (no shell) unless
+/// `--shell` is given.
+pub fn guest_command(argv: Vec<String>, shell: bool) -> anyhow::Result<smolvm_proto::Command> {
+    if argv.is_empty() {
+        anyhow::bail!("no command given; usage: smolvm run [OPTIONS] -- CMD [ARG...]");
+    }
+    Ok(if shell { smolvm_proto::Command::Shell(argv.join(" ")) } else { smolvm_proto::Command::Argv(argv) })
+}

@@ -1,0 +1,77 @@
+//! `smolvm run`: an ephemeral sandbox for one command.
+
+use super::{guest_command, stream_to_stdio, ExecFlags};
+use crate::progress::Reporter;
+use anyhow::Context;
+use smolvm::{Sandbox, SandboxConfig};
+use std::time::Duration;
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Guest image.
+    #[arg(long, default_value = smolvm::config::DEFAULT_IMAGE)]
+    image: String,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = smolvm::config::DEFAULT_MEMORY_MIB)]
+    memory: u32,
+    /// vCPUs.
+    #[arg(long, default_value_t = smolvm::config::DEFAULT_CPUS)]
+    cpus: u32,
+    /// Accelerator: auto, kvm or tcg (default: SMOLVM_ACCEL, else auto).
+    #[arg(long)]
+    accel: Option<smolvm::Accel>,
+    /// No guest network.
+    #[arg(long)]
+    no_network: bool,
+    /// Seconds to wait for the guest to boot.
+    #[arg(long, default_value_t = 30.0)]
+    boot_timeout: f64,
+    /// Run CMD through `/bin/sh -c` (ARGs joined by spaces).
+    #[arg(long)]
+    shell: bool,
+    /// No progress output.
+    #[arg(short, long)]
+    quiet: bool,
+    #[command(flatten)]
+    exec: ExecFlags,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    argv: Vec<String>,
+}
+
+pub async fn run(a: RunArgs) -> anyhow::Result<u8> {
+    let command = guest_command(a.argv.clone(), a.shell)?;
+    let opts = a.exec.options()?;
+    let config = SandboxConfig {
+        image: a.image.clone(),
+        memory_mib: a.memory,
+        cpus: a.cpus,
+        accel: match a.accel {
+            Some(x) => x,
+            None => smolvm::Accel::from_env()?,
+        },
+        network: !a.no_network,
+        ..SandboxConfig::default()
+    };
+    let reporter = Reporter::new(a.quiet);
+    let sbx = Sandbox::create_with_progress(config, Some(reporter.callback())).await?;
+    let result = async {
+        sbx.start(Duration::from_secs_f64(a.boot_timeout.max(0.1))).await?;
+        reporter.clear();
+        let stream = sbx.exec_stream(command, &opts).await?;
+        tokio::select! {
+            r = stream_to_stdio(stream) => r,
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("smolvm: interrupted; removing sandbox {}", sbx.id());
+                Ok(130)
+            }
+        }
+    }
+    .await;
+    reporter.clear();
+    let id = sbx.id().to_string();
+    let cleanup = sbx.delete().await.with_context(|| format!("cannot remove sandbox {id}"));
+    let code = result?;
+    cleanup?;
+    Ok(code)
+}

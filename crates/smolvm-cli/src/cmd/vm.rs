@@ -1,0 +1,356 @@
+//! Lifecycle subcommands: create, start, stop, pause, resume, rm, ls, info,
+//! exec, logs, prune.
+
+use super::{guest_command, stream_to_stdio, ExecFlags};
+use crate::progress::Reporter;
+use anyhow::Context;
+use smolvm::sandbox::VmInfo;
+use smolvm::{Sandbox, SandboxConfig};
+use std::io::{Read, Seek, Write};
+use std::time::Duration;
+
+#[derive(clap::Args)]
+pub struct CreateArgs {
+    /// Name (the VM's id): 1-63 of a-z 0-9 _ -; generated when absent.
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long, default_value = smolvm::config::DEFAULT_IMAGE)]
+    image: String,
+    /// Guest memory in MiB (128-16384).
+    #[arg(long, default_value_t = smolvm::config::DEFAULT_MEMORY_MIB)]
+    memory: u32,
+    /// vCPUs (1-32).
+    #[arg(long, default_value_t = smolvm::config::DEFAULT_CPUS)]
+    cpus: u32,
+    /// Root disk size in MiB (at least the image's size).
+    #[arg(long, value_name = "MIB")]
+    disk_size: Option<u64>,
+    /// Accelerator: auto, kvm or tcg.
+    #[arg(long)]
+    accel: Option<smolvm::Accel>,
+    /// No guest network.
+    #[arg(long)]
+    no_network: bool,
+    /// Print the VM as JSON.
+    #[arg(long)]
+    json: bool,
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+#[derive(clap::Args)]
+pub struct StartArgs {
+    #[arg(required = true)]
+    ids: Vec<String>,
+    /// Seconds to wait for the guest to boot.
+    #[arg(long, default_value_t = 30.0)]
+    boot_timeout: f64,
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+#[derive(clap::Args)]
+pub struct StopArgs {
+    #[arg(required = true)]
+    ids: Vec<String>,
+    /// Seconds to wait for a graceful shutdown before killing the VMM.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+}
+
+#[derive(clap::Args)]
+pub struct IdsArgs {
+    #[arg(required = true)]
+    ids: Vec<String>,
+}
+
+#[derive(clap::Args)]
+pub struct RmArgs {
+    #[arg(required = true)]
+    ids: Vec<String>,
+    /// Also remove running or paused VMs (they are killed).
+    #[arg(short, long)]
+    force: bool,
+}
+
+#[derive(clap::Args)]
+pub struct LsArgs {
+    /// Include stopped, created and failed VMs.
+    #[arg(short, long)]
+    all: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct InfoArgs {
+    id: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ExecArgs {
+    id: String,
+    /// Run CMD through `/bin/sh -c`.
+    #[arg(long)]
+    shell: bool,
+    #[command(flatten)]
+    exec: ExecFlags,
+    #[arg(last = true, required = true, value_name = "CMD")]
+    argv: Vec<String>,
+}
+
+#[derive(clap::Args)]
+pub struct LogsArgs {
+    id: String,
+    /// Keep printing as the console grows, until the VM stops.
+    #[arg(short, long)]
+    follow: bool,
+}
+
+#[derive(clap::Args)]
+pub struct PruneArgs {
+    /// Only list what would be removed.
+    #[arg(long)]
+    dry_run: bool,
+    /// Also remove VMs in state `error`.
+    #[arg(long)]
+    errors: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
+    if !(v > 0.0 && v.is_finite()) {
+        anyhow::bail!("{what} must be a positive number of seconds");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+pub async fn create(a: CreateArgs) -> anyhow::Result<u8> {
+    let config = SandboxConfig {
+        name: a.name,
+        image: a.image,
+        memory_mib: a.memory,
+        cpus: a.cpus,
+        disk_size_mib: a.disk_size,
+        accel: a.accel.unwrap_or_default(),
+        network: !a.no_network,
+    };
+    let reporter = Reporter::new(a.quiet || a.json);
+    let sbx = Sandbox::create_with_progress(config, Some(reporter.callback())).await?;
+    reporter.clear();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&sbx.info().await?)?);
+    } else {
+        println!("{}", sbx.id());
+    }
+    Ok(0)
+}
+
+pub async fn start(a: StartArgs) -> anyhow::Result<u8> {
+    let t = secs(a.boot_timeout, "--boot-timeout")?;
+    for id in &a.ids {
+        let mut sbx = Sandbox::from_id(id).await?;
+        let reporter = Reporter::new(a.quiet);
+        sbx.set_progress(Some(reporter.callback()));
+        sbx.start(t).await?;
+        reporter.clear();
+        println!("{id}");
+    }
+    Ok(0)
+}
+
+pub async fn stop(a: StopArgs) -> anyhow::Result<u8> {
+    let t = secs(a.timeout, "--timeout")?;
+    for id in &a.ids {
+        Sandbox::from_id(id).await?.stop(t).await?;
+        println!("{id}");
+    }
+    Ok(0)
+}
+
+pub async fn pause(a: IdsArgs) -> anyhow::Result<u8> {
+    for id in &a.ids {
+        Sandbox::from_id(id).await?.pause().await?;
+        println!("{id}");
+    }
+    Ok(0)
+}
+
+pub async fn resume(a: IdsArgs) -> anyhow::Result<u8> {
+    for id in &a.ids {
+        Sandbox::from_id(id).await?.resume().await?;
+        println!("{id}");
+    }
+    Ok(0)
+}
+
+pub async fn rm(a: RmArgs) -> anyhow::Result<u8> {
+    let mut failed = None;
+    for id in &a.ids {
+        let r = async {
+            let sbx = Sandbox::from_id(id).await?;
+            let state = sbx.status().await?;
+            if state.is_live() && !a.force {
+                anyhow::bail!("VM '{id}' is {state}; stop it first (`smolvm stop {id}`) or use `smolvm rm -f {id}`");
+            }
+            sbx.delete().await?;
+            Ok(())
+        }
+        .await;
+        match r {
+            Ok(()) => println!("{id}"),
+            Err(e) => {
+                crate::print_error(&e);
+                failed = Some(e);
+            }
+        }
+    }
+    match failed {
+        Some(_) => Ok(crate::EXIT_SMOLVM_ERROR),
+        None => Ok(0),
+    }
+}
+
+fn age(ms: i64) -> String {
+    let secs = (smolvm::state::now_ms() - ms).max(0) / 1000;
+    match secs {
+        s if s < 60 => format!("{s}s ago"),
+        s if s < 3600 => format!("{}m ago", s / 60),
+        s if s < 86400 => format!("{}h ago", s / 3600),
+        s => format!("{}d ago", s / 86400),
+    }
+}
+
+pub async fn ls(a: LsArgs) -> anyhow::Result<u8> {
+    let vms: Vec<VmInfo> = Sandbox::list().await?.into_iter().filter(|v| a.all || v.state.is_live()).collect();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&vms)?);
+        return Ok(0);
+    }
+    let rows: Vec<[String; 7]> = vms
+        .iter()
+        .map(|v| {
+            [
+                v.id.clone(),
+                v.state.to_string(),
+                v.image.clone(),
+                v.cpus.to_string(),
+                format!("{}M", v.memory_mib),
+                age(v.created_at),
+                v.last_error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let header = ["ID", "STATE", "IMAGE", "CPUS", "MEMORY", "CREATED", "ERROR"];
+    let mut w = [0usize; 7];
+    for (i, h) in header.iter().enumerate() {
+        w[i] = rows.iter().map(|r| r[i].len()).max().unwrap_or(0).max(h.len());
+    }
+    let line = |cells: [&str; 7]| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            s.push_str(&format!("{:<width$}  ", c, width = w[i]));
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header);
+    for r in &rows {
+        line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6]]);
+    }
+    Ok(0)
+}
+
+pub async fn info(a: InfoArgs) -> anyhow::Result<u8> {
+    let info = Sandbox::from_id(&a.id).await?.info().await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        println!("id:          {}", info.id);
+        println!("state:       {}", info.state);
+        println!("image:       {}", info.image);
+        println!("cpus:        {}", info.cpus);
+        println!("memory:      {} MiB", info.memory_mib);
+        println!("network:     {}", if info.network { "on" } else { "off" });
+        println!("accelerator: {}", info.accel.as_deref().unwrap_or("-"));
+        println!("created:     {}", age(info.created_at));
+        println!("boots:       {}", info.boot_count);
+        if let Some(p) = info.vmm_pid {
+            println!("vmm pid:     {p}");
+        }
+        if let Some(p) = info.supervisor_pid {
+            println!("supervisor:  {p}");
+        }
+        if let Some(e) = &info.last_error {
+            println!("last error:  {e}");
+        }
+        println!("directory:   {}", info.vm_dir.display());
+    }
+    Ok(0)
+}
+
+pub async fn exec(a: ExecArgs) -> anyhow::Result<u8> {
+    let command = guest_command(a.argv, a.shell)?;
+    let opts = a.exec.options()?;
+    let sbx = Sandbox::from_id(&a.id).await?;
+    let stream = sbx.exec_stream(command, &opts).await?;
+    stream_to_stdio(stream).await
+}
+
+pub async fn logs(a: LogsArgs) -> anyhow::Result<u8> {
+    let sbx = Sandbox::from_id(&a.id).await?;
+    let path = sbx.vm_dir().join(smolvm::backend::files::CONSOLE_LOG);
+    let mut f = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("smolvm: VM '{}' has no console output yet (it has never booted)", a.id);
+            return Ok(0);
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut out = std::io::stdout();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut pos = 0u64;
+    loop {
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            pos += n as u64;
+            out.write_all(&buf[..n])?;
+        }
+        out.flush()?;
+        if !a.follow || !sbx.status().await?.is_live() {
+            return Ok(0);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The console is recreated on each boot.
+        if std::fs::metadata(&path).map(|m| m.len() < pos).unwrap_or(false) {
+            f = std::fs::File::open(&path)?;
+            pos = 0;
+        }
+        f.seek(std::io::SeekFrom::Start(pos))?;
+    }
+}
+
+pub async fn prune(a: PruneArgs) -> anyhow::Result<u8> {
+    let items = smolvm::sandbox::prune(a.dry_run, a.errors).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&items)?);
+        return Ok(0);
+    }
+    let verb = if a.dry_run { "would remove" } else { "removed" };
+    for it in &items {
+        match &it.path {
+            Some(p) => println!("{verb} {} {} ({})", it.kind, it.id, p.display()),
+            None => println!("{verb} {} {}", it.kind, it.id),
+        }
+    }
+    if items.is_empty() {
+        println!("nothing to prune");
+    }
+    Ok(0)
+}

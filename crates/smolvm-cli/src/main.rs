@@ -1,0 +1,59 @@
+//! `smolvm`: the command-line interface, thin over the library.
+
+mod cmd;
+mod progress;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Exit status for smolvm's own failures (as `docker run` does).
+pub const EXIT_SMOLVM_ERROR: u8 = 125;
+
+#[derive(Parser)]
+#[command(name = "smolvm", version, about = "Disposable, hardware-isolated Linux sandboxes (microVMs) for AI agents")]
+struct Cli {
+    /// Log verbosity for smolvm itself (e.g. `debug`); also SMOLVM_LOG.
+    #[arg(long, global = true, env = "SMOLVM_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: cmd::Command,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .try_init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_SMOLVM_ERROR);
+        }
+    };
+    match rt.block_on(cmd::dispatch(cli.command)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            print_error(&e);
+            ExitCode::from(EXIT_SMOLVM_ERROR)
+        }
+    }
+}
+
+/// `error: outer` then one `caused by: ...` line per source.
+pub fn print_error(e: &anyhow::Error) {
+    eprintln!("error: {e}");
+    let mut last = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if last.contains(&c) {
+            continue;
+        }
+        eprintln!("caused by: {c}");
+        last = c;
+    }
+}
+
+#[allow(unused_imports)]
+use Subcommand as _;

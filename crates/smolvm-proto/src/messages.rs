@@ -1,0 +1,296 @@
+//! Host ↔ guest agent messages.
+//!
+//! Compatibility rule: variant 0 of [`HostMsg`] and [`GuestMsg`] is `Hello`,
+//! and [`HostHello`] / [`GuestHello`] never change shape, so a host can
+//! always read an agent's version and refuse it with a clear error.
+
+use crate::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Messages the host sends to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostMsg {
+    /// First message on a connection, on stream 0. FROZEN: keep variant 0.
+    Hello(HostHello),
+    /// Liveness check; answered by `GuestMsg::Pong` on the same stream.
+    Ping { nonce: u64 },
+    /// Starts a process; the stream then carries its output and exit.
+    Exec(ExecRequest),
+    /// Data for the process's stdin (only when `ExecRequest::stdin` is true).
+    Stdin(Bytes),
+    /// Closes the process's stdin.
+    StdinClose,
+    /// Sends a signal to the process group of the stream's process.
+    Signal { signal: i32 },
+    /// Syncs filesystems, ends all processes and powers the guest off.
+    /// Answered by `ShutdownAck` just before the power-off.
+    Shutdown,
+}
+
+/// Messages the agent sends to the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestMsg {
+    /// Answer to `HostMsg::Hello`, on stream 0. FROZEN: keep variant 0.
+    Hello(GuestHello),
+    Pong { nonce: u64 },
+    /// The process of an `Exec` started.
+    Started { pid: u32 },
+    Stdout(Bytes),
+    Stderr(Bytes),
+    /// The process ended; last message of an `Exec` stream.
+    Exited(ExitStatus),
+    /// The request on this stream failed; last message of the stream.
+    Error(ErrorInfo),
+    /// The guest is about to power off.
+    ShutdownAck,
+}
+
+/// FROZEN: the shape of the host's hello never changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostHello {
+    /// The protocol version the host speaks.
+    pub version: u32,
+}
+
+/// FROZEN: the shape of the agent's hello never changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestHello {
+    /// The protocol version the agent speaks.
+    pub version: u32,
+    /// The agent's own version string (crate version).
+    pub agent_version: String,
+    /// Guest monotonic time (CLOCK_BOOTTIME, ms) when the agent started as PID 1.
+    pub agent_start_ms: u64,
+    /// Guest monotonic time (ms) when the agent was ready to serve.
+    pub ready_ms: u64,
+    /// Guest monotonic time (ms) when this hello was sent.
+    pub now_ms: u64,
+}
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Executed directly, `argv[0]` looked up in `PATH`.
+    Argv(Vec<String>),
+    /// Run as `/bin/sh -c <string>`.
+    Shell(String),
+}
+
+/// A process to start in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub command: Command,
+    /// Added to (and overriding) the agent's base environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory; `/` when absent.
+    pub workdir: Option<String>,
+    /// Kill the whole process group after this long and report `timed_out`.
+    pub timeout_ms: Option<u64>,
+    /// When true the host will send `Stdin`/`StdinClose`; otherwise stdin is
+    /// `/dev/null`.
+    pub stdin: bool,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code when it exited normally.
+    pub code: Option<i32>,
+    /// Signal number when it was killed by a signal.
+    pub signal: Option<i32>,
+    /// True when the agent killed it because its timeout ran out.
+    pub timed_out: bool,
+    /// Wall time from start to exit, in the guest.
+    pub duration_ms: u64,
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The program was not found or could not be executed.
+    NotFound,
+    PermissionDenied,
+    /// The request was malformed (bad stream id, duplicate stream, ...).
+    InvalidRequest,
+    /// The agent refuses more work right now (too many processes).
+    Busy,
+    Unsupported,
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ErrorInfo {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{encode_frame, Decoder, Frame, CodecError, MAX_FRAME_LEN};
+
+    fn roundtrip<M>(m: M)
+    where
+        M: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug + Clone,
+    {
+        let f = Frame::new(42, m);
+        let bytes = encode_frame(&f).unwrap();
+        let mut d = Decoder::new();
+        d.push(&bytes);
+        let back: Frame<M> = d.next_frame().unwrap().unwrap();
+        assert_eq!(back, f);
+        assert_eq!(d.pending(), 0);
+    }
+
+    #[test]
+    fn host_messages_round_trip() {
+        roundtrip(HostMsg::Hello(HostHello { version: 1 }));
+        roundtrip(HostMsg::Ping { nonce: u64::MAX });
+        roundtrip(HostMsg::Exec(ExecRequest {
+            command: Command::Argv(vec!["ls".into(), "-l".into()]),
+            env: vec![("A".into(), "b=c".into())],
+            workdir: Some("/tmp".into()),
+            timeout_ms: Some(1500),
+            stdin: true,
+        }));
+        roundtrip(HostMsg::Exec(ExecRequest {
+            command: Command::Shell("echo hi | cat".into()),
+            env: vec![],
+            workdir: None,
+            timeout_ms: None,
+            stdin: false,
+        }));
+        roundtrip(HostMsg::Stdin(Bytes(vec![0, 255, 10, 13])));
+        roundtrip(HostMsg::StdinClose);
+        roundtrip(HostMsg::Signal { signal: 9 });
+        roundtrip(HostMsg::Shutdown);
+    }
+
+    #[test]
+    fn guest_messages_round_trip() {
+        roundtrip(GuestMsg::Hello(GuestHello {
+            version: 1,
+            agent_version: "0.1.0".into(),
+            agent_start_ms: 1200,
+            ready_ms: 1210,
+            now_ms: 1300,
+        }));
+        roundtrip(GuestMsg::Pong { nonce: 7 });
+        roundtrip(GuestMsg::Started { pid: 1234 });
+        roundtrip(GuestMsg::Stdout(Bytes((0..=255).collect())));
+        roundtrip(GuestMsg::Stderr(Bytes(vec![0xff, 0xfe])));
+        roundtrip(GuestMsg::Exited(ExitStatus {
+            code: None,
+            signal: Some(9),
+            timed_out: true,
+            duration_ms: 10,
+        }));
+        roundtrip(GuestMsg::Error(ErrorInfo::new(ErrorKind::NotFound, "no such file")));
+        roundtrip(GuestMsg::ShutdownAck);
+    }
+
+    #[test]
+    fn hello_is_variant_zero_and_stable() {
+        // A v1 host must be able to read any future agent's hello: variant 0,
+        // then version, then agent_version. Pin the exact bytes.
+        let f = Frame::new(
+            0,
+            GuestMsg::Hello(GuestHello {
+                version: 9,
+                agent_version: "x".into(),
+                agent_start_ms: 1,
+                ready_ms: 2,
+                now_ms: 3,
+            }),
+        );
+        let bytes = encode_frame(&f).unwrap();
+        assert_eq!(&bytes[4..], &[0, 0, 9, 1, b'x', 1, 2, 3]);
+        let h = encode_frame(&Frame::new(0, HostMsg::Hello(HostHello { version: 1 }))).unwrap();
+        assert_eq!(&h[4..], &[0, 0, 1]);
+    }
+
+    #[test]
+    fn split_and_batched_frames() {
+        let frames: Vec<_> = (0..50u32)
+            .map(|i| Frame::new(i, GuestMsg::Stdout(Bytes(vec![i as u8; i as usize * 3]))))
+            .collect();
+        let mut all = Vec::new();
+        for f in &frames {
+            all.extend(encode_frame(f).unwrap());
+        }
+        // Feed one byte at a time, then in odd-sized chunks.
+        for chunk in [1usize, 7, 4096] {
+            let mut d = Decoder::new();
+            let mut got = Vec::new();
+            for c in all.chunks(chunk) {
+                d.push(c);
+                while let Some(f) = d.next_frame::<GuestMsg>().unwrap() {
+                    got.push(f);
+                }
+            }
+            assert_eq!(got, frames);
+            assert_eq!(d.pending(), 0);
+        }
+    }
+
+    #[test]
+    fn truncated_frame_waits_for_more() {
+        let bytes = encode_frame(&Frame::new(3, HostMsg::Ping { nonce: 99 })).unwrap();
+        let mut d = Decoder::new();
+        d.push(&bytes[..bytes.len() - 1]);
+        assert_eq!(d.next_frame::<HostMsg>().unwrap(), None);
+        d.push(&bytes[bytes.len() - 1..]);
+        assert_eq!(
+            d.next_frame::<HostMsg>().unwrap(),
+            Some(Frame::new(3, HostMsg::Ping { nonce: 99 }))
+        );
+        // Header itself split.
+        let mut d = Decoder::new();
+        d.push(&bytes[..2]);
+        assert_eq!(d.next_frame::<HostMsg>().unwrap(), None);
+    }
+
+    #[test]
+    fn oversized_header_is_rejected_before_buffering() {
+        let mut d = Decoder::new();
+        d.push(&((MAX_FRAME_LEN as u32) + 1).to_le_bytes());
+        assert!(matches!(
+            d.next_payload(),
+            Err(CodecError::FrameTooLarge { .. })
+        ));
+        let mut d = Decoder::with_limit(16);
+        d.push(&17u32.to_le_bytes());
+        assert!(matches!(d.next_payload(), Err(CodecError::FrameTooLarge { len: 17, max: 16 })));
+    }
+
+    #[test]
+    fn oversized_message_is_refused_on_encode() {
+        let big = Frame::new(1, GuestMsg::Stdout(Bytes(vec![0; MAX_FRAME_LEN + 1])));
+        assert!(matches!(encode_frame(&big), Err(CodecError::MessageTooLarge { .. })));
+    }
+
+    #[test]
+    fn garbage_payload_is_an_error_not_a_panic() {
+        for payload in [vec![], vec![0xff], vec![2, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff], vec![0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f]] {
+            let mut bytes = (payload.len() as u32).to_le_bytes().to_vec();
+            bytes.extend(&payload);
+            let mut d = Decoder::new();
+            d.push(&bytes);
+            assert!(d.next_frame::<GuestMsg>().is_err(), "{payload:?}");
+        }
+        // Trailing bytes after a valid message are refused.
+        let mut ok = encode_frame(&Frame::new(1, HostMsg::StdinClose)).unwrap();
+        ok.push(0);
+        let len = (ok.len() - 4) as u32;
+        ok[..4].copy_from_slice(&len.to_le_bytes());
+        let mut d = Decoder::new();
+        d.push(&ok);
+        assert!(d.next_frame::<HostMsg>().is_err());
+    }
+}

@@ -1,0 +1,116 @@
+//! Client ↔ per-VM supervisor messages (host-local unix socket).
+//!
+//! A client's agent requests travel as `ClientMsg::Agent` on client-chosen
+//! stream ids; the supervisor maps them onto the single agent connection and
+//! maps the replies back, so clients never see each other's streams.
+//! Lifecycle requests travel as `ClientMsg::Control`, one per stream.
+
+use crate::{GuestHello, GuestMsg, HostMsg};
+use serde::{Deserialize, Serialize};
+
+/// Version of the client↔supervisor protocol.
+pub const SUPERVISOR_PROTOCOL_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientMsg {
+    /// First message, on stream 0. FROZEN: keep variant 0.
+    Hello { version: u32 },
+    /// A message for the guest agent on this stream.
+    Agent(HostMsg),
+    /// A lifecycle request; answered by one `SupervisorMsg::Control`.
+    Control(ControlRequest),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SupervisorMsg {
+    /// Answer to `ClientMsg::Hello`, on stream 0. FROZEN: keep variant 0.
+    Hello { version: u32, vm_id: String },
+    /// A message from the guest agent for this stream.
+    Agent(GuestMsg),
+    /// The answer to a `ControlRequest`.
+    Control(ControlResponse),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlRequest {
+    /// Current view of the VM.
+    Status,
+    /// Answers once the agent has said hello, or with an error when the boot
+    /// fails or `timeout_ms` passes.
+    WaitReady { timeout_ms: u64 },
+    /// Graceful shutdown through the agent; the VMM is killed when it has not
+    /// exited after `timeout_ms`. Answers once the VMM is gone.
+    Stop { timeout_ms: u64 },
+    /// Kills the VMM at once.
+    Kill,
+    /// Stops the vCPUs (the VMM stays alive).
+    Pause,
+    /// Continues the vCPUs.
+    Resume,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlResponse {
+    Ok,
+    Ready(ReadyInfo),
+    Status(SupervisorStatus),
+    Error(String),
+}
+
+/// Boot timings, host and guest side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadyInfo {
+    pub hello: GuestHello,
+    /// Host wall ms from launching the VMM to the VMM's control socket answering.
+    pub vmm_start_ms: u64,
+    /// Host wall ms from launching the VMM to the agent's hello.
+    pub ready_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmRunState {
+    Booting,
+    Running,
+    Paused,
+    Stopping,
+    Exited,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SupervisorStatus {
+    pub state: VmRunState,
+    pub vmm_pid: u32,
+    pub agent_connected: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{encode_frame, Decoder, Frame};
+
+    #[test]
+    fn control_round_trip() {
+        let msgs = vec![
+            ClientMsg::Hello { version: SUPERVISOR_PROTOCOL_VERSION },
+            ClientMsg::Agent(HostMsg::Ping { nonce: 1 }),
+            ClientMsg::Control(ControlRequest::Stop { timeout_ms: 5000 }),
+            ClientMsg::Control(ControlRequest::WaitReady { timeout_ms: 1 }),
+        ];
+        let mut d = Decoder::new();
+        for (i, m) in msgs.iter().enumerate() {
+            d.push(&encode_frame(&Frame::new(i as u32, m.clone())).unwrap());
+        }
+        for (i, m) in msgs.iter().enumerate() {
+            let f: Frame<ClientMsg> = d.next_frame().unwrap().unwrap();
+            assert_eq!(f, Frame::new(i as u32, m.clone()));
+        }
+        let s = SupervisorMsg::Control(ControlResponse::Status(SupervisorStatus {
+            state: VmRunState::Paused,
+            vmm_pid: 42,
+            agent_connected: true,
+        }));
+        let mut d = Decoder::new();
+        d.push(&encode_frame(&Frame::new(9, s.clone())).unwrap());
+        assert_eq!(d.next_frame::<SupervisorMsg>().unwrap().unwrap().msg, s);
+    }
+}

@@ -1,0 +1,191 @@
+//! QEMU command lines. The flags here are the ones measured to work (see
+//! DESIGN.md, "Platform facts").
+
+use super::super::{files, LaunchSpec, ResolvedAccel};
+use std::path::Path;
+
+pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+
+/// Guest address plan of QEMU user networking.
+const GUEST_NET: &str = "smolvm.ip=10.0.2.15/24 smolvm.gw=10.0.2.2 smolvm.dns=10.0.2.3";
+
+/// The host TSC frequency in kHz, for `tsc_early_khz=` (TCG guests hang in
+/// TSC calibration about 2 boots in 3 without it).
+pub fn host_tsc_khz() -> Option<u64> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    cpuinfo.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        if k.trim() == "cpu MHz" {
+            v.trim().parse::<f64>().ok().map(|mhz| (mhz * 1000.0) as u64)
+        } else {
+            None
+        }
+    })
+}
+
+fn machine(accel: ResolvedAccel) -> [String; 4] {
+    let (accel, cpu) = match accel {
+        ResolvedAccel::Kvm => ("kvm", "host"),
+        ResolvedAccel::Tcg => ("tcg", "max"),
+    };
+    [
+        "-M".into(),
+        format!("microvm,accel={accel},pit=on,pic=on,rtc=on,memory-backend=mem"),
+        "-cpu".into(),
+        cpu.into(),
+    ]
+}
+
+fn kernel_cmdline(accel: ResolvedAccel, extra: &str) -> String {
+    let mut c = String::from("console=ttyS0 reboot=t panic=-1 quiet");
+    if accel == ResolvedAccel::Tcg {
+        if let Some(khz) = host_tsc_khz() {
+            c.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+    }
+    if !extra.is_empty() {
+        c.push(' ');
+        c.push_str(extra);
+    }
+    c
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Arguments for booting `spec`. The VMM must run with `spec.vm_dir` as its
+/// working directory (sockets and logs are relative to it).
+pub fn launch_args(spec: &LaunchSpec) -> Vec<String> {
+    let mem = format!("{}M", spec.memory_mib);
+    let mut extra = format!("smolvm.id={}", spec.id);
+    if spec.network {
+        extra.push(' ');
+        extra.push_str(GUEST_NET);
+    }
+    let mut a: Vec<String> = Vec::new();
+    a.extend(machine(spec.accel));
+    a.extend([
+        "-m".into(),
+        mem.clone(),
+        "-smp".into(),
+        spec.cpus.to_string(),
+        "-object".into(),
+        format!(
+            "memory-backend-file,id=mem,size={mem},mem-path={},share=on",
+            files::MEMORY_FILE
+        ),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-nographic".into(),
+        "-no-reboot".into(),
+        "-kernel".into(),
+        s(&spec.kernel),
+        "-initrd".into(),
+        s(&spec.initramfs),
+        "-append".into(),
+        kernel_cmdline(spec.accel, &extra),
+        "-chardev".into(),
+        format!("file,id=con,path={}", files::CONSOLE_LOG),
+        "-serial".into(),
+        "chardev:con".into(),
+        "-drive".into(),
+        format!("id=root,file={},format=qcow2,if=none,discard=unmap", s(&spec.disk)),
+        "-device".into(),
+        "virtio-blk-device,drive=root".into(),
+        "-device".into(),
+        "virtio-serial-device".into(),
+        "-chardev".into(),
+        format!("socket,id=agent,path={},server=on,wait=off", files::AGENT_SOCKET),
+        "-device".into(),
+        format!("virtserialport,chardev=agent,name={}", smolvm_proto::AGENT_PORT_NAME),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", files::QMP_SOCKET),
+    ]);
+    if spec.network {
+        a.extend([
+            "-netdev".into(),
+            "user,id=net0".into(),
+            "-device".into(),
+            "virtio-net-device,netdev=net0".into(),
+        ]);
+    }
+    a
+}
+
+/// Arguments for the accelerator probe: boot the image's kernel and
+/// initramfs with `smolvm.probe=1`; the init prints a marker to the console
+/// (written to `console`) and reboots, which ends QEMU.
+pub fn probe_args(accel: ResolvedAccel, kernel: &Path, initramfs: &Path, console: &Path) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "-M".into(),
+        format!(
+            "microvm,accel={},pit=on,pic=on,rtc=on",
+            if accel == ResolvedAccel::Kvm { "kvm" } else { "tcg" }
+        ),
+        "-cpu".into(),
+        if accel == ResolvedAccel::Kvm { "host" } else { "max" }.into(),
+    ];
+    a.extend([
+        "-m".into(),
+        "256M".into(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-nographic".into(),
+        "-no-reboot".into(),
+        "-kernel".into(),
+        s(kernel),
+        "-initrd".into(),
+        s(initramfs),
+        "-append".into(),
+        kernel_cmdline(accel, "smolvm.probe=1"),
+        "-chardev".into(),
+        format!("file,id=con,path={}", s(console)),
+        "-serial".into(),
+        "chardev:con".into(),
+    ]);
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn spec(accel: ResolvedAccel, network: bool) -> LaunchSpec {
+        LaunchSpec {
+            id: "sbx-1".into(),
+            vm_dir: PathBuf::from("/d"),
+            kernel: PathBuf::from("/k/vmlinux"),
+            initramfs: PathBuf::from("/k/initramfs.cpio"),
+            disk: PathBuf::from("/d/disk.qcow2"),
+            memory_mib: 512,
+            cpus: 2,
+            accel,
+            network,
+        }
+    }
+
+    #[test]
+    fn tcg_launch_has_the_flags_that_work() {
+        let a = launch_args(&spec(ResolvedAccel::Tcg, true)).join(" ");
+        assert!(a.contains("-M microvm,accel=tcg,pit=on,pic=on,rtc=on,memory-backend=mem -cpu max"));
+        assert!(a.contains("memory-backend-file,id=mem,size=512M,mem-path=memory,share=on"));
+        assert!(a.contains("-smp 2"));
+        assert!(a.contains("smolvm.id=sbx-1"));
+        assert!(a.contains("name=smolvm.agent"));
+        assert!(a.contains("virtio-net-device"));
+        assert!(a.contains("-no-reboot"));
+        if host_tsc_khz().is_some() {
+            assert!(a.contains("tsc_early_khz="));
+        }
+    }
+
+    #[test]
+    fn kvm_and_no_network() {
+        let a = launch_args(&spec(ResolvedAccel::Kvm, false)).join(" ");
+        assert!(a.contains("accel=kvm") && a.contains("-cpu host"));
+        assert!(!a.contains("tsc_early_khz"));
+        assert!(!a.contains("netdev") && !a.contains("smolvm.ip"));
+    }
+}

@@ -1,0 +1,218 @@
+//! A running QEMU process and its QMP connection.
+
+use super::super::{files, LaunchSpec, Vmm, VmmExit};
+use super::{launch_args, Qmp, QmpError, QEMU_BINARY};
+use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+
+/// How long QEMU gets to open its QMP socket.
+const QMP_DEADLINE: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error("cannot start {binary}")]
+    Spawn {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create {path}")]
+    Log {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QEMU exited during start-up ({exit}): {stderr}")]
+    EarlyExit { exit: String, stderr: String },
+    #[error("QEMU did not open its control socket within {0:?}")]
+    QmpTimeout(Duration),
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+}
+
+pub struct QemuVm {
+    child: Child,
+    pid: u32,
+    qmp: Option<Qmp>,
+    exit: Option<VmmExit>,
+}
+
+/// Last `max` bytes of a file, lossily decoded (for error messages).
+pub fn tail_file(path: &Path, max: usize) -> String {
+    match std::fs::read(path) {
+        Ok(b) => {
+            let start = b.len().saturating_sub(max);
+            String::from_utf8_lossy(&b[start..]).trim().to_string()
+        }
+        Err(_) => String::new(),
+    }
+}
+
+fn to_exit(st: std::process::ExitStatus) -> VmmExit {
+    VmmExit { code: st.code(), signal: st.signal() }
+}
+
+impl QemuVm {
+    /// Starts QEMU for `spec` and connects to its QMP socket. Must be called
+    /// from a thread that lives as long as the VM (the VMM gets SIGKILL when
+    /// the thread that spawned it exits: `PR_SET_PDEATHSIG`).
+    pub async fn launch(spec: &LaunchSpec) -> Result<QemuVm, QemuError> {
+        let dir = &spec.vm_dir;
+        for f in [files::QMP_SOCKET, files::AGENT_SOCKET] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+        let log_path = dir.join(files::VMM_LOG);
+        let log = std::fs::File::create(&log_path)
+            .map_err(|source| QemuError::Log { path: log_path.display().to_string(), source })?;
+        let log2 = log
+            .try_clone()
+            .map_err(|source| QemuError::Log { path: log_path.display().to_string(), source })?;
+        let mut cmd = std::process::Command::new(QEMU_BINARY);
+        cmd.args(launch_args(spec))
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        // SAFETY: prctl is async-signal-safe and touches no memory of the
+        // parent; it only sets this child's parent-death signal so the VMM
+        // never outlives its supervisor.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = Command::from(cmd)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| QemuError::Spawn { binary: QEMU_BINARY.into(), source })?;
+        let pid = child.id().unwrap_or(0);
+        let start = Instant::now();
+        let qmp_path = dir.join(files::QMP_SOCKET);
+        let qmp = loop {
+            if let Some(st) = child.try_wait().map_err(|source| QemuError::Spawn {
+                binary: QEMU_BINARY.into(),
+                source,
+            })? {
+                return Err(QemuError::EarlyExit {
+                    exit: to_exit(st).to_string(),
+                    stderr: tail_file(&log_path, 2000),
+                });
+            }
+            if qmp_path.exists() {
+                match Qmp::connect(&qmp_path).await {
+                    Ok(q) => break q,
+                    Err(QmpError::Io(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if start.elapsed() > QMP_DEADLINE {
+                let _ = child.start_kill();
+                return Err(QemuError::QmpTimeout(QMP_DEADLINE));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        Ok(QemuVm { child, pid, qmp: Some(qmp), exit: None })
+    }
+
+    fn qmp(&mut self) -> Result<&mut Qmp, QemuError> {
+        self.qmp.as_mut().ok_or(QemuError::Qmp(QmpError::Closed))
+    }
+
+    /// The QMP run status ("running", "paused", ...).
+    pub async fn run_status(&mut self) -> Result<String, QemuError> {
+        Ok(self.qmp()?.status().await?)
+    }
+}
+
+impl Vmm for QemuVm {
+    type Error = QemuError;
+
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    async fn pause(&mut self) -> Result<(), QemuError> {
+        self.qmp()?.execute("stop", None).await?;
+        Ok(())
+    }
+
+    async fn resume(&mut self) -> Result<(), QemuError> {
+        self.qmp()?.execute("cont", None).await?;
+        Ok(())
+    }
+
+    async fn quit(&mut self) -> Result<(), QemuError> {
+        let r = self.qmp()?.execute("quit", None).await;
+        self.qmp = None;
+        match r {
+            Ok(_) | Err(QmpError::Closed) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.start_kill();
+    }
+
+    async fn wait(&mut self) -> VmmExit {
+        if let Some(e) = &self.exit {
+            return e.clone();
+        }
+        let e = match self.child.wait().await {
+            Ok(st) => to_exit(st),
+            Err(_) => VmmExit { code: None, signal: None },
+        };
+        self.exit = Some(e.clone());
+        e
+    }
+
+    fn is_alive(&mut self) -> bool {
+        if self.exit.is_some() {
+            return false;
+        }
+        match self.child.try_wait() {
+            Ok(Some(st)) => {
+                self.exit = Some(to_exit(st));
+                false
+            }
+            Ok(None) => true,
+            Err(_) => false,
+        }
+    }
+}
+
+/// Last `lines` non-empty lines of the guest console log.
+pub fn tail_console(path: &Path, lines: usize) -> String {
+    let t = tail_file(path, 16 * 1024);
+    let v: Vec<&str> = t.lines().map(|l| l.trim_end_matches('\r')).filter(|l| !l.trim().is_empty()).collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Creates the VM's root disk: a qcow2 overlay backed by the image's ext4
+/// (the base is shared and never written). `size` grows the virtual disk.
+pub async fn create_overlay(base: &Path, disk: &Path, size: Option<u64>) -> Result<(), QemuError> {
+    let mut cmd = tokio::process::Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(base).arg(disk);
+    if let Some(s) = size {
+        cmd.arg(s.to_string());
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|source| QemuError::Spawn { binary: "qemu-img".into(), source })?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(disk);
+        return Err(QemuError::EarlyExit {
+            exit: format!("qemu-img {}", out.status),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,6 @@
+//! The per-VM supervisor process (started by the smolvm library; not for
+//! direct use).
+
+fn main() {
+    smolvm::supervisor::main_entry()
+}

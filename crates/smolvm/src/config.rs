@@ -1,0 +1,225 @@
+//! Sandbox configuration: strongly typed, validated before anything is
+//! allocated.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Default image.
+pub const DEFAULT_IMAGE: &str = "debian-12";
+/// Default guest memory.
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+/// Default vCPUs.
+pub const DEFAULT_CPUS: u32 = 1;
+pub const MIN_MEMORY_MIB: u32 = 128;
+pub const MAX_MEMORY_MIB: u32 = 16384;
+pub const MIN_CPUS: u32 = 1;
+pub const MAX_CPUS: u32 = 32;
+/// Longest VM name: `^[a-z0-9][a-z0-9_-]{0,62}$`.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// Which accelerator runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when a probe boot proves it works, else TCG.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    /// `SMOLVM_ACCEL` when set, else `Auto`.
+    pub fn from_env() -> Result<Accel, ConfigError> {
+        match std::env::var("SMOLVM_ACCEL") {
+            Ok(v) if !v.is_empty() => v.parse(),
+            _ => Ok(Accel::Auto),
+        }
+    }
+}
+
+impl FromStr for Accel {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Accel::Auto),
+            "kvm" => Ok(Accel::Kvm),
+            "tcg" => Ok(Accel::Tcg),
+            _ => Err(ConfigError::BadAccel(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for Accel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Accel::Auto => "auto",
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid VM name {0:?}: use 1-63 characters of a-z, 0-9, '_' and '-', starting with a letter or digit")]
+    BadName(String),
+    #[error("memory {0} MiB is out of range; use {MIN_MEMORY_MIB}-{MAX_MEMORY_MIB} MiB")]
+    BadMemory(u32),
+    #[error("{0} vCPUs is out of range; use {MIN_CPUS}-{MAX_CPUS}")]
+    BadCpus(u32),
+    #[error("disk size {size} MiB is smaller than the image '{image}' ({min} MiB)")]
+    DiskTooSmall { size: u64, min: u64, image: String },
+    #[error("unknown accelerator {0:?}; use auto, kvm or tcg")]
+    BadAccel(String),
+    #[error("invalid environment variable {0:?}: expected KEY=VALUE with a non-empty KEY without '='")]
+    BadEnv(String),
+}
+
+/// How a sandbox is built. Unknown fields are rejected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// The VM's id; generated (`sbx-xxxxxxxx`) when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Image name (default `debian-12`).
+    #[serde(default = "default_image")]
+    pub image: String,
+    /// Guest memory in MiB (default 512).
+    #[serde(default = "default_memory")]
+    pub memory_mib: u32,
+    /// vCPUs (default 1).
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    /// Root disk size in MiB; the image's size when absent.
+    #[serde(default)]
+    pub disk_size_mib: Option<u64>,
+    /// Accelerator (default auto, or `SMOLVM_ACCEL`).
+    #[serde(default)]
+    pub accel: Accel,
+    /// Guest network (QEMU user networking, internet on). Default true.
+    #[serde(default = "default_true")]
+    pub network: bool,
+}
+
+fn default_image() -> String {
+    DEFAULT_IMAGE.to_string()
+}
+fn default_memory() -> u32 {
+    DEFAULT_MEMORY_MIB
+}
+fn default_cpus() -> u32 {
+    DEFAULT_CPUS
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            name: None,
+            image: default_image(),
+            memory_mib: DEFAULT_MEMORY_MIB,
+            cpus: DEFAULT_CPUS,
+            disk_size_mib: None,
+            accel: Accel::Auto,
+            network: true,
+        }
+    }
+}
+
+impl SandboxConfig {
+    /// Checks everything that can be checked without touching the disk.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(name) = &self.name {
+            validate_name(name)?;
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(ConfigError::BadMemory(self.memory_mib));
+        }
+        if !(MIN_CPUS..=MAX_CPUS).contains(&self.cpus) {
+            return Err(ConfigError::BadCpus(self.cpus));
+        }
+        Ok(())
+    }
+}
+
+/// `^[a-z0-9][a-z0-9_-]{0,62}$`
+pub fn validate_name(name: &str) -> Result<(), ConfigError> {
+    let bytes = name.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= MAX_NAME_LEN
+        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::BadName(name.to_string()))
+    }
+}
+
+/// Parses `KEY=VALUE`.
+pub fn parse_env(s: &str) -> Result<(String, String), ConfigError> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => {
+            Ok((k.to_string(), v.to_string()))
+        }
+        _ => Err(ConfigError::BadEnv(s.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for good in ["a", "0", "sbx-1", "my_vm", &"a".repeat(63)] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "A", "Ab", "..", "a/b", "-a", "_a", "a.b", "a b", &"a".repeat(64), "é"] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn limits() {
+        let mut c = SandboxConfig::default();
+        assert!(c.validate().is_ok());
+        c.memory_mib = 127;
+        assert_eq!(c.validate(), Err(ConfigError::BadMemory(127)));
+        c.memory_mib = 16385;
+        assert!(c.validate().is_err());
+        c.memory_mib = 16384;
+        c.cpus = 0;
+        assert_eq!(c.validate(), Err(ConfigError::BadCpus(0)));
+        c.cpus = 33;
+        assert!(c.validate().is_err());
+        c.cpus = 32;
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn unknown_fields_rejected() {
+        let r: Result<SandboxConfig, _> = serde_json::from_str(r#"{"memroy_mib": 5}"#);
+        assert!(r.is_err());
+        let c: SandboxConfig = serde_json::from_str(r#"{"cpus": 2}"#).unwrap();
+        assert_eq!(c.cpus, 2);
+        assert_eq!(c.memory_mib, DEFAULT_MEMORY_MIB);
+    }
+
+    #[test]
+    fn env_and_accel() {
+        assert_eq!(parse_env("A=b=c").unwrap(), ("A".into(), "b=c".into()));
+        assert_eq!(parse_env("A=").unwrap(), ("A".into(), "".into()));
+        assert!(parse_env("=x").is_err());
+        assert!(parse_env("noequals").is_err());
+        assert_eq!("TCG".parse::<Accel>().unwrap(), Accel::Tcg);
+        assert!("hvf".parse::<Accel>().is_err());
+    }
+}

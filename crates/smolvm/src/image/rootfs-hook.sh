@@ -1,0 +1,71 @@
+#!/bin/sh
+# mmdebstrap --customize-hook for smolvm root filesystems. $1 is the chroot.
+#
+# Runs inside mmdebstrap (as root, or as namespace-root in unshare mode) so
+# the ownership mkfs.ext4 sees is the guest's. It trims the tree, then makes
+# the ext4 image itself: mmdebstrap's own cleanup runs after this hook, so
+# that cleanup is done here too.
+#
+# Environment (set by smolvm):
+#   SMOLVM_EXT4         output ext4 image path
+#   SMOLVM_DPKG_STATUS  where to copy /var/lib/dpkg/status
+#   SMOLVM_VIEW         empty directory for a private bind mount of the tree
+#   SMOLVM_MKFS         mkfs.ext4 path
+#   SMOLVM_UNSHARE      unshare path
+#   SMOLVM_LABEL        filesystem label
+set -eu
+
+root="$1"
+
+step() { echo "smolvm-step: $*"; }
+
+# Per-VM identity and configuration are set at boot by the agent.
+rm -f "$root/etc/hostname" "$root/etc/resolv.conf" "$root/etc/hosts" "$root/etc/fstab"
+: >"$root/etc/resolv.conf"
+printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$root/etc/hosts"
+: >"$root/etc/fstab"
+# Every VM gets its own SSH host keys (generated at first boot).
+rm -f "$root"/etc/ssh/ssh_host_*
+mkdir -p "$root/run" "$root/tmp" "$root/dev" "$root/proc" "$root/sys" "$root/root"
+chmod 1777 "$root/tmp"
+chmod 0700 "$root/root"
+
+# What mmdebstrap's cleanup would do, so the image does not carry it.
+rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin
+find "$root/var/cache/apt/archives" -maxdepth 1 -type f -name '*.deb' -delete
+mkdir -p "$root/var/lib/apt/lists/partial"
+rm -f "$root/var/log/dpkg.log" "$root/var/log/apt/history.log" "$root/var/log/apt/term.log" \
+    "$root/var/log/alternatives.log" "$root/var/cache/ldconfig/aux-cache" \
+    "$root/var/log/apt/eipp.log.xz" "$root/var/lib/dbus/machine-id"
+if [ -e "$root/etc/machine-id" ]; then
+    rm -f "$root/etc/machine-id"
+    : >"$root/etc/machine-id"
+fi
+find "$root/run" "$root/tmp" -mindepth 1 -maxdepth 1 ! -name lock -exec rm -rf {} +
+
+cp "$root/var/lib/dpkg/status" "$SMOLVM_DPKG_STATUS"
+
+# mmdebstrap's temporary apt config must not end up in the image, but its
+# cleanup expects to delete it later: keep it aside while mkfs runs.
+aptconf="$root/etc/apt/apt.conf.d/00mmdebstrap"
+saved=""
+if [ -e "$aptconf" ]; then
+    saved="$SMOLVM_VIEW.00mmdebstrap"
+    mv "$aptconf" "$saved"
+fi
+
+used_kib=$(du -skx "$root" | cut -f1)
+size_mib=$((used_kib * 5 / 4 / 1024 + 256))
+step "making ext4 (${size_mib} MiB)"
+# /proc, /sys and /dev are mounted in the chroot while hooks run; a
+# non-recursive bind mount in a private mount namespace shows the tree
+# without them.
+"$SMOLVM_UNSHARE" --mount --propagation private -- sh -eu -c '
+    mount --bind "$1" "$2"
+    rm -f "$3"
+    "$4" -F -q -L "$5" -E root_owner=0:0 -d "$2" "$3" "$6M"
+' sh "$root" "$SMOLVM_VIEW" "$SMOLVM_EXT4" "$SMOLVM_MKFS" "$SMOLVM_LABEL" "$size_mib"
+
+if [ -n "$saved" ]; then
+    mv "$saved" "$aptconf"
+fi

@@ -1,0 +1,139 @@
+//! Finding smolvm's companion binaries: the static guest agent and the
+//! per-VM supervisor.
+//!
+//! Search order for each: an environment override, then next to the running
+//! executable, then the cargo target layout around it (so `cargo run`,
+//! `cargo test` and installed copies all work), then `PATH`.
+
+use std::path::{Path, PathBuf};
+
+/// Target triple the guest agent is built for.
+pub const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocateError {
+    #[error(
+        "guest agent binary not found (looked in: {searched}); build it with \
+         `RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --profile release-agent \
+         --target {AGENT_TARGET} -p smolvm-agent` or set SMOLVM_AGENT_BIN"
+    )]
+    AgentNotFound { searched: String },
+    #[error("{path} is not a statically linked binary; the guest agent must be static (set SMOLVM_AGENT_BIN to a static build)")]
+    AgentNotStatic { path: PathBuf },
+    #[error("supervisor binary `smolvm-supervisor` not found (looked in: {searched}); build it with `cargo build -p smolvm` or set SMOLVM_SUPERVISOR_BIN")]
+    SupervisorNotFound { searched: String },
+}
+
+fn exe_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        let mut d = exe.parent().map(Path::to_path_buf);
+        // exe dir, then up to two parents (target/debug/deps -> target/debug -> target).
+        for _ in 0..3 {
+            if let Some(dir) = d {
+                dirs.push(dir.clone());
+                d = dir.parent().map(Path::to_path_buf);
+            }
+        }
+    }
+    dirs
+}
+
+fn path_dirs() -> Vec<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default()
+}
+
+/// True when `path` is an ELF file without a `PT_INTERP` program header,
+/// i.e. statically linked.
+pub fn is_static_elf(path: &Path) -> bool {
+    let Ok(data) = std::fs::read(path) else { return false };
+    if data.len() < 64 || &data[..4] != b"\x7fELF" || data[4] != 2 {
+        return false;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]) as usize;
+    let Some(phoff) = data.get(32..40).map(|b| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        u64::from_le_bytes(a) as usize
+    }) else {
+        return false;
+    };
+    let phentsize = u16_at(54);
+    let phnum = u16_at(56);
+    for i in 0..phnum {
+        let o = phoff.saturating_add(i.saturating_mul(phentsize));
+        let Some(p_type) = data.get(o..o + 4) else { return false };
+        if u32::from_le_bytes([p_type[0], p_type[1], p_type[2], p_type[3]]) == 3 {
+            return false; // PT_INTERP
+        }
+    }
+    true
+}
+
+/// The static guest agent binary.
+pub fn agent_binary() -> Result<PathBuf, LocateError> {
+    if let Some(p) = std::env::var_os("SMOLVM_AGENT_BIN").filter(|v| !v.is_empty()) {
+        let p = PathBuf::from(p);
+        if !is_static_elf(&p) {
+            return Err(LocateError::AgentNotStatic { path: p });
+        }
+        return Ok(p);
+    }
+    let mut candidates = Vec::new();
+    for dir in exe_dirs() {
+        candidates.push(dir.join("smolvm-agent"));
+        for profile in ["release-agent", "release"] {
+            candidates.push(dir.join(AGENT_TARGET).join(profile).join("smolvm-agent"));
+        }
+    }
+    for dir in path_dirs() {
+        candidates.push(dir.join("smolvm-agent"));
+    }
+    for c in &candidates {
+        if c.is_file() && is_static_elf(c) {
+            return Ok(c.clone());
+        }
+    }
+    Err(LocateError::AgentNotFound { searched: join(&candidates) })
+}
+
+/// The `smolvm-supervisor` binary.
+pub fn supervisor_binary() -> Result<PathBuf, LocateError> {
+    if let Some(p) = std::env::var_os("SMOLVM_SUPERVISOR_BIN").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let mut candidates: Vec<PathBuf> =
+        exe_dirs().into_iter().map(|d| d.join("smolvm-supervisor")).collect();
+    candidates.extend(path_dirs().into_iter().map(|d| d.join("smolvm-supervisor")));
+    candidates
+        .iter()
+        .find(|c| c.is_file())
+        .cloned()
+        .ok_or_else(|| LocateError::SupervisorNotFound { searched: join(&candidates) })
+}
+
+fn join(paths: &[PathBuf]) -> String {
+    let mut v: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    v.dedup();
+    if v.len() > 8 {
+        let n = v.len() - 8;
+        v.truncate(8);
+        v.push(format!("... {n} more"));
+    }
+    v.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_dynamic_binaries() {
+        // /bin/sh on any Debian host is dynamically linked.
+        assert!(!is_static_elf(Path::new("/bin/sh")));
+        assert!(!is_static_elf(Path::new("/etc/passwd")));
+        assert!(!is_static_elf(Path::new("/nonexistent")));
+    }
+}

@@ -1,0 +1,59 @@
+//! Where smolvm keeps things on the host.
+//!
+//! - data dir (state DB, per-VM dirs): `SMOLVM_DATA_DIR`, else
+//!   `$XDG_STATE_HOME/smolvm`, else `~/.local/state/smolvm`.
+//! - cache dir (images, accelerator verdict): `SMOLVM_CACHE_DIR`, else
+//!   `$XDG_CACHE_HOME/smolvm`, else `~/.cache/smolvm`.
+
+use std::path::PathBuf;
+
+fn env_dir(var: &str) -> Option<PathBuf> {
+    std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+fn home() -> PathBuf {
+    env_dir("HOME").unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+/// Root of smolvm's persistent state.
+pub fn data_dir() -> PathBuf {
+    if let Some(d) = env_dir("SMOLVM_DATA_DIR") {
+        return d;
+    }
+    if let Some(d) = env_dir("XDG_STATE_HOME") {
+        return d.join("smolvm");
+    }
+    home().join(".local/state/smolvm")
+}
+
+/// Root of smolvm's rebuildable cache.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = env_dir("SMOLVM_CACHE_DIR") {
+        return d;
+    }
+    if let Some(d) = env_dir("XDG_CACHE_HOME") {
+        return d.join("smolvm");
+    }
+    home().join(".cache/smolvm")
+}
+
+/// Directory holding all built images.
+pub fn images_dir() -> PathBuf {
+    cache_dir().join("images")
+}
+
+/// Directory of one VM's files (overlay, memory, logs, sockets).
+pub fn vm_dir(id: &str) -> PathBuf {
+    data_dir().join("vms").join(id)
+}
+
+/// Path of the SQLite state store.
+pub fn db_path() -> PathBuf {
+    data_dir().join("smolvm.db")
+}
+
+/// Per-VM lock files live outside the VM dir so `delete` can remove the dir
+/// while holding the lock.
+pub fn lock_path(id: &str) -> PathBuf {
+    data_dir().join("locks").join(format!("{id}.lock"))
+}

@@ -1,0 +1,608 @@
+//! Create, start, stop, pause, resume, delete; reconnect by id; crash truth.
+
+use super::exec::{ExecOptions, ExecOutput, MAX_COLLECTED_OUTPUT};
+use super::lock::VmLock;
+use crate::backend::{files, qemu, LaunchSpec, ResolvedAccel};
+use crate::config::SandboxConfig;
+use crate::error::{chain, Error, Result};
+use crate::image::ImageEvent;
+use crate::state::{Store, VmRecord, VmState};
+use crate::supervisor::{ExecEvent, ExecStream, SupervisorClient};
+use serde::Serialize;
+use smolvm_proto::supervisor::{ControlRequest, ControlResponse, ReadyInfo};
+use smolvm_proto::{Command, ExecRequest};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for a supervisor to record a VMM exit it noticed.
+const SETTLE: Duration = Duration::from_secs(3);
+
+/// Progress of long operations (image build, boot), for bars and logs.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    Image(ImageEvent),
+    Step(String),
+}
+
+type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+/// A handle on one VM. Dropping or `close`-ing it leaves the VM as it is.
+pub struct Sandbox {
+    id: String,
+    vm_dir: PathBuf,
+    config: SandboxConfig,
+    client: Mutex<Option<SupervisorClient>>,
+    progress: Option<ProgressFn>,
+    last_boot: Mutex<Option<ReadyInfo>>,
+}
+
+/// What `info` / `list` report.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmInfo {
+    pub id: String,
+    pub state: VmState,
+    pub image: String,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub network: bool,
+    pub accel: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub supervisor_pid: Option<u32>,
+    pub vmm_pid: Option<u32>,
+    pub last_error: Option<String>,
+    pub boot_count: i64,
+    pub vm_dir: PathBuf,
+}
+
+fn store() -> Result<Store> {
+    Ok(Store::open()?)
+}
+
+fn config_of(rec: &VmRecord) -> Result<SandboxConfig> {
+    serde_json::from_str(&rec.config).map_err(|e| {
+        Error::Store(crate::state::StoreError::Corrupt { id: rec.id.clone(), reason: e.to_string() })
+    })
+}
+
+fn info_of(rec: &VmRecord) -> VmInfo {
+    let cfg = config_of(rec).unwrap_or_default();
+    VmInfo {
+        id: rec.id.clone(),
+        state: rec.state,
+        image: cfg.image,
+        memory_mib: cfg.memory_mib,
+        cpus: cfg.cpus,
+        network: cfg.network,
+        accel: rec.accel.clone(),
+        created_at: rec.created_at,
+        updated_at: rec.updated_at,
+        supervisor_pid: rec.supervisor.map(|p| p.pid),
+        vmm_pid: rec.vmm.map(|p| p.pid),
+        last_error: rec.last_error.clone(),
+        boot_count: rec.boot_count,
+        vm_dir: crate::paths::vm_dir(&rec.id),
+    }
+}
+
+/// Reads a VM's row and corrects it when its processes died without saying
+/// so: a `running`/`paused` VM whose supervisor is gone is `error`.
+fn refreshed(id: &str) -> Result<VmRecord> {
+    let s = store()?;
+    let rec = s.get(id)?.ok_or_else(|| Error::NotFound(id.to_string()))?;
+    if !rec.state.is_live() {
+        return Ok(rec);
+    }
+    let sup_alive = rec.supervisor.map(|p| p.is_alive()).unwrap_or(false);
+    let vmm_alive = rec.vmm.map(|p| p.is_alive()).unwrap_or(false);
+    if sup_alive && vmm_alive {
+        return Ok(rec);
+    }
+    if sup_alive {
+        // The supervisor saw its VMM die and is recording why: give it a moment.
+        let start = Instant::now();
+        while start.elapsed() < SETTLE {
+            std::thread::sleep(Duration::from_millis(20));
+            let r = s.get(id)?.ok_or_else(|| Error::NotFound(id.to_string()))?;
+            if !r.state.is_live() {
+                return Ok(r);
+            }
+        }
+    }
+    let why = match (rec.supervisor, sup_alive) {
+        (Some(p), false) => format!("supervisor (pid {}) died unexpectedly", p.pid),
+        (None, _) => "no supervisor recorded for a live VM".to_string(),
+        _ => format!("VMM (pid {}) died and its supervisor did not record it", rec.vmm.map(|p| p.pid).unwrap_or(0)),
+    };
+    s.transition(id, &[VmState::Running, VmState::Paused], VmState::Error, Some(&why))?;
+    // Nothing may outlive a dead supervisor: the VMM dies with it (pdeathsig),
+    // but make sure.
+    if let Some(v) = rec.vmm.filter(|v| v.is_alive()) {
+        // SAFETY: kill(2) on a pid we verified (with its start time) is our VMM.
+        unsafe { libc::kill(v.pid as i32, libc::SIGKILL) };
+    }
+    s.get(id)?.ok_or_else(|| Error::NotFound(id.to_string()))
+}
+
+async fn refresh(id: &str) -> Result<VmRecord> {
+    let id = id.to_string();
+    tokio::task::spawn_blocking(move || refreshed(&id))
+        .await
+        .map_err(|e| Error::io("state task failed", std::io::Error::other(e.to_string())))?
+}
+
+fn invalid(id: &str, state: VmState, hint: impl Into<String>) -> Error {
+    Error::InvalidState { id: id.to_string(), state, hint: hint.into() }
+}
+
+fn hint_for(id: &str, state: VmState) -> String {
+    match state {
+        VmState::Created | VmState::Stopped => format!("run `smolvm start {id}` first"),
+        VmState::Paused => format!("run `smolvm resume {id}` first"),
+        VmState::Running => "it is already running".to_string(),
+        VmState::Error => format!("it cannot be used any more; remove it with `smolvm rm {id}`"),
+    }
+}
+
+impl Sandbox {
+    /// Validates `config`, makes sure its image exists (building it when
+    /// missing, with progress), and creates the VM (state `created`).
+    pub async fn create(config: SandboxConfig) -> Result<Sandbox> {
+        Self::create_with_progress(config, None).await
+    }
+
+    pub async fn create_with_progress(config: SandboxConfig, progress: Option<ProgressFn>) -> Result<Sandbox> {
+        config.validate()?;
+        let image = ensure_image(&config.image, progress.clone()).await?;
+        let image_mib = std::fs::metadata(&image.rootfs)
+            .map_err(|e| Error::io(format!("cannot read {}", image.rootfs.display()), e))?
+            .len()
+            .div_ceil(1024 * 1024);
+        if let Some(size) = config.disk_size_mib {
+            if size < image_mib {
+                return Err(crate::config::ConfigError::DiskTooSmall {
+                    size,
+                    min: image_mib,
+                    image: config.image.clone(),
+                }
+                .into());
+            }
+        }
+        let json = serde_json::to_string(&config).map_err(|e| Error::io("cannot encode the config", e.into()))?;
+        let id = store()?.insert_new(config.name.as_deref(), &json)?;
+        let _lock = VmLock::acquire(&id).await?;
+        let vm_dir = crate::paths::vm_dir(&id);
+        let made = async {
+            std::fs::create_dir_all(&vm_dir)
+                .map_err(|e| Error::io(format!("cannot create {}", vm_dir.display()), e))?;
+            let disk = vm_dir.join(files::DISK);
+            let size = config.disk_size_mib.map(|m| m * 1024 * 1024);
+            qemu::create_overlay(&image.rootfs, &disk, size).await.map_err(|e| Error::Vm {
+                id: id.clone(),
+                message: chain(&e),
+            })
+        }
+        .await;
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&vm_dir);
+            let _ = store().and_then(|s| Ok(s.delete(&id)?));
+            return Err(e);
+        }
+        Ok(Sandbox { id, vm_dir, config, client: Mutex::new(None), progress, last_boot: Mutex::new(None) })
+    }
+
+    /// A handle on an existing VM, from any process.
+    pub async fn from_id(id: &str) -> Result<Sandbox> {
+        let rec = refresh(id).await?;
+        let config = config_of(&rec)?;
+        Ok(Sandbox {
+            id: rec.id.clone(),
+            vm_dir: crate::paths::vm_dir(&rec.id),
+            config,
+            client: Mutex::new(None),
+            progress: None,
+            last_boot: Mutex::new(None),
+        })
+    }
+
+    /// Every VM in the store (with crash truth applied).
+    pub async fn list() -> Result<Vec<VmInfo>> {
+        let recs = store()?.list()?;
+        let mut out = Vec::with_capacity(recs.len());
+        for r in recs {
+            match refresh(&r.id).await {
+                Ok(r) => out.push(info_of(&r)),
+                Err(Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn set_progress(&mut self, progress: Option<ProgressFn>) {
+        self.progress = progress;
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn config(&self) -> &SandboxConfig {
+        &self.config
+    }
+
+    pub fn vm_dir(&self) -> &std::path::Path {
+        &self.vm_dir
+    }
+
+    /// Timings of the last boot done through this handle.
+    pub fn last_boot(&self) -> Option<ReadyInfo> {
+        self.last_boot.lock().ok().and_then(|g| g.clone())
+    }
+
+    pub async fn status(&self) -> Result<VmState> {
+        Ok(refresh(&self.id).await?.state)
+    }
+
+    pub async fn info(&self) -> Result<VmInfo> {
+        Ok(info_of(&refresh(&self.id).await?))
+    }
+
+    fn step(&self, s: impl Into<String>) {
+        if let Some(p) = &self.progress {
+            p(&Progress::Step(s.into()));
+        }
+    }
+
+    /// Boots the VM (created or stopped), resumes it (paused), or does
+    /// nothing (running). Waits until the guest agent answers.
+    pub async fn start(&self, boot_timeout: Duration) -> Result<()> {
+        let _lock = VmLock::acquire(&self.id).await?;
+        let rec = refresh(&self.id).await?;
+        match rec.state {
+            VmState::Running => Ok(()),
+            VmState::Paused => self.resume_locked().await,
+            VmState::Error => Err(invalid(
+                &self.id,
+                rec.state,
+                format!(
+                    "{}; remove it with `smolvm rm {}`",
+                    rec.last_error.as_deref().unwrap_or("its VMM failed"),
+                    self.id
+                ),
+            )),
+            VmState::Created | VmState::Stopped => self.boot(rec.state, boot_timeout).await,
+        }
+    }
+
+    async fn boot(&self, prior: VmState, boot_timeout: Duration) -> Result<()> {
+        let image = ensure_image(&self.config.image, self.progress.clone()).await?;
+        let requested = if self.config.accel == crate::Accel::Auto {
+            crate::Accel::from_env()?
+        } else {
+            self.config.accel
+        };
+        let (kernel, initrd) = (image.kernel.clone(), image.initramfs.clone());
+        self.step("choosing the accelerator");
+        let verdict = tokio::task::spawn_blocking(move || qemu::resolve_accel(requested, &kernel, &initrd))
+            .await
+            .map_err(|e| Error::io("accelerator probe failed", std::io::Error::other(e.to_string())))?;
+        tracing::info!(vm = %self.id, accel = %verdict.accel, reason = %verdict.reason, "accelerator");
+        let spec = LaunchSpec {
+            id: self.id.clone(),
+            vm_dir: self.vm_dir.clone(),
+            kernel: image.kernel.clone(),
+            initramfs: image.initramfs.clone(),
+            disk: self.vm_dir.join(files::DISK),
+            memory_mib: self.config.memory_mib,
+            cpus: self.config.cpus,
+            accel: verdict.accel,
+            network: self.config.network,
+        };
+        let spec_path = self.vm_dir.join(files::LAUNCH_SPEC);
+        let bytes = serde_json::to_vec_pretty(&spec).map_err(|e| Error::io("cannot encode the launch spec", e.into()))?;
+        write_atomic(&spec_path, &bytes)?;
+        let s = store()?;
+        s.begin_boot(&self.id)?;
+        self.step(format!("booting ({} accelerator)", verdict.accel));
+        let dir = self.vm_dir.clone();
+        let spawned = tokio::task::spawn_blocking(move || crate::supervisor::spawn(&dir))
+            .await
+            .map_err(|e| Error::io("supervisor start failed", std::io::Error::other(e.to_string())))?;
+        if let Err(source) = spawned {
+            let e = Error::Supervisor { id: self.id.clone(), source };
+            s.set_state(&self.id, prior, Some(&chain(&e)))?;
+            return Err(e);
+        }
+        let client = self.connect().await?;
+        let resp = client
+            .control(ControlRequest::WaitReady { timeout_ms: boot_timeout.as_millis() as u64 })
+            .await
+            .map_err(|source| Error::Client { id: self.id.clone(), source })?;
+        match resp {
+            ControlResponse::Ready(info) => {
+                s.set_state(&self.id, VmState::Running, None)?;
+                if verdict.accel == ResolvedAccel::Tcg {
+                    tracing::debug!(vm = %self.id, "running under TCG: {}", verdict.reason);
+                }
+                if let Ok(mut g) = self.last_boot.lock() {
+                    *g = Some(info);
+                }
+                Ok(())
+            }
+            other => {
+                let reason = match other {
+                    ControlResponse::Error(e) => e,
+                    o => format!("unexpected answer {o:?}"),
+                };
+                let _ = client.control(ControlRequest::Kill).await;
+                self.forget_client();
+                wait_supervisor_gone(&self.id).await;
+                s.set_state(&self.id, prior, Some(reason.lines().next().unwrap_or("boot failed")))?;
+                let _ = s.set_processes(&self.id, None, None, None);
+                Err(Error::Boot { id: self.id.clone(), reason })
+            }
+        }
+    }
+
+    /// Graceful shutdown through the agent; the VMM is killed after
+    /// `timeout`. No-op for created, stopped and error VMs.
+    pub async fn stop(&self, timeout: Duration) -> Result<()> {
+        let _lock = VmLock::acquire(&self.id).await?;
+        let rec = refresh(&self.id).await?;
+        if !rec.state.is_live() {
+            return Ok(());
+        }
+        self.step("stopping");
+        let client = self.connect().await?;
+        let r = client.control(ControlRequest::Stop { timeout_ms: timeout.as_millis() as u64 }).await;
+        self.forget_client();
+        match r {
+            Ok(ControlResponse::Ok) | Err(crate::supervisor::ClientError::Closed) => {}
+            Ok(ControlResponse::Error(e)) => return Err(Error::Vm { id: self.id.clone(), message: e }),
+            Ok(_) => {}
+            Err(source) => return Err(Error::Client { id: self.id.clone(), source }),
+        }
+        wait_supervisor_gone(&self.id).await;
+        let s = store()?;
+        s.transition(&self.id, &[VmState::Running, VmState::Paused], VmState::Stopped, None)?;
+        Ok(())
+    }
+
+    /// Stops the vCPUs; the VMM and all guest state stay.
+    pub async fn pause(&self) -> Result<()> {
+        let _lock = VmLock::acquire(&self.id).await?;
+        let rec = refresh(&self.id).await?;
+        if rec.state != VmState::Running {
+            let hint = match rec.state {
+                VmState::Paused => format!("it is already paused; `smolvm resume {}` continues it", self.id),
+                s => hint_for(&self.id, s),
+            };
+            return Err(invalid(&self.id, rec.state, hint));
+        }
+        self.control_ok(ControlRequest::Pause).await?;
+        store()?.set_state(&self.id, VmState::Paused, None)?;
+        Ok(())
+    }
+
+    /// Continues a paused VM exactly where it was.
+    pub async fn resume(&self) -> Result<()> {
+        let _lock = VmLock::acquire(&self.id).await?;
+        self.resume_locked().await
+    }
+
+    async fn resume_locked(&self) -> Result<()> {
+        let rec = refresh(&self.id).await?;
+        if rec.state != VmState::Paused {
+            let hint = match rec.state {
+                VmState::Running => "it is not paused".to_string(),
+                s => hint_for(&self.id, s),
+            };
+            return Err(invalid(&self.id, rec.state, hint));
+        }
+        self.control_ok(ControlRequest::Resume).await?;
+        store()?.set_state(&self.id, VmState::Running, None)?;
+        Ok(())
+    }
+
+    /// Removes the VM and everything it has on disk (stopping it first).
+    pub async fn delete(self) -> Result<()> {
+        let _lock = VmLock::acquire(&self.id).await?;
+        let rec = match refresh(&self.id).await {
+            Ok(r) => Some(r),
+            Err(Error::NotFound(_)) => None,
+            Err(e) => return Err(e),
+        };
+        if let Some(rec) = &rec {
+            if rec.state.is_live() {
+                if let Ok(c) = self.connect().await {
+                    let _ = c.control(ControlRequest::Kill).await;
+                }
+                self.forget_client();
+                wait_supervisor_gone(&self.id).await;
+            }
+            // Whatever is left of its processes goes too.
+            for p in [rec.vmm, rec.supervisor].into_iter().flatten() {
+                if p.is_alive() {
+                    // SAFETY: kill(2) on a pid verified by start time.
+                    unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
+                }
+            }
+        }
+        if self.vm_dir.exists() {
+            std::fs::remove_dir_all(&self.vm_dir)
+                .map_err(|e| Error::io(format!("cannot remove {}", self.vm_dir.display()), e))?;
+        }
+        store()?.delete(&self.id)?;
+        let _ = std::fs::remove_file(crate::paths::lock_path(&self.id));
+        Ok(())
+    }
+
+    /// Releases this handle; the VM keeps its state.
+    pub fn close(self) {}
+
+    async fn connect(&self) -> Result<SupervisorClient> {
+        if let Some(c) = self.client.lock().ok().and_then(|g| g.clone()) {
+            return Ok(c);
+        }
+        let c = SupervisorClient::connect(&self.vm_dir)
+            .await
+            .map_err(|source| Error::Client { id: self.id.clone(), source })?;
+        if let Ok(mut g) = self.client.lock() {
+            *g = Some(c.clone());
+        }
+        Ok(c)
+    }
+
+    fn forget_client(&self) {
+        if let Ok(mut g) = self.client.lock() {
+            *g = None;
+        }
+    }
+
+    async fn control_ok(&self, req: ControlRequest) -> Result<()> {
+        let c = self.connect().await?;
+        match c.control(req).await {
+            Ok(ControlResponse::Ok) => Ok(()),
+            Ok(ControlResponse::Error(e)) => Err(Error::Vm { id: self.id.clone(), message: e }),
+            Ok(o) => Err(Error::Vm { id: self.id.clone(), message: format!("unexpected answer {o:?}") }),
+            Err(source) => {
+                self.forget_client();
+                Err(Error::Client { id: self.id.clone(), source })
+            }
+        }
+    }
+
+    async fn require_running(&self) -> Result<SupervisorClient> {
+        let rec = refresh(&self.id).await?;
+        if rec.state != VmState::Running {
+            let hint = match rec.state {
+                VmState::Error => format!(
+                    "{}; remove it with `smolvm rm {}`",
+                    rec.last_error.as_deref().unwrap_or("its VMM failed"),
+                    self.id
+                ),
+                s => hint_for(&self.id, s),
+            };
+            return Err(invalid(&self.id, rec.state, hint));
+        }
+        self.connect().await
+    }
+
+    /// Starts a command and returns its event stream (output as it comes).
+    pub async fn exec_stream(&self, command: Command, opts: &ExecOptions) -> Result<ExecStream> {
+        let client = self.require_running().await?;
+        let req = ExecRequest {
+            command,
+            env: opts.env.clone(),
+            workdir: opts.workdir.clone(),
+            timeout_ms: opts.timeout.map(|t| t.as_millis() as u64),
+            stdin: opts.stdin.is_some(),
+        };
+        let stream = match client.exec(req).await {
+            Ok(s) => s,
+            Err(source) => {
+                self.forget_client();
+                return Err(Error::Client { id: self.id.clone(), source });
+            }
+        };
+        if let Some(data) = &opts.stdin {
+            let id = self.id.clone();
+            let w = async {
+                stream.write_stdin(data).await?;
+                stream.close_stdin().await
+            };
+            w.await.map_err(|source| Error::Client { id, source })?;
+        }
+        Ok(stream)
+    }
+
+    /// Runs a command to completion and collects its output.
+    pub async fn exec(&self, command: Command, opts: &ExecOptions) -> Result<ExecOutput> {
+        let mut stream = self.exec_stream(command, opts).await?;
+        let mut out = ExecOutput::default();
+        loop {
+            let ev = stream.next().await.map_err(|source| Error::Client { id: self.id.clone(), source })?;
+            match ev {
+                None => {
+                    return Err(Error::Vm { id: self.id.clone(), message: "the command stream ended early".into() })
+                }
+                Some(ExecEvent::Started { .. }) => {}
+                Some(ExecEvent::Stdout(b)) => append(&mut out.stdout, &b, &mut out.truncated),
+                Some(ExecEvent::Stderr(b)) => append(&mut out.stderr, &b, &mut out.truncated),
+                Some(ExecEvent::Exited(st)) => {
+                    out.exit_code = st.code;
+                    out.signal = st.signal;
+                    out.timed_out = st.timed_out;
+                    out.duration_ms = st.duration_ms;
+                    return Ok(out);
+                }
+                Some(ExecEvent::Failed(e)) => return Err(Error::Exec { id: self.id.clone(), message: e.message }),
+            }
+        }
+    }
+
+    /// Shell convenience: `/bin/sh -c <cmd>`.
+    pub async fn run(&self, cmd: &str) -> Result<ExecOutput> {
+        self.exec(Command::Shell(cmd.to_string()), &ExecOptions::default()).await
+    }
+
+    /// Agent round trip.
+    pub async fn ping(&self) -> Result<Duration> {
+        let client = self.require_running().await?;
+        let t = Instant::now();
+        client.ping(t.elapsed().as_nanos() as u64 ^ 0x5eed).await.map_err(|source| {
+            self.forget_client();
+            Error::Client { id: self.id.clone(), source }
+        })?;
+        Ok(t.elapsed())
+    }
+}
+
+fn append(buf: &mut Vec<u8>, data: &[u8], truncated: &mut bool) {
+    let room = MAX_COLLECTED_OUTPUT.saturating_sub(buf.len());
+    if data.len() > room {
+        *truncated = true;
+    }
+    buf.extend_from_slice(&data[..data.len().min(room)]);
+}
+
+/// Waits until the VM's supervisor process is gone (it records the final
+/// state before exiting).
+async fn wait_supervisor_gone(id: &str) {
+    let sup = store().ok().and_then(|s| s.get(id).ok().flatten()).and_then(|r| r.supervisor);
+    let Some(sup) = sup else { return };
+    let start = Instant::now();
+    while sup.is_alive() && start.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if sup.is_alive() {
+        // SAFETY: kill(2) on a pid verified by start time.
+        unsafe { libc::kill(sup.pid as i32, libc::SIGKILL) };
+    }
+}
+
+fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(format!("cannot write {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
+}
+
+async fn ensure_image(name: &str, progress: Option<ProgressFn>) -> Result<crate::image::Image> {
+    let name = name.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut cb = |ev: ImageEvent| {
+            if let Some(p) = &progress {
+                p(&Progress::Image(ev));
+            }
+        };
+        crate::image::ensure(&name, &mut cb)
+    })
+    .await
+    .map_err(|e| Error::io("image task failed", std::io::Error::other(e.to_string())))?
+    .map_err(Error::from)
+}
+

@@ -1,0 +1,41 @@
+//! Per-VM lock across processes (`flock` on `<data_dir>/locks/<id>.lock`):
+//! lifecycle operations on one VM are serialized; different VMs proceed in
+//! parallel.
+
+use crate::error::{Error, Result};
+use std::os::fd::AsRawFd;
+
+pub struct VmLock {
+    _file: std::fs::File,
+}
+
+impl VmLock {
+    /// Blocks (on a blocking thread) until the lock of `id` is held.
+    pub async fn acquire(id: &str) -> Result<VmLock> {
+        let path = crate::paths::lock_path(id);
+        tokio::task::spawn_blocking(move || {
+            if let Some(d) = path.parent() {
+                std::fs::create_dir_all(d).map_err(|e| Error::io(format!("cannot create {}", d.display()), e))?;
+            }
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+            loop {
+                // SAFETY: flock on an fd we own; no memory is involved.
+                let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+                if r == 0 {
+                    return Ok(VmLock { _file: file });
+                }
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(Error::io(format!("cannot lock {}", path.display()), e));
+                }
+            }
+        })
+        .await
+        .map_err(|e| Error::io("lock task failed", std::io::Error::other(e.to_string())))?
+    }
+}

@@ -1,0 +1,12 @@
+//! The `Sandbox` lifecycle API.
+
+mod exec;
+mod lifecycle;
+mod lock;
+mod prune;
+
+pub use crate::state::VmState;
+pub use exec::{ExecOptions, ExecOutput};
+pub use lifecycle::{Progress, Sandbox, VmInfo, DEFAULT_BOOT_TIMEOUT, DEFAULT_STOP_TIMEOUT};
+pub use lock::VmLock;
+pub use prune::{prune, PruneItem};

@@ -1,0 +1,137 @@
+//! Starting the supervisor detached from its creator.
+//!
+//! `spawn` runs `smolvm-supervisor --vm-dir DIR`. That process forks: the
+//! child starts a new session and serves; the parent waits on a pipe until
+//! the child has launched the VMM and listens on its socket (or failed), then
+//! exits with the outcome. So `spawn` returns only when the supervisor is
+//! reachable, and no zombie is left with the creator.
+
+use crate::backend::{files, LaunchSpec};
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error(transparent)]
+    Locate(#[from] crate::locate::LocateError),
+    #[error("cannot run the supervisor {path}")]
+    Exec {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Starts the supervisor for the VM whose `launch.json` is in `vm_dir`.
+/// Returns once it serves, with the VMM launched.
+pub fn spawn(vm_dir: &Path) -> Result<(), SpawnError> {
+    let bin = crate::locate::supervisor_binary()?;
+    let out = Command::new(&bin)
+        .arg("--vm-dir")
+        .arg(vm_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|source| SpawnError::Exec { path: bin.clone(), source })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    Err(SpawnError::Failed(if msg.is_empty() {
+        format!("the supervisor exited with {}", out.status)
+    } else {
+        msg
+    }))
+}
+
+fn die(msg: &str) -> ! {
+    let _ = writeln!(std::io::stderr(), "{msg}");
+    std::process::exit(1)
+}
+
+/// Entry point of the `smolvm-supervisor` binary.
+pub fn main_entry() -> ! {
+    let args: Vec<String> = std::env::args().collect();
+    let vm_dir = match args.as_slice() {
+        [_, flag, dir] if flag == "--vm-dir" => PathBuf::from(dir),
+        _ => die("usage: smolvm-supervisor --vm-dir DIR (started by smolvm; not for direct use)"),
+    };
+    let spec: LaunchSpec = match std::fs::read(vm_dir.join(files::LAUNCH_SPEC))
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => die(&format!("cannot read {}: {e}", vm_dir.join(files::LAUNCH_SPEC).display())),
+    };
+
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        die(&format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: pipe2 succeeded, so both fds are open and owned by us alone.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: the process is single-threaded here (no runtime started yet),
+    // so fork is safe; the child only continues in plain Rust code.
+    match unsafe { libc::fork() } {
+        -1 => die(&format!("fork: {}", std::io::Error::last_os_error())),
+        0 => {
+            drop(rd);
+            child(spec, vm_dir, wr)
+        }
+        _ => {
+            drop(wr);
+            let mut r = std::fs::File::from(rd);
+            let mut buf = Vec::new();
+            let _ = Read::by_ref(&mut r).take(64 * 1024).read_to_end(&mut buf);
+            if buf.first() == Some(&b'R') {
+                std::process::exit(0);
+            }
+            let msg = String::from_utf8_lossy(buf.get(1..).unwrap_or_default()).trim().to_string();
+            die(if msg.is_empty() { "the supervisor died while starting the VM" } else { &msg })
+        }
+    }
+}
+
+fn child(spec: LaunchSpec, vm_dir: PathBuf, ready: OwnedFd) -> ! {
+    // SAFETY: setsid has no memory-safety preconditions.
+    unsafe { libc::setsid() };
+    redirect_stdio(&vm_dir.join(files::SUPERVISOR_LOG));
+    if let Err(e) = std::env::set_current_dir(&vm_dir) {
+        let mut f = std::fs::File::from(ready);
+        let _ = write!(f, "E cannot enter {}: {e}", vm_dir.display());
+        std::process::exit(1);
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let mut f = std::fs::File::from(ready);
+            let _ = write!(f, "E cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = rt.block_on(super::server::serve(spec, vm_dir, std::fs::File::from(ready)));
+    std::process::exit(code)
+}
+
+fn redirect_stdio(log: &Path) {
+    let devnull = std::fs::File::open("/dev/null");
+    let logf = std::fs::OpenOptions::new().create(true).append(true).open(log);
+    use std::os::fd::AsRawFd;
+    // SAFETY: dup2 onto the standard fds with valid open fds; the Files stay
+    // alive until after the calls.
+    unsafe {
+        if let Ok(n) = &devnull {
+            libc::dup2(n.as_raw_fd(), 0);
+        }
+        if let Ok(l) = &logf {
+            libc::dup2(l.as_raw_fd(), 1);
+            libc::dup2(l.as_raw_fd(), 2);
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! The per-VM supervisor: a detached process that is the parent of the VMM,
+//! owns its control socket and the agent channel, and serves many clients on
+//! a unix socket in the VM directory. Also the client side used by the
+//! library to talk to it.
+
+mod client;
+mod daemon;
+mod routes;
+mod server;
+mod sock;
+
+pub use client::{ClientError, ExecEvent, ExecStream, SupervisorClient};
+pub use daemon::{main_entry, spawn, SpawnError};
+pub use sock::{bind_in_dir, connect_in_dir};
