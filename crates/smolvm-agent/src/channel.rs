@@ -21,7 +21,10 @@ pub fn open_agent_port(timeout: Duration) -> io::Result<(File, PathBuf)> {
         if Instant::now() >= deadline {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
-                format!("no virtio port named {AGENT_PORT_NAME} after {} s", timeout.as_secs()),
+                format!(
+                    "no virtio port named {AGENT_PORT_NAME} after {} s",
+                    timeout.as_secs()
+                ),
             ));
         }
         std::thread::sleep(Duration::from_millis(20));

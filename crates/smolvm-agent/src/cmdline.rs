@@ -21,7 +21,9 @@ impl BootConfig {
     pub fn parse(cmdline: &str) -> Self {
         let mut cfg = BootConfig::default();
         for word in cmdline.split_ascii_whitespace() {
-            let Some((key, value)) = word.split_once('=') else { continue };
+            let Some((key, value)) = word.split_once('=') else {
+                continue;
+            };
             let ok = match key {
                 "smolvm.id" => {
                     cfg.id = Some(value.to_string());
@@ -57,7 +59,11 @@ fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
 
 /// The netmask of a prefix length: 24 → 255.255.255.0.
 pub fn netmask(prefix: u8) -> Ipv4Addr {
-    let bits = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix.min(32))) };
+    let bits = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix.min(32)))
+    };
     Ipv4Addr::from(bits)
 }
 
@@ -80,7 +86,9 @@ mod tests {
 
     #[test]
     fn bad_values_are_reported_not_fatal() {
-        let c = BootConfig::parse("smolvm.ip=10.0.2.15 smolvm.gw=nope smolvm.ip6=x smolvm.dns=1.2.3.4/33");
+        let c = BootConfig::parse(
+            "smolvm.ip=10.0.2.15 smolvm.gw=nope smolvm.ip6=x smolvm.dns=1.2.3.4/33",
+        );
         assert_eq!(c.ip, None);
         assert_eq!(c.gw, None);
         assert_eq!(c.dns, None);

@@ -9,7 +9,9 @@
 use crate::reaper::{self, STATUS_LEN};
 use crate::sys::{boottime_ms, kill, os_message, poll_timeout, readable_now};
 use crate::writer::Outbox;
-use smolvm_proto::{Bytes, Command, ErrorInfo, ErrorKind, ExecRequest, ExitStatus, GuestMsg, MAX_CHUNK_LEN};
+use smolvm_proto::{
+    Bytes, Command, ErrorInfo, ErrorKind, ExecRequest, ExitStatus, GuestMsg, MAX_CHUNK_LEN,
+};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -32,7 +34,10 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(200);
 const MAX_DRAIN: usize = 1024 * 1024;
 
 const BASE_ENV: &[(&str, &str)] = &[
-    ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
     ("HOME", "/root"),
     ("USER", "root"),
     ("LOGNAME", "root"),
@@ -65,16 +70,33 @@ impl Execs {
     /// Starts `req` on `stream`. `Started` and everything after it are sent
     /// by this exec; an `Err` is for the caller to send as the stream's
     /// `Error`.
-    pub fn start(self: &Arc<Self>, stream: u32, req: ExecRequest, out: &Outbox) -> Result<(), ErrorInfo> {
+    pub fn start(
+        self: &Arc<Self>,
+        stream: u32,
+        req: ExecRequest,
+        out: &Outbox,
+    ) -> Result<(), ErrorInfo> {
         {
             let mut t = self.lock();
             if t.contains_key(&stream) {
-                return Err(ErrorInfo::new(ErrorKind::InvalidRequest, format!("stream {stream} is already in use")));
+                return Err(ErrorInfo::new(
+                    ErrorKind::InvalidRequest,
+                    format!("stream {stream} is already in use"),
+                ));
             }
             if t.len() >= MAX_EXECS {
-                return Err(ErrorInfo::new(ErrorKind::Busy, format!("{MAX_EXECS} processes are running already")));
+                return Err(ErrorInfo::new(
+                    ErrorKind::Busy,
+                    format!("{MAX_EXECS} processes are running already"),
+                ));
             }
-            t.insert(stream, Entry { pgid: 0, stdin: None });
+            t.insert(
+                stream,
+                Entry {
+                    pgid: 0,
+                    stdin: None,
+                },
+            );
         }
         let r = self.launch(stream, &req, out);
         if r.is_err() {
@@ -83,14 +105,21 @@ impl Execs {
         r
     }
 
-    fn launch(self: &Arc<Self>, stream: u32, req: &ExecRequest, out: &Outbox) -> Result<(), ErrorInfo> {
+    fn launch(
+        self: &Arc<Self>,
+        stream: u32,
+        req: &ExecRequest,
+        out: &Outbox,
+    ) -> Result<(), ErrorInfo> {
         let (mut cmd, program) = build_command(req)?;
         let started = Instant::now();
         let started_ms = boottime_ms();
-        let (mut child, status) = reaper::spawn(|| cmd.spawn()).map_err(|e| spawn_error(&program, &e))?;
+        let (mut child, status) =
+            reaper::spawn(|| cmd.spawn()).map_err(|e| spawn_error(&program, &e))?;
         // Linux pids are positive and fit in pid_t.
         let pid = child.id() as libc::pid_t;
-        let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+        let (stdin, stdout, stderr) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take());
         drop(child); // never wait on it: the reaper owns that
         out.send(stream, GuestMsg::Started { pid: pid as u32 });
 
@@ -109,7 +138,10 @@ impl Execs {
             stream,
             pid,
             out: out.clone(),
-            pipes: [stdout.map(|p| File::from(OwnedFd::from(p))), stderr.map(|p| File::from(OwnedFd::from(p)))],
+            pipes: [
+                stdout.map(|p| File::from(OwnedFd::from(p))),
+                stderr.map(|p| File::from(OwnedFd::from(p))),
+            ],
             status: Some(File::from(status)),
             started,
             started_ms,
@@ -123,7 +155,10 @@ impl Execs {
             .map(drop)
             .map_err(|e| {
                 kill_group(pid);
-                ErrorInfo::new(ErrorKind::Other, format!("cannot start a thread for the process: {e}"))
+                ErrorInfo::new(
+                    ErrorKind::Other,
+                    format!("cannot start a thread for the process: {e}"),
+                )
             })
     }
 
@@ -131,7 +166,9 @@ impl Execs {
     /// stream has no process or did not ask for stdin.
     pub fn stdin(&self, stream: u32, msg: StdinMsg) {
         let mut t = self.lock();
-        let Some(entry) = t.get_mut(&stream) else { return };
+        let Some(entry) = t.get_mut(&stream) else {
+            return;
+        };
         if matches!(msg, StdinMsg::Close) {
             // Dropping the sender ends the stdin thread after it closes the pipe.
             if let Some(tx) = entry.stdin.take() {
@@ -190,21 +227,29 @@ fn build_command(req: &ExecRequest) -> Result<(std::process::Command, String), E
     }
     for (k, v) in &req.env {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-            return Err(invalid(format!("invalid environment variable name or value: {k:?}")));
+            return Err(invalid(format!(
+                "invalid environment variable name or value: {k:?}"
+            )));
         }
     }
     let workdir = req.workdir.as_deref().unwrap_or("/");
     match std::fs::metadata(workdir) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
-            return Err(ErrorInfo::new(ErrorKind::NotFound, format!("working directory {workdir}: Not a directory")))
+            return Err(ErrorInfo::new(
+                ErrorKind::NotFound,
+                format!("working directory {workdir}: Not a directory"),
+            ))
         }
         Err(e) => {
             let kind = match e.raw_os_error() {
                 Some(libc::EACCES) | Some(libc::EPERM) => ErrorKind::PermissionDenied,
                 _ => ErrorKind::NotFound,
             };
-            return Err(ErrorInfo::new(kind, format!("working directory {workdir}: {}", os_message(&e))));
+            return Err(ErrorInfo::new(
+                kind,
+                format!("working directory {workdir}: {}", os_message(&e)),
+            ));
         }
     }
 
@@ -214,7 +259,11 @@ fn build_command(req: &ExecRequest) -> Result<(std::process::Command, String), E
         .envs(BASE_ENV.iter().copied())
         .envs(req.env.iter().map(|(k, v)| (k, v)))
         .current_dir(workdir)
-        .stdin(if req.stdin { Stdio::piped() } else { Stdio::null() })
+        .stdin(if req.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // SAFETY: `child_setup` runs between fork and exec and only makes
@@ -252,17 +301,20 @@ fn spawn_error(program: &str, e: &io::Error) -> ErrorInfo {
 
 fn start_stdin(stream: u32, mut pipe: ChildStdin) -> io::Result<Sender<StdinMsg>> {
     let (tx, rx) = channel();
-    std::thread::Builder::new().name(format!("stdin-{stream}")).stack_size(64 * 1024).spawn(move || {
-        let mut open = true;
-        for msg in rx {
-            match msg {
-                // EPIPE (the process stopped reading for good): drop the rest.
-                StdinMsg::Data(b) if open => open = pipe.write_all(&b).is_ok(),
-                StdinMsg::Data(_) => {}
-                StdinMsg::Close => break,
+    std::thread::Builder::new()
+        .name(format!("stdin-{stream}"))
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            let mut open = true;
+            for msg in rx {
+                match msg {
+                    // EPIPE (the process stopped reading for good): drop the rest.
+                    StdinMsg::Data(b) if open => open = pipe.write_all(&b).is_ok(),
+                    StdinMsg::Data(_) => {}
+                    StdinMsg::Close => break,
+                }
             }
-        }
-    })?;
+        })?;
     Ok(tx)
 }
 
@@ -283,7 +335,8 @@ struct Io {
 impl Io {
     fn run(mut self, execs: &Execs) {
         let mut buf = vec![0u8; MAX_CHUNK_LEN];
-        let kill_at = self.timeout.map(|t| self.started + t);
+        // A timeout too large to represent is no timeout.
+        let kill_at = self.timeout.and_then(|t| self.started.checked_add(t));
         let mut timed_out = false;
         // (raw wait status, reap time) once known; when we learned it.
         let mut exit: Option<(Option<libc::c_int>, u64)> = None;
@@ -310,14 +363,25 @@ impl Io {
             };
             let timeout = poll_timeout(deadline.map(|d| d.saturating_duration_since(now)));
 
-            let mut fds = [libc::pollfd { fd: -1, events: libc::POLLIN, revents: 0 }; 3];
-            for (slot, f) in fds.iter_mut().zip(self.pipes.iter().chain(std::iter::once(&self.status))) {
+            let mut fds = [libc::pollfd {
+                fd: -1,
+                events: libc::POLLIN,
+                revents: 0,
+            }; 3];
+            for (slot, f) in fds
+                .iter_mut()
+                .zip(self.pipes.iter().chain(std::iter::once(&self.status)))
+            {
                 if let Some(f) = f {
                     slot.fd = f.as_raw_fd();
                 }
             }
             // SAFETY: `fds` is a valid array of 3 pollfds; negative fds are ignored.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+            if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                // Cannot happen with valid fds; never spin if it does.
+                std::thread::sleep(Duration::from_millis(10));
+            }
             if n <= 0 {
                 continue; // timeout or EINTR: re-check the deadlines
             }
@@ -343,13 +407,23 @@ impl Io {
             Some(_) => reaped_ms.saturating_sub(self.started_ms),
             None => self.started.elapsed().as_millis() as u64,
         };
-        self.out.send(self.stream, GuestMsg::Exited(ExitStatus { code, signal, timed_out, duration_ms }));
+        self.out.send(
+            self.stream,
+            GuestMsg::Exited(ExitStatus {
+                code,
+                signal,
+                timed_out,
+                duration_ms,
+            }),
+        );
     }
 
     /// Reads one chunk from pipe `i` and sends it; closes the pipe at EOF.
     /// Returns the bytes read.
     fn read_chunk(&mut self, i: usize, buf: &mut [u8]) -> usize {
-        let Some(pipe) = self.pipes[i].as_mut() else { return 0 };
+        let Some(pipe) = self.pipes[i].as_mut() else {
+            return 0;
+        };
         match pipe.read(buf) {
             Ok(0) => {
                 self.pipes[i] = None;
@@ -357,7 +431,11 @@ impl Io {
             }
             Ok(n) => {
                 let data = Bytes(buf[..n].to_vec());
-                let msg = if i == 0 { GuestMsg::Stdout(data) } else { GuestMsg::Stderr(data) };
+                let msg = if i == 0 {
+                    GuestMsg::Stdout(data)
+                } else {
+                    GuestMsg::Stderr(data)
+                };
                 self.out.send(self.stream, msg);
                 n
             }
@@ -399,7 +477,10 @@ impl Io {
                 (Some(st), t)
             }
             _ => {
-                error!("stream {}: lost the exit status of pid {}", self.stream, self.pid);
+                error!(
+                    "stream {}: lost the exit status of pid {}",
+                    self.stream, self.pid
+                );
                 (None, boottime_ms())
             }
         }

@@ -21,8 +21,20 @@ const NOEXEC: libc::c_ulong = libc::MS_NOEXEC;
 
 /// In mount order: a parent before anything mounted below it.
 const MOUNTS: &[MountSpec] = &[
-    MountSpec { source: "sysfs", target: "/sys", fstype: "sysfs", flags: NOSUID | NODEV | NOEXEC, data: "" },
-    MountSpec { source: "devtmpfs", target: "/dev", fstype: "devtmpfs", flags: NOSUID, data: "mode=0755" },
+    MountSpec {
+        source: "sysfs",
+        target: "/sys",
+        fstype: "sysfs",
+        flags: NOSUID | NODEV | NOEXEC,
+        data: "",
+    },
+    MountSpec {
+        source: "devtmpfs",
+        target: "/dev",
+        fstype: "devtmpfs",
+        flags: NOSUID,
+        data: "mode=0755",
+    },
     MountSpec {
         source: "devpts",
         target: "/dev/pts",
@@ -30,9 +42,27 @@ const MOUNTS: &[MountSpec] = &[
         flags: NOSUID | NOEXEC,
         data: "ptmxmode=0666,mode=0620,gid=5",
     },
-    MountSpec { source: "tmpfs", target: "/dev/shm", fstype: "tmpfs", flags: NOSUID | NODEV, data: "mode=1777" },
-    MountSpec { source: "tmpfs", target: "/tmp", fstype: "tmpfs", flags: NOSUID | NODEV, data: "mode=1777" },
-    MountSpec { source: "tmpfs", target: "/run", fstype: "tmpfs", flags: NOSUID | NODEV, data: "mode=0755" },
+    MountSpec {
+        source: "tmpfs",
+        target: "/dev/shm",
+        fstype: "tmpfs",
+        flags: NOSUID | NODEV,
+        data: "mode=1777",
+    },
+    MountSpec {
+        source: "tmpfs",
+        target: "/tmp",
+        fstype: "tmpfs",
+        flags: NOSUID | NODEV,
+        data: "mode=1777",
+    },
+    MountSpec {
+        source: "tmpfs",
+        target: "/run",
+        fstype: "tmpfs",
+        flags: NOSUID | NODEV,
+        data: "mode=0755",
+    },
 ];
 
 /// Mounts what a Linux userland expects. Every failure is logged and skipped.
@@ -54,7 +84,10 @@ pub fn setup() {
         if mounted.contains(m.target) {
             continue;
         }
-        let _ = std::fs::DirBuilder::new().recursive(true).mode(0o755).create(m.target);
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(m.target);
         match mount(m.source, m.target, m.fstype, m.flags, m.data) {
             Ok(()) => devpts_ok |= m.target == "/dev/pts",
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => devpts_ok |= m.target == "/dev/pts",
@@ -78,10 +111,17 @@ pub fn set_hostname(name: &str) {
     }
 }
 
-fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> io::Result<()> {
+fn mount(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
     let (s, t, f, d) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
     // SAFETY: all four are valid NUL-terminated strings living across the call.
-    cvt(unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) }).map(drop)
+    cvt(unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) })
+        .map(drop)
 }
 
 fn is_proc_mounted() -> bool {
@@ -101,7 +141,13 @@ fn remount_root_rw() {
     }
     // SAFETY: valid C strings; a NULL source/fstype/data is allowed for a remount.
     let r = unsafe {
-        libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REMOUNT, std::ptr::null())
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REMOUNT,
+            std::ptr::null(),
+        )
     };
     match cvt(r) {
         Ok(_) => info!("remounted / read-write"),
@@ -112,7 +158,10 @@ fn remount_root_rw() {
 /// Mount points currently mounted, from /proc/self/mountinfo.
 fn mount_points() -> HashSet<String> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines().filter_map(|l| l.split(' ').nth(4)).map(str::to_string).collect()
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(str::to_string)
+        .collect()
 }
 
 fn dev_links(devpts_ok: bool) {
@@ -131,7 +180,11 @@ fn dev_links(devpts_ok: bool) {
     // The devtmpfs node also works with a devpts at /dev/pts; the link makes
     // /dev/ptmx follow that instance's permissions (ptmxmode=0666).
     let ptmx = Path::new("/dev/ptmx");
-    if !devpts_ok || ptmx.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) {
+    if !devpts_ok
+        || ptmx
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink())
+    {
         return;
     }
     let _ = std::fs::remove_file(ptmx);

@@ -59,7 +59,11 @@ pub struct RateLimit {
 
 impl RateLimit {
     pub const fn new(every: Duration) -> Self {
-        Self { every, last: None, suppressed: 0 }
+        Self {
+            every,
+            last: None,
+            suppressed: 0,
+        }
     }
 
     /// `Some(n)` when this occurrence should be logged; `n` is how many were

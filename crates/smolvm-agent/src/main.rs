@@ -27,7 +27,7 @@ fn main() {
     if std::process::id() == 1 {
         guest_main(start_ms);
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     if args.len() == 1 && args[0] == "--stdio" {
         stdio_main(start_ms);
     }
@@ -37,6 +37,9 @@ fn main() {
 
 fn guest_main(start_ms: u64) -> ! {
     log::use_kmsg();
+    // The release build aborts on panic, which as PID 1 panics the kernel:
+    // at least say why first.
+    std::panic::set_hook(Box::new(|info| error!("panic: {info}")));
     info!("starting v{} at {start_ms} ms", env!("CARGO_PKG_VERSION"));
     init::setup();
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
@@ -70,7 +73,11 @@ fn stdio_main(start_ms: u64) -> ! {
         (Ok(i), Ok(o)) => (File::from(i), File::from(o)),
         (Err(e), _) | (_, Err(e)) => server::fatal(Mode::Stdio, &format!("dup stdin/stdout: {e}")),
     };
-    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
         use std::os::fd::AsRawFd;
         // SAFETY: dup2 onto fds 0 and 1, which we no longer use directly.
         unsafe {

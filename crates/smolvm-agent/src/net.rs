@@ -17,13 +17,16 @@ pub fn configure(cfg: &BootConfig) {
             return;
         }
     };
-    if let Err(e) = set_addr(&sock, "lo", Ipv4Addr::LOCALHOST, 8).and_then(|()| set_up(&sock, "lo")) {
+    if let Err(e) = set_addr(&sock, "lo", Ipv4Addr::LOCALHOST, 8).and_then(|()| set_up(&sock, "lo"))
+    {
         error!("network: lo: {}", os_message(&e));
     }
     if let Some((addr, prefix)) = cfg.ip {
         if !Path::new("/sys/class/net/eth0").exists() {
             error!("network: smolvm.ip given but there is no eth0");
-        } else if let Err(e) = set_addr(&sock, "eth0", addr, prefix).and_then(|()| set_up(&sock, "eth0")) {
+        } else if let Err(e) =
+            set_addr(&sock, "eth0", addr, prefix).and_then(|()| set_up(&sock, "eth0"))
+        {
             error!("network: eth0 {addr}/{prefix}: {}", os_message(&e));
         } else if let Some(gw) = cfg.gw {
             match default_route(&sock, gw) {
@@ -52,7 +55,9 @@ fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr {
     let sin = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: 0,
-        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
         sin_zero: [0; 8],
     };
     // SAFETY: sockaddr_in and sockaddr are both 16-byte plain-old-data
@@ -63,7 +68,11 @@ fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr {
 fn ifreq(name: &str) -> libc::ifreq {
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
+    for (dst, src) in req
+        .ifr_name
+        .iter_mut()
+        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+    {
         *dst = src as libc::c_char;
     }
     req
@@ -109,7 +118,10 @@ fn default_route(sock: &OwnedFd, gw: Ipv4Addr) -> io::Result<()> {
 fn write_resolv_conf(dns: Ipv4Addr) -> io::Result<()> {
     let path = Path::new("/etc/resolv.conf");
     // A dangling link (e.g. to systemd-resolved's file) would make the write fail.
-    if path.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) {
+    if path
+        .symlink_metadata()
+        .is_ok_and(|m| m.file_type().is_symlink())
+    {
         std::fs::remove_file(path)?;
     }
     std::fs::write(path, format!("nameserver {dns}\n"))

@@ -4,7 +4,8 @@
 //!
 //! A dedicated thread blocks in `waitid(P_ALL, WEXITED | WNOWAIT)` until some
 //! child is waitable *without reaping it*, then takes the lock and reaps with
-//! `waitpid(-1, WNOHANG)`. Each status goes to the exec that registered the
+//! `waitpid(-1, WNOHANG)` (both with `__WALL`, so children with an unusual
+//! exit signal are reaped too). Each status goes to the exec that registered the
 //! pid, through a pipe (12 bytes: raw wait status, reap time in ms).
 //!
 //! Spawning happens under the same lock ([`spawn`]), and the pid is
@@ -38,7 +39,10 @@ struct State {
     idle: bool,
 }
 
-static STATE: Mutex<State> = Mutex::new(State { waiters: BTreeMap::new(), idle: false });
+static STATE: Mutex<State> = Mutex::new(State {
+    waiters: BTreeMap::new(),
+    idle: false,
+});
 static COND: Condvar = Condvar::new();
 
 fn lock() -> MutexGuard<'static, State> {
@@ -47,7 +51,11 @@ fn lock() -> MutexGuard<'static, State> {
 
 /// Starts the reaper thread.
 pub fn start() -> io::Result<()> {
-    std::thread::Builder::new().name("reaper".into()).stack_size(64 * 1024).spawn(run).map(drop)
+    std::thread::Builder::new()
+        .name("reaper".into())
+        .stack_size(64 * 1024)
+        .spawn(run)
+        .map(drop)
 }
 
 /// Runs `spawn` (which forks) under the reaper lock and registers the child.
@@ -73,7 +81,10 @@ pub fn wait_idle(timeout: Duration) -> bool {
         if left.is_zero() {
             return false;
         }
-        st = COND.wait_timeout(st, left).unwrap_or_else(|e| e.into_inner()).0;
+        st = COND
+            .wait_timeout(st, left)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
     }
     true
 }
@@ -83,7 +94,14 @@ fn has_children() -> bool {
     // SAFETY: an all-zero siginfo_t is valid for waitid to overwrite.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     // SAFETY: `info` is writable; WNOHANG|WNOWAIT neither blocks nor reaps.
-    let r = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) };
+    let r = unsafe {
+        libc::waitid(
+            libc::P_ALL,
+            0,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT | libc::__WALL,
+        )
+    };
     r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ECHILD)
 }
 
@@ -93,7 +111,14 @@ fn run() {
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: `info` is writable; WNOWAIT leaves the child waitable, so
         // the actual reaping happens below, under the lock.
-        let r = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        let r = unsafe {
+            libc::waitid(
+                libc::P_ALL,
+                0,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT | libc::__WALL,
+            )
+        };
         if r == -1 {
             match io::Error::last_os_error().raw_os_error() {
                 Some(libc::EINTR) => {}
@@ -125,7 +150,7 @@ fn reap_all(st: &mut State) {
     loop {
         let mut status: libc::c_int = 0;
         // SAFETY: `status` is writable; WNOHANG never blocks.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG | libc::__WALL) };
         if pid > 0 {
             // A pid nobody registered is an orphan reparented to us: reaped, done.
             if let Some(tx) = st.waiters.remove(&pid) {

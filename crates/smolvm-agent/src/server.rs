@@ -6,8 +6,8 @@ use crate::log::RateLimit;
 use crate::sys::boottime_ms;
 use crate::writer::{self, OnWriteError, Outbox};
 use smolvm_proto::{
-    decode_payload, Decoder, ErrorInfo, ErrorKind, Frame, GuestHello, GuestMsg, HostMsg, CONTROL_STREAM,
-    MAX_CHUNK_LEN, PROTOCOL_VERSION,
+    decode_payload, Decoder, ErrorInfo, ErrorKind, Frame, GuestHello, GuestMsg, HostMsg,
+    CONTROL_STREAM, MAX_CHUNK_LEN, PROTOCOL_VERSION,
 };
 use std::fs::File;
 use std::io::{self, Read};
@@ -45,8 +45,17 @@ pub fn serve(input: File, output: File, mode: Mode, start_ms: u64) -> ! {
         Ok(out) => out,
         Err(e) => fatal(mode, &format!("cannot start the writer thread: {e}")),
     };
-    let server = Server { mode, out, execs: Arc::new(Execs::default()), start_ms, ready_ms: boottime_ms() };
-    info!("serving protocol v{PROTOCOL_VERSION} (ready at {} ms)", server.ready_ms);
+    let server = Server {
+        mode,
+        out,
+        execs: Arc::new(Execs::default()),
+        start_ms,
+        ready_ms: boottime_ms(),
+    };
+    info!(
+        "serving protocol v{PROTOCOL_VERSION} (ready at {} ms)",
+        server.ready_ms
+    );
     server.read_loop(input)
 }
 
@@ -120,10 +129,17 @@ impl Server {
         match frame.msg {
             HostMsg::Hello(h) => {
                 if stream != CONTROL_STREAM {
-                    return self.error(stream, ErrorKind::InvalidRequest, "Hello belongs on stream 0");
+                    return self.error(
+                        stream,
+                        ErrorKind::InvalidRequest,
+                        "Hello belongs on stream 0",
+                    );
                 }
                 if h.version != PROTOCOL_VERSION {
-                    error!("host speaks protocol v{}, agent v{PROTOCOL_VERSION}", h.version);
+                    error!(
+                        "host speaks protocol v{}, agent v{PROTOCOL_VERSION}",
+                        h.version
+                    );
                 } else {
                     info!("host hello (protocol v{})", h.version);
                 }
@@ -141,7 +157,11 @@ impl Server {
             HostMsg::Ping { nonce } => self.out.send(stream, GuestMsg::Pong { nonce }),
             HostMsg::Exec(req) => {
                 if stream == CONTROL_STREAM {
-                    return self.error(stream, ErrorKind::InvalidRequest, "Exec needs a non-zero stream id");
+                    return self.error(
+                        stream,
+                        ErrorKind::InvalidRequest,
+                        "Exec needs a non-zero stream id",
+                    );
                 }
                 if let Err(e) = self.execs.start(stream, req, &self.out) {
                     self.out.send(stream, GuestMsg::Error(e));
@@ -155,7 +175,8 @@ impl Server {
     }
 
     fn error(&self, stream: u32, kind: ErrorKind, msg: &str) {
-        self.out.send(stream, GuestMsg::Error(ErrorInfo::new(kind, msg)));
+        self.out
+            .send(stream, GuestMsg::Error(ErrorInfo::new(kind, msg)));
     }
 
     fn shutdown(&self, stream: u32) -> ! {

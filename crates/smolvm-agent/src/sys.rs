@@ -7,7 +7,10 @@ use std::time::Duration;
 
 /// Guest monotonic time including suspend (CLOCK_BOOTTIME), in ms.
 pub fn boottime_ms() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid, writable timespec; CLOCK_BOOTTIME exists on
     // every kernel we boot (2.6.39+).
     let r = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
@@ -59,7 +62,11 @@ pub fn kill(pid: libc::pid_t, sig: libc::c_int) -> io::Result<()> {
 /// Polls one fd for input; true when a read would not block (data, EOF or
 /// error pending).
 pub fn readable_now(fd: BorrowedFd<'_>) -> bool {
-    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: `p` is one valid pollfd; a zero timeout never blocks.
     let r = unsafe { libc::poll(&mut p, 1, 0) };
     r > 0 && p.revents != 0

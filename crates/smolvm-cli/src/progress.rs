@@ -41,7 +41,7 @@ impl Reporter {
                 }
             }
             Progress::Image(ImageEvent::Log(line)) => pb.set_message(line.clone()),
-            Progress::Image(ImageEvent::Done { elapsed }) => {
+            Progress::Image(ImageEvent::Done { elapsed, .. }) => {
                 pb.set_prefix(String::new());
                 pb.set_message(format!("image ready in {:.1}s", elapsed.as_secs_f64()));
                 if plain {

@@ -41,16 +41,31 @@ pub async fn image(c: ImageCommand) -> anyhow::Result<u8> {
         ImageCommand::Ls { json } => {
             let list = smolvm::image::list()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                let v: Vec<serde_json::Value> = list
+                    .iter()
+                    .map(|i| {
+                        serde_json::json!({
+                            "name": i.name,
+                            "dir": i.dir,
+                            "size_on_disk": i.size_on_disk,
+                            "created_at": i.created_at,
+                            "kernel_version": i.kernel_version,
+                            "agent_sha256_short": i.agent_sha256_short,
+                            "problem": i.problem,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("{:<12} {:>10}  {:<24} {}", "NAME", "SIZE", "KERNEL", "CREATED");
+                println!("{:<12} {:>9}  {:<24} {:<14} {}", "NAME", "SIZE", "KERNEL", "AGENT", "PROBLEM");
                 for i in &list {
                     println!(
-                        "{:<12} {:>9.0}M  {:<24} {}",
+                        "{:<12} {:>8.0}M  {:<24} {:<14} {}",
                         i.name,
-                        i.size_bytes as f64 / (1024.0 * 1024.0),
+                        i.size_on_disk as f64 / (1024.0 * 1024.0),
                         i.kernel_version,
-                        i.created_at
+                        i.agent_sha256_short,
+                        i.problem.as_deref().unwrap_or("-")
                     );
                 }
             }

@@ -1,5 +1,6 @@
 //! Subcommands.
 
+mod bench;
 mod doctor;
 mod image;
 mod run;
@@ -37,6 +38,8 @@ pub enum Command {
     Prune(vm::PruneArgs),
     /// Check the host: tools, KVM, disk, image.
     Doctor(doctor::DoctorArgs),
+    /// Measure boot, exec and image build times (table + JSON).
+    Bench(bench::BenchArgs),
     /// Build, list and remove guest images.
     #[command(subcommand)]
     Image(image::ImageCommand),
@@ -58,6 +61,7 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<u8> {
         Command::Logs(a) => vm::logs(a).await,
         Command::Prune(a) => vm::prune(a).await,
         Command::Doctor(a) => doctor::doctor(a).await,
+        Command::Bench(a) => bench::bench(a).await,
         Command::Image(c) => image::image(c).await,
     }
 }

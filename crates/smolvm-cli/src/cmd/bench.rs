@@ -1,0 +1,141 @@
+//! `smolvm bench`: the benchmark harness. Prints a table and writes JSON.
+//! Numbers are compared side by side in one run (ratios), never asserted.
+
+use serde::Serialize;
+use smolvm::{ExecOptions, Sandbox, SandboxConfig};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Also measure a cold image build (rebuilds the image: ~1-2 minutes).
+    #[arg(long)]
+    cold: bool,
+    /// Exec round trips to time.
+    #[arg(long, default_value_t = 200)]
+    iterations: usize,
+    /// Create+start+first-command repetitions.
+    #[arg(long, default_value_t = 3)]
+    boots: usize,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "bench/results.json")]
+    out: std::path::PathBuf,
+}
+
+#[derive(Serialize, Default)]
+struct Results {
+    accel: String,
+    host_cpus: usize,
+    image_build_cold_s: Option<f64>,
+    image_build_cached_s: f64,
+    create_to_first_output_ms: Vec<f64>,
+    boot_vmm_start_ms: Vec<f64>,
+    boot_kernel_to_agent_ms: Vec<f64>,
+    boot_agent_ready_ms: Vec<f64>,
+    exec_true_rtt_ms: Stats,
+    ping_rtt_ms: Stats,
+}
+
+#[derive(Serialize, Default, Clone)]
+struct Stats {
+    n: usize,
+    median: f64,
+    p99: f64,
+    min: f64,
+    max: f64,
+}
+
+fn stats(mut v: Vec<f64>) -> Stats {
+    if v.is_empty() {
+        return Stats::default();
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let pick = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    Stats { n: v.len(), median: pick(0.5), p99: pick(0.99), min: v[0], max: v[v.len() - 1] }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn median(v: &[f64]) -> f64 {
+    stats(v.to_vec()).median
+}
+
+pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
+    let mut r = Results { host_cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), ..Default::default() };
+    let name = smolvm::config::DEFAULT_IMAGE.to_string();
+    if a.cold {
+        eprintln!("bench: cold image build ...");
+        let n = name.clone();
+        let t = Instant::now();
+        tokio::task::spawn_blocking(move || smolvm::image::build(&n, &smolvm::image::BuildOptions { force: true }, &mut |_| {}))
+            .await??;
+        r.image_build_cold_s = Some(t.elapsed().as_secs_f64());
+    }
+    let n = name.clone();
+    let t = Instant::now();
+    tokio::task::spawn_blocking(move || smolvm::image::build(&n, &smolvm::image::BuildOptions { force: false }, &mut |_| {}))
+        .await??;
+    r.image_build_cached_s = t.elapsed().as_secs_f64();
+
+    eprintln!("bench: {} x create -> start -> first output of `true` ...", a.boots);
+    for _ in 0..a.boots {
+        let t = Instant::now();
+        let vm = Sandbox::create(SandboxConfig::default()).await?;
+        vm.start(Duration::from_secs(120)).await?;
+        let out = vm.run("true").await?;
+        let total = ms(t.elapsed());
+        anyhow::ensure!(out.ok(), "`true` failed in the guest");
+        if let Some(b) = vm.last_boot() {
+            r.boot_vmm_start_ms.push(b.vmm_start_ms as f64);
+            r.boot_kernel_to_agent_ms.push(b.hello.agent_start_ms as f64);
+            r.boot_agent_ready_ms.push(b.ready_ms as f64);
+        }
+        r.accel = vm.info().await?.accel.unwrap_or_default();
+        r.create_to_first_output_ms.push(total);
+        vm.delete().await?;
+    }
+
+    eprintln!("bench: {} exec round trips ...", a.iterations);
+    let vm = Sandbox::create(SandboxConfig::default()).await?;
+    vm.start(Duration::from_secs(120)).await?;
+    let mut rtt = Vec::with_capacity(a.iterations);
+    let mut ping = Vec::with_capacity(a.iterations);
+    let argv = smolvm_proto::Command::Argv(vec!["true".into()]);
+    for _ in 0..a.iterations.min(10) {
+        vm.exec(argv.clone(), &ExecOptions::default()).await?;
+    }
+    for _ in 0..a.iterations {
+        let t = Instant::now();
+        vm.exec(argv.clone(), &ExecOptions::default()).await?;
+        rtt.push(ms(t.elapsed()));
+        ping.push(ms(vm.ping().await?));
+    }
+    vm.delete().await?;
+    r.exec_true_rtt_ms = stats(rtt);
+    r.ping_rtt_ms = stats(ping);
+
+    println!("smolvm benchmark (accelerator: {}, host cpus: {})", r.accel, r.host_cpus);
+    println!("{:<44} {:>12}", "metric", "value");
+    let row = |k: &str, v: String| println!("{k:<44} {v:>12}");
+    if let Some(c) = r.image_build_cold_s {
+        row("image build, cold (s)", format!("{c:.1}"));
+        row("image build, cold / cached", format!("{:.0}x", c / r.image_build_cached_s.max(1e-6)));
+    }
+    row("image build, cached (s)", format!("{:.2}", r.image_build_cached_s));
+    row("create -> first output of `true` (ms, median)", format!("{:.0}", median(&r.create_to_first_output_ms)));
+    row("  boot: VMM start (ms, median)", format!("{:.0}", median(&r.boot_vmm_start_ms)));
+    row("  boot: kernel -> agent PID 1 (guest ms)", format!("{:.0}", median(&r.boot_kernel_to_agent_ms)));
+    row("  boot: launch -> agent ready (ms, median)", format!("{:.0}", median(&r.boot_agent_ready_ms)));
+    row("exec `true` round trip (ms, median)", format!("{:.2}", r.exec_true_rtt_ms.median));
+    row("exec `true` round trip (ms, p99)", format!("{:.2}", r.exec_true_rtt_ms.p99));
+    row("agent ping round trip (ms, median)", format!("{:.2}", r.ping_rtt_ms.median));
+    row("agent ping round trip (ms, p99)", format!("{:.2}", r.ping_rtt_ms.p99));
+    row("exec / ping (ratio of medians)", format!("{:.1}x", r.exec_true_rtt_ms.median / r.ping_rtt_ms.median.max(1e-6)));
+    if let Some(d) = a.out.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(&a.out, serde_json::to_vec_pretty(&r)?)?;
+    eprintln!("bench: wrote {}", a.out.display());
+    Ok(0)
+}
