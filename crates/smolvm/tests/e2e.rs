@@ -184,7 +184,8 @@ async fn accelerator_probe_decides(vm: &Sandbox) -> Result<(), String> {
     check!(t.elapsed() < Duration::from_secs(30), "probe took {:?}", t.elapsed());
     check!(!v.cached);
     let info = vm.info().await.map_err(|e| e.to_string())?;
-    check_eq!(info.accel.as_deref(), Some(v.accel.to_string().as_str()));
+    let want = v.accel.to_string();
+    check_eq!(info.accel.as_deref(), Some(want.as_str()));
     if std::env::var("SMOLVM_EXPECT_ACCEL").ok().as_deref() == Some("tcg") {
         // These hosts: /dev/kvm exists but nested KVM cannot run the guest.
         check_eq!(v.accel, smolvm::backend::ResolvedAccel::Tcg);
