@@ -10,7 +10,11 @@ use std::process::ExitCode;
 pub const EXIT_SMOLVM_ERROR: u8 = 125;
 
 #[derive(Parser)]
-#[command(name = "smolvm", version, about = "Disposable, hardware-isolated Linux sandboxes (microVMs) for AI agents")]
+#[command(
+    name = "smolvm",
+    version,
+    about = "Disposable, hardware-isolated Linux sandboxes (microVMs) for AI agents"
+)]
 struct Cli {
     /// Log verbosity for smolvm itself (e.g. `debug`); also SMOLVM_LOG.
     #[arg(long, global = true, env = "SMOLVM_LOG", default_value = "warn")]
@@ -22,10 +26,16 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .try_init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -19,8 +19,13 @@ pub struct Reporter {
 impl Reporter {
     pub fn new(quiet: bool) -> Reporter {
         let tty = std::io::stderr().is_terminal();
-        let pb = if quiet || !tty { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
-        if let Ok(style) = ProgressStyle::with_template("{spinner} [{elapsed}] {prefix}{wide_msg}") {
+        let pb = if quiet || !tty {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new_spinner()
+        };
+        if let Ok(style) = ProgressStyle::with_template("{spinner} [{elapsed}] {prefix}{wide_msg}")
+        {
             pb.set_style(style);
         }
         if tty && !quiet {
@@ -33,7 +38,11 @@ impl Reporter {
         let pb = self.pb.clone();
         let plain = !self.quiet && !std::io::stderr().is_terminal();
         Arc::new(move |p: &Progress| match p {
-            Progress::Image(ImageEvent::Step { index, total, label }) => {
+            Progress::Image(ImageEvent::Step {
+                index,
+                total,
+                label,
+            }) => {
                 pb.set_prefix(format!("image [{index}/{total}] "));
                 pb.set_message(label.clone());
                 if plain {

@@ -28,7 +28,10 @@ impl fmt::Display for CodecError {
             }
             CodecError::Malformed(e) => write!(f, "malformed frame: {e}"),
             CodecError::MessageTooLarge { len, max } => {
-                write!(f, "message of {len} bytes exceeds the {max}-byte frame limit")
+                write!(
+                    f,
+                    "message of {len} bytes exceeds the {max}-byte frame limit"
+                )
             }
         }
     }
@@ -42,7 +45,10 @@ pub fn encode_frame<M: Serialize>(frame: &Frame<M>) -> Result<Vec<u8>, CodecErro
         .map_err(|e| CodecError::Malformed(e.to_string()))?;
     let len = out.len() - HEADER_LEN;
     if len > MAX_FRAME_LEN {
-        return Err(CodecError::MessageTooLarge { len, max: MAX_FRAME_LEN });
+        return Err(CodecError::MessageTooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        });
     }
     out[..HEADER_LEN].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(out)
@@ -77,7 +83,10 @@ impl Decoder {
 
     /// A decoder with a smaller frame limit than the protocol's.
     pub fn with_limit(max: usize) -> Self {
-        Self { max: Some(max.min(MAX_FRAME_LEN)), ..Self::default() }
+        Self {
+            max: Some(max.min(MAX_FRAME_LEN)),
+            ..Self::default()
+        }
     }
 
     fn limit(&self) -> usize {
@@ -119,7 +128,10 @@ impl Decoder {
         hdr.copy_from_slice(&avail[..HEADER_LEN]);
         let len = u32::from_le_bytes(hdr) as usize;
         if len > self.limit() {
-            return Err(CodecError::FrameTooLarge { len, max: self.limit() });
+            return Err(CodecError::FrameTooLarge {
+                len,
+                max: self.limit(),
+            });
         }
         if avail.len() < HEADER_LEN + len {
             return Ok(None);

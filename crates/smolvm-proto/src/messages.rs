@@ -32,9 +32,13 @@ pub enum HostMsg {
 pub enum GuestMsg {
     /// Answer to `HostMsg::Hello`, on stream 0. FROZEN: keep variant 0.
     Hello(GuestHello),
-    Pong { nonce: u64 },
+    Pong {
+        nonce: u64,
+    },
     /// The process of an `Exec` started.
-    Started { pid: u32 },
+    Started {
+        pid: u32,
+    },
     Stdout(Bytes),
     Stderr(Bytes),
     /// The process ended; last message of an `Exec` stream.
@@ -126,14 +130,17 @@ pub struct ErrorInfo {
 
 impl ErrorInfo {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into() }
+        Self {
+            kind,
+            message: message.into(),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{encode_frame, Decoder, Frame, CodecError, MAX_FRAME_LEN};
+    use crate::{encode_frame, CodecError, Decoder, Frame, MAX_FRAME_LEN};
 
     fn roundtrip<M>(m: M)
     where
@@ -191,7 +198,10 @@ mod tests {
             timed_out: true,
             duration_ms: 10,
         }));
-        roundtrip(GuestMsg::Error(ErrorInfo::new(ErrorKind::NotFound, "no such file")));
+        roundtrip(GuestMsg::Error(ErrorInfo::new(
+            ErrorKind::NotFound,
+            "no such file",
+        )));
         roundtrip(GuestMsg::ShutdownAck);
     }
 
@@ -266,18 +276,29 @@ mod tests {
         ));
         let mut d = Decoder::with_limit(16);
         d.push(&17u32.to_le_bytes());
-        assert!(matches!(d.next_payload(), Err(CodecError::FrameTooLarge { len: 17, max: 16 })));
+        assert!(matches!(
+            d.next_payload(),
+            Err(CodecError::FrameTooLarge { len: 17, max: 16 })
+        ));
     }
 
     #[test]
     fn oversized_message_is_refused_on_encode() {
         let big = Frame::new(1, GuestMsg::Stdout(Bytes(vec![0; MAX_FRAME_LEN + 1])));
-        assert!(matches!(encode_frame(&big), Err(CodecError::MessageTooLarge { .. })));
+        assert!(matches!(
+            encode_frame(&big),
+            Err(CodecError::MessageTooLarge { .. })
+        ));
     }
 
     #[test]
     fn garbage_payload_is_an_error_not_a_panic() {
-        for payload in [vec![], vec![0xff], vec![2, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff], vec![0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f]] {
+        for payload in [
+            vec![],
+            vec![0xff],
+            vec![2, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+            vec![0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f],
+        ] {
             let mut bytes = (payload.len() as u32).to_le_bytes().to_vec();
             bytes.extend(&payload);
             let mut d = Decoder::new();

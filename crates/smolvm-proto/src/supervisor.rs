@@ -91,7 +91,9 @@ mod tests {
     #[test]
     fn control_round_trip() {
         let msgs = vec![
-            ClientMsg::Hello { version: SUPERVISOR_PROTOCOL_VERSION },
+            ClientMsg::Hello {
+                version: SUPERVISOR_PROTOCOL_VERSION,
+            },
             ClientMsg::Agent(HostMsg::Ping { nonce: 1 }),
             ClientMsg::Control(ControlRequest::Stop { timeout_ms: 5000 }),
             ClientMsg::Control(ControlRequest::WaitReady { timeout_ms: 1 }),

@@ -73,7 +73,9 @@ pub enum ConfigError {
     DiskTooSmall { size: u64, min: u64, image: String },
     #[error("unknown accelerator {0:?}; use auto, kvm or tcg")]
     BadAccel(String),
-    #[error("invalid environment variable {0:?}: expected KEY=VALUE with a non-empty KEY without '='")]
+    #[error(
+        "invalid environment variable {0:?}: expected KEY=VALUE with a non-empty KEY without '='"
+    )]
     BadEnv(String),
 }
 
@@ -182,7 +184,19 @@ mod tests {
         for good in ["a", "0", "sbx-1", "my_vm", &"a".repeat(63)] {
             assert!(validate_name(good).is_ok(), "{good}");
         }
-        for bad in ["", "A", "Ab", "..", "a/b", "-a", "_a", "a.b", "a b", &"a".repeat(64), "é"] {
+        for bad in [
+            "",
+            "A",
+            "Ab",
+            "..",
+            "a/b",
+            "-a",
+            "_a",
+            "a.b",
+            "a b",
+            &"a".repeat(64),
+            "é",
+        ] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
     }

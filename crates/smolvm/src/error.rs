@@ -20,7 +20,11 @@ pub enum Error {
     #[error("VM '{0}' not found; `smolvm ls --all` lists VMs")]
     NotFound(String),
     #[error("VM '{id}' is {state}; {hint}")]
-    InvalidState { id: String, state: VmState, hint: String },
+    InvalidState {
+        id: String,
+        state: VmState,
+        hint: String,
+    },
     #[error("VM '{id}' failed to boot: {reason}")]
     Boot { id: String, reason: String },
     #[error("VM '{id}': cannot start its supervisor")]
@@ -49,7 +53,10 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Error {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 

@@ -48,7 +48,9 @@ fn path_dirs() -> Vec<PathBuf> {
 /// True when `path` is an ELF file without a `PT_INTERP` program header,
 /// i.e. statically linked.
 pub fn is_static_elf(path: &Path) -> bool {
-    let Ok(data) = std::fs::read(path) else { return false };
+    let Ok(data) = std::fs::read(path) else {
+        return false;
+    };
     if data.len() < 64 || &data[..4] != b"\x7fELF" || data[4] != 2 {
         return false;
     }
@@ -64,7 +66,9 @@ pub fn is_static_elf(path: &Path) -> bool {
     let phnum = u16_at(56);
     for i in 0..phnum {
         let o = phoff.saturating_add(i.saturating_mul(phentsize));
-        let Some(p_type) = data.get(o..o + 4) else { return false };
+        let Some(p_type) = data.get(o..o + 4) else {
+            return false;
+        };
         if u32::from_le_bytes([p_type[0], p_type[1], p_type[2], p_type[3]]) == 3 {
             return false; // PT_INTERP
         }
@@ -96,7 +100,9 @@ pub fn agent_binary() -> Result<PathBuf, LocateError> {
             return Ok(c.clone());
         }
     }
-    Err(LocateError::AgentNotFound { searched: join(&candidates) })
+    Err(LocateError::AgentNotFound {
+        searched: join(&candidates),
+    })
 }
 
 /// The `smolvm-supervisor` binary.
@@ -104,14 +110,18 @@ pub fn supervisor_binary() -> Result<PathBuf, LocateError> {
     if let Some(p) = std::env::var_os("SMOLVM_SUPERVISOR_BIN").filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(p));
     }
-    let mut candidates: Vec<PathBuf> =
-        exe_dirs().into_iter().map(|d| d.join("smolvm-supervisor")).collect();
+    let mut candidates: Vec<PathBuf> = exe_dirs()
+        .into_iter()
+        .map(|d| d.join("smolvm-supervisor"))
+        .collect();
     candidates.extend(path_dirs().into_iter().map(|d| d.join("smolvm-supervisor")));
     candidates
         .iter()
         .find(|c| c.is_file())
         .cloned()
-        .ok_or_else(|| LocateError::SupervisorNotFound { searched: join(&candidates) })
+        .ok_or_else(|| LocateError::SupervisorNotFound {
+            searched: join(&candidates),
+        })
 }
 
 fn join(paths: &[PathBuf]) -> String {

@@ -17,7 +17,9 @@ fn sh(s: &str) -> Command {
 }
 
 async fn run(vm: &Sandbox, s: &str) -> Result<smolvm::ExecOutput, String> {
-    vm.exec(sh(s), &ExecOptions::default()).await.map_err(|e| smolvm::error::chain(&e))
+    vm.exec(sh(s), &ExecOptions::default())
+        .await
+        .map_err(|e| smolvm::error::chain(&e))
 }
 
 async fn stdout_stderr_apart(vm: &Sandbox) -> Result<(), String> {
@@ -49,58 +51,111 @@ async fn death_by_signal(vm: &Sandbox) -> Result<(), String> {
 
 async fn env_and_workdir(vm: &Sandbox) -> Result<(), String> {
     let opts = ExecOptions {
-        env: vec![("GREETING".into(), "hello world".into()), ("EMPTY".into(), "".into())],
+        env: vec![
+            ("GREETING".into(), "hello world".into()),
+            ("EMPTY".into(), "".into()),
+        ],
         workdir: Some("/usr/share".into()),
         ..Default::default()
     };
     let o = vm
-        .exec(sh("echo \"$GREETING\"; pwd; echo \"[${EMPTY-unset}]\""), &opts)
+        .exec(
+            sh("echo \"$GREETING\"; pwd; echo \"[${EMPTY-unset}]\""),
+            &opts,
+        )
         .await
         .map_err(|e| e.to_string())?;
-    check_eq!(String::from_utf8_lossy(&o.stdout), "hello world\n/usr/share\n[]\n");
-    let bad = ExecOptions { workdir: Some("/does/not/exist".into()), ..Default::default() };
+    check_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "hello world\n/usr/share\n[]\n"
+    );
+    let bad = ExecOptions {
+        workdir: Some("/does/not/exist".into()),
+        ..Default::default()
+    };
     match vm.exec(sh("true"), &bad).await {
-        Err(Error::Exec { message, .. }) => check!(message.contains("/does/not/exist"), "message: {message}"),
+        Err(Error::Exec { message, .. }) => {
+            check!(message.contains("/does/not/exist"), "message: {message}")
+        }
         other => return Err(format!("bad workdir gave {other:?}")),
     }
     Ok(())
 }
 
 async fn argv_without_shell(vm: &Sandbox) -> Result<(), String> {
-    let argv = ["printf", "%s|", "a b", "$HOME", "c;d"].iter().map(|s| s.to_string()).collect();
-    let o = vm.exec(Command::Argv(argv), &ExecOptions::default()).await.map_err(|e| e.to_string())?;
+    let argv = ["printf", "%s|", "a b", "$HOME", "c;d"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let o = vm
+        .exec(Command::Argv(argv), &ExecOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
     check_eq!(String::from_utf8_lossy(&o.stdout), "a b|$HOME|c;d|");
-    match vm.exec(Command::Argv(vec!["/no/such/program".into()]), &ExecOptions::default()).await {
-        Err(Error::Exec { message, .. }) => check!(message.contains("/no/such/program"), "message: {message}"),
+    match vm
+        .exec(
+            Command::Argv(vec!["/no/such/program".into()]),
+            &ExecOptions::default(),
+        )
+        .await
+    {
+        Err(Error::Exec { message, .. }) => {
+            check!(message.contains("/no/such/program"), "message: {message}")
+        }
         other => return Err(format!("missing program gave {other:?}")),
     }
     Ok(())
 }
 
 async fn timeout_kills_process_group(vm: &Sandbox) -> Result<(), String> {
-    let opts = ExecOptions { timeout: Some(Duration::from_millis(1500)), ..Default::default() };
+    let opts = ExecOptions {
+        timeout: Some(Duration::from_millis(1500)),
+        ..Default::default()
+    };
     let t = Instant::now();
     let o = vm
-        .exec(sh("sleep 300 & echo $! > /tmp/bg.pid; echo started; sleep 300"), &opts)
+        .exec(
+            sh("sleep 300 & echo $! > /tmp/bg.pid; echo started; sleep 300"),
+            &opts,
+        )
         .await
         .map_err(|e| e.to_string())?;
     check!(o.timed_out, "not reported as timed out: {o:?}");
     check_eq!(o.signal, Some(9));
-    check!(t.elapsed() < Duration::from_secs(60), "took {:?}", t.elapsed());
+    check!(
+        t.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        t.elapsed()
+    );
     check_eq!(o.stdout, b"started\n".to_vec());
     // The background sleep of the timed-out shell is gone too.
-    let o = run(vm, "pid=$(cat /tmp/bg.pid); if [ -d /proc/$pid ]; then cat /proc/$pid/stat; exit 1; fi").await?;
-    check!(o.ok(), "background child survived the timeout: {}", String::from_utf8_lossy(&o.stdout));
+    let o = run(
+        vm,
+        "pid=$(cat /tmp/bg.pid); if [ -d /proc/$pid ]; then cat /proc/$pid/stat; exit 1; fi",
+    )
+    .await?;
+    check!(
+        o.ok(),
+        "background child survived the timeout: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     Ok(())
 }
 
 async fn ten_mib_byte_exact(vm: &Sandbox) -> Result<(), String> {
-    let o = run(vm, "head -c 10485760 /dev/urandom > /tmp/big && sha256sum /tmp/big | cut -d' ' -f1").await?;
+    let o = run(
+        vm,
+        "head -c 10485760 /dev/urandom > /tmp/big && sha256sum /tmp/big | cut -d' ' -f1",
+    )
+    .await?;
     check!(o.ok(), "prep failed: {o:?}");
     let want = String::from_utf8_lossy(&o.stdout).trim().to_string();
     let o = run(vm, "cat /tmp/big").await?;
     check_eq!(o.stdout.len(), 10 * 1024 * 1024);
-    let got: String = Sha256::digest(&o.stdout).iter().map(|b| format!("{b:02x}")).collect();
+    let got: String = Sha256::digest(&o.stdout)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     check_eq!(got, want);
     // Same on stderr.
     let o = run(vm, "cat /tmp/big >&2").await?;
@@ -111,17 +166,31 @@ async fn ten_mib_byte_exact(vm: &Sandbox) -> Result<(), String> {
 
 async fn non_utf8_bytes(vm: &Sandbox) -> Result<(), String> {
     let o = run(vm, r"printf '\377\376\000\200abc\n\303('").await?;
-    check_eq!(o.stdout, vec![0xff, 0xfe, 0x00, 0x80, b'a', b'b', b'c', b'\n', 0xc3, b'(']);
+    check_eq!(
+        o.stdout,
+        vec![0xff, 0xfe, 0x00, 0x80, b'a', b'b', b'c', b'\n', 0xc3, b'(']
+    );
     let data: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
-    let opts = ExecOptions { stdin: Some(data.clone()), ..Default::default() };
+    let opts = ExecOptions {
+        stdin: Some(data.clone()),
+        ..Default::default()
+    };
     let o = vm.exec(sh("cat"), &opts).await.map_err(|e| e.to_string())?;
-    check!(o.stdout == data, "stdin round trip differs ({} bytes back)", o.stdout.len());
+    check!(
+        o.stdout == data,
+        "stdin round trip differs ({} bytes back)",
+        o.stdout.len()
+    );
     Ok(())
 }
 
 async fn twenty_concurrent_execs(vm: &Sandbox) -> Result<(), String> {
     let futs = (0..20).map(|i| async move {
-        let o = run(vm, &format!("sleep 0.$((RANDOM % 5)); echo job-{i}; echo e-{i} >&2; exit {i}")).await?;
+        let o = run(
+            vm,
+            &format!("sleep 0.$((RANDOM % 5)); echo job-{i}; echo e-{i} >&2; exit {i}"),
+        )
+        .await?;
         Ok::<_, String>((i, o))
     });
     let results = futures_join_all(futs).await;
@@ -134,7 +203,9 @@ async fn twenty_concurrent_execs(vm: &Sandbox) -> Result<(), String> {
     Ok(())
 }
 
-async fn futures_join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+async fn futures_join_all<F: std::future::Future>(
+    futs: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
     let mut set = Vec::new();
     for f in futs {
         set.push(Box::pin(f));
@@ -168,7 +239,11 @@ async fn futures_join_all<F: std::future::Future>(futs: impl IntoIterator<Item =
 }
 
 async fn pid1_is_the_agent(vm: &Sandbox) -> Result<(), String> {
-    let o = run(vm, "cat /proc/1/comm; hostname; cat /proc/1/cmdline | tr '\\0' ' '").await?;
+    let o = run(
+        vm,
+        "cat /proc/1/comm; hostname; cat /proc/1/cmdline | tr '\\0' ' '",
+    )
+    .await?;
     let s = String::from_utf8_lossy(&o.stdout).to_string();
     let mut lines = s.lines();
     check_eq!(lines.next(), Some("smolvm-agent"));
@@ -181,7 +256,11 @@ async fn accelerator_probe_decides(vm: &Sandbox) -> Result<(), String> {
     smolvm::backend::qemu::forget_cached_verdict();
     let t = Instant::now();
     let v = smolvm::backend::qemu::resolve_accel(smolvm::Accel::Auto, &img.kernel, &img.initramfs);
-    check!(t.elapsed() < Duration::from_secs(30), "probe took {:?}", t.elapsed());
+    check!(
+        t.elapsed() < Duration::from_secs(30),
+        "probe took {:?}",
+        t.elapsed()
+    );
     check!(!v.cached);
     let info = vm.info().await.map_err(|e| e.to_string())?;
     let want = v.accel.to_string();
@@ -189,18 +268,26 @@ async fn accelerator_probe_decides(vm: &Sandbox) -> Result<(), String> {
     if std::env::var("SMOLVM_EXPECT_ACCEL").ok().as_deref() == Some("tcg") {
         // These hosts: /dev/kvm exists but nested KVM cannot run the guest.
         check_eq!(v.accel, smolvm::backend::ResolvedAccel::Tcg);
-        check!(v.reason.contains("KVM") || v.reason.contains("/dev/kvm"), "reason: {}", v.reason);
+        check!(
+            v.reason.contains("KVM") || v.reason.contains("/dev/kvm"),
+            "reason: {}",
+            v.reason
+        );
     }
-    let again = smolvm::backend::qemu::resolve_accel(smolvm::Accel::Auto, &img.kernel, &img.initramfs);
+    let again =
+        smolvm::backend::qemu::resolve_accel(smolvm::Accel::Auto, &img.kernel, &img.initramfs);
     check!(again.cached || !std::path::Path::new("/dev/kvm").exists());
     check_eq!(again.accel, v.accel);
     Ok(())
 }
 
 async fn boot_timeout_shows_console(_: &Sandbox) -> Result<(), String> {
-    let vm = Sandbox::create(SandboxConfig { name: Some("boot-timeout".into()), ..Default::default() })
-        .await
-        .map_err(|e| e.to_string())?;
+    let vm = Sandbox::create(SandboxConfig {
+        name: Some("boot-timeout".into()),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
     let r = vm.start(Duration::from_millis(300)).await;
     let state = vm.status().await.map_err(|e| e.to_string())?;
     let dir = vm.vm_dir().to_path_buf();
@@ -218,9 +305,12 @@ async fn boot_timeout_shows_console(_: &Sandbox) -> Result<(), String> {
 }
 
 async fn vmm_death_is_reported(_: &Sandbox) -> Result<(), String> {
-    let vm = Sandbox::create(SandboxConfig { name: Some("vmm-death".into()), ..Default::default() })
-        .await
-        .map_err(|e| e.to_string())?;
+    let vm = Sandbox::create(SandboxConfig {
+        name: Some("vmm-death".into()),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
     vm.start(BOOT).await.map_err(|e| smolvm::error::chain(&e))?;
     let info = vm.info().await.map_err(|e| e.to_string())?;
     let vmm = info.vmm_pid.ok_or("no vmm pid")?;
@@ -228,7 +318,9 @@ async fn vmm_death_is_reported(_: &Sandbox) -> Result<(), String> {
     // SAFETY: signalling a pid we just read for our own VMM.
     unsafe { libc::kill(vmm as i32, libc::SIGKILL) };
     let t = Instant::now();
-    while std::path::Path::new(&format!("/proc/{sup}")).exists() && t.elapsed() < Duration::from_secs(10) {
+    while std::path::Path::new(&format!("/proc/{sup}")).exists()
+        && t.elapsed() < Duration::from_secs(10)
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let info = vm.info().await.map_err(|e| e.to_string())?;
@@ -246,7 +338,13 @@ async fn vmm_death_is_reported(_: &Sandbox) -> Result<(), String> {
     Ok(())
 }
 
-type Case = (&'static str, for<'a> fn(&'a Sandbox) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + 'a>>);
+type Case = (
+    &'static str,
+    for<'a> fn(
+        &'a Sandbox,
+    )
+        -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + 'a>>,
+);
 
 macro_rules! cases {
     ($($f:ident),* $(,)?) => {
@@ -272,7 +370,11 @@ fn main() {
         boot_timeout_shows_console,
         vmm_death_is_reported,
     ];
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     let code = rt.block_on(async {
         let vm = match Sandbox::create(SandboxConfig::default()).await {
             Ok(vm) => vm,
@@ -299,7 +401,10 @@ fn main() {
                     println!("test {name} ... ok ({:.1}s)", t.elapsed().as_secs_f64());
                 }
                 Err(e) => {
-                    println!("test {name} ... FAILED ({:.1}s)\n    {e}", t.elapsed().as_secs_f64());
+                    println!(
+                        "test {name} ... FAILED ({:.1}s)\n    {e}",
+                        t.elapsed().as_secs_f64()
+                    );
                     failed.push(name.to_string());
                 }
             }

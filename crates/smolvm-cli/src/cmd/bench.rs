@@ -50,7 +50,13 @@ fn stats(mut v: Vec<f64>) -> Stats {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     let pick = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
-    Stats { n: v.len(), median: pick(0.5), p99: pick(0.99), min: v[0], max: v[v.len() - 1] }
+    Stats {
+        n: v.len(),
+        median: pick(0.5),
+        p99: pick(0.99),
+        min: v[0],
+        max: v[v.len() - 1],
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -62,23 +68,43 @@ fn median(v: &[f64]) -> f64 {
 }
 
 pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
-    let mut r = Results { host_cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), ..Default::default() };
+    let mut r = Results {
+        host_cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        ..Default::default()
+    };
     let name = smolvm::config::DEFAULT_IMAGE.to_string();
     if a.cold {
         eprintln!("bench: cold image build ...");
         let n = name.clone();
         let t = Instant::now();
-        tokio::task::spawn_blocking(move || smolvm::image::build(&n, &smolvm::image::BuildOptions { force: true }, &mut |_| {}))
-            .await??;
+        tokio::task::spawn_blocking(move || {
+            smolvm::image::build(
+                &n,
+                &smolvm::image::BuildOptions { force: true },
+                &mut |_| {},
+            )
+        })
+        .await??;
         r.image_build_cold_s = Some(t.elapsed().as_secs_f64());
     }
     let n = name.clone();
     let t = Instant::now();
-    tokio::task::spawn_blocking(move || smolvm::image::build(&n, &smolvm::image::BuildOptions { force: false }, &mut |_| {}))
-        .await??;
+    tokio::task::spawn_blocking(move || {
+        smolvm::image::build(
+            &n,
+            &smolvm::image::BuildOptions { force: false },
+            &mut |_| {},
+        )
+    })
+    .await??;
     r.image_build_cached_s = t.elapsed().as_secs_f64();
 
-    eprintln!("bench: {} x create -> start -> first output of `true` ...", a.boots);
+    eprintln!(
+        "bench: {} x create -> start -> first output of `true` ...",
+        a.boots
+    );
     for _ in 0..a.boots {
         let t = Instant::now();
         let vm = Sandbox::create(SandboxConfig::default()).await?;
@@ -88,7 +114,8 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
         anyhow::ensure!(out.ok(), "`true` failed in the guest");
         if let Some(b) = vm.last_boot() {
             r.boot_vmm_start_ms.push(b.vmm_start_ms as f64);
-            r.boot_kernel_to_agent_ms.push(b.hello.agent_start_ms as f64);
+            r.boot_kernel_to_agent_ms
+                .push(b.hello.agent_start_ms as f64);
             r.boot_agent_ready_ms.push(b.ready_ms as f64);
         }
         r.accel = vm.info().await?.accel.unwrap_or_default();
@@ -115,23 +142,62 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
     r.exec_true_rtt_ms = stats(rtt);
     r.ping_rtt_ms = stats(ping);
 
-    println!("smolvm benchmark (accelerator: {}, host cpus: {})", r.accel, r.host_cpus);
+    println!(
+        "smolvm benchmark (accelerator: {}, host cpus: {})",
+        r.accel, r.host_cpus
+    );
     println!("{:<44} {:>12}", "metric", "value");
     let row = |k: &str, v: String| println!("{k:<44} {v:>12}");
     if let Some(c) = r.image_build_cold_s {
         row("image build, cold (s)", format!("{c:.1}"));
-        row("image build, cold / cached", format!("{:.0}x", c / r.image_build_cached_s.max(1e-6)));
+        row(
+            "image build, cold / cached",
+            format!("{:.0}x", c / r.image_build_cached_s.max(1e-6)),
+        );
     }
-    row("image build, cached (s)", format!("{:.2}", r.image_build_cached_s));
-    row("create -> first output of `true` (ms, median)", format!("{:.0}", median(&r.create_to_first_output_ms)));
-    row("  boot: VMM start (ms, median)", format!("{:.0}", median(&r.boot_vmm_start_ms)));
-    row("  boot: kernel -> agent PID 1 (guest ms)", format!("{:.0}", median(&r.boot_kernel_to_agent_ms)));
-    row("  boot: launch -> agent ready (ms, median)", format!("{:.0}", median(&r.boot_agent_ready_ms)));
-    row("exec `true` round trip (ms, median)", format!("{:.2}", r.exec_true_rtt_ms.median));
-    row("exec `true` round trip (ms, p99)", format!("{:.2}", r.exec_true_rtt_ms.p99));
-    row("agent ping round trip (ms, median)", format!("{:.2}", r.ping_rtt_ms.median));
-    row("agent ping round trip (ms, p99)", format!("{:.2}", r.ping_rtt_ms.p99));
-    row("exec / ping (ratio of medians)", format!("{:.1}x", r.exec_true_rtt_ms.median / r.ping_rtt_ms.median.max(1e-6)));
+    row(
+        "image build, cached (s)",
+        format!("{:.2}", r.image_build_cached_s),
+    );
+    row(
+        "create -> first output of `true` (ms, median)",
+        format!("{:.0}", median(&r.create_to_first_output_ms)),
+    );
+    row(
+        "  boot: VMM start (ms, median)",
+        format!("{:.0}", median(&r.boot_vmm_start_ms)),
+    );
+    row(
+        "  boot: kernel -> agent PID 1 (guest ms)",
+        format!("{:.0}", median(&r.boot_kernel_to_agent_ms)),
+    );
+    row(
+        "  boot: launch -> agent ready (ms, median)",
+        format!("{:.0}", median(&r.boot_agent_ready_ms)),
+    );
+    row(
+        "exec `true` round trip (ms, median)",
+        format!("{:.2}", r.exec_true_rtt_ms.median),
+    );
+    row(
+        "exec `true` round trip (ms, p99)",
+        format!("{:.2}", r.exec_true_rtt_ms.p99),
+    );
+    row(
+        "agent ping round trip (ms, median)",
+        format!("{:.2}", r.ping_rtt_ms.median),
+    );
+    row(
+        "agent ping round trip (ms, p99)",
+        format!("{:.2}", r.ping_rtt_ms.p99),
+    );
+    row(
+        "exec / ping (ratio of medians)",
+        format!(
+            "{:.1}x",
+            r.exec_true_rtt_ms.median / r.ping_rtt_ms.median.max(1e-6)
+        ),
+    );
     if let Some(d) = a.out.parent() {
         std::fs::create_dir_all(d)?;
     }

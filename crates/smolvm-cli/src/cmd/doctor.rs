@@ -59,18 +59,39 @@ pub async fn doctor(a: DoctorArgs) -> anyhow::Result<u8> {
                 name: "busybox (static)".into(),
                 ok: false,
                 status: "missing",
-                detail: format!("{} is dynamically linked; the initramfs needs a static busybox", bb.display()),
+                detail: format!(
+                    "{} is dynamically linked; the initramfs needs a static busybox",
+                    bb.display()
+                ),
                 fix: Some("sudo apt-get install busybox-static".into()),
             });
         }
     }
     for (name, r) in [
-        ("guest agent", smolvm::locate::agent_binary().map_err(|e| e.to_string())),
-        ("supervisor", smolvm::locate::supervisor_binary().map_err(|e| e.to_string())),
+        (
+            "guest agent",
+            smolvm::locate::agent_binary().map_err(|e| e.to_string()),
+        ),
+        (
+            "supervisor",
+            smolvm::locate::supervisor_binary().map_err(|e| e.to_string()),
+        ),
     ] {
         checks.push(match r {
-            Ok(p) => Check { name: name.into(), ok: true, status: "ok", detail: p.display().to_string(), fix: None },
-            Err(e) => Check { name: name.into(), ok: false, status: "missing", detail: e, fix: None },
+            Ok(p) => Check {
+                name: name.into(),
+                ok: true,
+                status: "ok",
+                detail: p.display().to_string(),
+                fix: None,
+            },
+            Err(e) => Check {
+                name: name.into(),
+                ok: false,
+                status: "missing",
+                detail: e,
+                fix: None,
+            },
         });
     }
     // KVM.
@@ -86,9 +107,15 @@ pub async fn doctor(a: DoctorArgs) -> anyhow::Result<u8> {
     };
     checks.push(kvm);
     let images = smolvm::image::list().unwrap_or_default();
-    match images.iter().find(|i| i.name == smolvm::config::DEFAULT_IMAGE) {
+    match images
+        .iter()
+        .find(|i| i.name == smolvm::config::DEFAULT_IMAGE)
+    {
         Some(_) => {
-            let img = tokio::task::spawn_blocking(|| smolvm::image::ensure(smolvm::config::DEFAULT_IMAGE, &mut |_| {})).await?;
+            let img = tokio::task::spawn_blocking(|| {
+                smolvm::image::ensure(smolvm::config::DEFAULT_IMAGE, &mut |_| {})
+            })
+            .await?;
             match img {
                 Ok(img) => {
                     let requested = smolvm::Accel::from_env()?;
@@ -114,7 +141,10 @@ pub async fn doctor(a: DoctorArgs) -> anyhow::Result<u8> {
                     ok: false,
                     status: "warn",
                     detail: e.to_string(),
-                    fix: Some(format!("smolvm image build --force {}", smolvm::config::DEFAULT_IMAGE)),
+                    fix: Some(format!(
+                        "smolvm image build --force {}",
+                        smolvm::config::DEFAULT_IMAGE
+                    )),
                 }),
             }
         }
@@ -122,11 +152,20 @@ pub async fn doctor(a: DoctorArgs) -> anyhow::Result<u8> {
             name: "image".into(),
             ok: true,
             status: "warn",
-            detail: format!("{} is not built yet (the first run builds it, ~1-2 min)", smolvm::config::DEFAULT_IMAGE),
-            fix: Some(format!("smolvm image build {}", smolvm::config::DEFAULT_IMAGE)),
+            detail: format!(
+                "{} is not built yet (the first run builds it, ~1-2 min)",
+                smolvm::config::DEFAULT_IMAGE
+            ),
+            fix: Some(format!(
+                "smolvm image build {}",
+                smolvm::config::DEFAULT_IMAGE
+            )),
         }),
     }
-    for (name, dir) in [("data dir", smolvm::paths::data_dir()), ("cache dir", smolvm::paths::cache_dir())] {
+    for (name, dir) in [
+        ("data dir", smolvm::paths::data_dir()),
+        ("cache dir", smolvm::paths::cache_dir()),
+    ] {
         let free = free_bytes(&dir);
         let gib = free.map(|b| b as f64 / (1u64 << 30) as f64);
         let low = gib.map(|g| g < 2.0).unwrap_or(false);
@@ -137,9 +176,12 @@ pub async fn doctor(a: DoctorArgs) -> anyhow::Result<u8> {
             detail: format!(
                 "{} ({} free)",
                 dir.display(),
-                gib.map(|g| format!("{g:.1} GiB")).unwrap_or_else(|| "unknown".into())
+                gib.map(|g| format!("{g:.1} GiB"))
+                    .unwrap_or_else(|| "unknown".into())
             ),
-            fix: low.then(|| "free some disk space (images need ~1 GiB, each VM its writes)".to_string()),
+            fix: low.then(|| {
+                "free some disk space (images need ~1 GiB, each VM its writes)".to_string()
+            }),
         });
     }
     let all_ok = checks.iter().all(|c| c.ok);
@@ -152,7 +194,14 @@ pub async fn doctor(a: DoctorArgs) -> anyhow::Result<u8> {
                 println!("{:<8} {:<20} fix: {f}", "", "");
             }
         }
-        println!("{}", if all_ok { "\nall required host tools are present" } else { "\nsome requirements are missing (see fix lines)" });
+        println!(
+            "{}",
+            if all_ok {
+                "\nall required host tools are present"
+            } else {
+                "\nsome requirements are missing (see fix lines)"
+            }
+        );
     }
     Ok(if all_ok { 0 } else { 1 })
 }

@@ -30,7 +30,8 @@ pub async fn image(c: ImageCommand) -> anyhow::Result<u8> {
             let reporter = Reporter::new(quiet);
             let cb = reporter.callback();
             let img = tokio::task::spawn_blocking(move || {
-                let mut f = |ev: smolvm::image::ImageEvent| cb(&smolvm::sandbox::Progress::Image(ev));
+                let mut f =
+                    |ev: smolvm::image::ImageEvent| cb(&smolvm::sandbox::Progress::Image(ev));
                 smolvm::image::build(&name, &smolvm::image::BuildOptions { force }, &mut f)
             })
             .await??;
@@ -57,7 +58,10 @@ pub async fn image(c: ImageCommand) -> anyhow::Result<u8> {
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("{:<12} {:>9}  {:<24} {:<14} {}", "NAME", "SIZE", "KERNEL", "AGENT", "PROBLEM");
+                println!(
+                    "{:<12} {:>9}  {:<24} {:<14} {}",
+                    "NAME", "SIZE", "KERNEL", "AGENT", "PROBLEM"
+                );
                 for i in &list {
                     println!(
                         "{:<12} {:>8.0}M  {:<24} {:<14} {}",

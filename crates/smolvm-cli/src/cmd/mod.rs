@@ -88,11 +88,18 @@ pub struct ExecFlags {
 impl ExecFlags {
     pub fn options(&self) -> anyhow::Result<smolvm::ExecOptions> {
         let timeout = match self.timeout {
-            Some(t) if !(t > 0.0 && t.is_finite()) => anyhow::bail!("--timeout must be a positive number of seconds"),
+            Some(t) if !(t > 0.0 && t.is_finite()) => {
+                anyhow::bail!("--timeout must be a positive number of seconds")
+            }
             Some(t) => Some(std::time::Duration::from_secs_f64(t)),
             None => None,
         };
-        Ok(smolvm::ExecOptions { env: self.env.clone(), workdir: self.workdir.clone(), timeout, stdin: None })
+        Ok(smolvm::ExecOptions {
+            env: self.env.clone(),
+            workdir: self.workdir.clone(),
+            timeout,
+            stdin: None,
+        })
     }
 }
 
@@ -117,7 +124,10 @@ pub async fn stream_to_stdio(mut s: smolvm::supervisor::ExecStream) -> anyhow::R
             }
             Some(ExecEvent::Exited(st)) => {
                 if st.timed_out {
-                    eprintln!("smolvm: command timed out after {} ms and was killed", st.duration_ms);
+                    eprintln!(
+                        "smolvm: command timed out after {} ms and was killed",
+                        st.duration_ms
+                    );
                     return Ok(124);
                 }
                 return Ok(match (st.code, st.signal) {
@@ -126,7 +136,9 @@ pub async fn stream_to_stdio(mut s: smolvm::supervisor::ExecStream) -> anyhow::R
                     _ => 255,
                 });
             }
-            Some(ExecEvent::Failed(e)) => anyhow::bail!("the guest could not run the command: {}", e.message),
+            Some(ExecEvent::Failed(e)) => {
+                anyhow::bail!("the guest could not run the command: {}", e.message)
+            }
         }
     }
 }
@@ -137,5 +149,9 @@ pub fn guest_command(argv: Vec<String>, shell: bool) -> anyhow::Result<smolvm_pr
     if argv.is_empty() {
         anyhow::bail!("no command given; usage: smolvm run [OPTIONS] -- CMD [ARG...]");
     }
-    Ok(if shell { smolvm_proto::Command::Shell(argv.join(" ")) } else { smolvm_proto::Command::Argv(argv) })
+    Ok(if shell {
+        smolvm_proto::Command::Shell(argv.join(" "))
+    } else {
+        smolvm_proto::Command::Argv(argv)
+    })
 }

@@ -56,7 +56,8 @@ pub async fn run(a: RunArgs) -> anyhow::Result<u8> {
     let reporter = Reporter::new(a.quiet);
     let sbx = Sandbox::create_with_progress(config, Some(reporter.callback())).await?;
     let result = async {
-        sbx.start(Duration::from_secs_f64(a.boot_timeout.max(0.1))).await?;
+        sbx.start(Duration::from_secs_f64(a.boot_timeout.max(0.1)))
+            .await?;
         reporter.clear();
         let stream = sbx.exec_stream(command, &opts).await?;
         tokio::select! {
@@ -70,7 +71,10 @@ pub async fn run(a: RunArgs) -> anyhow::Result<u8> {
     .await;
     reporter.clear();
     let id = sbx.id().to_string();
-    let cleanup = sbx.delete().await.with_context(|| format!("cannot remove sandbox {id}"));
+    let cleanup = sbx
+        .delete()
+        .await
+        .with_context(|| format!("cannot remove sandbox {id}"));
     let code = result?;
     cleanup?;
     Ok(code)

@@ -225,7 +225,11 @@ fn age(ms: i64) -> String {
 }
 
 pub async fn ls(a: LsArgs) -> anyhow::Result<u8> {
-    let vms: Vec<VmInfo> = Sandbox::list().await?.into_iter().filter(|v| a.all || v.state.is_live()).collect();
+    let vms: Vec<VmInfo> = Sandbox::list()
+        .await?
+        .into_iter()
+        .filter(|v| a.all || v.state.is_live())
+        .collect();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&vms)?);
         return Ok(0);
@@ -247,7 +251,12 @@ pub async fn ls(a: LsArgs) -> anyhow::Result<u8> {
     let header = ["ID", "STATE", "IMAGE", "CPUS", "MEMORY", "CREATED", "ERROR"];
     let mut w = [0usize; 7];
     for (i, h) in header.iter().enumerate() {
-        w[i] = rows.iter().map(|r| r[i].len()).max().unwrap_or(0).max(h.len());
+        w[i] = rows
+            .iter()
+            .map(|r| r[i].len())
+            .max()
+            .unwrap_or(0)
+            .max(h.len());
     }
     let line = |cells: [&str; 7]| {
         let mut s = String::new();
@@ -305,7 +314,10 @@ pub async fn logs(a: LogsArgs) -> anyhow::Result<u8> {
     let mut f = match std::fs::File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!("smolvm: VM '{}' has no console output yet (it has never booted)", a.id);
+            eprintln!(
+                "smolvm: VM '{}' has no console output yet (it has never booted)",
+                a.id
+            );
             return Ok(0);
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
@@ -328,7 +340,10 @@ pub async fn logs(a: LogsArgs) -> anyhow::Result<u8> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         // The console is recreated on each boot.
-        if std::fs::metadata(&path).map(|m| m.len() < pos).unwrap_or(false) {
+        if std::fs::metadata(&path)
+            .map(|m| m.len() < pos)
+            .unwrap_or(false)
+        {
             f = std::fs::File::open(&path)?;
             pos = 0;
         }

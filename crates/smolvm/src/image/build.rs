@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use super::initramfs::{self, InitramfsInputs};
 use super::manifest::{
-    now, sha256_file, FileEntry, Files, InitramfsInfo, KernelInfo, Manifest, RootfsInfo, INITRAMFS, MANIFEST_FORMAT,
-    MODULES_DIR, ROOTFS, VMLINUX,
+    now, sha256_file, FileEntry, Files, InitramfsInfo, KernelInfo, Manifest, RootfsInfo, INITRAMFS,
+    MANIFEST_FORMAT, MODULES_DIR, ROOTFS, VMLINUX,
 };
 use super::recipe::{self, sha256_hex, Recipe, INIT_SH};
 use super::rootfs::{self, STEP_PREFIX};
@@ -41,7 +41,13 @@ struct Validity {
     initramfs: bool,
 }
 
-fn validate(recipe: &Recipe, dir: &Path, m: &Manifest, want: &InitramfsInfo, check: Check) -> Validity {
+fn validate(
+    recipe: &Recipe,
+    dir: &Path,
+    m: &Manifest,
+    want: &InitramfsInfo,
+    check: Check,
+) -> Validity {
     let file_ok = |entry: &FileEntry, name: &str| match check {
         Check::Sizes => entry.size_matches(&dir.join(name)),
         Check::Hashes => entry.verify(&dir.join(name)),
@@ -51,7 +57,8 @@ fn validate(recipe: &Recipe, dir: &Path, m: &Manifest, want: &InitramfsInfo, che
         && m.kernel.recipe_hash == recipe.kernel_hash()
         && file_ok(&m.files.vmlinux, VMLINUX)
         && m.module_files(dir).iter().all(|(_, p)| p.is_file());
-    let rootfs = header && m.rootfs.recipe_hash == recipe.rootfs_hash() && file_ok(&m.files.rootfs, ROOTFS);
+    let rootfs =
+        header && m.rootfs.recipe_hash == recipe.rootfs_hash() && file_ok(&m.files.rootfs, ROOTFS);
     let initramfs = header && &m.initramfs == want && file_ok(&m.files.initramfs, INITRAMFS);
     Validity {
         kernel,
@@ -99,7 +106,9 @@ impl Reporter<'_> {
 
 /// The initramfs inputs on this host and what the manifest should say
 /// about them.
-fn initramfs_wanted(modules: Vec<(String, PathBuf)>) -> Result<(InitramfsInputs, InitramfsInfo), ImageError> {
+fn initramfs_wanted(
+    modules: Vec<(String, PathBuf)>,
+) -> Result<(InitramfsInputs, InitramfsInfo), ImageError> {
     let inputs = InitramfsInputs::locate(modules)?;
     let info = InitramfsInfo {
         agent_sha256: sha256_file(&inputs.agent)?.1,
@@ -112,7 +121,9 @@ fn initramfs_wanted(modules: Vec<(String, PathBuf)>) -> Result<(InitramfsInputs,
 fn check_name(name: &str) -> Result<(), ImageError> {
     let ok = !name.is_empty()
         && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if ok {
         Ok(())
     } else {
@@ -147,7 +158,11 @@ pub fn ensure(name: &str, progress: &mut dyn FnMut(ImageEvent)) -> Result<Image,
 /// Builds image `name`. Without `force`, cached parts that are still
 /// current are verified (re-hashed) and reused, so a repeated build takes
 /// seconds.
-pub fn build(name: &str, opts: &BuildOptions, progress: &mut dyn FnMut(ImageEvent)) -> Result<Image, ImageError> {
+pub fn build(
+    name: &str,
+    opts: &BuildOptions,
+    progress: &mut dyn FnMut(ImageEvent),
+) -> Result<Image, ImageError> {
     let recipe = recipe::get(name)?;
     build_image(recipe, opts.force, Check::Hashes, progress)
 }
@@ -166,14 +181,23 @@ fn build_image(
     };
     let name = recipe.name;
     let images = paths::images_dir();
-    std::fs::create_dir_all(&images).map_err(ImageError::io(format!("cannot create {}", images.display())))?;
+    std::fs::create_dir_all(&images).map_err(ImageError::io(format!(
+        "cannot create {}",
+        images.display()
+    )))?;
     let _lock = ImageLock::acquire(&images, name, &mut || {
-        rep.log(format!("waiting for another smolvm process to finish building `{name}`"));
+        rep.log(format!(
+            "waiting for another smolvm process to finish building `{name}`"
+        ));
     })?;
     store::clean_stale(&images, name);
     let dir = images.join(name);
 
-    let existing = if force { None } else { Manifest::load(&dir).ok() };
+    let existing = if force {
+        None
+    } else {
+        Manifest::load(&dir).ok()
+    };
     let (mut inputs, want) = initramfs_wanted(Vec::new())?;
     let validity = match &existing {
         Some(m) => {
@@ -191,7 +215,9 @@ fn build_image(
     };
 
     let (manifest, outcome) = match existing {
-        Some(m) if validity.kernel && validity.rootfs && validity.initramfs => (m, BuildOutcome::UpToDate),
+        Some(m) if validity.kernel && validity.rootfs && validity.initramfs => {
+            (m, BuildOutcome::UpToDate)
+        }
         Some(mut m) if validity.kernel && validity.rootfs => {
             rep.plan(1);
             rep.step("building initramfs");
@@ -201,7 +227,15 @@ fn build_image(
         }
         existing => {
             let reuse = existing.filter(|_| validity.kernel || validity.rootfs);
-            let m = full_build(recipe, &images, reuse.as_ref(), validity, inputs, want, &mut rep)?;
+            let m = full_build(
+                recipe,
+                &images,
+                reuse.as_ref(),
+                validity,
+                inputs,
+                want,
+                &mut rep,
+            )?;
             (m, BuildOutcome::Built)
         }
     };
@@ -223,7 +257,8 @@ fn refresh_initramfs(
     let result = (|| -> Result<FileEntry, ImageError> {
         initramfs::write(&tmp, inputs)?;
         let entry = FileEntry::of(&tmp)?;
-        std::fs::rename(&tmp, &dest).map_err(ImageError::io(format!("cannot replace {}", dest.display())))?;
+        std::fs::rename(&tmp, &dest)
+            .map_err(ImageError::io(format!("cannot replace {}", dest.display())))?;
         Ok(entry)
     })();
     if result.is_err() {
@@ -261,7 +296,8 @@ fn full_build(
         hosttools::require("mkfs.ext4")?;
         hosttools::require("unshare")?;
     }
-    let total = 2 + if reuse_kernel.is_none() { 2 } else { 0 } + if reuse_rootfs.is_none() { 2 } else { 0 };
+    let total =
+        2 + if reuse_kernel.is_none() { 2 } else { 0 } + if reuse_rootfs.is_none() { 2 } else { 0 };
     rep.plan(total);
 
     let scratch = ScratchDir::create(images, recipe.name)?;
@@ -269,7 +305,8 @@ fn full_build(
     let work = scratch.path().join("work");
     let modules_dir = stage.join(MODULES_DIR);
     for d in [&modules_dir, &work] {
-        std::fs::create_dir_all(d).map_err(ImageError::io(format!("cannot create {}", d.display())))?;
+        std::fs::create_dir_all(d)
+            .map_err(ImageError::io(format!("cannot create {}", d.display())))?;
     }
 
     let (kernel_info, vmlinux_entry) = match reuse_kernel {
@@ -290,7 +327,8 @@ fn full_build(
             write_file(&vmlinux, &elf)?;
             for (name, path) in &fetched.modules {
                 let dest = modules_dir.join(format!("{name}.ko"));
-                std::fs::copy(path, &dest).map_err(ImageError::io(format!("cannot copy {}", path.display())))?;
+                std::fs::copy(path, &dest)
+                    .map_err(ImageError::io(format!("cannot copy {}", path.display())))?;
             }
             store::remove_tree(&work.join("kernel-tree"));
             let info = KernelInfo {
@@ -372,11 +410,17 @@ pub fn list() -> Result<Vec<ImageInfo>, ImageError> {
     let entries = match std::fs::read_dir(&images) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(ImageError::io(format!("cannot read {}", images.display()))(e)),
+        Err(e) => {
+            return Err(ImageError::io(format!("cannot read {}", images.display()))(
+                e,
+            ))
+        }
     };
     let mut out = Vec::new();
     for entry in entries.filter_map(Result::ok) {
-        let Ok(name) = entry.file_name().into_string() else { continue };
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
         if name.starts_with('.') || !entry.path().is_dir() {
             continue;
         }
@@ -417,16 +461,21 @@ pub fn remove(name: &str) -> Result<(), ImageError> {
     let images = paths::images_dir();
     let dir = images.join(name);
     if !dir.is_dir() {
-        return Err(ImageError::NotBuilt { name: name.to_string() });
+        return Err(ImageError::NotBuilt {
+            name: name.to_string(),
+        });
     }
     let _lock = ImageLock::acquire(&images, name, &mut || {})?;
     if !dir.is_dir() {
-        return Err(ImageError::NotBuilt { name: name.to_string() });
+        return Err(ImageError::NotBuilt {
+            name: name.to_string(),
+        });
     }
     // Rename first so the image disappears at once, then delete.
     let doomed = images.join(format!(".tmp-{}-{name}", std::process::id()));
     store::remove_tree(&doomed);
-    std::fs::rename(&dir, &doomed).map_err(ImageError::io(format!("cannot remove {}", dir.display())))?;
+    std::fs::rename(&dir, &doomed)
+        .map_err(ImageError::io(format!("cannot remove {}", dir.display())))?;
     store::remove_tree(&doomed);
     Ok(())
 }

@@ -47,10 +47,15 @@ pub enum ImageError {
         source: Box<ImageError>,
     },
 
+    #[error("user `{user}` has no entry in {file}; add one with `sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}`, or build as root")]
+    NoSubIds { user: String, file: PathBuf },
+
     #[error("kernel {path}: {reason}")]
     BadKernel { path: PathBuf, reason: String },
 
-    #[error("kernel payload is {format}-compressed; only lz4, gzip, xz and zstd payloads are supported")]
+    #[error(
+        "kernel payload is {format}-compressed; only lz4, gzip, xz and zstd payloads are supported"
+    )]
     UnsupportedCompression { format: String },
 
     #[error("kernel module `{name}` not found under {dir}")]

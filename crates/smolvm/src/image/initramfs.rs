@@ -18,8 +18,21 @@ const S_IFCHR: u32 = 0o020_000;
 
 /// Busybox applets `/init` runs, linked in `/bin`.
 pub(crate) const APPLETS: &[&str] = &[
-    "sh", "mount", "umount", "mkdir", "cat", "cp", "chmod", "insmod", "usleep", "sleep", "reboot",
-    "switch_root", "ls", "dmesg", "echo",
+    "sh",
+    "mount",
+    "umount",
+    "mkdir",
+    "cat",
+    "cp",
+    "chmod",
+    "insmod",
+    "usleep",
+    "sleep",
+    "reboot",
+    "switch_root",
+    "ls",
+    "dmesg",
+    "echo",
 ];
 
 /// Streams a newc ("070701") cpio archive. Entries get fixed ownership
@@ -48,7 +61,10 @@ impl<W: Write> CpioWriter<W> {
         if path.is_empty() || path.starts_with('/') {
             return Err(bad("paths must be relative and non-empty"));
         }
-        if path.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        if path
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+        {
             return Err(bad("paths may not contain empty, `.` or `..` components"));
         }
         if path.contains('\0') {
@@ -70,15 +86,40 @@ impl<W: Write> CpioWriter<W> {
         self.io(&[0u8; 3][..n])
     }
 
-    fn entry(&mut self, path: &str, mode: u32, nlink: u32, rdev: (u32, u32), data: &[u8]) -> Result<(), ImageError> {
+    fn entry(
+        &mut self,
+        path: &str,
+        mode: u32,
+        nlink: u32,
+        rdev: (u32, u32),
+        data: &[u8],
+    ) -> Result<(), ImageError> {
         let size = u32::try_from(data.len()).map_err(|_| ImageError::Cpio {
             path: path.to_string(),
             reason: "larger than 4 GiB".into(),
         })?;
-        let ino = if path == "TRAILER!!!" { 0 } else { self.next_ino };
+        let ino = if path == "TRAILER!!!" {
+            0
+        } else {
+            self.next_ino
+        };
         self.next_ino += 1;
         let namesize = path.len() + 1;
-        let fields = [ino, mode, 0, 0, nlink, 0, size, 0, 0, rdev.0, rdev.1, namesize as u32, 0];
+        let fields = [
+            ino,
+            mode,
+            0,
+            0,
+            nlink,
+            0,
+            size,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            namesize as u32,
+            0,
+        ];
         let mut header = String::with_capacity(110);
         header.push_str("070701");
         for f in fields {
@@ -111,7 +152,13 @@ impl<W: Write> CpioWriter<W> {
     }
 
     /// A character device node.
-    pub(crate) fn char_dev(&mut self, path: &str, perm: u32, major: u32, minor: u32) -> Result<(), ImageError> {
+    pub(crate) fn char_dev(
+        &mut self,
+        path: &str,
+        perm: u32,
+        major: u32,
+        minor: u32,
+    ) -> Result<(), ImageError> {
         Self::check_path(path)?;
         self.entry(path, S_IFCHR | (perm & 0o7777), 1, (major, minor), &[])
     }
@@ -119,7 +166,9 @@ impl<W: Write> CpioWriter<W> {
     /// Writes the trailer and returns the writer.
     pub(crate) fn finish(mut self) -> Result<W, ImageError> {
         self.entry("TRAILER!!!", 0, 1, (0, 0), &[])?;
-        self.out.flush().map_err(ImageError::io("cannot write the initramfs"))?;
+        self.out
+            .flush()
+            .map_err(ImageError::io("cannot write the initramfs"))?;
         Ok(self.out)
     }
 }
@@ -155,9 +204,21 @@ fn read(path: &Path) -> Result<Vec<u8>, ImageError> {
 
 /// Writes the initramfs for `inputs` to `dest`.
 pub(crate) fn write(dest: &Path, inputs: &InitramfsInputs) -> Result<(), ImageError> {
-    let file = std::fs::File::create(dest).map_err(ImageError::io(format!("cannot create {}", dest.display())))?;
+    let file = std::fs::File::create(dest)
+        .map_err(ImageError::io(format!("cannot create {}", dest.display())))?;
     let mut w = CpioWriter::new(std::io::BufWriter::new(file));
-    for d in ["bin", "dev", "etc", "lib", "lib/modules", "newroot", "proc", "sbin", "sys", "tmp"] {
+    for d in [
+        "bin",
+        "dev",
+        "etc",
+        "lib",
+        "lib/modules",
+        "newroot",
+        "proc",
+        "sbin",
+        "sys",
+        "tmp",
+    ] {
         w.dir(d, if d == "tmp" { 0o1777 } else { 0o755 })?;
     }
     // The kernel opens /dev/console for init before devtmpfs is mounted.
@@ -235,9 +296,18 @@ mod tests {
         let listing = pipe(Command::new(&cpio).args(["-t", "-v", "--quiet"]), &archive);
         let lines: Vec<&str> = listing.lines().collect();
         assert_eq!(lines.len(), 5, "{listing}");
-        assert!(lines[0].starts_with("drwxr-xr-x") && lines[0].ends_with(" bin"), "{listing}");
-        assert!(lines[2].starts_with("lrwxrwxrwx") && lines[2].ends_with("bin/sh -> hello"), "{listing}");
-        assert!(lines[4].starts_with("crw-------") && lines[4].contains("5,"), "{listing}");
+        assert!(
+            lines[0].starts_with("drwxr-xr-x") && lines[0].ends_with(" bin"),
+            "{listing}"
+        );
+        assert!(
+            lines[2].starts_with("lrwxrwxrwx") && lines[2].ends_with("bin/sh -> hello"),
+            "{listing}"
+        );
+        assert!(
+            lines[4].starts_with("crw-------") && lines[4].contains("5,"),
+            "{listing}"
+        );
 
         // Extract everything but the device node (that needs root).
         let dir = tempfile::tempdir().unwrap();
@@ -254,11 +324,20 @@ mod tests {
             &archive,
         );
         let root = dir.path();
-        assert_eq!(std::fs::read(root.join("bin/hello")).unwrap(), b"#!/bin/sh\necho hi\n");
+        assert_eq!(
+            std::fs::read(root.join("bin/hello")).unwrap(),
+            b"#!/bin/sh\necho hi\n"
+        );
         assert_eq!(std::fs::read(root.join("odd")).unwrap(), b"abcde");
-        assert_eq!(std::fs::read_link(root.join("bin/sh")).unwrap(), Path::new("hello"));
+        assert_eq!(
+            std::fs::read_link(root.join("bin/sh")).unwrap(),
+            Path::new("hello")
+        );
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(root.join("odd")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(root.join("odd"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o640);
     }
 
@@ -280,12 +359,25 @@ mod tests {
         assert!(INIT_SH.contains("SMOLVM-PROBE-OK"));
         assert!(INIT_SH.contains("exec switch_root /newroot /run/smolvm/smolvm-agent"));
         // Every external command init.sh runs has an applet link.
-        for cmd in ["mount", "insmod", "usleep", "reboot", "cp", "chmod", "mkdir", "umount", "switch_root"] {
+        for cmd in [
+            "mount",
+            "insmod",
+            "usleep",
+            "reboot",
+            "cp",
+            "chmod",
+            "mkdir",
+            "umount",
+            "switch_root",
+        ] {
             assert!(APPLETS.contains(&cmd), "{cmd}");
         }
         // Syntax check with the host's busybox when present.
         if let Some(bb) = crate::hosttools::find("busybox") {
-            let st = Command::new(bb).args(["sh", "-n", "-c", INIT_SH]).status().unwrap();
+            let st = Command::new(bb)
+                .args(["sh", "-n", "-c", INIT_SH])
+                .status()
+                .unwrap();
             assert!(st.success(), "init.sh has a syntax error");
         }
     }

@@ -92,7 +92,12 @@ pub(crate) fn bzimage_payload(image: &[u8]) -> Result<&[u8], String> {
     start
         .checked_add(length)
         .and_then(|end| image.get(start..end))
-        .ok_or_else(|| format!("payload {start}+{length} lies outside the {}-byte image", image.len()))
+        .ok_or_else(|| {
+            format!(
+                "payload {start}+{length} lies outside the {}-byte image",
+                image.len()
+            )
+        })
 }
 
 /// Decompresses a bzImage payload with the matching host tool.
@@ -110,34 +115,38 @@ pub(crate) fn decompress_payload(payload: &[u8]) -> Result<Vec<u8>, ImageError> 
             None => (p.to_vec(), None),
         }
     };
-    let (tool, args, ok_codes, input, expected): (&str, &[&str], &[i32], Vec<u8>, Option<usize>) = match format {
-        Compression::Lz4Legacy => {
-            let (input, size) = split_size(payload);
-            ("lz4", &["-d", "-c"], &[], input, size)
-        }
-        // gzip exits 2 on "trailing garbage ignored", a warning.
-        Compression::Gzip => ("gzip", &["-d", "-c"], &[2], payload.to_vec(), None),
-        Compression::Xz => {
-            let (input, size) = split_size(payload);
-            ("xz", &["-d", "-c", "--single-stream"], &[], input, size)
-        }
-        Compression::Zstd => {
-            let (input, size) = split_size(payload);
-            ("zstd", &["-d", "-c", "-q"], &[], input, size)
-        }
-        other => {
-            return Err(ImageError::UnsupportedCompression {
-                format: other.name().to_string(),
-            })
-        }
-    };
+    let (tool, args, ok_codes, input, expected): (&str, &[&str], &[i32], Vec<u8>, Option<usize>) =
+        match format {
+            Compression::Lz4Legacy => {
+                let (input, size) = split_size(payload);
+                ("lz4", &["-d", "-c"], &[], input, size)
+            }
+            // gzip exits 2 on "trailing garbage ignored", a warning.
+            Compression::Gzip => ("gzip", &["-d", "-c"], &[2], payload.to_vec(), None),
+            Compression::Xz => {
+                let (input, size) = split_size(payload);
+                ("xz", &["-d", "-c", "--single-stream"], &[], input, size)
+            }
+            Compression::Zstd => {
+                let (input, size) = split_size(payload);
+                ("zstd", &["-d", "-c", "-q"], &[], input, size)
+            }
+            other => {
+                return Err(ImageError::UnsupportedCompression {
+                    format: other.name().to_string(),
+                })
+            }
+        };
     let exe = hosttools::require(tool)?;
     let out = run::filter(Command::new(exe).args(args), tool, &input, ok_codes)?;
     if let Some(expected) = expected {
         if out.len() != expected {
             return Err(ImageError::Command {
                 tool: tool.to_string(),
-                status: format!("produced {} bytes, the kernel header says {expected}", out.len()),
+                status: format!(
+                    "produced {} bytes, the kernel header says {expected}",
+                    out.len()
+                ),
                 tail: String::new(),
             });
         }
@@ -147,7 +156,8 @@ pub(crate) fn decompress_payload(payload: &[u8]) -> Result<Vec<u8>, ImageError> 
 
 /// Turns a bzImage into the ELF `vmlinux` it carries.
 pub(crate) fn extract_vmlinux(bzimage: &Path) -> Result<Vec<u8>, ImageError> {
-    let image = std::fs::read(bzimage).map_err(ImageError::io(format!("cannot read {}", bzimage.display())))?;
+    let image = std::fs::read(bzimage)
+        .map_err(ImageError::io(format!("cannot read {}", bzimage.display())))?;
     let bad = |reason: String| ImageError::BadKernel {
         path: bzimage.to_path_buf(),
         reason,
@@ -173,14 +183,21 @@ pub(crate) struct FetchedKernel {
 
 /// Fetches the recipe's kernel package into `work` (without touching the
 /// host's apt) and resolves the wanted modules.
-pub(crate) fn fetch(recipe: &Recipe, work: &Path, log: &mut dyn FnMut(&str)) -> Result<FetchedKernel, ImageError> {
+pub(crate) fn fetch(
+    recipe: &Recipe,
+    work: &Path,
+    log: &mut dyn FnMut(&str),
+) -> Result<FetchedKernel, ImageError> {
     let mmdebstrap = hosttools::require("mmdebstrap")?;
     let out = work.join("kernel-tree");
     let mut cmd = Command::new(mmdebstrap);
     cmd.arg(format!("--mode={}", run::mmdebstrap_mode()))
         .arg("--variant=extract")
         .arg(format!("--include={}", recipe.kernel_package))
-        .arg(format!("--extract-hook=copy-out /boot /lib/modules {}", out.display()))
+        .arg(format!(
+            "--extract-hook=copy-out /boot /lib/modules {}",
+            out.display()
+        ))
         .arg(recipe.suite)
         .arg("/dev/null")
         .current_dir(work);
@@ -200,7 +217,10 @@ pub(crate) fn fetch(recipe: &Recipe, work: &Path, log: &mut dyn FnMut(&str)) -> 
     let Some((version, bzimage)) = kernels.pop() else {
         return Err(ImageError::BadKernel {
             path: boot,
-            reason: format!("package {} installed no /boot/vmlinuz-*", recipe.kernel_package),
+            reason: format!(
+                "package {} installed no /boot/vmlinuz-*",
+                recipe.kernel_package
+            ),
         });
     };
     let module_dir = out.join("modules").join(&version);
@@ -219,14 +239,19 @@ mod tests {
     /// A synthetic bzImage: 2 setup sectors, header fields, then `payload`
     /// at `payload_offset` into the protected-mode part.
     fn fake_bzimage(setup_sects: u8, payload_offset: u32, payload: &[u8]) -> Vec<u8> {
-        let sects = if setup_sects == 0 { 4 } else { usize::from(setup_sects) };
+        let sects = if setup_sects == 0 {
+            4
+        } else {
+            usize::from(setup_sects)
+        };
         let start = (sects + 1) * 512 + payload_offset as usize;
         let mut img = vec![0u8; start + payload.len() + 64];
         img[SETUP_SECTS] = setup_sects;
         img[HEADER_MAGIC..HEADER_MAGIC + 4].copy_from_slice(b"HdrS");
         img[PROTOCOL_VERSION..PROTOCOL_VERSION + 2].copy_from_slice(&0x020fu16.to_le_bytes());
         img[PAYLOAD_OFFSET..PAYLOAD_OFFSET + 4].copy_from_slice(&payload_offset.to_le_bytes());
-        img[PAYLOAD_LENGTH..PAYLOAD_LENGTH + 4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        img[PAYLOAD_LENGTH..PAYLOAD_LENGTH + 4]
+            .copy_from_slice(&(payload.len() as u32).to_le_bytes());
         img[start..start + payload.len()].copy_from_slice(payload);
         img
     }
@@ -253,10 +278,16 @@ mod tests {
 
     #[test]
     fn detects_compression() {
-        assert_eq!(Compression::detect(&[0x02, 0x21, 0x4c, 0x18, 0]), Compression::Lz4Legacy);
+        assert_eq!(
+            Compression::detect(&[0x02, 0x21, 0x4c, 0x18, 0]),
+            Compression::Lz4Legacy
+        );
         assert_eq!(Compression::detect(&[0x1f, 0x8b, 8]), Compression::Gzip);
         assert_eq!(Compression::detect(b"\xfd7zXZ\0"), Compression::Xz);
-        assert_eq!(Compression::detect(&[0x28, 0xb5, 0x2f, 0xfd]), Compression::Zstd);
+        assert_eq!(
+            Compression::detect(&[0x28, 0xb5, 0x2f, 0xfd]),
+            Compression::Zstd
+        );
         assert_eq!(Compression::detect(b"hello"), Compression::Unknown);
         let err = decompress_payload(b"BZh91AY").unwrap_err();
         assert_eq!(

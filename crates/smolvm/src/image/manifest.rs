@@ -159,7 +159,8 @@ impl Manifest {
     /// Reads `<dir>/manifest.json`.
     pub fn load(dir: &Path) -> Result<Manifest, ImageError> {
         let path = dir.join(MANIFEST);
-        let bytes = std::fs::read(&path).map_err(ImageError::io(format!("cannot read {}", path.display())))?;
+        let bytes = std::fs::read(&path)
+            .map_err(ImageError::io(format!("cannot read {}", path.display())))?;
         serde_json::from_slice(&bytes).map_err(|source| ImageError::Manifest { path, source })
     }
 
@@ -239,7 +240,10 @@ mod tests {
         let status = "Package: bash\nStatus: install ok installed\nVersion: 5.2.15-2+b2\n\n\
                       Package: gone\nStatus: deinstall ok config-files\nVersion: 1\n\n\
                       Package: apt\nStatus: install ok installed\nVersion: 2.6.1\nDescription: x\n y\n";
-        assert_eq!(installed_packages(status), ["apt 2.6.1", "bash 5.2.15-2+b2"]);
+        assert_eq!(
+            installed_packages(status),
+            ["apt 2.6.1", "bash 5.2.15-2+b2"]
+        );
     }
 
     #[test]
@@ -286,9 +290,13 @@ mod tests {
             m.module_files(dir.path()),
             [("virtio".to_string(), dir.path().join("modules/virtio.ko"))]
         );
-        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join(MANIFEST)).unwrap()).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(MANIFEST)).unwrap()).unwrap();
         v["surprise"] = 1.into();
         std::fs::write(dir.path().join(MANIFEST), v.to_string()).unwrap();
-        assert!(matches!(Manifest::load(dir.path()), Err(ImageError::Manifest { .. })));
+        assert!(matches!(
+            Manifest::load(dir.path()),
+            Err(ImageError::Manifest { .. })
+        ));
     }
 }

@@ -21,8 +21,8 @@ mod types;
 pub use build::{build, ensure, list, remove};
 pub use error::ImageError;
 pub use manifest::{
-    format_utc, sha256_file, FileEntry, Files, InitramfsInfo, KernelInfo, Manifest, RootfsInfo, INITRAMFS, MANIFEST,
-    MANIFEST_FORMAT, MODULES_DIR, ROOTFS, VMLINUX,
+    format_utc, sha256_file, FileEntry, Files, InitramfsInfo, KernelInfo, Manifest, RootfsInfo,
+    INITRAMFS, MANIFEST, MANIFEST_FORMAT, MODULES_DIR, ROOTFS, VMLINUX,
 };
 pub use recipe::{known_images, DEFAULT_IMAGE};
 pub use types::{BuildOptions, BuildOutcome, Image, ImageEvent, ImageInfo};

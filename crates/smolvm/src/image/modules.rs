@@ -51,7 +51,9 @@ pub(crate) fn elf_section<'a>(elf: &'a [u8], name: &str) -> Result<&'a [u8], Str
     let (_, strtab) = header(shstrndx).ok_or_else(bad)?;
     for i in 0..shnum {
         let (name_off, data) = header(i).ok_or_else(bad)?;
-        let Some(rest) = strtab.get(name_off..) else { continue };
+        let Some(rest) = strtab.get(name_off..) else {
+            continue;
+        };
         let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
         if &rest[..end] == name.as_bytes() {
             return Ok(data);
@@ -85,8 +87,8 @@ pub(crate) fn index(dir: &Path) -> Result<HashMap<String, PathBuf>, ImageError> 
     let mut found = HashMap::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let entries =
-            std::fs::read_dir(&d).map_err(ImageError::io(format!("cannot read {}", d.display())))?;
+        let entries = std::fs::read_dir(&d)
+            .map_err(ImageError::io(format!("cannot read {}", d.display())))?;
         for entry in entries {
             let entry = entry.map_err(ImageError::io(format!("cannot read {}", d.display())))?;
             let path = entry.path();
@@ -95,7 +97,11 @@ pub(crate) fn index(dir: &Path) -> Result<HashMap<String, PathBuf>, ImageError> 
                 .map_err(ImageError::io(format!("cannot stat {}", path.display())))?;
             if ft.is_dir() {
                 stack.push(path);
-            } else if let Some(stem) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ko")) {
+            } else if let Some(stem) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".ko"))
+            {
                 found.insert(canonical(stem), path);
             }
         }
@@ -163,8 +169,11 @@ fn missing(name: &str) -> ImageError {
 pub(crate) fn resolve(dir: &Path, wanted: &[&str]) -> Result<Vec<(String, PathBuf)>, ImageError> {
     let files = index(dir)?;
     let order = load_order(wanted, |name| {
-        let Some(path) = files.get(name) else { return Ok(None) };
-        let data = std::fs::read(path).map_err(ImageError::io(format!("cannot read {}", path.display())))?;
+        let Some(path) = files.get(name) else {
+            return Ok(None);
+        };
+        let data = std::fs::read(path)
+            .map_err(ImageError::io(format!("cannot read {}", path.display())))?;
         let modinfo = elf_section(&data, ".modinfo").map_err(|reason| ImageError::BadModule {
             path: path.clone(),
             reason,
@@ -193,7 +202,8 @@ mod tests {
 
     #[test]
     fn parses_depends() {
-        let info = b"license=GPL\0depends=virtio_ring,virtio\0retpoline=Y\0intree=Y\0name=virtio_mmio\0";
+        let info =
+            b"license=GPL\0depends=virtio_ring,virtio\0retpoline=Y\0intree=Y\0name=virtio_mmio\0";
         assert_eq!(depends(info), ["virtio_ring", "virtio"]);
         assert!(depends(b"depends=\0name=virtio\0").is_empty());
         assert!(depends(b"name=x\0").is_empty());
@@ -203,7 +213,9 @@ mod tests {
         assert_eq!(depends(b"depends=nf-conntrack\0"), ["nf_conntrack"]);
     }
 
-    fn graph(edges: &[(&str, &[&str])]) -> impl FnMut(&str) -> Result<Option<Vec<String>>, ImageError> {
+    fn graph(
+        edges: &[(&str, &[&str])],
+    ) -> impl FnMut(&str) -> Result<Option<Vec<String>>, ImageError> {
         let map: HashMap<String, Vec<String>> = edges
             .iter()
             .map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect()))
@@ -223,13 +235,29 @@ mod tests {
             ("virtio_net", &["net_failover", "virtio_ring", "virtio"]),
             ("vsock", &[]),
             ("vmw_vsock_virtio_transport_common", &["vsock"]),
-            ("vmw_vsock_virtio_transport", &["vmw_vsock_virtio_transport_common", "virtio_ring", "virtio", "vsock"]),
+            (
+                "vmw_vsock_virtio_transport",
+                &[
+                    "vmw_vsock_virtio_transport_common",
+                    "virtio_ring",
+                    "virtio",
+                    "vsock",
+                ],
+            ),
             ("fuse", &[]),
             ("virtiofs", &["fuse", "virtio_ring", "virtio"]),
             ("overlay", &[]),
         ]);
         let order = load_order(
-            &["virtio_mmio", "virtio_blk", "virtio_net", "vmw_vsock_virtio_transport", "fuse", "virtiofs", "overlay"],
+            &[
+                "virtio_mmio",
+                "virtio_blk",
+                "virtio_net",
+                "vmw_vsock_virtio_transport",
+                "fuse",
+                "virtiofs",
+                "overlay",
+            ],
             g,
         )
         .unwrap();
@@ -256,11 +284,18 @@ mod tests {
     #[test]
     fn missing_and_cyclic_modules_are_errors() {
         let err = load_order(&["a"], graph(&[("a", &["b"])])).unwrap_err();
-        assert!(matches!(err, ImageError::MissingModule { ref name, .. } if name == "b"), "{err}");
+        assert!(
+            matches!(err, ImageError::MissingModule { ref name, .. } if name == "b"),
+            "{err}"
+        );
         let err = load_order(&["a"], graph(&[("a", &["b"]), ("b", &["a"])])).unwrap_err();
         assert!(matches!(err, ImageError::ModuleCycle(_)), "{err}");
         // Diamonds are fine and each module appears once.
-        let order = load_order(&["a", "d"], graph(&[("a", &["b", "c"]), ("b", &["d"]), ("c", &["d"]), ("d", &[])])).unwrap();
+        let order = load_order(
+            &["a", "d"],
+            graph(&[("a", &["b", "c"]), ("b", &["d"]), ("c", &["d"]), ("d", &[])]),
+        )
+        .unwrap();
         assert_eq!(order, ["d", "b", "c", "a"]);
     }
 

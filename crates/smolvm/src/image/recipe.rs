@@ -73,7 +73,10 @@ const RECIPES: &[Recipe] = &[Recipe {
         "/usr/share/lintian/*",
         "/usr/share/linda/*",
     ],
-    dpkg_includes: &["/usr/share/doc/*/copyright", "/usr/share/locale/locale.alias"],
+    dpkg_includes: &[
+        "/usr/share/doc/*/copyright",
+        "/usr/share/locale/locale.alias",
+    ],
     fs_label: "smolvm-root",
 }];
 
@@ -107,10 +110,12 @@ fn hash_lines(parts: &[String]) -> String {
 /// Lowercase hex of `bytes`.
 pub(crate) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// SHA-256 of a byte string, as lowercase hex.
@@ -146,7 +151,11 @@ impl Recipe {
 
     /// Hash of the whole recipe (kernel and rootfs).
     pub fn hash(&self) -> String {
-        hash_lines(&[self.name.to_string(), self.kernel_hash(), self.rootfs_hash()])
+        hash_lines(&[
+            self.name.to_string(),
+            self.kernel_hash(),
+            self.rootfs_hash(),
+        ])
     }
 }
 
@@ -157,7 +166,10 @@ mod tests {
     #[test]
     fn unknown_image_lists_known_ones() {
         let err = get("ubuntu-99").unwrap_err();
-        assert_eq!(err.to_string(), "unknown image `ubuntu-99`; known images: debian-12");
+        assert_eq!(
+            err.to_string(),
+            "unknown image `ubuntu-99`; known images: debian-12"
+        );
         assert_eq!(get(DEFAULT_IMAGE).map(|r| r.name).ok(), Some(DEFAULT_IMAGE));
     }
 
@@ -173,6 +185,9 @@ mod tests {
         assert_eq!(r.hash(), r.hash());
         assert_eq!(r.kernel_hash().len(), 64);
         assert_ne!(r.kernel_hash(), r.rootfs_hash());
-        assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

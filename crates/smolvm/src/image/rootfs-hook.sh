@@ -9,7 +9,7 @@
 # Environment (set by smolvm):
 #   SMOLVM_EXT4         output ext4 image path
 #   SMOLVM_DPKG_STATUS  where to copy /var/lib/dpkg/status
-#   SMOLVM_VIEW         empty directory for a private bind mount of the tree
+#   SMOLVM_VIEW         mount point (created here) for a private bind mount of the tree
 #   SMOLVM_MKFS         mkfs.ext4 path
 #   SMOLVM_UNSHARE      unshare path
 #   SMOLVM_LABEL        filesystem label
@@ -47,6 +47,7 @@ cp "$root/var/lib/dpkg/status" "$SMOLVM_DPKG_STATUS"
 
 # mmdebstrap's temporary apt config must not end up in the image, but its
 # cleanup expects to delete it later: keep it aside while mkfs runs.
+mkdir -p "$SMOLVM_VIEW"
 aptconf="$root/etc/apt/apt.conf.d/00mmdebstrap"
 saved=""
 if [ -e "$aptconf" ]; then

@@ -59,8 +59,14 @@ pub(crate) fn run_streaming(
     let (tx, rx) = mpsc::channel::<String>();
     let mut readers = Vec::new();
     let pipes: [Option<Box<dyn Read + Send>>; 2] = [
-        child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
-        child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
     ];
     for pipe in pipes.into_iter().flatten() {
         let tx = tx.clone();
@@ -95,7 +101,9 @@ pub(crate) fn run_streaming(
     for r in readers {
         let _ = r.join();
     }
-    let status = child.wait().map_err(ImageError::io(format!("cannot wait for `{tool}`")))?;
+    let status = child
+        .wait()
+        .map_err(ImageError::io(format!("cannot wait for `{tool}`")))?;
     if status.success() {
         Ok(())
     } else {
@@ -136,7 +144,10 @@ pub(crate) fn filter(
         out
     })
     .map_err(ImageError::io(format!("cannot run `{tool}`")))?;
-    let ok = output.status.code().is_some_and(|c| c == 0 || ok_codes.contains(&c));
+    let ok = output
+        .status
+        .code()
+        .is_some_and(|c| c == 0 || ok_codes.contains(&c));
     if ok {
         return Ok(output.stdout);
     }

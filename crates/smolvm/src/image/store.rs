@@ -39,7 +39,11 @@ fn flock(file: &File, op: libc::c_int) -> std::io::Result<()> {
 impl ImageLock {
     /// Takes `images/.<name>.lock`, waiting (and saying so through `waiting`)
     /// while another process holds it.
-    pub(crate) fn acquire(images: &Path, name: &str, waiting: &mut dyn FnMut()) -> Result<Self, ImageError> {
+    pub(crate) fn acquire(
+        images: &Path,
+        name: &str,
+        waiting: &mut dyn FnMut(),
+    ) -> Result<Self, ImageError> {
         let path = images.join(format!(".{name}.lock"));
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -51,7 +55,8 @@ impl ImageLock {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 waiting();
-                flock(&file, libc::LOCK_EX).map_err(ImageError::io(format!("cannot lock {}", path.display())))?;
+                flock(&file, libc::LOCK_EX)
+                    .map_err(ImageError::io(format!("cannot lock {}", path.display())))?;
             }
             Err(e) => return Err(ImageError::io(format!("cannot lock {}", path.display()))(e)),
         }
@@ -70,7 +75,8 @@ impl ScratchDir {
     pub(crate) fn create(images: &Path, name: &str) -> Result<Self, ImageError> {
         let path = images.join(format!(".tmp-{}-{name}", std::process::id()));
         remove_tree(&path);
-        std::fs::create_dir_all(&path).map_err(ImageError::io(format!("cannot create {}", path.display())))?;
+        std::fs::create_dir_all(&path)
+            .map_err(ImageError::io(format!("cannot create {}", path.display())))?;
         Ok(ScratchDir { path })
     }
 
@@ -92,7 +98,13 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     };
     info.lines()
         .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| PathBuf::from(m.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")))
+        .map(|m| {
+            PathBuf::from(
+                m.replace("\\040", " ")
+                    .replace("\\011", "\t")
+                    .replace("\\134", "\\"),
+            )
+        })
         .filter(|m| m.starts_with(dir))
         .collect()
 }
@@ -123,14 +135,20 @@ fn pid_alive(pid: i32) -> bool {
 /// Removes build directories left by dead processes, and every build
 /// directory of `name` (the caller holds its lock, so none is live).
 pub(crate) fn clean_stale(images: &Path, name: &str) {
-    let Ok(entries) = std::fs::read_dir(images) else { return };
+    let Ok(entries) = std::fs::read_dir(images) else {
+        return;
+    };
     for entry in entries.filter_map(Result::ok) {
         let file_name = entry.file_name();
         let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(".tmp-")) else {
             continue;
         };
-        let Some((pid, owner)) = rest.split_once('-') else { continue };
-        let Ok(pid) = pid.parse::<i32>() else { continue };
+        let Some((pid, owner)) = rest.split_once('-') else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<i32>() else {
+            continue;
+        };
         if owner == name || !pid_alive(pid) {
             tracing::info!(dir = %entry.path().display(), "removing stale build directory");
             remove_tree(&entry.path());
@@ -139,7 +157,11 @@ pub(crate) fn clean_stale(images: &Path, name: &str) {
     // Leftover temp files of interrupted initramfs refreshes.
     if let Ok(entries) = std::fs::read_dir(images.join(name)) {
         for entry in entries.filter_map(Result::ok) {
-            if entry.file_name().to_str().is_some_and(|n| n.contains(".tmp-")) {
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.contains(".tmp-"))
+            {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
@@ -147,7 +169,8 @@ pub(crate) fn clean_stale(images: &Path, name: &str) {
 }
 
 fn cstring(p: &Path) -> std::io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
 }
 
 /// Atomically exchanges two existing paths (`renameat2(RENAME_EXCHANGE)`).
@@ -206,7 +229,11 @@ pub(crate) fn link_or_copy(src: &Path, dst: &Path) -> Result<(), ImageError> {
     }
     std::fs::copy(src, dst)
         .map(|_| ())
-        .map_err(ImageError::io(format!("cannot copy {} to {}", src.display(), dst.display())))
+        .map_err(ImageError::io(format!(
+            "cannot copy {} to {}",
+            src.display(),
+            dst.display()
+        )))
 }
 
 /// Disk space used by `dir` and everything below it (allocated blocks, so
@@ -216,9 +243,13 @@ pub(crate) fn disk_usage(dir: &Path) -> u64 {
     let mut total = 0u64;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for entry in entries.filter_map(Result::ok) {
-            let Ok(meta) = entry.path().symlink_metadata() else { continue };
+            let Ok(meta) = entry.path().symlink_metadata() else {
+                continue;
+            };
             if meta.is_dir() {
                 stack.push(entry.path());
             }
@@ -289,7 +320,8 @@ mod tests {
     #[test]
     fn lock_excludes_other_holders() {
         let root = tempfile::tempdir().unwrap();
-        let held = ImageLock::acquire(root.path(), "img", &mut || panic!("should not wait")).unwrap();
+        let held =
+            ImageLock::acquire(root.path(), "img", &mut || panic!("should not wait")).unwrap();
         let path = root.path().to_path_buf();
         let waited = std::thread::spawn(move || {
             let mut waited = false;

@@ -55,12 +55,19 @@ pub enum BuildOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageEvent {
     /// Step `index` (1-based) of `total` begins.
-    Step { index: usize, total: usize, label: String },
+    Step {
+        index: usize,
+        total: usize,
+        label: String,
+    },
     /// A line of output from a tool (mmdebstrap's `I: downloading
     /// packages...`, apt's `Get:`) or a note from the build itself.
     Log(String),
     /// The build finished.
-    Done { elapsed: Duration, outcome: BuildOutcome },
+    Done {
+        elapsed: Duration,
+        outcome: BuildOutcome,
+    },
 }
 
 /// One entry of [`list`](super::list).

@@ -64,7 +64,10 @@ fn store() -> Result<Store> {
 
 fn config_of(rec: &VmRecord) -> Result<SandboxConfig> {
     serde_json::from_str(&rec.config).map_err(|e| {
-        Error::Store(crate::state::StoreError::Corrupt { id: rec.id.clone(), reason: e.to_string() })
+        Error::Store(crate::state::StoreError::Corrupt {
+            id: rec.id.clone(),
+            reason: e.to_string(),
+        })
     })
 }
 
@@ -115,9 +118,17 @@ fn refreshed(id: &str) -> Result<VmRecord> {
     let why = match (rec.supervisor, sup_alive) {
         (Some(p), false) => format!("supervisor (pid {}) died unexpectedly", p.pid),
         (None, _) => "no supervisor recorded for a live VM".to_string(),
-        _ => format!("VMM (pid {}) died and its supervisor did not record it", rec.vmm.map(|p| p.pid).unwrap_or(0)),
+        _ => format!(
+            "VMM (pid {}) died and its supervisor did not record it",
+            rec.vmm.map(|p| p.pid).unwrap_or(0)
+        ),
     };
-    s.transition(id, &[VmState::Running, VmState::Paused], VmState::Error, Some(&why))?;
+    s.transition(
+        id,
+        &[VmState::Running, VmState::Paused],
+        VmState::Error,
+        Some(&why),
+    )?;
     // Nothing may outlive a dead supervisor: the VMM dies with it (pdeathsig),
     // but make sure.
     if let Some(v) = rec.vmm.filter(|v| v.is_alive()) {
@@ -135,7 +146,11 @@ async fn refresh(id: &str) -> Result<VmRecord> {
 }
 
 fn invalid(id: &str, state: VmState, hint: impl Into<String>) -> Error {
-    Error::InvalidState { id: id.to_string(), state, hint: hint.into() }
+    Error::InvalidState {
+        id: id.to_string(),
+        state,
+        hint: hint.into(),
+    }
 }
 
 fn hint_for(id: &str, state: VmState) -> String {
@@ -154,7 +169,10 @@ impl Sandbox {
         Self::create_with_progress(config, None).await
     }
 
-    pub async fn create_with_progress(config: SandboxConfig, progress: Option<ProgressFn>) -> Result<Sandbox> {
+    pub async fn create_with_progress(
+        config: SandboxConfig,
+        progress: Option<ProgressFn>,
+    ) -> Result<Sandbox> {
         config.validate()?;
         let image = ensure_image(&config.image, progress.clone()).await?;
         let image_mib = std::fs::metadata(&image.rootfs)
@@ -171,7 +189,8 @@ impl Sandbox {
                 .into());
             }
         }
-        let json = serde_json::to_string(&config).map_err(|e| Error::io("cannot encode the config", e.into()))?;
+        let json = serde_json::to_string(&config)
+            .map_err(|e| Error::io("cannot encode the config", e.into()))?;
         let id = store()?.insert_new(config.name.as_deref(), &json)?;
         let _lock = VmLock::acquire(&id).await?;
         let vm_dir = crate::paths::vm_dir(&id);
@@ -180,10 +199,12 @@ impl Sandbox {
                 .map_err(|e| Error::io(format!("cannot create {}", vm_dir.display()), e))?;
             let disk = vm_dir.join(files::DISK);
             let size = config.disk_size_mib.map(|m| m * 1024 * 1024);
-            qemu::create_overlay(&image.rootfs, &disk, size).await.map_err(|e| Error::Vm {
-                id: id.clone(),
-                message: chain(&e),
-            })
+            qemu::create_overlay(&image.rootfs, &disk, size)
+                .await
+                .map_err(|e| Error::Vm {
+                    id: id.clone(),
+                    message: chain(&e),
+                })
         }
         .await;
         if let Err(e) = made {
@@ -191,7 +212,14 @@ impl Sandbox {
             let _ = store().and_then(|s| Ok(s.delete(&id)?));
             return Err(e);
         }
-        Ok(Sandbox { id, vm_dir, config, client: Mutex::new(None), progress, last_boot: Mutex::new(None) })
+        Ok(Sandbox {
+            id,
+            vm_dir,
+            config,
+            client: Mutex::new(None),
+            progress,
+            last_boot: Mutex::new(None),
+        })
     }
 
     /// A handle on an existing VM, from any process.
@@ -287,9 +315,15 @@ impl Sandbox {
         };
         let (kernel, initrd) = (image.kernel.clone(), image.initramfs.clone());
         self.step("choosing the accelerator");
-        let verdict = tokio::task::spawn_blocking(move || qemu::resolve_accel(requested, &kernel, &initrd))
-            .await
-            .map_err(|e| Error::io("accelerator probe failed", std::io::Error::other(e.to_string())))?;
+        let verdict =
+            tokio::task::spawn_blocking(move || qemu::resolve_accel(requested, &kernel, &initrd))
+                .await
+                .map_err(|e| {
+                    Error::io(
+                        "accelerator probe failed",
+                        std::io::Error::other(e.to_string()),
+                    )
+                })?;
         tracing::info!(vm = %self.id, accel = %verdict.accel, reason = %verdict.reason, "accelerator");
         let spec = LaunchSpec {
             id: self.id.clone(),
@@ -303,7 +337,8 @@ impl Sandbox {
             network: self.config.network,
         };
         let spec_path = self.vm_dir.join(files::LAUNCH_SPEC);
-        let bytes = serde_json::to_vec_pretty(&spec).map_err(|e| Error::io("cannot encode the launch spec", e.into()))?;
+        let bytes = serde_json::to_vec_pretty(&spec)
+            .map_err(|e| Error::io("cannot encode the launch spec", e.into()))?;
         write_atomic(&spec_path, &bytes)?;
         let s = store()?;
         s.begin_boot(&self.id)?;
@@ -311,17 +346,30 @@ impl Sandbox {
         let dir = self.vm_dir.clone();
         let spawned = tokio::task::spawn_blocking(move || crate::supervisor::spawn(&dir))
             .await
-            .map_err(|e| Error::io("supervisor start failed", std::io::Error::other(e.to_string())))?;
+            .map_err(|e| {
+                Error::io(
+                    "supervisor start failed",
+                    std::io::Error::other(e.to_string()),
+                )
+            })?;
         if let Err(source) = spawned {
-            let e = Error::Supervisor { id: self.id.clone(), source };
+            let e = Error::Supervisor {
+                id: self.id.clone(),
+                source,
+            };
             s.set_state(&self.id, prior, Some(&chain(&e)))?;
             return Err(e);
         }
         let client = self.connect().await?;
         let resp = client
-            .control(ControlRequest::WaitReady { timeout_ms: boot_timeout.as_millis() as u64 })
+            .control(ControlRequest::WaitReady {
+                timeout_ms: boot_timeout.as_millis() as u64,
+            })
             .await
-            .map_err(|source| Error::Client { id: self.id.clone(), source })?;
+            .map_err(|source| Error::Client {
+                id: self.id.clone(),
+                source,
+            })?;
         match resp {
             ControlResponse::Ready(info) => {
                 s.set_state(&self.id, VmState::Running, None)?;
@@ -341,9 +389,16 @@ impl Sandbox {
                 let _ = client.control(ControlRequest::Kill).await;
                 self.forget_client();
                 wait_supervisor_gone(&self.id).await;
-                s.set_state(&self.id, prior, Some(reason.lines().next().unwrap_or("boot failed")))?;
+                s.set_state(
+                    &self.id,
+                    prior,
+                    Some(reason.lines().next().unwrap_or("boot failed")),
+                )?;
                 let _ = s.set_processes(&self.id, None, None, None);
-                Err(Error::Boot { id: self.id.clone(), reason })
+                Err(Error::Boot {
+                    id: self.id.clone(),
+                    reason,
+                })
             }
         }
     }
@@ -358,17 +413,36 @@ impl Sandbox {
         }
         self.step("stopping");
         let client = self.connect().await?;
-        let r = client.control(ControlRequest::Stop { timeout_ms: timeout.as_millis() as u64 }).await;
+        let r = client
+            .control(ControlRequest::Stop {
+                timeout_ms: timeout.as_millis() as u64,
+            })
+            .await;
         self.forget_client();
         match r {
             Ok(ControlResponse::Ok) | Err(crate::supervisor::ClientError::Closed) => {}
-            Ok(ControlResponse::Error(e)) => return Err(Error::Vm { id: self.id.clone(), message: e }),
+            Ok(ControlResponse::Error(e)) => {
+                return Err(Error::Vm {
+                    id: self.id.clone(),
+                    message: e,
+                })
+            }
             Ok(_) => {}
-            Err(source) => return Err(Error::Client { id: self.id.clone(), source }),
+            Err(source) => {
+                return Err(Error::Client {
+                    id: self.id.clone(),
+                    source,
+                })
+            }
         }
         wait_supervisor_gone(&self.id).await;
         let s = store()?;
-        s.transition(&self.id, &[VmState::Running, VmState::Paused], VmState::Stopped, None)?;
+        s.transition(
+            &self.id,
+            &[VmState::Running, VmState::Paused],
+            VmState::Stopped,
+            None,
+        )?;
         Ok(())
     }
 
@@ -378,7 +452,10 @@ impl Sandbox {
         let rec = refresh(&self.id).await?;
         if rec.state != VmState::Running {
             let hint = match rec.state {
-                VmState::Paused => format!("it is already paused; `smolvm resume {}` continues it", self.id),
+                VmState::Paused => format!(
+                    "it is already paused; `smolvm resume {}` continues it",
+                    self.id
+                ),
                 s => hint_for(&self.id, s),
             };
             return Err(invalid(&self.id, rec.state, hint));
@@ -450,7 +527,10 @@ impl Sandbox {
         }
         let c = SupervisorClient::connect(&self.vm_dir)
             .await
-            .map_err(|source| Error::Client { id: self.id.clone(), source })?;
+            .map_err(|source| Error::Client {
+                id: self.id.clone(),
+                source,
+            })?;
         if let Ok(mut g) = self.client.lock() {
             *g = Some(c.clone());
         }
@@ -467,11 +547,20 @@ impl Sandbox {
         let c = self.connect().await?;
         match c.control(req).await {
             Ok(ControlResponse::Ok) => Ok(()),
-            Ok(ControlResponse::Error(e)) => Err(Error::Vm { id: self.id.clone(), message: e }),
-            Ok(o) => Err(Error::Vm { id: self.id.clone(), message: format!("unexpected answer {o:?}") }),
+            Ok(ControlResponse::Error(e)) => Err(Error::Vm {
+                id: self.id.clone(),
+                message: e,
+            }),
+            Ok(o) => Err(Error::Vm {
+                id: self.id.clone(),
+                message: format!("unexpected answer {o:?}"),
+            }),
             Err(source) => {
                 self.forget_client();
-                Err(Error::Client { id: self.id.clone(), source })
+                Err(Error::Client {
+                    id: self.id.clone(),
+                    source,
+                })
             }
         }
     }
@@ -506,7 +595,10 @@ impl Sandbox {
             Ok(s) => s,
             Err(source) => {
                 self.forget_client();
-                return Err(Error::Client { id: self.id.clone(), source });
+                return Err(Error::Client {
+                    id: self.id.clone(),
+                    source,
+                });
             }
         };
         if let Some(data) = &opts.stdin {
@@ -525,10 +617,16 @@ impl Sandbox {
         let mut stream = self.exec_stream(command, opts).await?;
         let mut out = ExecOutput::default();
         loop {
-            let ev = stream.next().await.map_err(|source| Error::Client { id: self.id.clone(), source })?;
+            let ev = stream.next().await.map_err(|source| Error::Client {
+                id: self.id.clone(),
+                source,
+            })?;
             match ev {
                 None => {
-                    return Err(Error::Vm { id: self.id.clone(), message: "the command stream ended early".into() })
+                    return Err(Error::Vm {
+                        id: self.id.clone(),
+                        message: "the command stream ended early".into(),
+                    })
                 }
                 Some(ExecEvent::Started { .. }) => {}
                 Some(ExecEvent::Stdout(b)) => append(&mut out.stdout, &b, &mut out.truncated),
@@ -540,24 +638,36 @@ impl Sandbox {
                     out.duration_ms = st.duration_ms;
                     return Ok(out);
                 }
-                Some(ExecEvent::Failed(e)) => return Err(Error::Exec { id: self.id.clone(), message: e.message }),
+                Some(ExecEvent::Failed(e)) => {
+                    return Err(Error::Exec {
+                        id: self.id.clone(),
+                        message: e.message,
+                    })
+                }
             }
         }
     }
 
     /// Shell convenience: `/bin/sh -c <cmd>`.
     pub async fn run(&self, cmd: &str) -> Result<ExecOutput> {
-        self.exec(Command::Shell(cmd.to_string()), &ExecOptions::default()).await
+        self.exec(Command::Shell(cmd.to_string()), &ExecOptions::default())
+            .await
     }
 
     /// Agent round trip.
     pub async fn ping(&self) -> Result<Duration> {
         let client = self.require_running().await?;
         let t = Instant::now();
-        client.ping(t.elapsed().as_nanos() as u64 ^ 0x5eed).await.map_err(|source| {
-            self.forget_client();
-            Error::Client { id: self.id.clone(), source }
-        })?;
+        client
+            .ping(t.elapsed().as_nanos() as u64 ^ 0x5eed)
+            .await
+            .map_err(|source| {
+                self.forget_client();
+                Error::Client {
+                    id: self.id.clone(),
+                    source,
+                }
+            })?;
         Ok(t.elapsed())
     }
 }
@@ -573,7 +683,10 @@ fn append(buf: &mut Vec<u8>, data: &[u8], truncated: &mut bool) {
 /// Waits until the VM's supervisor process is gone (it records the final
 /// state before exiting).
 async fn wait_supervisor_gone(id: &str) {
-    let sup = store().ok().and_then(|s| s.get(id).ok().flatten()).and_then(|r| r.supervisor);
+    let sup = store()
+        .ok()
+        .and_then(|s| s.get(id).ok().flatten())
+        .and_then(|r| r.supervisor);
     let Some(sup) = sup else { return };
     let start = Instant::now();
     while sup.is_alive() && start.elapsed() < Duration::from_secs(15) {
@@ -587,8 +700,10 @@ async fn wait_supervisor_gone(id: &str) {
 
 fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(format!("cannot write {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
+    std::fs::write(&tmp, bytes)
+        .map_err(|e| Error::io(format!("cannot write {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
 }
 
 async fn ensure_image(name: &str, progress: Option<ProgressFn>) -> Result<crate::image::Image> {
@@ -605,4 +720,3 @@ async fn ensure_image(name: &str, progress: Option<ProgressFn>) -> Result<crate:
     .map_err(|e| Error::io("image task failed", std::io::Error::other(e.to_string())))?
     .map_err(Error::from)
 }
-

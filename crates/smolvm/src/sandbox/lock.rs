@@ -15,7 +15,8 @@ impl VmLock {
         let path = crate::paths::lock_path(id);
         tokio::task::spawn_blocking(move || {
             if let Some(d) = path.parent() {
-                std::fs::create_dir_all(d).map_err(|e| Error::io(format!("cannot create {}", d.display()), e))?;
+                std::fs::create_dir_all(d)
+                    .map_err(|e| Error::io(format!("cannot create {}", d.display()), e))?;
             }
             let file = std::fs::OpenOptions::new()
                 .create(true)

@@ -23,12 +23,20 @@ pub async fn prune(dry_run: bool, errors: bool) -> Result<Vec<PruneItem>> {
     let known: HashSet<String> = recs.iter().map(|r| r.id.clone()).collect();
     let mut items = Vec::new();
     let scan = |dir: PathBuf, suffix: &str, kind: &str, items: &mut Vec<PruneItem>| {
-        let Ok(rd) = std::fs::read_dir(&dir) else { return };
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return;
+        };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            let Some(id) = name.strip_suffix(suffix) else { continue };
+            let Some(id) = name.strip_suffix(suffix) else {
+                continue;
+            };
             if !known.contains(id) {
-                items.push(PruneItem { kind: kind.into(), id: id.to_string(), path: Some(e.path()) });
+                items.push(PruneItem {
+                    kind: kind.into(),
+                    id: id.to_string(),
+                    path: Some(e.path()),
+                });
             }
         }
     };
@@ -37,7 +45,11 @@ pub async fn prune(dry_run: bool, errors: bool) -> Result<Vec<PruneItem>> {
     scan(data.join("locks"), ".lock", "orphan lock", &mut items);
     if errors {
         for r in recs.iter().filter(|r| r.state == VmState::Error) {
-            items.push(PruneItem { kind: "error VM".into(), id: r.id.clone(), path: Some(crate::paths::vm_dir(&r.id)) });
+            items.push(PruneItem {
+                kind: "error VM".into(),
+                id: r.id.clone(),
+                path: Some(crate::paths::vm_dir(&r.id)),
+            });
         }
     }
     if dry_run {
@@ -53,11 +65,17 @@ pub async fn prune(dry_run: bool, errors: bool) -> Result<Vec<PruneItem>> {
                     continue;
                 }
                 if let Some(p) = &it.path {
-                    let r = if p.is_dir() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
+                    let r = if p.is_dir() {
+                        std::fs::remove_dir_all(p)
+                    } else {
+                        std::fs::remove_file(p)
+                    };
                     match r {
                         Ok(()) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(Error::io(format!("cannot remove {}", p.display()), e)),
+                        Err(e) => {
+                            return Err(Error::io(format!("cannot remove {}", p.display()), e))
+                        }
                     }
                 }
             }

@@ -48,7 +48,10 @@ mod tests {
     fn own_process_is_alive_and_reuse_is_detected() {
         let me = ProcessId::of(std::process::id()).unwrap();
         assert!(me.is_alive());
-        let other = ProcessId { pid: me.pid, start_time: me.start_time + 1 };
+        let other = ProcessId {
+            pid: me.pid,
+            start_time: me.start_time + 1,
+        };
         assert!(!other.is_alive());
         assert!(ProcessId::of(u32::MAX - 1).is_none());
     }

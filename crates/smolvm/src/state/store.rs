@@ -46,7 +46,11 @@ pub enum StoreError {
     #[error("state store query failed")]
     Sql(#[from] rusqlite::Error),
     #[error("the state store {path} has schema version {found}, newer than this smolvm understands ({known}); upgrade smolvm")]
-    TooNew { path: PathBuf, found: i64, known: i64 },
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
     #[error("VM '{0}' already exists; choose another name or remove it with `smolvm rm {0}`")]
     AlreadyExists(String),
     #[error("corrupt row for VM '{id}': {reason}")]
@@ -137,11 +141,15 @@ impl Store {
 
     pub fn open_at(path: &Path) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|source| StoreError::CreateDir { path: dir.to_path_buf(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         }
-        let conn = Connection::open(path)
-            .map_err(|source| StoreError::Open { path: path.to_path_buf(), source })?;
+        let conn = Connection::open(path).map_err(|source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         // journal_mode returns a row; WAL persists in the file.
         let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
@@ -153,16 +161,24 @@ impl Store {
 
     fn migrate(&mut self, path: &Path) -> Result<(), StoreError> {
         let known = MIGRATIONS.len() as i64;
-        let version: i64 = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version > known {
-            return Err(StoreError::TooNew { path: path.to_path_buf(), found: version, known });
+            return Err(StoreError::TooNew {
+                path: path.to_path_buf(),
+                found: version,
+                known,
+            });
         }
         if version == known {
             return Ok(());
         }
         // IMMEDIATE takes the write lock up front so two processes migrating
         // at once serialize instead of failing.
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
             tx.execute_batch(m)?;
@@ -202,19 +218,32 @@ impl Store {
     pub fn get(&self, id: &str) -> Result<Option<VmRecord>, StoreError> {
         let row = self
             .conn
-            .query_row(&format!("SELECT {COLUMNS} FROM vms WHERE id = ?1"), [id], raw_row)
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM vms WHERE id = ?1"),
+                [id],
+                raw_row,
+            )
             .optional()?;
         row.map(into_record).transpose()
     }
 
     pub fn list(&self) -> Result<Vec<VmRecord>, StoreError> {
-        let mut stmt = self.conn.prepare(&format!("SELECT {COLUMNS} FROM vms ORDER BY created_at, id"))?;
-        let rows = stmt.query_map([], raw_row)?.collect::<Result<Vec<_>, _>>()?;
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {COLUMNS} FROM vms ORDER BY created_at, id"
+        ))?;
+        let rows = stmt
+            .query_map([], raw_row)?
+            .collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().map(into_record).collect()
     }
 
     /// Sets the state unconditionally.
-    pub fn set_state(&self, id: &str, state: VmState, last_error: Option<&str>) -> Result<(), StoreError> {
+    pub fn set_state(
+        &self,
+        id: &str,
+        state: VmState,
+        last_error: Option<&str>,
+    ) -> Result<(), StoreError> {
         self.conn.execute(
             "UPDATE vms SET state = ?2, last_error = COALESCE(?3, last_error), updated_at = ?4 WHERE id = ?1",
             params![id, state.as_str(), last_error, now_ms()],
@@ -232,7 +261,10 @@ impl Store {
         last_error: Option<&str>,
     ) -> Result<bool, StoreError> {
         let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
-        let placeholders = (0..from.len()).map(|i| format!("?{}", i + 5)).collect::<Vec<_>>().join(",");
+        let placeholders = (0..from.len())
+            .map(|i| format!("?{}", i + 5))
+            .collect::<Vec<_>>()
+            .join(",");
         let sql = format!(
             "UPDATE vms SET state = ?2, last_error = COALESCE(?3, last_error), updated_at = ?4 \
              WHERE id = ?1 AND state IN ({placeholders})"
@@ -246,7 +278,10 @@ impl Store {
         for f in from {
             values.push(Box::new(f));
         }
-        let n = self.conn.execute(&sql, rusqlite::params_from_iter(values.iter().map(|b| b.as_ref())))?;
+        let n = self.conn.execute(
+            &sql,
+            rusqlite::params_from_iter(values.iter().map(|b| b.as_ref())),
+        )?;
         Ok(n > 0)
     }
 
@@ -288,7 +323,8 @@ impl Store {
     }
 }
 
-const COLUMNS: &str = "id, state, config, created_at, updated_at, supervisor_pid, supervisor_start, \
+const COLUMNS: &str =
+    "id, state, config, created_at, updated_at, supervisor_pid, supervisor_start, \
                        vmm_pid, vmm_start, accel, last_error, boot_count";
 
 type RawRow = (
@@ -324,11 +360,17 @@ fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
 }
 
 fn into_record(r: RawRow) -> Result<VmRecord, StoreError> {
-    let (id, state, config, created_at, updated_at, sp, ss, vp, vs, accel, last_error, boot_count) = r;
-    let state = VmState::parse(&state)
-        .ok_or_else(|| StoreError::Corrupt { id: id.clone(), reason: format!("unknown state {state:?}") })?;
+    let (id, state, config, created_at, updated_at, sp, ss, vp, vs, accel, last_error, boot_count) =
+        r;
+    let state = VmState::parse(&state).ok_or_else(|| StoreError::Corrupt {
+        id: id.clone(),
+        reason: format!("unknown state {state:?}"),
+    })?;
     let pid = |p: Option<u32>, s: Option<i64>| match (p, s) {
-        (Some(pid), Some(start)) => Some(ProcessId { pid, start_time: start as u64 }),
+        (Some(pid), Some(start)) => Some(ProcessId {
+            pid,
+            start_time: start as u64,
+        }),
         _ => None,
     };
     Ok(VmRecord {
@@ -376,7 +418,10 @@ mod tests {
         assert!(a.starts_with("sbx-") && a.len() == 12);
         let b = s.insert_new(Some("named"), "{\"cpus\":2}").unwrap();
         assert_eq!(b, "named");
-        assert!(matches!(s.insert_new(Some("named"), "{}"), Err(StoreError::AlreadyExists(_))));
+        assert!(matches!(
+            s.insert_new(Some("named"), "{}"),
+            Err(StoreError::AlreadyExists(_))
+        ));
         let r = s.get("named").unwrap().unwrap();
         assert_eq!(r.state, VmState::Created);
         assert_eq!(r.config, "{\"cpus\":2}");
@@ -390,10 +435,17 @@ mod tests {
     fn transitions_are_conditional() {
         let (_d, s) = store();
         let id = s.insert_new(None, "{}").unwrap();
-        assert!(!s.transition(&id, &[VmState::Running], VmState::Stopped, None).unwrap());
+        assert!(!s
+            .transition(&id, &[VmState::Running], VmState::Stopped, None)
+            .unwrap());
         s.set_state(&id, VmState::Running, None).unwrap();
         assert!(s
-            .transition(&id, &[VmState::Running, VmState::Paused], VmState::Error, Some("boom"))
+            .transition(
+                &id,
+                &[VmState::Running, VmState::Paused],
+                VmState::Error,
+                Some("boom")
+            )
             .unwrap());
         let r = s.get(&id).unwrap().unwrap();
         assert_eq!(r.state, VmState::Error);
@@ -411,13 +463,22 @@ mod tests {
         let id = {
             let s = Store::open_at(&path).unwrap();
             let id = s.insert_new(None, "{}").unwrap();
-            let p = ProcessId { pid: 42, start_time: 7 };
+            let p = ProcessId {
+                pid: 42,
+                start_time: 7,
+            };
             s.set_processes(&id, Some(p), Some(p), Some("tcg")).unwrap();
             id
         };
         let s = Store::open_at(&path).unwrap();
         let r = s.get(&id).unwrap().unwrap();
-        assert_eq!(r.vmm, Some(ProcessId { pid: 42, start_time: 7 }));
+        assert_eq!(
+            r.vmm,
+            Some(ProcessId {
+                pid: 42,
+                start_time: 7
+            })
+        );
         assert_eq!(r.accel.as_deref(), Some("tcg"));
     }
 
@@ -429,6 +490,9 @@ mod tests {
             let c = Connection::open(&path).unwrap();
             c.pragma_update(None, "user_version", 99).unwrap();
         }
-        assert!(matches!(Store::open_at(&path), Err(StoreError::TooNew { found: 99, .. })));
+        assert!(matches!(
+            Store::open_at(&path),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
     }
 }

@@ -4,7 +4,9 @@ use crate::backend::files;
 use smolvm_proto::supervisor::{
     ClientMsg, ControlRequest, ControlResponse, SupervisorMsg, SUPERVISOR_PROTOCOL_VERSION,
 };
-use smolvm_proto::{encode_frame, Bytes, Decoder, ErrorInfo, ExecRequest, ExitStatus, Frame, GuestMsg, HostMsg};
+use smolvm_proto::{
+    encode_frame, Bytes, Decoder, ErrorInfo, ExecRequest, ExitStatus, Frame, GuestMsg, HostMsg,
+};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -54,14 +56,22 @@ impl SupervisorClient {
             .await
             .map_err(ClientError::Connect)?;
         let (mut r, mut w) = stream.into_split();
-        let hello = encode_frame(&Frame::new(0, ClientMsg::Hello { version: SUPERVISOR_PROTOCOL_VERSION }))
-            .map_err(|_| ClientError::Unexpected)?;
+        let hello = encode_frame(&Frame::new(
+            0,
+            ClientMsg::Hello {
+                version: SUPERVISOR_PROTOCOL_VERSION,
+            },
+        ))
+        .map_err(|_| ClientError::Unexpected)?;
         w.write_all(&hello).await.map_err(ClientError::Connect)?;
         let mut dec = Decoder::new();
         let mut buf = vec![0u8; 64 * 1024];
         let vm_id = tokio::time::timeout(HELLO_TIMEOUT, async {
             loop {
-                if let Some(f) = dec.next_frame::<SupervisorMsg>().map_err(|_| ClientError::Unexpected)? {
+                if let Some(f) = dec
+                    .next_frame::<SupervisorMsg>()
+                    .map_err(|_| ClientError::Unexpected)?
+                {
                     return match f.msg {
                         SupervisorMsg::Hello { vm_id, .. } => Ok(vm_id),
                         _ => Err(ClientError::Unexpected),
@@ -113,7 +123,12 @@ impl SupervisorClient {
                 }
             }
         });
-        Ok(SupervisorClient { tx, routes, next: Arc::new(AtomicU32::new(1)), vm_id })
+        Ok(SupervisorClient {
+            tx,
+            routes,
+            next: Arc::new(AtomicU32::new(1)),
+            vm_id,
+        })
     }
 
     fn open(&self) -> (u32, mpsc::Receiver<SupervisorMsg>) {
@@ -134,7 +149,8 @@ impl SupervisorClient {
     }
 
     async fn send(&self, stream: u32, msg: ClientMsg) -> Result<(), ClientError> {
-        let b = encode_frame(&Frame::new(stream, msg)).map_err(|e| ClientError::Agent(e.to_string()))?;
+        let b = encode_frame(&Frame::new(stream, msg))
+            .map_err(|e| ClientError::Agent(e.to_string()))?;
         self.tx.send(b).await.map_err(|_| ClientError::Closed)
     }
 
@@ -158,10 +174,13 @@ impl SupervisorClient {
     pub async fn ping(&self, nonce: u64) -> Result<(), ClientError> {
         let (id, mut rx) = self.open();
         let r = async {
-            self.send(id, ClientMsg::Agent(HostMsg::Ping { nonce })).await?;
+            self.send(id, ClientMsg::Agent(HostMsg::Ping { nonce }))
+                .await?;
             match rx.recv().await {
                 Some(SupervisorMsg::Agent(GuestMsg::Pong { nonce: n })) if n == nonce => Ok(()),
-                Some(SupervisorMsg::Agent(GuestMsg::Error(e))) => Err(ClientError::Agent(e.message)),
+                Some(SupervisorMsg::Agent(GuestMsg::Error(e))) => {
+                    Err(ClientError::Agent(e.message))
+                }
                 Some(_) => Err(ClientError::Unexpected),
                 None => Err(ClientError::Closed),
             }
@@ -179,14 +198,21 @@ impl SupervisorClient {
             self.close(id);
             return Err(e);
         }
-        Ok(ExecStream { client: self.clone(), stream: id, rx, done: false })
+        Ok(ExecStream {
+            client: self.clone(),
+            stream: id,
+            rx,
+            done: false,
+        })
     }
 }
 
 /// One event of a running process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecEvent {
-    Started { pid: u32 },
+    Started {
+        pid: u32,
+    },
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
     Exited(ExitStatus),
@@ -233,18 +259,27 @@ impl ExecStream {
     /// Sends bytes to the process's stdin (the request must have `stdin: true`).
     pub async fn write_stdin(&self, data: &[u8]) -> Result<(), ClientError> {
         for chunk in data.chunks(smolvm_proto::MAX_CHUNK_LEN) {
-            self.client.send(self.stream, ClientMsg::Agent(HostMsg::Stdin(Bytes(chunk.to_vec())))).await?;
+            self.client
+                .send(
+                    self.stream,
+                    ClientMsg::Agent(HostMsg::Stdin(Bytes(chunk.to_vec()))),
+                )
+                .await?;
         }
         Ok(())
     }
 
     pub async fn close_stdin(&self) -> Result<(), ClientError> {
-        self.client.send(self.stream, ClientMsg::Agent(HostMsg::StdinClose)).await
+        self.client
+            .send(self.stream, ClientMsg::Agent(HostMsg::StdinClose))
+            .await
     }
 
     /// Signals the process group.
     pub async fn signal(&self, signal: i32) -> Result<(), ClientError> {
-        self.client.send(self.stream, ClientMsg::Agent(HostMsg::Signal { signal })).await
+        self.client
+            .send(self.stream, ClientMsg::Agent(HostMsg::Signal { signal }))
+            .await
     }
 }
 
@@ -252,7 +287,12 @@ impl Drop for ExecStream {
     fn drop(&mut self) {
         if !self.done {
             // Abandoned mid-run: end the process rather than leak it.
-            let b = encode_frame(&Frame::new(self.stream, ClientMsg::Agent(HostMsg::Signal { signal: libc::SIGKILL })));
+            let b = encode_frame(&Frame::new(
+                self.stream,
+                ClientMsg::Agent(HostMsg::Signal {
+                    signal: libc::SIGKILL,
+                }),
+            ));
             if let Ok(b) = b {
                 let _ = self.client.tx.try_send(b);
             }

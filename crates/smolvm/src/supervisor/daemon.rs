@@ -37,7 +37,10 @@ pub fn spawn(vm_dir: &Path) -> Result<(), SpawnError> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .output()
-        .map_err(|source| SpawnError::Exec { path: bin.clone(), source })?;
+        .map_err(|source| SpawnError::Exec {
+            path: bin.clone(),
+            source,
+        })?;
     if out.status.success() {
         return Ok(());
     }
@@ -66,7 +69,10 @@ pub fn main_entry() -> ! {
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
     {
         Ok(s) => s,
-        Err(e) => die(&format!("cannot read {}: {e}", vm_dir.join(files::LAUNCH_SPEC).display())),
+        Err(e) => die(&format!(
+            "cannot read {}: {e}",
+            vm_dir.join(files::LAUNCH_SPEC).display()
+        )),
     };
 
     let mut fds = [0i32; 2];
@@ -92,8 +98,14 @@ pub fn main_entry() -> ! {
             if buf.first() == Some(&b'R') {
                 std::process::exit(0);
             }
-            let msg = String::from_utf8_lossy(buf.get(1..).unwrap_or_default()).trim().to_string();
-            die(if msg.is_empty() { "the supervisor died while starting the VM" } else { &msg })
+            let msg = String::from_utf8_lossy(buf.get(1..).unwrap_or_default())
+                .trim()
+                .to_string();
+            die(if msg.is_empty() {
+                "the supervisor died while starting the VM"
+            } else {
+                &msg
+            })
         }
     }
 }
@@ -107,7 +119,10 @@ fn child(spec: LaunchSpec, vm_dir: PathBuf, ready: OwnedFd) -> ! {
         let _ = write!(f, "E cannot enter {}: {e}", vm_dir.display());
         std::process::exit(1);
     }
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             let mut f = std::fs::File::from(ready);
@@ -115,13 +130,20 @@ fn child(spec: LaunchSpec, vm_dir: PathBuf, ready: OwnedFd) -> ! {
             std::process::exit(1);
         }
     };
-    let code = rt.block_on(super::server::serve(spec, vm_dir, std::fs::File::from(ready)));
+    let code = rt.block_on(super::server::serve(
+        spec,
+        vm_dir,
+        std::fs::File::from(ready),
+    ));
     std::process::exit(code)
 }
 
 fn redirect_stdio(log: &Path) {
     let devnull = std::fs::File::open("/dev/null");
-    let logf = std::fs::OpenOptions::new().create(true).append(true).open(log);
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log);
     use std::os::fd::AsRawFd;
     // SAFETY: dup2 onto the standard fds with valid open fds; the Files stay
     // alive until after the calls.

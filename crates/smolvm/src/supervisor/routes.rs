@@ -82,8 +82,12 @@ impl Routes {
 
     /// Removes every route of `client`; returns their agent stream ids.
     pub fn drain_client(&mut self, client: u64) -> Vec<u32> {
-        let globals: Vec<u32> =
-            self.by_global.iter().filter(|(_, r)| r.client == client).map(|(g, _)| *g).collect();
+        let globals: Vec<u32> = self
+            .by_global
+            .iter()
+            .filter(|(_, r)| r.client == client)
+            .map(|(g, _)| *g)
+            .collect();
         for g in &globals {
             self.close(*g);
         }
@@ -118,11 +122,23 @@ mod tests {
         let a = r.open(1, 5).unwrap();
         let b = r.open(2, 5).unwrap();
         assert_ne!(a, b);
-        assert_eq!(r.lookup(a), Some(Route { client: 1, stream: 5 }));
+        assert_eq!(
+            r.lookup(a),
+            Some(Route {
+                client: 1,
+                stream: 5
+            })
+        );
         assert_eq!(r.global(2, 5), Some(b));
         assert_eq!(r.open(1, 5), Err(RouteError::Duplicate(5)));
         assert_eq!(r.open(1, 0), Err(RouteError::ReservedStream));
-        assert_eq!(r.close(a), Some(Route { client: 1, stream: 5 }));
+        assert_eq!(
+            r.close(a),
+            Some(Route {
+                client: 1,
+                stream: 5
+            })
+        );
         assert!(r.open(1, 5).is_ok());
         assert_eq!(r.drain_client(1).len(), 1);
         assert_eq!(r.len(), 1);

@@ -5,11 +5,12 @@ use crate::backend::qemu::{tail_console, QemuVm};
 use crate::backend::{files, LaunchSpec, Vmm, VmmExit};
 use crate::state::{ProcessId, Store, VmState};
 use smolvm_proto::supervisor::{
-    ClientMsg, ControlRequest, ControlResponse, ReadyInfo, SupervisorMsg, SupervisorStatus, VmRunState,
-    SUPERVISOR_PROTOCOL_VERSION,
+    ClientMsg, ControlRequest, ControlResponse, ReadyInfo, SupervisorMsg, SupervisorStatus,
+    VmRunState, SUPERVISOR_PROTOCOL_VERSION,
 };
 use smolvm_proto::{
-    encode_frame, Decoder, ErrorInfo, ErrorKind, Frame, GuestHello, GuestMsg, HostHello, HostMsg, PROTOCOL_VERSION,
+    encode_frame, Decoder, ErrorInfo, ErrorKind, Frame, GuestHello, GuestMsg, HostHello, HostMsg,
+    PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
 use std::io::Write;
@@ -73,7 +74,11 @@ pub async fn serve(spec: LaunchSpec, vm_dir: PathBuf, mut ready: std::fs::File) 
     let listener = match super::bind_in_dir(&vm_dir, files::SUPERVISOR_SOCKET) {
         Ok(l) => l,
         Err(e) => {
-            let _ = write!(ready, "E cannot listen on {}: {e}", vm_dir.join(files::SUPERVISOR_SOCKET).display());
+            let _ = write!(
+                ready,
+                "E cannot listen on {}: {e}",
+                vm_dir.join(files::SUPERVISOR_SOCKET).display()
+            );
             return 1;
         }
     };
@@ -138,7 +143,14 @@ pub async fn serve(spec: LaunchSpec, vm_dir: PathBuf, mut ready: std::fs::File) 
     tokio::spawn(hello_sender(agent_tx.clone(), shared.clone()));
 
     let (vm_tx, vm_rx) = mpsc::channel::<VmCmd>(16);
-    tokio::spawn(accept_loop(listener, shared.clone(), agent_tx.clone(), vm_tx, ready_rx, vm_dir.clone()));
+    tokio::spawn(accept_loop(
+        listener,
+        shared.clone(),
+        agent_tx.clone(),
+        vm_tx,
+        ready_rx,
+        vm_dir.clone(),
+    ));
 
     let (exit, stop_requested) = vm_loop(&mut vm, vm_rx, &shared, &agent_tx).await;
     finish(&shared, &vm_dir, &exit, stop_requested, &ready_tx).await;
@@ -266,7 +278,12 @@ async fn finish(
         // from the states this supervisor was responsible for.
         let _ = store.transition(
             &id,
-            &[VmState::Running, VmState::Paused, VmState::Created, VmState::Stopped],
+            &[
+                VmState::Running,
+                VmState::Paused,
+                VmState::Created,
+                VmState::Stopped,
+            ],
             state,
             err.as_deref(),
         );
@@ -276,7 +293,10 @@ async fn finish(
         if let Some(tx) = clients.get(&route.client) {
             if let Some(buf) = frame(
                 route.stream,
-                SupervisorMsg::Agent(GuestMsg::Error(ErrorInfo::new(ErrorKind::Other, format!("VM stopped: {exit}")))),
+                SupervisorMsg::Agent(GuestMsg::Error(ErrorInfo::new(
+                    ErrorKind::Other,
+                    format!("VM stopped: {exit}"),
+                ))),
             ) {
                 let _ = tx.try_send(buf);
             }
@@ -288,7 +308,12 @@ async fn finish(
 }
 
 fn cleanup(vm_dir: &std::path::Path) {
-    for f in [files::SUPERVISOR_SOCKET, files::QMP_SOCKET, files::AGENT_SOCKET, files::MEMORY_FILE] {
+    for f in [
+        files::SUPERVISOR_SOCKET,
+        files::QMP_SOCKET,
+        files::AGENT_SOCKET,
+        files::MEMORY_FILE,
+    ] {
         let _ = std::fs::remove_file(vm_dir.join(f));
     }
 }
@@ -302,7 +327,12 @@ fn tail_file_lines(path: &std::path::Path, n: usize) -> String {
 /// Sends the host hello until the agent answers (the guest opens its port
 /// only once booted; earlier bytes may be lost).
 async fn hello_sender(agent_tx: mpsc::Sender<Vec<u8>>, shared: SharedRef) {
-    let Some(buf) = frame(smolvm_proto::CONTROL_STREAM, HostMsg::Hello(HostHello { version: PROTOCOL_VERSION })) else {
+    let Some(buf) = frame(
+        smolvm_proto::CONTROL_STREAM,
+        HostMsg::Hello(HostHello {
+            version: PROTOCOL_VERSION,
+        }),
+    ) else {
         return;
     };
     loop {
@@ -319,7 +349,11 @@ async fn hello_sender(agent_tx: mpsc::Sender<Vec<u8>>, shared: SharedRef) {
     }
 }
 
-async fn agent_reader(mut r: tokio::net::unix::OwnedReadHalf, shared: SharedRef, ready_tx: watch::Sender<()>) {
+async fn agent_reader(
+    mut r: tokio::net::unix::OwnedReadHalf,
+    shared: SharedRef,
+    ready_tx: watch::Sender<()>,
+) {
     let mut dec = Decoder::new();
     let mut buf = vec![0u8; READ_BUF];
     loop {
@@ -362,7 +396,11 @@ async fn handle_guest_frame(f: Frame<GuestMsg>, shared: &SharedRef, ready_tx: &w
             } else {
                 let ready_ms = s.launched.elapsed().as_millis() as u64;
                 log!("agent {} ready after {ready_ms} ms", h.agent_version);
-                s.ready = Some(ReadyInfo { hello: h.clone(), vmm_start_ms: s.vmm_start_ms, ready_ms });
+                s.ready = Some(ReadyInfo {
+                    hello: h.clone(),
+                    vmm_start_ms: s.vmm_start_ms,
+                    ready_ms,
+                });
                 s.hello = Some(h);
                 if s.run_state == VmRunState::Booting {
                     s.run_state = VmRunState::Running;
@@ -379,7 +417,11 @@ async fn handle_guest_frame(f: Frame<GuestMsg>, shared: &SharedRef, ready_tx: &w
     );
     let target = {
         let mut s = lock(shared);
-        let route = if terminal { s.routes.close(f.stream) } else { s.routes.lookup(f.stream) };
+        let route = if terminal {
+            s.routes.close(f.stream)
+        } else {
+            s.routes.lookup(f.stream)
+        };
         route.and_then(|r| s.clients.get(&r.client).cloned().map(|tx| (r, tx)))
     };
     if let Some((route, tx)) = target {
@@ -399,7 +441,9 @@ async fn accept_loop(
     vm_dir: PathBuf,
 ) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         tokio::spawn(client_conn(
             stream,
             shared.clone(),
@@ -461,23 +505,34 @@ async fn client_conn(
                     }
                     greeted = true;
                     let id = lock(&shared).id.clone();
-                    if let Some(b) =
-                        frame(0, SupervisorMsg::Hello { version: SUPERVISOR_PROTOCOL_VERSION, vm_id: id })
-                    {
+                    if let Some(b) = frame(
+                        0,
+                        SupervisorMsg::Hello {
+                            version: SUPERVISOR_PROTOCOL_VERSION,
+                            vm_id: id,
+                        },
+                    ) {
                         let _ = tx.send(b).await;
                     }
                 }
                 _ if !greeted => break 'conn,
                 ClientMsg::Agent(msg) => {
-                    if let Err(e) = forward_to_agent(client, f.stream, msg, &shared, &agent_tx).await {
+                    if let Err(e) =
+                        forward_to_agent(client, f.stream, msg, &shared, &agent_tx).await
+                    {
                         if let Some(b) = frame(f.stream, SupervisorMsg::Agent(GuestMsg::Error(e))) {
                             let _ = tx.send(b).await;
                         }
                     }
                 }
                 ClientMsg::Control(req) => {
-                    let (shared, vm_tx, tx, ready_rx, vm_dir) =
-                        (shared.clone(), vm_tx.clone(), tx.clone(), ready_rx.clone(), vm_dir.clone());
+                    let (shared, vm_tx, tx, ready_rx, vm_dir) = (
+                        shared.clone(),
+                        vm_tx.clone(),
+                        tx.clone(),
+                        ready_rx.clone(),
+                        vm_dir.clone(),
+                    );
                     tokio::spawn(async move {
                         let resp = control(req, &shared, &vm_tx, ready_rx, &vm_dir).await;
                         if let Some(b) = frame(f.stream, SupervisorMsg::Control(resp)) {
@@ -495,7 +550,12 @@ async fn client_conn(
         s.routes.drain_client(client)
     };
     for g in orphans {
-        if let Some(b) = frame(g, HostMsg::Signal { signal: libc::SIGKILL }) {
+        if let Some(b) = frame(
+            g,
+            HostMsg::Signal {
+                signal: libc::SIGKILL,
+            },
+        ) {
             let _ = agent_tx.send(b).await;
         }
     }
@@ -516,20 +576,30 @@ async fn forward_to_agent(
             return Err(ErrorInfo::new(ErrorKind::Other, f.clone()));
         }
         if s.hello.is_none() {
-            return Err(ErrorInfo::new(ErrorKind::Other, "the guest agent is not ready yet"));
+            return Err(ErrorInfo::new(
+                ErrorKind::Other,
+                "the guest agent is not ready yet",
+            ));
         }
         match &msg {
             HostMsg::Hello(_) => {
-                return Err(ErrorInfo::new(ErrorKind::InvalidRequest, "the supervisor owns the agent hello"))
+                return Err(ErrorInfo::new(
+                    ErrorKind::InvalidRequest,
+                    "the supervisor owns the agent hello",
+                ))
             }
             HostMsg::Exec(_) | HostMsg::Ping { .. } | HostMsg::Shutdown => s
                 .routes
                 .open(client, stream)
                 .map_err(|e| ErrorInfo::new(ErrorKind::InvalidRequest, e.to_string()))?,
-            HostMsg::Stdin(_) | HostMsg::StdinClose | HostMsg::Signal { .. } => s
-                .routes
-                .global(client, stream)
-                .ok_or_else(|| ErrorInfo::new(ErrorKind::InvalidRequest, format!("no open stream {stream}")))?,
+            HostMsg::Stdin(_) | HostMsg::StdinClose | HostMsg::Signal { .. } => {
+                s.routes.global(client, stream).ok_or_else(|| {
+                    ErrorInfo::new(
+                        ErrorKind::InvalidRequest,
+                        format!("no open stream {stream}"),
+                    )
+                })?
+            }
         }
     };
     let buf = encode_frame(&Frame::new(global, msg))
@@ -581,7 +651,9 @@ async fn control(
                 }
                 match tokio::time::timeout_at(deadline, ready_rx.changed()).await {
                     Ok(Ok(())) => continue,
-                    Ok(Err(_)) => return ControlResponse::Error("the supervisor is shutting down".into()),
+                    Ok(Err(_)) => {
+                        return ControlResponse::Error("the supervisor is shutting down".into())
+                    }
                     Err(_) => {
                         return ControlResponse::Error(format!(
                             "the guest agent did not answer within {:.1}s\n{}",

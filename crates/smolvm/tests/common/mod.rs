@@ -7,17 +7,24 @@
 use std::future::Future;
 use std::pin::Pin;
 
-pub type CaseFn<'a, T> = Box<dyn Fn(&'a T) -> Pin<Box<dyn Future<Output = Result<(), String>> + 'a>> + 'a>;
+pub type CaseFn<'a, T> =
+    Box<dyn Fn(&'a T) -> Pin<Box<dyn Future<Output = Result<(), String>> + 'a>> + 'a>;
 
 /// Isolates the test run's state (the image cache stays shared).
 pub fn isolated_data_dir() -> tempfile::TempDir {
-    let d = tempfile::Builder::new().prefix("smolvm-test-").tempdir().expect("temp dir");
+    let d = tempfile::Builder::new()
+        .prefix("smolvm-test-")
+        .tempdir()
+        .expect("temp dir");
     std::env::set_var("SMOLVM_DATA_DIR", d.path());
     d
 }
 
 pub fn filter() -> Vec<String> {
-    std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect()
+    std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect()
 }
 
 pub fn selected(name: &str, filters: &[String]) -> bool {
@@ -43,7 +50,15 @@ macro_rules! check_eq {
     ($a:expr, $b:expr) => {{
         let (a, b) = (&$a, &$b);
         if a != b {
-            return Err(format!("{}:{}: {} != {}: {:?} vs {:?}", file!(), line!(), stringify!($a), stringify!($b), a, b));
+            return Err(format!(
+                "{}:{}: {} != {}: {:?} vs {:?}",
+                file!(),
+                line!(),
+                stringify!($a),
+                stringify!($b),
+                a,
+                b
+            ));
         }
     }};
 }

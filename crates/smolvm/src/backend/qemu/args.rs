@@ -16,7 +16,10 @@ pub fn host_tsc_khz() -> Option<u64> {
     cpuinfo.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
         if k.trim() == "cpu MHz" {
-            v.trim().parse::<f64>().ok().map(|mhz| (mhz * 1000.0) as u64)
+            v.trim()
+                .parse::<f64>()
+                .ok()
+                .map(|mhz| (mhz * 1000.0) as u64)
         } else {
             None
         }
@@ -90,15 +93,24 @@ pub fn launch_args(spec: &LaunchSpec) -> Vec<String> {
         "-serial".into(),
         "chardev:con".into(),
         "-drive".into(),
-        format!("id=root,file={},format=qcow2,if=none,discard=unmap", s(&spec.disk)),
+        format!(
+            "id=root,file={},format=qcow2,if=none,discard=unmap",
+            s(&spec.disk)
+        ),
         "-device".into(),
         "virtio-blk-device,drive=root".into(),
         "-device".into(),
         "virtio-serial-device".into(),
         "-chardev".into(),
-        format!("socket,id=agent,path={},server=on,wait=off", files::AGENT_SOCKET),
+        format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            files::AGENT_SOCKET
+        ),
         "-device".into(),
-        format!("virtserialport,chardev=agent,name={}", smolvm_proto::AGENT_PORT_NAME),
+        format!(
+            "virtserialport,chardev=agent,name={}",
+            smolvm_proto::AGENT_PORT_NAME
+        ),
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", files::QMP_SOCKET),
     ]);
@@ -116,15 +128,29 @@ pub fn launch_args(spec: &LaunchSpec) -> Vec<String> {
 /// Arguments for the accelerator probe: boot the image's kernel and
 /// initramfs with `smolvm.probe=1`; the init prints a marker to the console
 /// (written to `console`) and reboots, which ends QEMU.
-pub fn probe_args(accel: ResolvedAccel, kernel: &Path, initramfs: &Path, console: &Path) -> Vec<String> {
+pub fn probe_args(
+    accel: ResolvedAccel,
+    kernel: &Path,
+    initramfs: &Path,
+    console: &Path,
+) -> Vec<String> {
     let mut a: Vec<String> = vec![
         "-M".into(),
         format!(
             "microvm,accel={},pit=on,pic=on,rtc=on",
-            if accel == ResolvedAccel::Kvm { "kvm" } else { "tcg" }
+            if accel == ResolvedAccel::Kvm {
+                "kvm"
+            } else {
+                "tcg"
+            }
         ),
         "-cpu".into(),
-        if accel == ResolvedAccel::Kvm { "host" } else { "max" }.into(),
+        if accel == ResolvedAccel::Kvm {
+            "host"
+        } else {
+            "max"
+        }
+        .into(),
     ];
     a.extend([
         "-m".into(),

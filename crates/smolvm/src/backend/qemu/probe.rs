@@ -35,7 +35,11 @@ struct CachedVerdict {
 }
 
 fn kvm_usable_device() -> Result<(), String> {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err("/dev/kvm does not exist".into()),
         Err(e) => Err(format!("/dev/kvm cannot be opened: {e}")),
@@ -46,11 +50,23 @@ fn cache_key(kernel: &Path) -> String {
     let qemu = Command::new(QEMU_BINARY)
         .arg("--version")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
         .unwrap_or_default();
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let kmeta = std::fs::metadata(kernel).map(|m| m.len()).unwrap_or(0);
-    format!("{}|{}|{}|{}", qemu.trim(), host.trim(), kernel.display(), kmeta)
+    format!(
+        "{}|{}|{}|{}",
+        qemu.trim(),
+        host.trim(),
+        kernel.display(),
+        kmeta
+    )
 }
 
 /// Boots the probe under KVM. `Ok(elapsed)` when the marker appeared.
@@ -66,14 +82,19 @@ fn run_probe(kernel: &Path, initramfs: &Path) -> Result<Duration, String> {
         .spawn()
         .map_err(|e| format!("cannot start {QEMU_BINARY}: {e}"))?;
     let result = loop {
-        let seen = std::fs::read_to_string(&console).map(|c| c.contains(PROBE_MARKER)).unwrap_or(false);
+        let seen = std::fs::read_to_string(&console)
+            .map(|c| c.contains(PROBE_MARKER))
+            .unwrap_or(false);
         if seen {
             break Ok(start.elapsed());
         }
         match child.try_wait() {
             Ok(Some(st)) => {
                 // Read the console once more: the marker may have landed just before exit.
-                if std::fs::read_to_string(&console).map(|c| c.contains(PROBE_MARKER)).unwrap_or(false) {
+                if std::fs::read_to_string(&console)
+                    .map(|c| c.contains(PROBE_MARKER))
+                    .unwrap_or(false)
+                {
                     break Ok(start.elapsed());
                 }
                 let mut err = String::new();
@@ -81,7 +102,12 @@ fn run_probe(kernel: &Path, initramfs: &Path) -> Result<Duration, String> {
                     use std::io::Read;
                     let _ = (&mut e).take(4096).read_to_string(&mut err);
                 }
-                let first = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
+                let first = err
+                    .lines()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("")
+                    .trim()
+                    .to_string();
                 break Err(format!("KVM probe boot failed ({st}): {first}"));
             }
             Ok(None) => {}
@@ -103,7 +129,11 @@ fn run_probe(kernel: &Path, initramfs: &Path) -> Result<Duration, String> {
 }
 
 fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
-    let d = std::env::temp_dir().join(format!("smolvm-probe-{}-{}", std::process::id(), crate::state::proc_start_time(std::process::id()).unwrap_or(0)));
+    let d = std::env::temp_dir().join(format!(
+        "smolvm-probe-{}-{}",
+        std::process::id(),
+        crate::state::proc_start_time(std::process::id()).unwrap_or(0)
+    ));
     std::fs::create_dir_all(&d)?;
     Ok(d)
 }
@@ -113,15 +143,27 @@ fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
 pub fn resolve_accel(requested: Accel, kernel: &Path, initramfs: &Path) -> AccelVerdict {
     match requested {
         Accel::Tcg => {
-            return AccelVerdict { accel: ResolvedAccel::Tcg, reason: "TCG requested".into(), cached: false }
+            return AccelVerdict {
+                accel: ResolvedAccel::Tcg,
+                reason: "TCG requested".into(),
+                cached: false,
+            }
         }
         Accel::Kvm => {
-            return AccelVerdict { accel: ResolvedAccel::Kvm, reason: "KVM requested".into(), cached: false }
+            return AccelVerdict {
+                accel: ResolvedAccel::Kvm,
+                reason: "KVM requested".into(),
+                cached: false,
+            }
         }
         Accel::Auto => {}
     }
     if let Err(why) = kvm_usable_device() {
-        return AccelVerdict { accel: ResolvedAccel::Tcg, reason: format!("{why}; using TCG"), cached: false };
+        return AccelVerdict {
+            accel: ResolvedAccel::Tcg,
+            reason: format!("{why}; using TCG"),
+            cached: false,
+        };
     }
     let cache = crate::paths::cache_dir().join(VERDICT_FILE);
     let key = cache_key(kernel);
@@ -130,7 +172,10 @@ pub fn resolve_accel(requested: Accel, kernel: &Path, initramfs: &Path) -> Accel
         .and_then(|b| serde_json::from_slice::<CachedVerdict>(&b).ok())
         .filter(|c| c.key == key)
     {
-        return AccelVerdict { cached: true, ..c.verdict };
+        return AccelVerdict {
+            cached: true,
+            ..c.verdict
+        };
     }
     let verdict = match run_probe(kernel, initramfs) {
         Ok(t) => AccelVerdict {
@@ -138,9 +183,16 @@ pub fn resolve_accel(requested: Accel, kernel: &Path, initramfs: &Path) -> Accel
             reason: format!("KVM probe boot reached init in {} ms", t.as_millis()),
             cached: false,
         },
-        Err(why) => AccelVerdict { accel: ResolvedAccel::Tcg, reason: format!("{why}; using TCG"), cached: false },
+        Err(why) => AccelVerdict {
+            accel: ResolvedAccel::Tcg,
+            reason: format!("{why}; using TCG"),
+            cached: false,
+        },
     };
-    let record = CachedVerdict { key, verdict: verdict.clone() };
+    let record = CachedVerdict {
+        key,
+        verdict: verdict.clone(),
+    };
     if let Ok(bytes) = serde_json::to_vec_pretty(&record) {
         let _ = std::fs::create_dir_all(crate::paths::cache_dir());
         let tmp = cache.with_extension(format!("tmp.{}", std::process::id()));

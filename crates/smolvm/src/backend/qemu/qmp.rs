@@ -21,7 +21,11 @@ pub enum QmpError {
     #[error("QMP sent an invalid reply: {0}")]
     Protocol(String),
     #[error("QMP command `{command}` failed: {class}: {desc}")]
-    Command { command: String, class: String, desc: String },
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
     #[error("QMP command `{0}` got no reply in time")]
     Timeout(String),
 }
@@ -38,10 +42,16 @@ impl Qmp {
     pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
         let stream = UnixStream::connect(path).await?;
         let (r, w) = stream.into_split();
-        let mut qmp = Qmp { reader: BufReader::new(r), writer: w, events: Vec::new() };
+        let mut qmp = Qmp {
+            reader: BufReader::new(r),
+            writer: w,
+            events: Vec::new(),
+        };
         let greeting = qmp.read_message().await?;
         if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol(format!("unexpected greeting: {greeting}")));
+            return Err(QmpError::Protocol(format!(
+                "unexpected greeting: {greeting}"
+            )));
         }
         qmp.execute("qmp_capabilities", None).await?;
         Ok(qmp)
@@ -51,7 +61,10 @@ impl Qmp {
         let mut line = Vec::new();
         loop {
             line.clear();
-            let n = (&mut self.reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await?;
+            let n = (&mut self.reader)
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut line)
+                .await?;
             if n == 0 {
                 return Err(QmpError::Closed);
             }
@@ -67,7 +80,11 @@ impl Qmp {
 
     /// Runs one command and returns its `return` value. Events that arrive
     /// meanwhile are kept (see [`Qmp::take_events`]).
-    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
         let mut msg = json!({ "execute": command });
         if let Some(a) = arguments {
             msg["arguments"] = a;
@@ -90,8 +107,16 @@ impl Qmp {
                 if let Some(e) = m.get("error") {
                     return Err(QmpError::Command {
                         command: command.to_string(),
-                        class: e.get("class").and_then(Value::as_str).unwrap_or("?").to_string(),
-                        desc: e.get("desc").and_then(Value::as_str).unwrap_or("?").to_string(),
+                        class: e
+                            .get("class")
+                            .and_then(Value::as_str)
+                            .unwrap_or("?")
+                            .to_string(),
+                        desc: e
+                            .get("desc")
+                            .and_then(Value::as_str)
+                            .unwrap_or("?")
+                            .to_string(),
                     });
                 }
                 return Err(QmpError::Protocol(format!("unexpected message: {m}")));

@@ -52,7 +52,10 @@ pub fn tail_file(path: &Path, max: usize) -> String {
 }
 
 fn to_exit(st: std::process::ExitStatus) -> VmmExit {
-    VmmExit { code: st.code(), signal: st.signal() }
+    VmmExit {
+        code: st.code(),
+        signal: st.signal(),
+    }
 }
 
 impl QemuVm {
@@ -65,11 +68,14 @@ impl QemuVm {
             let _ = std::fs::remove_file(dir.join(f));
         }
         let log_path = dir.join(files::VMM_LOG);
-        let log = std::fs::File::create(&log_path)
-            .map_err(|source| QemuError::Log { path: log_path.display().to_string(), source })?;
-        let log2 = log
-            .try_clone()
-            .map_err(|source| QemuError::Log { path: log_path.display().to_string(), source })?;
+        let log = std::fs::File::create(&log_path).map_err(|source| QemuError::Log {
+            path: log_path.display().to_string(),
+            source,
+        })?;
+        let log2 = log.try_clone().map_err(|source| QemuError::Log {
+            path: log_path.display().to_string(),
+            source,
+        })?;
         let mut cmd = std::process::Command::new(QEMU_BINARY);
         cmd.args(launch_args(spec))
             .current_dir(dir)
@@ -90,7 +96,10 @@ impl QemuVm {
         let mut child = Command::from(cmd)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|source| QemuError::Spawn { binary: QEMU_BINARY.into(), source })?;
+            .map_err(|source| QemuError::Spawn {
+                binary: QEMU_BINARY.into(),
+                source,
+            })?;
         let pid = child.id().unwrap_or(0);
         let start = Instant::now();
         let qmp_path = dir.join(files::QMP_SOCKET);
@@ -117,7 +126,12 @@ impl QemuVm {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
-        Ok(QemuVm { child, pid, qmp: Some(qmp), exit: None })
+        Ok(QemuVm {
+            child,
+            pid,
+            qmp: Some(qmp),
+            exit: None,
+        })
     }
 
     fn qmp(&mut self) -> Result<&mut Qmp, QemuError> {
@@ -166,7 +180,10 @@ impl Vmm for QemuVm {
         }
         let e = match self.child.wait().await {
             Ok(st) => to_exit(st),
-            Err(_) => VmmExit { code: None, signal: None },
+            Err(_) => VmmExit {
+                code: None,
+                signal: None,
+            },
         };
         self.exit = Some(e.clone());
         e
@@ -190,7 +207,11 @@ impl Vmm for QemuVm {
 /// Last `lines` non-empty lines of the guest console log.
 pub fn tail_console(path: &Path, lines: usize) -> String {
     let t = tail_file(path, 16 * 1024);
-    let v: Vec<&str> = t.lines().map(|l| l.trim_end_matches('\r')).filter(|l| !l.trim().is_empty()).collect();
+    let v: Vec<&str> = t
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     v[v.len().saturating_sub(lines)..].join("\n")
 }
 
@@ -198,7 +219,9 @@ pub fn tail_console(path: &Path, lines: usize) -> String {
 /// (the base is shared and never written). `size` grows the virtual disk.
 pub async fn create_overlay(base: &Path, disk: &Path, size: Option<u64>) -> Result<(), QemuError> {
     let mut cmd = tokio::process::Command::new("qemu-img");
-    cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(base).arg(disk);
+    cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(base)
+        .arg(disk);
     if let Some(s) = size {
         cmd.arg(s.to_string());
     }
@@ -206,7 +229,10 @@ pub async fn create_overlay(base: &Path, disk: &Path, size: Option<u64>) -> Resu
         .stdin(Stdio::null())
         .output()
         .await
-        .map_err(|source| QemuError::Spawn { binary: "qemu-img".into(), source })?;
+        .map_err(|source| QemuError::Spawn {
+            binary: "qemu-img".into(),
+            source,
+        })?;
     if !out.status.success() {
         let _ = std::fs::remove_file(disk);
         return Err(QemuError::EarlyExit {

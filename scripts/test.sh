@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, unit tests and end-to-end tests that boot real
+# VMs (the first run builds the guest image, ~1-2 minutes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup-host.sh
+scripts/build.sh dev
+echo "test: cargo fmt --check"
+cargo fmt --all --check
+echo "test: cargo clippy"
+cargo clippy --quiet --workspace --all-targets -- -D warnings
+echo "test: cargo test"
+cargo test --workspace --no-fail-fast
