@@ -90,7 +90,7 @@ mod tests {
 
     #[test]
     fn control_round_trip() {
-        let msgs = vec![
+        let msgs = [
             ClientMsg::Hello {
                 version: SUPERVISOR_PROTOCOL_VERSION,
             },

@@ -230,11 +230,7 @@ async fn futures_join_all<F: std::future::Future>(
         }
     })
     .await;
-    for r in results {
-        if let Some(r) = r {
-            out.push(r);
-        }
-    }
+    out.extend(results.into_iter().flatten());
     out
 }
 

@@ -58,10 +58,7 @@ pub async fn image(c: ImageCommand) -> anyhow::Result<u8> {
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!(
-                    "{:<12} {:>9}  {:<24} {:<14} {}",
-                    "NAME", "SIZE", "KERNEL", "AGENT", "PROBLEM"
-                );
+                println!("NAME         SIZE       KERNEL                   AGENT          PROBLEM");
                 for i in &list {
                     println!(
                         "{:<12} {:>8.0}M  {:<24} {:<14} {}",

@@ -7,8 +7,11 @@
 //! progress through [`ImageEvent`]s.
 
 mod build;
+#[cfg(test)]
+mod e2e_tests;
 mod error;
 mod initramfs;
+mod inventory;
 mod kernel;
 mod manifest;
 mod modules;
@@ -18,8 +21,9 @@ mod run;
 mod store;
 mod types;
 
-pub use build::{build, ensure, list, remove};
+pub use build::{build, ensure};
 pub use error::ImageError;
+pub use inventory::{list, remove};
 pub use manifest::{
     format_utc, sha256_file, FileEntry, Files, InitramfsInfo, KernelInfo, Manifest, RootfsInfo,
     INITRAMFS, MANIFEST, MANIFEST_FORMAT, MODULES_DIR, ROOTFS, VMLINUX,

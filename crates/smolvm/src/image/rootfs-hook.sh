@@ -31,9 +31,10 @@ chmod 1777 "$root/tmp"
 chmod 0700 "$root/root"
 
 # What mmdebstrap's cleanup would do, so the image does not carry it.
-rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin
+# (Package lists go, apt's lock file and partial/ directory stay.)
+find "$root/var/lib/apt/lists" -maxdepth 1 -type f ! -name lock -delete
+rm -f "$root"/var/cache/apt/*.bin
 find "$root/var/cache/apt/archives" -maxdepth 1 -type f -name '*.deb' -delete
-mkdir -p "$root/var/lib/apt/lists/partial"
 rm -f "$root/var/log/dpkg.log" "$root/var/log/apt/history.log" "$root/var/log/apt/term.log" \
     "$root/var/log/alternatives.log" "$root/var/cache/ldconfig/aux-cache" \
     "$root/var/log/apt/eipp.log.xz" "$root/var/lib/dbus/machine-id"
@@ -64,7 +65,7 @@ step "making ext4 (${size_mib} MiB)"
 "$SMOLVM_UNSHARE" --mount --propagation private -- sh -eu -c '
     mount --bind "$1" "$2"
     rm -f "$3"
-    "$4" -F -q -L "$5" -E root_owner=0:0 -d "$2" "$3" "$6M"
+    "$4" -F -q -b 4096 -i 8192 -L "$5" -E root_owner=0:0 -d "$2" "$3" "$6M"
 ' sh "$root" "$SMOLVM_VIEW" "$SMOLVM_EXT4" "$SMOLVM_MKFS" "$SMOLVM_LABEL" "$size_mib"
 
 if [ -n "$saved" ]; then

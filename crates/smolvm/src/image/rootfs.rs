@@ -38,14 +38,16 @@ pub(crate) fn build(
     let unshare = hosttools::require("unshare")?;
 
     let hook = work.join("rootfs-hook.sh");
-    std::fs::write(&hook, ROOTFS_HOOK_SH).map_err(ImageError::io(format!("cannot write {}", hook.display())))?;
+    std::fs::write(&hook, ROOTFS_HOOK_SH)
+        .map_err(ImageError::io(format!("cannot write {}", hook.display())))?;
     std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))
         .map_err(ImageError::io(format!("cannot chmod {}", hook.display())))?;
     // Everything the hook writes goes to `out`. In unshare mode the hook
     // runs as a subordinate uid, so `out` is handed to that uid for the run
     // and taken back afterwards.
     let out = work.join("rootfs-out");
-    std::fs::create_dir_all(&out).map_err(ImageError::io(format!("cannot create {}", out.display())))?;
+    std::fs::create_dir_all(&out)
+        .map_err(ImageError::io(format!("cannot create {}", out.display())))?;
     let mode = mmdebstrap_mode();
     let owner = match mode {
         "root" => None,
@@ -85,7 +87,9 @@ pub(crate) fn build(
     if let Err(e) = result {
         return Err(match owner {
             None => e,
-            Some(_) => ImageError::Unprivileged { source: Box::new(e) },
+            Some(_) => ImageError::Unprivileged {
+                source: Box::new(e),
+            },
         });
     }
     if !ext4.is_file() {
@@ -95,7 +99,8 @@ pub(crate) fn build(
             tail: String::new(),
         });
     }
-    std::fs::rename(&ext4, dest).map_err(ImageError::io(format!("cannot move {}", ext4.display())))?;
+    std::fs::rename(&ext4, dest)
+        .map_err(ImageError::io(format!("cannot move {}", ext4.display())))?;
     let status = std::fs::read_to_string(&status)
         .map_err(ImageError::io(format!("cannot read {}", status.display())))?;
     Ok(BuiltRootfs {
@@ -119,7 +124,9 @@ fn first_subid(contents: &str, user: &str, id: u32) -> Option<u64> {
         let (who, start, count) = (f.next()?, f.next()?, f.next()?);
         let matches = who == user || who.parse::<u32>().ok() == Some(id);
         let count: u64 = count.trim().parse().ok()?;
-        (matches && count > 0).then(|| start.trim().parse().ok()).flatten()
+        (matches && count > 0)
+            .then(|| start.trim().parse().ok())
+            .flatten()
     })
 }
 
@@ -171,15 +178,28 @@ impl SubIds {
             .arg(format!("--map-groups={},1,1", self.subgid))
             .arg("--")
             .args(args);
-        run::run_streaming(&mut cmd, "unshare", &mut |l| tracing::debug!("unshare: {l}"))
+        run::run_streaming(&mut cmd, "unshare", &mut |l| {
+            tracing::debug!("unshare: {l}")
+        })
     }
 
     fn chown_to_subordinate_root(&self, unshare: &Path, dir: &Path) -> Result<(), ImageError> {
-        self.run_mapped(unshare, &["chown".as_ref(), "1:1".as_ref(), dir.as_os_str()])
+        self.run_mapped(
+            unshare,
+            &["chown".as_ref(), "1:1".as_ref(), dir.as_os_str()],
+        )
     }
 
     fn take_back(&self, unshare: &Path, dir: &Path) -> Result<(), ImageError> {
-        self.run_mapped(unshare, &["chown".as_ref(), "-R".as_ref(), "0:0".as_ref(), dir.as_os_str()])
+        self.run_mapped(
+            unshare,
+            &[
+                "chown".as_ref(),
+                "-R".as_ref(),
+                "0:0".as_ref(),
+                dir.as_os_str(),
+            ],
+        )
     }
 }
 

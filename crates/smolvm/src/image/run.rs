@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 
@@ -50,6 +51,16 @@ pub(crate) fn run_streaming(
     on_line: &mut dyn FnMut(&str),
 ) -> Result<(), ImageError> {
     tracing::debug!(?cmd, "running");
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls prctl, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            // If we die (say, Ctrl-C or kill -9 of the CLI), the tool gets
+            // SIGTERM instead of running on; mmdebstrap cleans up on it.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -102,14 +102,6 @@ impl Routes {
         self.per_client.clear();
         all
     }
-
-    pub fn len(&self) -> usize {
-        self.by_global.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_global.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -141,7 +133,7 @@ mod tests {
         );
         assert!(r.open(1, 5).is_ok());
         assert_eq!(r.drain_client(1).len(), 1);
-        assert_eq!(r.len(), 1);
+        assert_eq!(r.by_global.len(), 1);
     }
 
     #[test]
