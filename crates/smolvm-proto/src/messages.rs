@@ -22,7 +22,8 @@ pub enum HostMsg {
     StdinClose,
     /// Sends a signal to the process group of the stream's process.
     Signal { signal: i32 },
-    /// Syncs filesystems, ends all processes and powers the guest off.
+    /// Syncs filesystems, ends all processes and ends the VM (the agent
+    /// restarts the guest; the VMM runs with -no-reboot, so it exits).
     /// Answered by `ShutdownAck` just before the power-off.
     Shutdown,
 }

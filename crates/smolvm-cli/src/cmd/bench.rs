@@ -16,6 +16,9 @@ pub struct BenchArgs {
     /// Create+start+first-command repetitions.
     #[arg(long, default_value_t = 3)]
     boots: usize,
+    /// VM counts for the parallel create+start+first-command runs.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    parallel: Vec<usize>,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench/results.json")]
     out: std::path::PathBuf,
@@ -33,6 +36,86 @@ struct Results {
     boot_agent_ready_ms: Vec<f64>,
     exec_true_rtt_ms: Stats,
     ping_rtt_ms: Stats,
+    pause_ms: Stats,
+    resume_ms: Stats,
+    stop_ms: Stats,
+    start_stopped_ms: Stats,
+    parallel: Vec<Parallel>,
+}
+
+#[derive(Serialize, Default, Clone)]
+struct Parallel {
+    vms: usize,
+    /// Wall time for all VMs to be created, started and answer a command.
+    wall_ms: f64,
+    /// Per-VM host memory of supervisor + VMM (mean), in MiB.
+    rss_mib: f64,
+    pss_mib: f64,
+}
+
+/// (RSS, PSS) of a process in KiB, from /proc/<pid>/smaps_rollup.
+fn mem_kib(pid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("Rss:"), field("Pss:"))
+}
+
+async fn parallel_boot(n: usize) -> anyhow::Result<Parallel> {
+    let t = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        tasks.spawn(async move {
+            let vm = Sandbox::create(SandboxConfig {
+                memory_mib: 256,
+                ..SandboxConfig::default()
+            })
+            .await?;
+            let r = async {
+                vm.start(Duration::from_secs(600)).await?;
+                anyhow::ensure!(vm.run("true").await?.ok(), "`true` failed");
+                Ok(())
+            }
+            .await;
+            Ok::<_, anyhow::Error>((vm, r))
+        });
+    }
+    let mut vms = Vec::new();
+    let mut first_err = None;
+    while let Some(j) = tasks.join_next().await {
+        let (vm, r) = j??;
+        if let Err(e) = r {
+            first_err.get_or_insert(e);
+        }
+        vms.push(vm);
+    }
+    let wall_ms = ms(t.elapsed());
+    let (mut rss, mut pss) = (0u64, 0u64);
+    for vm in &vms {
+        let info = vm.info().await?;
+        for pid in [info.vmm_pid, info.supervisor_pid].into_iter().flatten() {
+            let (r, p) = mem_kib(pid);
+            rss += r;
+            pss += p;
+        }
+    }
+    for vm in vms {
+        vm.delete().await?;
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    Ok(Parallel {
+        vms: n,
+        wall_ms,
+        rss_mib: rss as f64 / 1024.0 / n as f64,
+        pss_mib: pss as f64 / 1024.0 / n as f64,
+    })
 }
 
 #[derive(Serialize, Default, Clone)]
@@ -138,9 +221,36 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
         rtt.push(ms(t.elapsed()));
         ping.push(ms(vm.ping().await?));
     }
-    vm.delete().await?;
     r.exec_true_rtt_ms = stats(rtt);
     r.ping_rtt_ms = stats(ping);
+
+    eprintln!("bench: pause/resume and stop/start ...");
+    let (mut pause, mut resume, mut stop, mut start) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..a.boots.max(1) {
+        let t = Instant::now();
+        vm.pause().await?;
+        pause.push(ms(t.elapsed()));
+        let t = Instant::now();
+        vm.resume().await?;
+        resume.push(ms(t.elapsed()));
+        let t = Instant::now();
+        vm.stop(Duration::from_secs(30)).await?;
+        stop.push(ms(t.elapsed()));
+        let t = Instant::now();
+        vm.start(Duration::from_secs(120)).await?;
+        start.push(ms(t.elapsed()));
+    }
+    vm.delete().await?;
+    r.pause_ms = stats(pause);
+    r.resume_ms = stats(resume);
+    r.stop_ms = stats(stop);
+    r.start_stopped_ms = stats(start);
+
+    for n in a.parallel.iter().copied() {
+        eprintln!("bench: {n} VM(s) in parallel ...");
+        r.parallel.push(parallel_boot(n).await?);
+    }
 
     println!(
         "smolvm benchmark (accelerator: {}, host cpus: {})",
