@@ -83,7 +83,7 @@ impl Reporter<'_> {
     fn step(&mut self, label: impl Into<String>) {
         self.index += 1;
         let label = label.into();
-        tracing::info!(step = self.index, total = self.total, "{label}");
+        tracing::debug!(step = self.index, total = self.total, "{label}");
         (self.sink)(ImageEvent::Step {
             index: self.index,
             total: self.total.max(self.index),
@@ -121,7 +121,8 @@ fn initramfs_wanted(
 /// Returns image `name`, building it (or just its initramfs, when only the
 /// agent or `/init` changed) when the cache does not hold a current one.
 /// The common case — image present and current — reads the manifest,
-/// checks file sizes and hashes the agent, nothing more.
+/// checks file sizes and hashes the agent, nothing more, and sends no
+/// events.
 pub fn ensure(name: &str, progress: &mut dyn FnMut(ImageEvent)) -> Result<Image, ImageError> {
     let recipe = recipe::get(name)?;
     let dir = paths::images_dir().join(name);

@@ -41,7 +41,7 @@ pub enum ImageError {
         tail: String,
     },
 
-    #[error("building images as a non-root user failed; mmdebstrap's unshare mode needs unprivileged user namespaces and /etc/subuid and /etc/subgid entries for this user (or run the build as root)")]
+    #[error("building the root filesystem without root failed (mmdebstrap's unshare mode needs unprivileged user namespaces, newuidmap and /etc/subuid and /etc/subgid entries); building as root avoids all three")]
     Unprivileged {
         #[source]
         source: Box<ImageError>,

@@ -201,7 +201,12 @@ pub(crate) fn fetch(
         .arg(recipe.suite)
         .arg("/dev/null")
         .current_dir(work);
-    run::run_streaming(&mut cmd, "mmdebstrap", log)?;
+    run::run_streaming(
+        &mut cmd,
+        "mmdebstrap",
+        &work.join("kernel-mmdebstrap.log"),
+        log,
+    )?;
 
     let boot = out.join("boot");
     let mut kernels: Vec<(String, PathBuf)> = std::fs::read_dir(&boot)

@@ -42,19 +42,26 @@ if [ -e "$root/etc/machine-id" ]; then
     rm -f "$root/etc/machine-id"
     : >"$root/etc/machine-id"
 fi
-find "$root/run" "$root/tmp" -mindepth 1 -maxdepth 1 ! -name lock -exec rm -rf {} +
 
 cp "$root/var/lib/dpkg/status" "$SMOLVM_DPKG_STATUS"
 
-# mmdebstrap's temporary apt config must not end up in the image, but its
-# cleanup expects to delete it later: keep it aside while mkfs runs.
+# mmdebstrap still needs its temporary apt configuration and its files in
+# /tmp and /run after this hook (its cleanup removes them later), but the
+# image must not carry them: move them aside while mkfs runs.
 mkdir -p "$SMOLVM_VIEW"
+stash=$(mktemp -d "${root%/}.smolvm-stash.XXXXXX" 2>/dev/null || mktemp -d "$SMOLVM_VIEW.stash.XXXXXX")
+mkdir "$stash/tmp" "$stash/run" "$stash/apt"
 aptconf="$root/etc/apt/apt.conf.d/00mmdebstrap"
-saved=""
-if [ -e "$aptconf" ]; then
-    saved="$SMOLVM_VIEW.00mmdebstrap"
-    mv "$aptconf" "$saved"
-fi
+restore() {
+    find "$stash/tmp" -mindepth 1 -maxdepth 1 -exec mv {} "$root/tmp/" \;
+    find "$stash/run" -mindepth 1 -maxdepth 1 -exec mv {} "$root/run/" \;
+    if [ -e "$stash/apt/00mmdebstrap" ]; then mv "$stash/apt/00mmdebstrap" "$aptconf"; fi
+    rm -rf "$stash"
+}
+trap restore EXIT
+find "$root/tmp" -mindepth 1 -maxdepth 1 -exec mv {} "$stash/tmp/" \;
+find "$root/run" -mindepth 1 -maxdepth 1 ! -name lock -exec mv {} "$stash/run/" \;
+if [ -e "$aptconf" ]; then mv "$aptconf" "$stash/apt/"; fi
 
 used_kib=$(du -skx "$root" | cut -f1)
 size_mib=$((used_kib * 5 / 4 / 1024 + 256))
@@ -67,7 +74,3 @@ step "making ext4 (${size_mib} MiB)"
     rm -f "$3"
     "$4" -F -q -b 4096 -i 8192 -L "$5" -E root_owner=0:0 -d "$2" "$3" "$6M"
 ' sh "$root" "$SMOLVM_VIEW" "$SMOLVM_EXT4" "$SMOLVM_MKFS" "$SMOLVM_LABEL" "$size_mib"
-
-if [ -n "$saved" ]; then
-    mv "$saved" "$aptconf"
-fi

@@ -51,7 +51,10 @@ pub(crate) fn build(
     let mode = mmdebstrap_mode();
     let owner = match mode {
         "root" => None,
-        _ => Some(SubIds::of_current_user()?),
+        _ => {
+            hosttools::require("newuidmap")?;
+            Some(SubIds::of_current_user()?)
+        }
     };
     if let Some(ids) = &owner {
         ids.chown_to_subordinate_root(&unshare, &out)?;
@@ -80,7 +83,12 @@ pub(crate) fn build(
         .env("SMOLVM_MKFS", &mkfs)
         .env("SMOLVM_UNSHARE", &unshare)
         .env("SMOLVM_LABEL", recipe.fs_label);
-    let result = run::run_streaming(&mut cmd, "mmdebstrap", on_line);
+    let result = run::run_streaming(
+        &mut cmd,
+        "mmdebstrap",
+        &work.join("rootfs-mmdebstrap.log"),
+        on_line,
+    );
     if let Some(ids) = &owner {
         ids.take_back(&unshare, &out)?;
     }
@@ -168,38 +176,30 @@ impl SubIds {
         })
     }
 
-    /// Runs `args` in a user namespace where 0 is this user and 1 is the
-    /// namespace root of mmdebstrap's unshare mode.
-    fn run_mapped(&self, unshare: &Path, args: &[&std::ffi::OsStr]) -> Result<(), ImageError> {
+    /// Runs `chown args… dir` in a user namespace where 0 is this user and
+    /// 1 is the namespace root of mmdebstrap's unshare mode.
+    fn chown(&self, unshare: &Path, args: &[&str], dir: &Path) -> Result<(), ImageError> {
         let mut cmd = Command::new(unshare);
         cmd.arg("--map-user=0")
             .arg("--map-group=0")
             .arg(format!("--map-users={},1,1", self.subuid))
             .arg(format!("--map-groups={},1,1", self.subgid))
             .arg("--")
-            .args(args);
-        run::run_streaming(&mut cmd, "unshare", &mut |l| {
+            .arg("chown")
+            .args(args)
+            .arg(dir);
+        let log = dir.with_extension("chown.log");
+        run::run_streaming(&mut cmd, "unshare", &log, &mut |l| {
             tracing::debug!("unshare: {l}")
         })
     }
 
     fn chown_to_subordinate_root(&self, unshare: &Path, dir: &Path) -> Result<(), ImageError> {
-        self.run_mapped(
-            unshare,
-            &["chown".as_ref(), "1:1".as_ref(), dir.as_os_str()],
-        )
+        self.chown(unshare, &["1:1"], dir)
     }
 
     fn take_back(&self, unshare: &Path, dir: &Path) -> Result<(), ImageError> {
-        self.run_mapped(
-            unshare,
-            &[
-                "chown".as_ref(),
-                "-R".as_ref(),
-                "0:0".as_ref(),
-                dir.as_os_str(),
-            ],
-        )
+        self.chown(unshare, &["-R", "0:0"], dir)
     }
 }
 

@@ -2,15 +2,20 @@
 //! through them.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::fs::File;
+use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::time::Duration;
 
 use super::ImageError;
 
 /// Lines of a failed tool's output quoted in its error.
 const TAIL_LINES: usize = 12;
+
+/// How often a running tool's log is checked for new lines.
+const POLL: Duration = Duration::from_millis(50);
 
 fn status_text(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
@@ -43,78 +48,88 @@ pub(crate) fn mmdebstrap_mode() -> &'static str {
     }
 }
 
-/// Runs `cmd`, handing each line it prints on stdout or stderr to `on_line`
-/// as it arrives. A failure carries the last lines printed.
+/// Splits complete lines off the front of `buf`, cleaned for display
+/// (apt redraws progress with `\r`: keep the last state).
+fn drain_lines(buf: &mut Vec<u8>, all: bool, mut emit: impl FnMut(String)) {
+    let mut start = 0;
+    while let Some(pos) = buf[start..].iter().position(|&b| b == b'\n') {
+        let text = String::from_utf8_lossy(&buf[start..start + pos]);
+        let line = text.trim_end().rsplit('\r').next().unwrap_or("").trim_end();
+        if !line.is_empty() {
+            emit(line.to_string());
+        }
+        start += pos + 1;
+    }
+    buf.drain(..start);
+    if all && !buf.is_empty() {
+        buf.push(b'\n');
+        drain_lines(buf, false, emit);
+    }
+}
+
+/// Runs `cmd` with stdout and stderr going to the file `log`, handing each
+/// line to `on_line` as it appears. A failure carries the last lines.
+///
+/// Output goes through a file rather than pipes so that a tool outliving
+/// us (we were killed) never dies of SIGPIPE halfway: mmdebstrap would
+/// leave its /proc and /sys mounts behind. It gets SIGTERM instead and
+/// cleans up.
 pub(crate) fn run_streaming(
     cmd: &mut Command,
     tool: &str,
+    log: &Path,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<(), ImageError> {
-    tracing::debug!(?cmd, "running");
+    tracing::debug!(?cmd, log = %log.display(), "running");
+    let log_err = || ImageError::io(format!("cannot write {}", log.display()));
+    let out = File::create(log).map_err(log_err())?;
+    let err = out.try_clone().map_err(log_err())?;
+    let mut reader = File::open(log).map_err(log_err())?;
     // SAFETY: the closure runs in the forked child before exec and only
     // calls prctl, which is async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
-            // If we die (say, Ctrl-C or kill -9 of the CLI), the tool gets
-            // SIGTERM instead of running on; mmdebstrap cleans up on it.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
             Ok(())
         });
     }
     let mut child = cmd
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(out)
+        .stderr(err)
         .spawn()
         .map_err(ImageError::io(format!("cannot run `{tool}`")))?;
-    let (tx, rx) = mpsc::channel::<String>();
-    let mut readers = Vec::new();
-    let pipes: [Option<Box<dyn Read + Send>>; 2] = [
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    ];
-    for pipe in pipes.into_iter().flatten() {
-        let tx = tx.clone();
-        readers.push(std::thread::spawn(move || {
-            let mut reader = BufReader::new(pipe);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                match reader.read_until(b'\n', &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        let text = String::from_utf8_lossy(&buf);
-                        // apt redraws progress with '\r': keep the last state.
-                        let line = text.trim_end().rsplit('\r').next().unwrap_or("").trim_end();
-                        if !line.is_empty() && tx.send(line.to_string()).is_err() {
-                            break;
-                        }
-                    }
+    let mut tail = VecDeque::with_capacity(TAIL_LINES);
+    let mut pending = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let status = loop {
+        let exited = child
+            .try_wait()
+            .map_err(ImageError::io(format!("cannot wait for `{tool}`")))?;
+        let mut got = false;
+        loop {
+            match reader.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    pending.extend_from_slice(&chunk[..n]);
+                    got = true;
                 }
             }
-        }));
-    }
-    drop(tx);
-    let mut tail = VecDeque::with_capacity(TAIL_LINES);
-    for line in rx {
-        on_line(&line);
-        if tail.len() == TAIL_LINES {
-            tail.pop_front();
         }
-        tail.push_back(line);
-    }
-    for r in readers {
-        let _ = r.join();
-    }
-    let status = child
-        .wait()
-        .map_err(ImageError::io(format!("cannot wait for `{tool}`")))?;
+        drain_lines(&mut pending, exited.is_some(), |line| {
+            on_line(&line);
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        });
+        if let Some(status) = exited {
+            break status;
+        }
+        if !got {
+            std::thread::sleep(POLL);
+        }
+    };
     if status.success() {
         Ok(())
     } else {
@@ -184,23 +199,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn streams_lines_from_both_pipes() {
+    fn streams_lines_from_stdout_and_stderr() {
+        let dir = tempfile::tempdir().unwrap();
         let mut lines = Vec::new();
         run_streaming(
-            Command::new("sh").args(["-c", "echo out1; echo err1 >&2; printf 'a\\rb\\n'"]),
+            Command::new("sh").args([
+                "-c",
+                "echo out1; echo err1 >&2; sleep 0.1; printf 'a\\rb\\n'; printf 'last'",
+            ]),
             "sh",
+            &dir.path().join("log"),
             &mut |l| lines.push(l.to_string()),
         )
         .unwrap();
-        lines.sort();
-        assert_eq!(lines, ["b", "err1", "out1"]);
+        assert_eq!(lines, ["out1", "err1", "b", "last"]);
     }
 
     #[test]
     fn failure_quotes_the_tail() {
+        let dir = tempfile::tempdir().unwrap();
         let err = run_streaming(
             Command::new("sh").args(["-c", "echo first; echo boom >&2; exit 3"]),
             "sh",
+            &dir.path().join("log"),
             &mut |_| {},
         )
         .unwrap_err();

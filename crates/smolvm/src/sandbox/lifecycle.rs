@@ -9,7 +9,7 @@ use crate::image::ImageEvent;
 use crate::state::{Store, VmRecord, VmState};
 use crate::supervisor::{ExecEvent, ExecStream, SupervisorClient};
 use serde::Serialize;
-use smolvm_proto::supervisor::{ControlRequest, ControlResponse, ReadyInfo};
+use smolvm_proto::supervisor::{ControlRequest, ControlResponse, ReadyInfo, VmRunState};
 use smolvm_proto::{Command, ExecRequest};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -302,8 +302,58 @@ impl Sandbox {
                     self.id
                 ),
             )),
-            VmState::Created | VmState::Stopped => self.boot(rec.state, boot_timeout).await,
+            VmState::Created | VmState::Stopped => {
+                if self.adopt_interrupted_boot(&rec, boot_timeout).await? {
+                    return Ok(());
+                }
+                self.boot(rec.state, boot_timeout).await
+            }
         }
+    }
+
+    /// A live supervisor recorded for a VM that is not live, seen under the
+    /// VM lock, was left by a start whose process died before the guest was
+    /// ready (no other start can be running). Its boot goes on: wait for it
+    /// as that start would have, and return true. When it cannot be reached
+    /// or is on its way out, end it (so that a second VMM never opens the
+    /// same disk) and return false: a fresh boot follows.
+    async fn adopt_interrupted_boot(&self, rec: &VmRecord, boot_timeout: Duration) -> Result<bool> {
+        if !rec.supervisor.is_some_and(|p| p.is_alive()) {
+            return Ok(false);
+        }
+        tracing::info!(vm = %self.id, "a start was interrupted; waiting for its boot");
+        if let Ok(client) = self.connect().await {
+            if let Ok(ControlResponse::Status(st)) = client.control(ControlRequest::Status).await {
+                if matches!(st.state, VmRunState::Booting | VmRunState::Running) {
+                    self.step("waiting for the boot of an interrupted start");
+                    self.wait_ready(rec.state, &client, boot_timeout).await?;
+                    return Ok(true);
+                }
+            }
+        }
+        self.end_interrupted_boot(rec).await?;
+        Ok(false)
+    }
+
+    /// Kills what an interrupted start left running (see
+    /// `adopt_interrupted_boot`); the VM keeps its recorded state.
+    async fn end_interrupted_boot(&self, rec: &VmRecord) -> Result<()> {
+        if !rec.supervisor.is_some_and(|p| p.is_alive()) {
+            return Ok(());
+        }
+        if let Ok(c) = self.connect().await {
+            let _ = c.control(ControlRequest::Kill).await;
+        }
+        self.forget_client();
+        wait_supervisor_gone(&self.id).await;
+        if let Some(v) = rec.vmm.filter(|v| v.is_alive()) {
+            // SAFETY: kill(2) on a pid verified (with its start time) as this VM's VMM.
+            unsafe { libc::kill(v.pid as i32, libc::SIGKILL) };
+        }
+        let s = store()?;
+        s.set_state(&self.id, rec.state, None)?;
+        s.set_processes(&self.id, None, None, None)?;
+        Ok(())
     }
 
     async fn boot(&self, prior: VmState, boot_timeout: Duration) -> Result<()> {
@@ -361,6 +411,22 @@ impl Sandbox {
             return Err(e);
         }
         let client = self.connect().await?;
+        self.wait_ready(prior, &client, boot_timeout).await?;
+        if verdict.accel == ResolvedAccel::Tcg {
+            tracing::debug!(vm = %self.id, "running under TCG: {}", verdict.reason);
+        }
+        Ok(())
+    }
+
+    /// Waits for the booting guest's agent; records `running`, or ends the
+    /// boot and records `prior` with the reason.
+    async fn wait_ready(
+        &self,
+        prior: VmState,
+        client: &SupervisorClient,
+        boot_timeout: Duration,
+    ) -> Result<()> {
+        let s = store()?;
         let resp = client
             .control(ControlRequest::WaitReady {
                 timeout_ms: boot_timeout.as_millis() as u64,
@@ -373,9 +439,6 @@ impl Sandbox {
         match resp {
             ControlResponse::Ready(info) => {
                 s.set_state(&self.id, VmState::Running, None)?;
-                if verdict.accel == ResolvedAccel::Tcg {
-                    tracing::debug!(vm = %self.id, "running under TCG: {}", verdict.reason);
-                }
                 if let Ok(mut g) = self.last_boot.lock() {
                     *g = Some(info);
                 }
@@ -409,7 +472,8 @@ impl Sandbox {
         let _lock = VmLock::acquire(&self.id).await?;
         let rec = refresh(&self.id).await?;
         if !rec.state.is_live() {
-            return Ok(());
+            // Nothing runs, unless a start was interrupted mid-boot.
+            return self.end_interrupted_boot(&rec).await;
         }
         self.step("stopping");
         let client = self.connect().await?;
@@ -475,7 +539,10 @@ impl Sandbox {
         let rec = refresh(&self.id).await?;
         if rec.state != VmState::Paused {
             let hint = match rec.state {
-                VmState::Running => "it is not paused".to_string(),
+                VmState::Running => format!(
+                    "it is not paused (nothing to resume); `smolvm pause {}` pauses it",
+                    self.id
+                ),
                 s => hint_for(&self.id, s),
             };
             return Err(invalid(&self.id, rec.state, hint));
@@ -522,8 +589,12 @@ impl Sandbox {
     pub fn close(self) {}
 
     async fn connect(&self) -> Result<SupervisorClient> {
+        // A connection to a supervisor that has since exited (the VM was
+        // stopped and started again, maybe by another process) is useless.
         if let Some(c) = self.client.lock().ok().and_then(|g| g.clone()) {
-            return Ok(c);
+            if !c.is_closed() {
+                return Ok(c);
+            }
         }
         let c = SupervisorClient::connect(&self.vm_dir)
             .await

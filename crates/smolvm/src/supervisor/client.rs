@@ -9,7 +9,7 @@ use smolvm_proto::{
 };
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,6 +42,9 @@ pub struct SupervisorClient {
     tx: mpsc::Sender<Vec<u8>>,
     routes: Routes,
     next: Arc<AtomicU32>,
+    /// Set (under the routes lock) once the connection is gone: no request
+    /// may wait for an answer that cannot come.
+    closed: Arc<AtomicBool>,
     pub vm_id: String,
 }
 
@@ -97,6 +100,16 @@ impl SupervisorClient {
             }
         });
         let rroutes = routes.clone();
+        let closed = Arc::new(AtomicBool::new(false));
+        let rclosed = closed.clone();
+        let shut = move || {
+            // Dropping the senders ends every pending request; `closed`
+            // (set under the same lock) keeps new ones from waiting.
+            let mut routes = lock(&rroutes);
+            rclosed.store(true, Ordering::SeqCst);
+            routes.clear();
+        };
+        let rroutes = routes.clone();
         tokio::spawn(async move {
             loop {
                 loop {
@@ -104,7 +117,7 @@ impl SupervisorClient {
                         Ok(Some(f)) => f,
                         Ok(None) => break,
                         Err(_) => {
-                            lock(&rroutes).clear();
+                            shut();
                             return;
                         }
                     };
@@ -115,8 +128,7 @@ impl SupervisorClient {
                 }
                 match r.read(&mut buf).await {
                     Ok(0) | Err(_) => {
-                        // Dropping the senders ends every pending request.
-                        lock(&rroutes).clear();
+                        shut();
                         return;
                     }
                     Ok(n) => dec.push(&buf[..n]),
@@ -127,13 +139,24 @@ impl SupervisorClient {
             tx,
             routes,
             next: Arc::new(AtomicU32::new(1)),
+            closed,
             vm_id,
         })
+    }
+
+    /// True once the connection to the supervisor is gone (it exited, e.g.
+    /// the VM was stopped): a new connection is needed.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 
     fn open(&self) -> (u32, mpsc::Receiver<SupervisorMsg>) {
         let (t, r) = mpsc::channel(STREAM_QUEUE);
         let mut routes = lock(&self.routes);
+        if self.closed.load(Ordering::SeqCst) {
+            // Nobody will ever answer: the receiver sees the end at once.
+            return (0, r);
+        }
         let id = loop {
             let id = self.next.fetch_add(1, Ordering::Relaxed);
             if id != 0 && !routes.contains_key(&id) {
@@ -149,6 +172,9 @@ impl SupervisorClient {
     }
 
     async fn send(&self, stream: u32, msg: ClientMsg) -> Result<(), ClientError> {
+        if self.is_closed() {
+            return Err(ClientError::Closed);
+        }
         let b = encode_frame(&Frame::new(stream, msg))
             .map_err(|e| ClientError::Agent(e.to_string()))?;
         self.tx.send(b).await.map_err(|_| ClientError::Closed)
