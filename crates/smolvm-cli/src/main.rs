@@ -3,7 +3,7 @@
 mod cmd;
 mod progress;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use std::process::ExitCode;
 
 /// Exit status for smolvm's own failures (as `docker run` does).
@@ -24,7 +24,20 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors are smolvm's own failures: exit 125, never a code that
+    // could be mistaken for the guest command's.
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(EXIT_SMOLVM_ERROR),
+            };
+        }
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()),
@@ -64,6 +77,3 @@ pub fn print_error(e: &anyhow::Error) {
         last = c;
     }
 }
-
-#[allow(unused_imports)]
-use Subcommand as _;

@@ -349,7 +349,7 @@ macro_rules! cases {
 }
 
 fn main() {
-    let _data = isolated_data_dir();
+    let data = isolated_data_dir();
     let filters = filter();
     let cases: Vec<Case> = cases![
         stdout_stderr_apart,
@@ -411,5 +411,7 @@ fn main() {
         }
         summary(passed, &failed)
     });
+    drop(rt);
+    drop(data);
     std::process::exit(code);
 }

@@ -1,6 +1,12 @@
 //! Running commands: options and collected results.
 
-use std::time::Duration;
+use super::record::{hint_for, invalid, refresh};
+use super::Sandbox;
+use crate::error::{Error, Result};
+use crate::state::VmState;
+use crate::supervisor::{ExecEvent, ExecStream, SupervisorClient};
+use smolvm_proto::{Command, ExecRequest};
+use std::time::{Duration, Instant};
 
 /// Most output `exec` collects per stream; past it the rest is dropped and
 /// `truncated` is set (a hostile or runaway guest cannot exhaust the host).
@@ -43,4 +49,120 @@ impl ExecOutput {
             _ => 255,
         }
     }
+}
+
+impl Sandbox {
+    async fn require_running(&self) -> Result<SupervisorClient> {
+        let rec = refresh(&self.id).await?;
+        if rec.state != VmState::Running {
+            let hint = match rec.state {
+                VmState::Error => format!(
+                    "{}; remove it with `smolvm rm {}`",
+                    rec.last_error.as_deref().unwrap_or("its VMM failed"),
+                    self.id
+                ),
+                s => hint_for(&self.id, s),
+            };
+            return Err(invalid(&self.id, rec.state, hint));
+        }
+        self.connect().await
+    }
+
+    /// Starts a command and returns its event stream (output as it comes).
+    pub async fn exec_stream(&self, command: Command, opts: &ExecOptions) -> Result<ExecStream> {
+        let client = self.require_running().await?;
+        let req = ExecRequest {
+            command,
+            env: opts.env.clone(),
+            workdir: opts.workdir.clone(),
+            timeout_ms: opts.timeout.map(|t| t.as_millis() as u64),
+            stdin: opts.stdin.is_some(),
+        };
+        let stream = match client.exec(req).await {
+            Ok(s) => s,
+            Err(source) => {
+                self.forget_client();
+                return Err(Error::Client {
+                    id: self.id.clone(),
+                    source,
+                });
+            }
+        };
+        if let Some(data) = &opts.stdin {
+            let id = self.id.clone();
+            let w = async {
+                stream.write_stdin(data).await?;
+                stream.close_stdin().await
+            };
+            w.await.map_err(|source| Error::Client { id, source })?;
+        }
+        Ok(stream)
+    }
+
+    /// Runs a command to completion and collects its output.
+    pub async fn exec(&self, command: Command, opts: &ExecOptions) -> Result<ExecOutput> {
+        let mut stream = self.exec_stream(command, opts).await?;
+        let mut out = ExecOutput::default();
+        loop {
+            let ev = stream.next().await.map_err(|source| Error::Client {
+                id: self.id.clone(),
+                source,
+            })?;
+            match ev {
+                None => {
+                    return Err(Error::Vm {
+                        id: self.id.clone(),
+                        message: "the command stream ended early".into(),
+                    })
+                }
+                Some(ExecEvent::Started { .. }) => {}
+                Some(ExecEvent::Stdout(b)) => append(&mut out.stdout, &b, &mut out.truncated),
+                Some(ExecEvent::Stderr(b)) => append(&mut out.stderr, &b, &mut out.truncated),
+                Some(ExecEvent::Exited(st)) => {
+                    out.exit_code = st.code;
+                    out.signal = st.signal;
+                    out.timed_out = st.timed_out;
+                    out.duration_ms = st.duration_ms;
+                    return Ok(out);
+                }
+                Some(ExecEvent::Failed(e)) => {
+                    return Err(Error::Exec {
+                        id: self.id.clone(),
+                        message: e.message,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Shell convenience: `/bin/sh -c <cmd>`.
+    pub async fn run(&self, cmd: &str) -> Result<ExecOutput> {
+        self.exec(Command::Shell(cmd.to_string()), &ExecOptions::default())
+            .await
+    }
+
+    /// Agent round trip.
+    pub async fn ping(&self) -> Result<Duration> {
+        let client = self.require_running().await?;
+        let t = Instant::now();
+        client
+            .ping(t.elapsed().as_nanos() as u64 ^ 0x5eed)
+            .await
+            .map_err(|source| {
+                self.forget_client();
+                Error::Client {
+                    id: self.id.clone(),
+                    source,
+                }
+            })?;
+        Ok(t.elapsed())
+    }
+}
+
+fn append(buf: &mut Vec<u8>, data: &[u8], truncated: &mut bool) {
+    let room = MAX_COLLECTED_OUTPUT.saturating_sub(buf.len());
+    if data.len() > room {
+        *truncated = true;
+    }
+    buf.extend_from_slice(&data[..data.len().min(room)]);
 }

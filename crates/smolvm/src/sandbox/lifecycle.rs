@@ -1,24 +1,22 @@
 //! Create, start, stop, pause, resume, delete; reconnect by id; crash truth.
 
-use super::exec::{ExecOptions, ExecOutput, MAX_COLLECTED_OUTPUT};
 use super::lock::VmLock;
+use super::record::{
+    config_of, hint_for, info_of, invalid, refresh, store, wait_supervisor_gone, VmInfo,
+};
 use crate::backend::{files, qemu, LaunchSpec, ResolvedAccel};
 use crate::config::SandboxConfig;
 use crate::error::{chain, Error, Result};
 use crate::image::ImageEvent;
-use crate::state::{Store, VmRecord, VmState};
-use crate::supervisor::{ExecEvent, ExecStream, SupervisorClient};
-use serde::Serialize;
+use crate::state::{VmRecord, VmState};
+use crate::supervisor::SupervisorClient;
 use smolvm_proto::supervisor::{ControlRequest, ControlResponse, ReadyInfo, VmRunState};
-use smolvm_proto::{Command, ExecRequest};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long to wait for a supervisor to record a VMM exit it noticed.
-const SETTLE: Duration = Duration::from_secs(3);
 
 /// Progress of long operations (image build, boot), for bars and logs.
 #[derive(Debug, Clone)]
@@ -31,135 +29,12 @@ type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
 
 /// A handle on one VM. Dropping or `close`-ing it leaves the VM as it is.
 pub struct Sandbox {
-    id: String,
+    pub(super) id: String,
     vm_dir: PathBuf,
     config: SandboxConfig,
     client: Mutex<Option<SupervisorClient>>,
     progress: Option<ProgressFn>,
     last_boot: Mutex<Option<ReadyInfo>>,
-}
-
-/// What `info` / `list` report.
-#[derive(Debug, Clone, Serialize)]
-pub struct VmInfo {
-    pub id: String,
-    pub state: VmState,
-    pub image: String,
-    pub memory_mib: u32,
-    pub cpus: u32,
-    pub network: bool,
-    pub accel: Option<String>,
-    pub created_at: i64,
-    pub updated_at: i64,
-    pub supervisor_pid: Option<u32>,
-    pub vmm_pid: Option<u32>,
-    pub last_error: Option<String>,
-    pub boot_count: i64,
-    pub vm_dir: PathBuf,
-}
-
-fn store() -> Result<Store> {
-    Ok(Store::open()?)
-}
-
-fn config_of(rec: &VmRecord) -> Result<SandboxConfig> {
-    serde_json::from_str(&rec.config).map_err(|e| {
-        Error::Store(crate::state::StoreError::Corrupt {
-            id: rec.id.clone(),
-            reason: e.to_string(),
-        })
-    })
-}
-
-fn info_of(rec: &VmRecord) -> VmInfo {
-    let cfg = config_of(rec).unwrap_or_default();
-    VmInfo {
-        id: rec.id.clone(),
-        state: rec.state,
-        image: cfg.image,
-        memory_mib: cfg.memory_mib,
-        cpus: cfg.cpus,
-        network: cfg.network,
-        accel: rec.accel.clone(),
-        created_at: rec.created_at,
-        updated_at: rec.updated_at,
-        supervisor_pid: rec.supervisor.map(|p| p.pid),
-        vmm_pid: rec.vmm.map(|p| p.pid),
-        last_error: rec.last_error.clone(),
-        boot_count: rec.boot_count,
-        vm_dir: crate::paths::vm_dir(&rec.id),
-    }
-}
-
-/// Reads a VM's row and corrects it when its processes died without saying
-/// so: a `running`/`paused` VM whose supervisor is gone is `error`.
-fn refreshed(id: &str) -> Result<VmRecord> {
-    let s = store()?;
-    let rec = s.get(id)?.ok_or_else(|| Error::NotFound(id.to_string()))?;
-    if !rec.state.is_live() {
-        return Ok(rec);
-    }
-    let sup_alive = rec.supervisor.map(|p| p.is_alive()).unwrap_or(false);
-    let vmm_alive = rec.vmm.map(|p| p.is_alive()).unwrap_or(false);
-    if sup_alive && vmm_alive {
-        return Ok(rec);
-    }
-    if sup_alive {
-        // The supervisor saw its VMM die and is recording why: give it a moment.
-        let start = Instant::now();
-        while start.elapsed() < SETTLE {
-            std::thread::sleep(Duration::from_millis(20));
-            let r = s.get(id)?.ok_or_else(|| Error::NotFound(id.to_string()))?;
-            if !r.state.is_live() {
-                return Ok(r);
-            }
-        }
-    }
-    let why = match (rec.supervisor, sup_alive) {
-        (Some(p), false) => format!("supervisor (pid {}) died unexpectedly", p.pid),
-        (None, _) => "no supervisor recorded for a live VM".to_string(),
-        _ => format!(
-            "VMM (pid {}) died and its supervisor did not record it",
-            rec.vmm.map(|p| p.pid).unwrap_or(0)
-        ),
-    };
-    s.transition(
-        id,
-        &[VmState::Running, VmState::Paused],
-        VmState::Error,
-        Some(&why),
-    )?;
-    // Nothing may outlive a dead supervisor: the VMM dies with it (pdeathsig),
-    // but make sure.
-    if let Some(v) = rec.vmm.filter(|v| v.is_alive()) {
-        // SAFETY: kill(2) on a pid we verified (with its start time) is our VMM.
-        unsafe { libc::kill(v.pid as i32, libc::SIGKILL) };
-    }
-    s.get(id)?.ok_or_else(|| Error::NotFound(id.to_string()))
-}
-
-async fn refresh(id: &str) -> Result<VmRecord> {
-    let id = id.to_string();
-    tokio::task::spawn_blocking(move || refreshed(&id))
-        .await
-        .map_err(|e| Error::io("state task failed", std::io::Error::other(e.to_string())))?
-}
-
-fn invalid(id: &str, state: VmState, hint: impl Into<String>) -> Error {
-    Error::InvalidState {
-        id: id.to_string(),
-        state,
-        hint: hint.into(),
-    }
-}
-
-fn hint_for(id: &str, state: VmState) -> String {
-    match state {
-        VmState::Created | VmState::Stopped => format!("run `smolvm start {id}` first"),
-        VmState::Paused => format!("run `smolvm resume {id}` first"),
-        VmState::Running => "it is already running".to_string(),
-        VmState::Error => format!("it cannot be used any more; remove it with `smolvm rm {id}`"),
-    }
 }
 
 impl Sandbox {
@@ -588,7 +463,7 @@ impl Sandbox {
     /// Releases this handle; the VM keeps its state.
     pub fn close(self) {}
 
-    async fn connect(&self) -> Result<SupervisorClient> {
+    pub(super) async fn connect(&self) -> Result<SupervisorClient> {
         // A connection to a supervisor that has since exited (the VM was
         // stopped and started again, maybe by another process) is useless.
         if let Some(c) = self.client.lock().ok().and_then(|g| g.clone()) {
@@ -608,7 +483,7 @@ impl Sandbox {
         Ok(c)
     }
 
-    fn forget_client(&self) {
+    pub(super) fn forget_client(&self) {
         if let Ok(mut g) = self.client.lock() {
             *g = None;
         }
@@ -634,138 +509,6 @@ impl Sandbox {
                 })
             }
         }
-    }
-
-    async fn require_running(&self) -> Result<SupervisorClient> {
-        let rec = refresh(&self.id).await?;
-        if rec.state != VmState::Running {
-            let hint = match rec.state {
-                VmState::Error => format!(
-                    "{}; remove it with `smolvm rm {}`",
-                    rec.last_error.as_deref().unwrap_or("its VMM failed"),
-                    self.id
-                ),
-                s => hint_for(&self.id, s),
-            };
-            return Err(invalid(&self.id, rec.state, hint));
-        }
-        self.connect().await
-    }
-
-    /// Starts a command and returns its event stream (output as it comes).
-    pub async fn exec_stream(&self, command: Command, opts: &ExecOptions) -> Result<ExecStream> {
-        let client = self.require_running().await?;
-        let req = ExecRequest {
-            command,
-            env: opts.env.clone(),
-            workdir: opts.workdir.clone(),
-            timeout_ms: opts.timeout.map(|t| t.as_millis() as u64),
-            stdin: opts.stdin.is_some(),
-        };
-        let stream = match client.exec(req).await {
-            Ok(s) => s,
-            Err(source) => {
-                self.forget_client();
-                return Err(Error::Client {
-                    id: self.id.clone(),
-                    source,
-                });
-            }
-        };
-        if let Some(data) = &opts.stdin {
-            let id = self.id.clone();
-            let w = async {
-                stream.write_stdin(data).await?;
-                stream.close_stdin().await
-            };
-            w.await.map_err(|source| Error::Client { id, source })?;
-        }
-        Ok(stream)
-    }
-
-    /// Runs a command to completion and collects its output.
-    pub async fn exec(&self, command: Command, opts: &ExecOptions) -> Result<ExecOutput> {
-        let mut stream = self.exec_stream(command, opts).await?;
-        let mut out = ExecOutput::default();
-        loop {
-            let ev = stream.next().await.map_err(|source| Error::Client {
-                id: self.id.clone(),
-                source,
-            })?;
-            match ev {
-                None => {
-                    return Err(Error::Vm {
-                        id: self.id.clone(),
-                        message: "the command stream ended early".into(),
-                    })
-                }
-                Some(ExecEvent::Started { .. }) => {}
-                Some(ExecEvent::Stdout(b)) => append(&mut out.stdout, &b, &mut out.truncated),
-                Some(ExecEvent::Stderr(b)) => append(&mut out.stderr, &b, &mut out.truncated),
-                Some(ExecEvent::Exited(st)) => {
-                    out.exit_code = st.code;
-                    out.signal = st.signal;
-                    out.timed_out = st.timed_out;
-                    out.duration_ms = st.duration_ms;
-                    return Ok(out);
-                }
-                Some(ExecEvent::Failed(e)) => {
-                    return Err(Error::Exec {
-                        id: self.id.clone(),
-                        message: e.message,
-                    })
-                }
-            }
-        }
-    }
-
-    /// Shell convenience: `/bin/sh -c <cmd>`.
-    pub async fn run(&self, cmd: &str) -> Result<ExecOutput> {
-        self.exec(Command::Shell(cmd.to_string()), &ExecOptions::default())
-            .await
-    }
-
-    /// Agent round trip.
-    pub async fn ping(&self) -> Result<Duration> {
-        let client = self.require_running().await?;
-        let t = Instant::now();
-        client
-            .ping(t.elapsed().as_nanos() as u64 ^ 0x5eed)
-            .await
-            .map_err(|source| {
-                self.forget_client();
-                Error::Client {
-                    id: self.id.clone(),
-                    source,
-                }
-            })?;
-        Ok(t.elapsed())
-    }
-}
-
-fn append(buf: &mut Vec<u8>, data: &[u8], truncated: &mut bool) {
-    let room = MAX_COLLECTED_OUTPUT.saturating_sub(buf.len());
-    if data.len() > room {
-        *truncated = true;
-    }
-    buf.extend_from_slice(&data[..data.len().min(room)]);
-}
-
-/// Waits until the VM's supervisor process is gone (it records the final
-/// state before exiting).
-async fn wait_supervisor_gone(id: &str) {
-    let sup = store()
-        .ok()
-        .and_then(|s| s.get(id).ok().flatten())
-        .and_then(|r| r.supervisor);
-    let Some(sup) = sup else { return };
-    let start = Instant::now();
-    while sup.is_alive() && start.elapsed() < Duration::from_secs(15) {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    if sup.is_alive() {
-        // SAFETY: kill(2) on a pid verified by start time.
-        unsafe { libc::kill(sup.pid as i32, libc::SIGKILL) };
     }
 }
 

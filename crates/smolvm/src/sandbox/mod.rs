@@ -4,9 +4,11 @@ mod exec;
 mod lifecycle;
 mod lock;
 mod prune;
+mod record;
 
 pub use crate::state::VmState;
 pub use exec::{ExecOptions, ExecOutput};
-pub use lifecycle::{Progress, Sandbox, VmInfo, DEFAULT_BOOT_TIMEOUT, DEFAULT_STOP_TIMEOUT};
+pub use lifecycle::{Progress, Sandbox, DEFAULT_BOOT_TIMEOUT, DEFAULT_STOP_TIMEOUT};
 pub use lock::VmLock;
 pub use prune::{prune, PruneItem};
+pub use record::VmInfo;

@@ -1,0 +1,153 @@
+//! A VM's row as the truth: crash detection (a live state whose processes
+//! died becomes `error`), info, and the messages that say what to run.
+
+use crate::config::SandboxConfig;
+use crate::error::{Error, Result};
+use crate::state::{Store, VmRecord, VmState};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// How long to wait for a supervisor to record a VMM exit it noticed.
+const SETTLE: Duration = Duration::from_secs(3);
+
+/// What `info` / `list` report.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmInfo {
+    pub id: String,
+    pub state: VmState,
+    pub image: String,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub network: bool,
+    pub accel: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub supervisor_pid: Option<u32>,
+    pub vmm_pid: Option<u32>,
+    pub last_error: Option<String>,
+    pub boot_count: i64,
+    pub vm_dir: PathBuf,
+}
+
+pub(super) fn store() -> Result<Store> {
+    Ok(Store::open()?)
+}
+
+pub(super) fn config_of(rec: &VmRecord) -> Result<SandboxConfig> {
+    serde_json::from_str(&rec.config).map_err(|e| {
+        Error::Store(crate::state::StoreError::Corrupt {
+            id: rec.id.clone(),
+            reason: e.to_string(),
+        })
+    })
+}
+
+pub(super) fn info_of(rec: &VmRecord) -> VmInfo {
+    let cfg = config_of(rec).unwrap_or_default();
+    VmInfo {
+        id: rec.id.clone(),
+        state: rec.state,
+        image: cfg.image,
+        memory_mib: cfg.memory_mib,
+        cpus: cfg.cpus,
+        network: cfg.network,
+        accel: rec.accel.clone(),
+        created_at: rec.created_at,
+        updated_at: rec.updated_at,
+        supervisor_pid: rec.supervisor.map(|p| p.pid),
+        vmm_pid: rec.vmm.map(|p| p.pid),
+        last_error: rec.last_error.clone(),
+        boot_count: rec.boot_count,
+        vm_dir: crate::paths::vm_dir(&rec.id),
+    }
+}
+
+/// Reads a VM's row and corrects it when its processes died without saying
+/// so: a `running`/`paused` VM whose supervisor is gone is `error`.
+pub(super) fn refreshed(id: &str) -> Result<VmRecord> {
+    let s = store()?;
+    let rec = s.get(id)?.ok_or_else(|| Error::NotFound(id.to_string()))?;
+    if !rec.state.is_live() {
+        return Ok(rec);
+    }
+    let sup_alive = rec.supervisor.map(|p| p.is_alive()).unwrap_or(false);
+    let vmm_alive = rec.vmm.map(|p| p.is_alive()).unwrap_or(false);
+    if sup_alive && vmm_alive {
+        return Ok(rec);
+    }
+    if sup_alive {
+        // The supervisor saw its VMM die and is recording why: give it a moment.
+        let start = Instant::now();
+        while start.elapsed() < SETTLE {
+            std::thread::sleep(Duration::from_millis(20));
+            let r = s.get(id)?.ok_or_else(|| Error::NotFound(id.to_string()))?;
+            if !r.state.is_live() {
+                return Ok(r);
+            }
+        }
+    }
+    let why = match (rec.supervisor, sup_alive) {
+        (Some(p), false) => format!("supervisor (pid {}) died unexpectedly", p.pid),
+        (None, _) => "no supervisor recorded for a live VM".to_string(),
+        _ => format!(
+            "VMM (pid {}) died and its supervisor did not record it",
+            rec.vmm.map(|p| p.pid).unwrap_or(0)
+        ),
+    };
+    s.transition(
+        id,
+        &[VmState::Running, VmState::Paused],
+        VmState::Error,
+        Some(&why),
+    )?;
+    // Nothing may outlive a dead supervisor: the VMM dies with it (pdeathsig),
+    // but make sure.
+    if let Some(v) = rec.vmm.filter(|v| v.is_alive()) {
+        // SAFETY: kill(2) on a pid we verified (with its start time) is our VMM.
+        unsafe { libc::kill(v.pid as i32, libc::SIGKILL) };
+    }
+    s.get(id)?.ok_or_else(|| Error::NotFound(id.to_string()))
+}
+
+pub(super) async fn refresh(id: &str) -> Result<VmRecord> {
+    let id = id.to_string();
+    tokio::task::spawn_blocking(move || refreshed(&id))
+        .await
+        .map_err(|e| Error::io("state task failed", std::io::Error::other(e.to_string())))?
+}
+
+pub(super) fn invalid(id: &str, state: VmState, hint: impl Into<String>) -> Error {
+    Error::InvalidState {
+        id: id.to_string(),
+        state,
+        hint: hint.into(),
+    }
+}
+
+pub(super) fn hint_for(id: &str, state: VmState) -> String {
+    match state {
+        VmState::Created | VmState::Stopped => format!("run `smolvm start {id}` first"),
+        VmState::Paused => format!("run `smolvm resume {id}` first"),
+        VmState::Running => "it is already running".to_string(),
+        VmState::Error => format!("it cannot be used any more; remove it with `smolvm rm {id}`"),
+    }
+}
+
+/// Waits until the VM's supervisor process is gone (it records the final
+/// state before exiting).
+pub(super) async fn wait_supervisor_gone(id: &str) {
+    let sup = store()
+        .ok()
+        .and_then(|s| s.get(id).ok().flatten())
+        .and_then(|r| r.supervisor);
+    let Some(sup) = sup else { return };
+    let start = Instant::now();
+    while sup.is_alive() && start.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if sup.is_alive() {
+        // SAFETY: kill(2) on a pid verified by start time.
+        unsafe { libc::kill(sup.pid as i32, libc::SIGKILL) };
+    }
+}
