@@ -47,6 +47,9 @@ pub struct LaunchSpec {
 pub mod files {
     pub const LAUNCH_SPEC: &str = "launch.json";
     pub const CONSOLE_LOG: &str = "console.log";
+    /// The previous console log after a rotation.
+    pub const CONSOLE_LOG_OLD: &str = "console.log.1";
+    pub const CONSOLE_SOCKET: &str = "console.sock";
     pub const VMM_LOG: &str = "vmm.log";
     pub const SUPERVISOR_LOG: &str = "supervisor.log";
     pub const QMP_SOCKET: &str = "qmp.sock";
@@ -54,6 +57,8 @@ pub mod files {
     pub const SUPERVISOR_SOCKET: &str = "sup.sock";
     pub const MEMORY_FILE: &str = "memory";
     pub const DISK: &str = "disk.qcow2";
+    /// Hard link to the image's root filesystem that backs `DISK`.
+    pub const BASE_DISK: &str = "base.ext4";
 }
 
 /// How the VMM process ended.

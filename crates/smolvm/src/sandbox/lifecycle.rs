@@ -74,7 +74,17 @@ impl Sandbox {
                 .map_err(|e| Error::io(format!("cannot create {}", vm_dir.display()), e))?;
             let disk = vm_dir.join(files::DISK);
             let size = config.disk_size_mib.map(|m| m * 1024 * 1024);
-            qemu::create_overlay(&image.rootfs, &disk, size)
+            // Pin the base: a hard link survives an image rebuild swapping a
+            // new rootfs into the cache (files there are never edited in place).
+            let base = vm_dir.join(files::BASE_DISK);
+            let base = match std::fs::hard_link(&image.rootfs, &base) {
+                Ok(()) => base,
+                Err(e) => {
+                    tracing::debug!(vm = %id, "cannot hard-link the image rootfs ({e}); backing the disk by the cache path");
+                    image.rootfs.clone()
+                }
+            };
+            qemu::create_overlay(&base, &disk, size)
                 .await
                 .map_err(|e| Error::Vm {
                     id: id.clone(),

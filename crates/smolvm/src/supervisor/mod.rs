@@ -3,7 +3,17 @@
 //! a unix socket in the VM directory. Also the client side used by the
 //! library to talk to it.
 
+/// Timestamped line on the supervisor's log (its stderr).
+macro_rules! log {
+    ($($t:tt)*) => {{
+        let now = crate::state::now_ms();
+        eprintln!("{}.{:03} {}", now / 1000, now % 1000, format!($($t)*));
+    }};
+}
+
 mod client;
+mod clients;
+mod console;
 mod daemon;
 mod routes;
 mod server;

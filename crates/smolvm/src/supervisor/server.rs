@@ -1,13 +1,10 @@
 //! The supervisor's event loop: one VMM, one agent connection, many clients.
 
 use super::routes::{Routes, SUPERVISOR_CLIENT};
-use crate::backend::qemu::{tail_console, QemuVm};
+use crate::backend::qemu::QemuVm;
 use crate::backend::{files, LaunchSpec, Vmm, VmmExit};
 use crate::state::{ProcessId, Store, VmState};
-use smolvm_proto::supervisor::{
-    ClientMsg, ControlRequest, ControlResponse, ReadyInfo, SupervisorMsg, SupervisorStatus,
-    VmRunState, SUPERVISOR_PROTOCOL_VERSION,
-};
+use smolvm_proto::supervisor::{ReadyInfo, SupervisorMsg, VmRunState};
 use smolvm_proto::{
     encode_frame, Decoder, ErrorInfo, ErrorKind, Frame, GuestHello, GuestMsg, HostHello, HostMsg,
     PROTOCOL_VERSION,
@@ -18,52 +15,44 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Frames queued towards one client before the agent reader waits for it.
-const CLIENT_QUEUE: usize = 1024;
+pub(super) const CLIENT_QUEUE: usize = 1024;
 /// Frames queued towards the agent.
 const AGENT_QUEUE: usize = 256;
 const HELLO_RESEND: Duration = Duration::from_millis(200);
-const READ_BUF: usize = 64 * 1024;
+pub(super) const READ_BUF: usize = 64 * 1024;
 
-macro_rules! log {
-    ($($t:tt)*) => {{
-        let now = crate::state::now_ms();
-        eprintln!("{}.{:03} {}", now / 1000, now % 1000, format!($($t)*));
-    }};
-}
-
-enum VmCmd {
+pub(super) enum VmCmd {
     Pause(oneshot::Sender<Result<(), String>>),
     Resume(oneshot::Sender<Result<(), String>>),
     Stop(u64, oneshot::Sender<Result<(), String>>),
     Kill(oneshot::Sender<Result<(), String>>),
 }
 
-struct Shared {
-    id: String,
-    routes: Routes,
-    clients: HashMap<u64, mpsc::Sender<Vec<u8>>>,
-    next_client: u64,
-    hello: Option<GuestHello>,
-    ready: Option<ReadyInfo>,
+pub(super) struct Shared {
+    pub(super) id: String,
+    pub(super) routes: Routes,
+    pub(super) clients: HashMap<u64, mpsc::Sender<Vec<u8>>>,
+    pub(super) next_client: u64,
+    pub(super) hello: Option<GuestHello>,
+    pub(super) ready: Option<ReadyInfo>,
     /// Set when the VM can never become ready (VMM gone, bad agent).
-    fatal: Option<String>,
-    run_state: VmRunState,
-    vmm_pid: u32,
-    launched: Instant,
-    vmm_start_ms: u64,
+    pub(super) fatal: Option<String>,
+    pub(super) run_state: VmRunState,
+    pub(super) vmm_pid: u32,
+    pub(super) launched: Instant,
+    pub(super) vmm_start_ms: u64,
 }
 
-type SharedRef = Arc<Mutex<Shared>>;
+pub(super) type SharedRef = Arc<Mutex<Shared>>;
 
-fn lock(s: &SharedRef) -> std::sync::MutexGuard<'_, Shared> {
+pub(super) fn lock(s: &SharedRef) -> std::sync::MutexGuard<'_, Shared> {
     s.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn frame<M: serde::Serialize>(stream: u32, msg: M) -> Option<Vec<u8>> {
+pub(super) fn frame<M: serde::Serialize>(stream: u32, msg: M) -> Option<Vec<u8>> {
     encode_frame(&Frame::new(stream, msg)).ok()
 }
 
@@ -111,6 +100,24 @@ pub async fn serve(spec: LaunchSpec, vm_dir: PathBuf, mut ready: std::fs::File) 
             return 1;
         }
     };
+    match super::connect_in_dir(&vm_dir, files::CONSOLE_SOCKET).await {
+        Ok(c) => {
+            tokio::spawn(super::console::pump(c, vm_dir.clone()));
+        }
+        Err(e) => log!("cannot connect to the console: {e}; the console will not be logged"),
+    }
+    // The VMM starts with its vCPUs stopped: go, now that every channel is
+    // connected.
+    if let Err(e) = vm.resume().await {
+        vm.kill();
+        let _ = write!(
+            ready,
+            "E cannot start the vCPUs: {}",
+            crate::error::chain(&e)
+        );
+        cleanup(&vm_dir);
+        return 1;
+    }
     let _ = ready.write_all(b"R");
     drop(ready);
 
@@ -143,7 +150,7 @@ pub async fn serve(spec: LaunchSpec, vm_dir: PathBuf, mut ready: std::fs::File) 
     tokio::spawn(hello_sender(agent_tx.clone(), shared.clone()));
 
     let (vm_tx, vm_rx) = mpsc::channel::<VmCmd>(16);
-    tokio::spawn(accept_loop(
+    tokio::spawn(super::clients::accept_loop(
         listener,
         shared.clone(),
         agent_tx.clone(),
@@ -206,7 +213,12 @@ async fn vm_loop(
                         (paused, s.hello.is_some())
                     };
                     stop_replies.push(reply);
-                    if paused || !agent_up {
+                    if paused {
+                        // A clean shutdown needs running vCPUs (the guest
+                        // flushes its caches to the disk).
+                        let _ = vm.resume().await;
+                    }
+                    if !agent_up {
                         // Nothing in the guest can act on a shutdown request.
                         let _ = vm.quit().await;
                     } else {
@@ -429,262 +441,5 @@ async fn handle_guest_frame(f: Frame<GuestMsg>, shared: &SharedRef, ready_tx: &w
             // Back-pressure: a slow client slows the guest's output.
             let _ = tx.send(buf).await;
         }
-    }
-}
-
-async fn accept_loop(
-    listener: tokio::net::UnixListener,
-    shared: SharedRef,
-    agent_tx: mpsc::Sender<Vec<u8>>,
-    vm_tx: mpsc::Sender<VmCmd>,
-    ready_rx: watch::Receiver<()>,
-    vm_dir: PathBuf,
-) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        tokio::spawn(client_conn(
-            stream,
-            shared.clone(),
-            agent_tx.clone(),
-            vm_tx.clone(),
-            ready_rx.clone(),
-            vm_dir.clone(),
-        ));
-    }
-}
-
-async fn client_conn(
-    stream: UnixStream,
-    shared: SharedRef,
-    agent_tx: mpsc::Sender<Vec<u8>>,
-    vm_tx: mpsc::Sender<VmCmd>,
-    ready_rx: watch::Receiver<()>,
-    vm_dir: PathBuf,
-) {
-    let (mut r, mut w) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(CLIENT_QUEUE);
-    let client = {
-        let mut s = lock(&shared);
-        let c = s.next_client;
-        s.next_client += 1;
-        s.clients.insert(c, tx.clone());
-        c
-    };
-    let writer = tokio::spawn(async move {
-        while let Some(buf) = rx.recv().await {
-            if w.write_all(&buf).await.is_err() {
-                break;
-            }
-        }
-    });
-    let mut dec = Decoder::new();
-    let mut buf = vec![0u8; READ_BUF];
-    let mut greeted = false;
-    'conn: loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        dec.push(&buf[..n]);
-        loop {
-            let f = match dec.next_frame::<ClientMsg>() {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) => {
-                    log!("client {client}: {e}; closing");
-                    break 'conn;
-                }
-            };
-            match f.msg {
-                ClientMsg::Hello { version } => {
-                    if version != SUPERVISOR_PROTOCOL_VERSION {
-                        log!("client {client} speaks supervisor protocol v{version}; closing");
-                        break 'conn;
-                    }
-                    greeted = true;
-                    let id = lock(&shared).id.clone();
-                    if let Some(b) = frame(
-                        0,
-                        SupervisorMsg::Hello {
-                            version: SUPERVISOR_PROTOCOL_VERSION,
-                            vm_id: id,
-                        },
-                    ) {
-                        let _ = tx.send(b).await;
-                    }
-                }
-                _ if !greeted => break 'conn,
-                ClientMsg::Agent(msg) => {
-                    if let Err(e) =
-                        forward_to_agent(client, f.stream, msg, &shared, &agent_tx).await
-                    {
-                        if let Some(b) = frame(f.stream, SupervisorMsg::Agent(GuestMsg::Error(e))) {
-                            let _ = tx.send(b).await;
-                        }
-                    }
-                }
-                ClientMsg::Control(req) => {
-                    let (shared, vm_tx, tx, ready_rx, vm_dir) = (
-                        shared.clone(),
-                        vm_tx.clone(),
-                        tx.clone(),
-                        ready_rx.clone(),
-                        vm_dir.clone(),
-                    );
-                    tokio::spawn(async move {
-                        let resp = control(req, &shared, &vm_tx, ready_rx, &vm_dir).await;
-                        if let Some(b) = frame(f.stream, SupervisorMsg::Control(resp)) {
-                            let _ = tx.send(b).await;
-                        }
-                    });
-                }
-            }
-        }
-    }
-    // The client went away: its running processes go with it.
-    let orphans = {
-        let mut s = lock(&shared);
-        s.clients.remove(&client);
-        s.routes.drain_client(client)
-    };
-    for g in orphans {
-        if let Some(b) = frame(
-            g,
-            HostMsg::Signal {
-                signal: libc::SIGKILL,
-            },
-        ) {
-            let _ = agent_tx.send(b).await;
-        }
-    }
-    drop(tx);
-    let _ = writer.await;
-}
-
-async fn forward_to_agent(
-    client: u64,
-    stream: u32,
-    msg: HostMsg,
-    shared: &SharedRef,
-    agent_tx: &mpsc::Sender<Vec<u8>>,
-) -> Result<(), ErrorInfo> {
-    let global = {
-        let mut s = lock(shared);
-        if let Some(f) = &s.fatal {
-            return Err(ErrorInfo::new(ErrorKind::Other, f.clone()));
-        }
-        if s.hello.is_none() {
-            return Err(ErrorInfo::new(
-                ErrorKind::Other,
-                "the guest agent is not ready yet",
-            ));
-        }
-        match &msg {
-            HostMsg::Hello(_) => {
-                return Err(ErrorInfo::new(
-                    ErrorKind::InvalidRequest,
-                    "the supervisor owns the agent hello",
-                ))
-            }
-            HostMsg::Exec(_) | HostMsg::Ping { .. } | HostMsg::Shutdown => s
-                .routes
-                .open(client, stream)
-                .map_err(|e| ErrorInfo::new(ErrorKind::InvalidRequest, e.to_string()))?,
-            HostMsg::Stdin(_) | HostMsg::StdinClose | HostMsg::Signal { .. } => {
-                s.routes.global(client, stream).ok_or_else(|| {
-                    ErrorInfo::new(
-                        ErrorKind::InvalidRequest,
-                        format!("no open stream {stream}"),
-                    )
-                })?
-            }
-        }
-    };
-    let buf = encode_frame(&Frame::new(global, msg))
-        .map_err(|e| ErrorInfo::new(ErrorKind::InvalidRequest, e.to_string()))?;
-    agent_tx
-        .send(buf)
-        .await
-        .map_err(|_| ErrorInfo::new(ErrorKind::Other, "the agent channel is closed"))
-}
-
-async fn control(
-    req: ControlRequest,
-    shared: &SharedRef,
-    vm_tx: &mpsc::Sender<VmCmd>,
-    mut ready_rx: watch::Receiver<()>,
-    vm_dir: &std::path::Path,
-) -> ControlResponse {
-    let vm_cmd = |make: fn(oneshot::Sender<Result<(), String>>) -> VmCmd| async move {
-        let (t, r) = oneshot::channel();
-        if vm_tx.send(make(t)).await.is_err() {
-            return ControlResponse::Error("the VMM has exited".into());
-        }
-        match r.await {
-            Ok(Ok(())) => ControlResponse::Ok,
-            Ok(Err(e)) => ControlResponse::Error(e),
-            Err(_) => ControlResponse::Error("the VMM has exited".into()),
-        }
-    };
-    match req {
-        ControlRequest::Status => {
-            let s = lock(shared);
-            ControlResponse::Status(SupervisorStatus {
-                state: s.run_state,
-                vmm_pid: s.vmm_pid,
-                agent_connected: s.hello.is_some(),
-            })
-        }
-        ControlRequest::WaitReady { timeout_ms } => {
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
-            loop {
-                {
-                    let s = lock(shared);
-                    if let Some(r) = &s.ready {
-                        return ControlResponse::Ready(r.clone());
-                    }
-                    if let Some(f) = &s.fatal {
-                        return ControlResponse::Error(format!("{f}\n{}", console_tail(vm_dir)));
-                    }
-                }
-                match tokio::time::timeout_at(deadline, ready_rx.changed()).await {
-                    Ok(Ok(())) => continue,
-                    Ok(Err(_)) => {
-                        return ControlResponse::Error("the supervisor is shutting down".into())
-                    }
-                    Err(_) => {
-                        return ControlResponse::Error(format!(
-                            "the guest agent did not answer within {:.1}s\n{}",
-                            timeout_ms as f64 / 1000.0,
-                            console_tail(vm_dir)
-                        ))
-                    }
-                }
-            }
-        }
-        ControlRequest::Pause => vm_cmd(VmCmd::Pause).await,
-        ControlRequest::Resume => vm_cmd(VmCmd::Resume).await,
-        ControlRequest::Kill => vm_cmd(VmCmd::Kill).await,
-        ControlRequest::Stop { timeout_ms } => {
-            let (t, r) = oneshot::channel();
-            if vm_tx.send(VmCmd::Stop(timeout_ms, t)).await.is_err() {
-                return ControlResponse::Ok; // already exiting
-            }
-            match r.await {
-                Ok(Err(e)) => ControlResponse::Error(e),
-                _ => ControlResponse::Ok,
-            }
-        }
-    }
-}
-
-fn console_tail(vm_dir: &std::path::Path) -> String {
-    let t = tail_console(&vm_dir.join(files::CONSOLE_LOG), 15);
-    if t.is_empty() {
-        "the guest console is empty".to_string()
-    } else {
-        format!("last guest console lines:\n{t}")
     }
 }

@@ -88,10 +88,18 @@ pub fn launch_args(spec: &LaunchSpec) -> Vec<String> {
         s(&spec.initramfs),
         "-append".into(),
         kernel_cmdline(spec.accel, &extra),
+        // The console goes through the supervisor, which caps the log: a
+        // guest printing forever cannot fill the host's disk.
         "-chardev".into(),
-        format!("file,id=con,path={}", files::CONSOLE_LOG),
+        format!(
+            "socket,id=con,path={},server=on,wait=off",
+            files::CONSOLE_SOCKET
+        ),
         "-serial".into(),
         "chardev:con".into(),
+        // Start with vCPUs stopped; the supervisor connects the console and
+        // agent channels first, then continues (no early output is lost).
+        "-S".into(),
         "-drive".into(),
         format!(
             "id=root,file={},format=qcow2,if=none,discard=unmap",
@@ -202,6 +210,8 @@ mod tests {
         assert!(a.contains("name=smolvm.agent"));
         assert!(a.contains("virtio-net-device"));
         assert!(a.contains("-no-reboot"));
+        assert!(a.contains(" -S "), "starts paused");
+        assert!(a.contains("socket,id=con,path=console.sock"));
         if host_tsc_khz().is_some() {
             assert!(a.contains("tsc_early_khz="));
         }

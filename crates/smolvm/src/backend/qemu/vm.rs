@@ -64,7 +64,11 @@ impl QemuVm {
     /// the thread that spawned it exits: `PR_SET_PDEATHSIG`).
     pub async fn launch(spec: &LaunchSpec) -> Result<QemuVm, QemuError> {
         let dir = &spec.vm_dir;
-        for f in [files::QMP_SOCKET, files::AGENT_SOCKET] {
+        for f in [
+            files::QMP_SOCKET,
+            files::AGENT_SOCKET,
+            files::CONSOLE_SOCKET,
+        ] {
             let _ = std::fs::remove_file(dir.join(f));
         }
         let log_path = dir.join(files::VMM_LOG);

@@ -1,0 +1,273 @@
+//! The supervisor's clients: each connection's frames are routed to the
+//! guest agent (with stream ids remapped) or served as lifecycle requests.
+
+use super::server::{frame, lock, SharedRef, VmCmd, CLIENT_QUEUE, READ_BUF};
+use crate::backend::files;
+use crate::backend::qemu::tail_console;
+use smolvm_proto::supervisor::{
+    ClientMsg, ControlRequest, ControlResponse, SupervisorMsg, SupervisorStatus,
+    SUPERVISOR_PROTOCOL_VERSION,
+};
+use smolvm_proto::{encode_frame, Decoder, ErrorInfo, ErrorKind, Frame, GuestMsg, HostMsg};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub(super) async fn accept_loop(
+    listener: tokio::net::UnixListener,
+    shared: SharedRef,
+    agent_tx: mpsc::Sender<Vec<u8>>,
+    vm_tx: mpsc::Sender<VmCmd>,
+    ready_rx: watch::Receiver<()>,
+    vm_dir: PathBuf,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(client_conn(
+            stream,
+            shared.clone(),
+            agent_tx.clone(),
+            vm_tx.clone(),
+            ready_rx.clone(),
+            vm_dir.clone(),
+        ));
+    }
+}
+
+async fn client_conn(
+    stream: UnixStream,
+    shared: SharedRef,
+    agent_tx: mpsc::Sender<Vec<u8>>,
+    vm_tx: mpsc::Sender<VmCmd>,
+    ready_rx: watch::Receiver<()>,
+    vm_dir: PathBuf,
+) {
+    let (mut r, mut w) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(CLIENT_QUEUE);
+    let client = {
+        let mut s = lock(&shared);
+        let c = s.next_client;
+        s.next_client += 1;
+        s.clients.insert(c, tx.clone());
+        c
+    };
+    let writer = tokio::spawn(async move {
+        while let Some(buf) = rx.recv().await {
+            if w.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut dec = Decoder::new();
+    let mut buf = vec![0u8; READ_BUF];
+    let mut greeted = false;
+    'conn: loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        dec.push(&buf[..n]);
+        loop {
+            let f = match dec.next_frame::<ClientMsg>() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    log!("client {client}: {e}; closing");
+                    break 'conn;
+                }
+            };
+            match f.msg {
+                ClientMsg::Hello { version } => {
+                    if version != SUPERVISOR_PROTOCOL_VERSION {
+                        log!("client {client} speaks supervisor protocol v{version}; closing");
+                        break 'conn;
+                    }
+                    greeted = true;
+                    let id = lock(&shared).id.clone();
+                    if let Some(b) = frame(
+                        0,
+                        SupervisorMsg::Hello {
+                            version: SUPERVISOR_PROTOCOL_VERSION,
+                            vm_id: id,
+                        },
+                    ) {
+                        let _ = tx.send(b).await;
+                    }
+                }
+                _ if !greeted => break 'conn,
+                ClientMsg::Agent(msg) => {
+                    if let Err(e) =
+                        forward_to_agent(client, f.stream, msg, &shared, &agent_tx).await
+                    {
+                        if let Some(b) = frame(f.stream, SupervisorMsg::Agent(GuestMsg::Error(e))) {
+                            let _ = tx.send(b).await;
+                        }
+                    }
+                }
+                ClientMsg::Control(req) => {
+                    let (shared, vm_tx, tx, ready_rx, vm_dir) = (
+                        shared.clone(),
+                        vm_tx.clone(),
+                        tx.clone(),
+                        ready_rx.clone(),
+                        vm_dir.clone(),
+                    );
+                    tokio::spawn(async move {
+                        let resp = control(req, &shared, &vm_tx, ready_rx, &vm_dir).await;
+                        if let Some(b) = frame(f.stream, SupervisorMsg::Control(resp)) {
+                            let _ = tx.send(b).await;
+                        }
+                    });
+                }
+            }
+        }
+    }
+    // The client went away: its running processes go with it.
+    let orphans = {
+        let mut s = lock(&shared);
+        s.clients.remove(&client);
+        s.routes.drain_client(client)
+    };
+    for g in orphans {
+        if let Some(b) = frame(
+            g,
+            HostMsg::Signal {
+                signal: libc::SIGKILL,
+            },
+        ) {
+            let _ = agent_tx.send(b).await;
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+async fn forward_to_agent(
+    client: u64,
+    stream: u32,
+    msg: HostMsg,
+    shared: &SharedRef,
+    agent_tx: &mpsc::Sender<Vec<u8>>,
+) -> Result<(), ErrorInfo> {
+    let global = {
+        let mut s = lock(shared);
+        if let Some(f) = &s.fatal {
+            return Err(ErrorInfo::new(ErrorKind::Other, f.clone()));
+        }
+        if s.hello.is_none() {
+            return Err(ErrorInfo::new(
+                ErrorKind::Other,
+                "the guest agent is not ready yet",
+            ));
+        }
+        match &msg {
+            HostMsg::Hello(_) => {
+                return Err(ErrorInfo::new(
+                    ErrorKind::InvalidRequest,
+                    "the supervisor owns the agent hello",
+                ))
+            }
+            HostMsg::Exec(_) | HostMsg::Ping { .. } | HostMsg::Shutdown => s
+                .routes
+                .open(client, stream)
+                .map_err(|e| ErrorInfo::new(ErrorKind::InvalidRequest, e.to_string()))?,
+            HostMsg::Stdin(_) | HostMsg::StdinClose | HostMsg::Signal { .. } => {
+                s.routes.global(client, stream).ok_or_else(|| {
+                    ErrorInfo::new(
+                        ErrorKind::InvalidRequest,
+                        format!("no open stream {stream}"),
+                    )
+                })?
+            }
+        }
+    };
+    let buf = encode_frame(&Frame::new(global, msg))
+        .map_err(|e| ErrorInfo::new(ErrorKind::InvalidRequest, e.to_string()))?;
+    agent_tx
+        .send(buf)
+        .await
+        .map_err(|_| ErrorInfo::new(ErrorKind::Other, "the agent channel is closed"))
+}
+
+async fn control(
+    req: ControlRequest,
+    shared: &SharedRef,
+    vm_tx: &mpsc::Sender<VmCmd>,
+    mut ready_rx: watch::Receiver<()>,
+    vm_dir: &std::path::Path,
+) -> ControlResponse {
+    let vm_cmd = |make: fn(oneshot::Sender<Result<(), String>>) -> VmCmd| async move {
+        let (t, r) = oneshot::channel();
+        if vm_tx.send(make(t)).await.is_err() {
+            return ControlResponse::Error("the VMM has exited".into());
+        }
+        match r.await {
+            Ok(Ok(())) => ControlResponse::Ok,
+            Ok(Err(e)) => ControlResponse::Error(e),
+            Err(_) => ControlResponse::Error("the VMM has exited".into()),
+        }
+    };
+    match req {
+        ControlRequest::Status => {
+            let s = lock(shared);
+            ControlResponse::Status(SupervisorStatus {
+                state: s.run_state,
+                vmm_pid: s.vmm_pid,
+                agent_connected: s.hello.is_some(),
+            })
+        }
+        ControlRequest::WaitReady { timeout_ms } => {
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+            loop {
+                {
+                    let s = lock(shared);
+                    if let Some(r) = &s.ready {
+                        return ControlResponse::Ready(r.clone());
+                    }
+                    if let Some(f) = &s.fatal {
+                        return ControlResponse::Error(format!("{f}\n{}", console_tail(vm_dir)));
+                    }
+                }
+                match tokio::time::timeout_at(deadline, ready_rx.changed()).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(_)) => {
+                        return ControlResponse::Error("the supervisor is shutting down".into())
+                    }
+                    Err(_) => {
+                        return ControlResponse::Error(format!(
+                            "the guest agent did not answer within {:.1}s\n{}",
+                            timeout_ms as f64 / 1000.0,
+                            console_tail(vm_dir)
+                        ))
+                    }
+                }
+            }
+        }
+        ControlRequest::Pause => vm_cmd(VmCmd::Pause).await,
+        ControlRequest::Resume => vm_cmd(VmCmd::Resume).await,
+        ControlRequest::Kill => vm_cmd(VmCmd::Kill).await,
+        ControlRequest::Stop { timeout_ms } => {
+            let (t, r) = oneshot::channel();
+            if vm_tx.send(VmCmd::Stop(timeout_ms, t)).await.is_err() {
+                return ControlResponse::Ok; // already exiting
+            }
+            match r.await {
+                Ok(Err(e)) => ControlResponse::Error(e),
+                _ => ControlResponse::Ok,
+            }
+        }
+    }
+}
+
+fn console_tail(vm_dir: &std::path::Path) -> String {
+    let t = tail_console(&vm_dir.join(files::CONSOLE_LOG), 15);
+    if t.is_empty() {
+        "the guest console is empty".to_string()
+    } else {
+        format!("last guest console lines:\n{t}")
+    }
+}
