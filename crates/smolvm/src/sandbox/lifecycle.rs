@@ -2,7 +2,8 @@
 
 use super::lock::VmLock;
 use super::record::{
-    config_of, hint_for, info_of, invalid, refresh, store, wait_supervisor_gone, VmInfo,
+    config_of, current_supervisor, hint_for, info_of, invalid, refresh, store,
+    wait_supervisor_gone, VmInfo,
 };
 use crate::backend::{files, qemu, LaunchSpec, ResolvedAccel};
 use crate::config::SandboxConfig;
@@ -230,7 +231,7 @@ impl Sandbox {
             let _ = c.control(ControlRequest::Kill).await;
         }
         self.forget_client();
-        wait_supervisor_gone(&self.id).await;
+        wait_supervisor_gone(rec.supervisor).await;
         if let Some(v) = rec.vmm.filter(|v| v.is_alive()) {
             // SAFETY: kill(2) on a pid verified (with its start time) as this VM's VMM.
             unsafe { libc::kill(v.pid as i32, libc::SIGKILL) };
@@ -334,9 +335,10 @@ impl Sandbox {
                     ControlResponse::Error(e) => e,
                     o => format!("unexpected answer {o:?}"),
                 };
+                let sup = current_supervisor(&self.id);
                 let _ = client.control(ControlRequest::Kill).await;
                 self.forget_client();
-                wait_supervisor_gone(&self.id).await;
+                wait_supervisor_gone(sup).await;
                 s.set_state(
                     &self.id,
                     prior,
@@ -384,7 +386,7 @@ impl Sandbox {
                 })
             }
         }
-        wait_supervisor_gone(&self.id).await;
+        wait_supervisor_gone(rec.supervisor).await;
         let s = store()?;
         s.transition(
             &self.id,
@@ -451,7 +453,7 @@ impl Sandbox {
                     let _ = c.control(ControlRequest::Kill).await;
                 }
                 self.forget_client();
-                wait_supervisor_gone(&self.id).await;
+                wait_supervisor_gone(rec.supervisor).await;
             }
             // Whatever is left of its processes goes too.
             for p in [rec.vmm, rec.supervisor].into_iter().flatten() {

@@ -3,7 +3,7 @@
 
 use crate::config::SandboxConfig;
 use crate::error::{Error, Result};
-use crate::state::{Store, VmRecord, VmState};
+use crate::state::{ProcessId, Store, VmRecord, VmState};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -134,13 +134,17 @@ pub(super) fn hint_for(id: &str, state: VmState) -> String {
     }
 }
 
-/// Waits until the VM's supervisor process is gone (it records the final
-/// state before exiting).
-pub(super) async fn wait_supervisor_gone(id: &str) {
-    let sup = store()
+/// The supervisor recorded for `id` right now.
+pub(super) fn current_supervisor(id: &str) -> Option<ProcessId> {
+    store()
         .ok()
         .and_then(|s| s.get(id).ok().flatten())
-        .and_then(|r| r.supervisor);
+        .and_then(|r| r.supervisor)
+}
+
+/// Waits until `sup` (captured before asking it to end: it clears its own
+/// record on the way out) is gone, killing it after 15 s.
+pub(super) async fn wait_supervisor_gone(sup: Option<ProcessId>) {
     let Some(sup) = sup else { return };
     let start = Instant::now();
     while sup.is_alive() && start.elapsed() < Duration::from_secs(15) {

@@ -279,6 +279,24 @@ async fn finish(
     let _ = ready_tx.send(());
     let clean = stop_requested || exit.code == Some(0);
     log!("VMM exited: {exit} (stop requested: {stop_requested})");
+    for (_, route) in routes {
+        if let Some(tx) = clients.get(&route.client) {
+            if let Some(buf) = frame(
+                route.stream,
+                SupervisorMsg::Agent(GuestMsg::Error(ErrorInfo::new(
+                    ErrorKind::Other,
+                    format!("VM stopped: {exit}"),
+                ))),
+            ) {
+                let _ = tx.try_send(buf);
+            }
+        }
+    }
+    // Give client writers a moment to flush the final errors.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    cleanup(vm_dir);
+    // Record last, with the sockets gone: a new start may bind them as soon
+    // as the state is no longer live.
     if let Ok(store) = Store::open() {
         let (state, err) = if clean {
             (VmState::Stopped, None)
@@ -301,22 +319,6 @@ async fn finish(
         );
         let _ = store.set_processes(&id, None, None, None);
     }
-    for (_, route) in routes {
-        if let Some(tx) = clients.get(&route.client) {
-            if let Some(buf) = frame(
-                route.stream,
-                SupervisorMsg::Agent(GuestMsg::Error(ErrorInfo::new(
-                    ErrorKind::Other,
-                    format!("VM stopped: {exit}"),
-                ))),
-            ) {
-                let _ = tx.try_send(buf);
-            }
-        }
-    }
-    // Give client writers a moment to flush the final errors.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    cleanup(vm_dir);
 }
 
 fn cleanup(vm_dir: &std::path::Path) {
