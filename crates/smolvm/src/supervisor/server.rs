@@ -445,3 +445,83 @@ async fn handle_guest_frame(f: Frame<GuestMsg>, shared: &SharedRef, ready_tx: &w
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> SharedRef {
+        Arc::new(Mutex::new(Shared {
+            id: "t".into(),
+            routes: Routes::default(),
+            clients: HashMap::new(),
+            next_client: 1,
+            hello: None,
+            ready: None,
+            fatal: None,
+            run_state: VmRunState::Booting,
+            vmm_pid: 1,
+            launched: Instant::now(),
+            vmm_start_ms: 1,
+        }))
+    }
+
+    fn hello(version: u32) -> Frame<GuestMsg> {
+        Frame::new(
+            smolvm_proto::CONTROL_STREAM,
+            GuestMsg::Hello(GuestHello {
+                version,
+                agent_version: "9.9.9".into(),
+                agent_start_ms: 1,
+                ready_ms: 2,
+                now_ms: 3,
+            }),
+        )
+    }
+
+    #[tokio::test]
+    async fn incompatible_agent_is_a_clear_error() {
+        let s = shared();
+        let (tx, _rx) = watch::channel(());
+        handle_guest_frame(hello(PROTOCOL_VERSION + 1), &s, &tx).await;
+        let g = lock(&s);
+        assert!(g.ready.is_none() && g.hello.is_none());
+        let fatal = g.fatal.clone().unwrap_or_default();
+        assert!(
+            fatal.contains(&format!("protocol v{}", PROTOCOL_VERSION + 1))
+                && fatal.contains("smolvm image build"),
+            "{fatal}"
+        );
+    }
+
+    #[tokio::test]
+    async fn compatible_hello_makes_the_vm_ready_once() {
+        let s = shared();
+        let (tx, _rx) = watch::channel(());
+        handle_guest_frame(hello(PROTOCOL_VERSION), &s, &tx).await;
+        handle_guest_frame(hello(PROTOCOL_VERSION + 7), &s, &tx).await;
+        let g = lock(&s);
+        assert!(g.fatal.is_none(), "a late second hello is ignored");
+        assert_eq!(g.run_state, VmRunState::Running);
+        assert_eq!(
+            g.ready.as_ref().map(|r| r.hello.agent_version.as_str()),
+            Some("9.9.9")
+        );
+    }
+
+    #[tokio::test]
+    async fn guest_frames_for_unknown_streams_are_dropped() {
+        let s = shared();
+        let (tx, _rx) = watch::channel(());
+        for stream in [1, 7, u32::MAX] {
+            handle_guest_frame(
+                Frame::new(stream, GuestMsg::Stdout(vec![1; 10].into())),
+                &s,
+                &tx,
+            )
+            .await;
+            handle_guest_frame(Frame::new(stream, GuestMsg::ShutdownAck), &s, &tx).await;
+        }
+        assert!(lock(&s).fatal.is_none());
+    }
+}
