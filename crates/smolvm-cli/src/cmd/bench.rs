@@ -301,6 +301,34 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
         "agent ping round trip (ms, p99)",
         format!("{:.2}", r.ping_rtt_ms.p99),
     );
+    row("pause (ms, median)", format!("{:.1}", r.pause_ms.median));
+    row("resume (ms, median)", format!("{:.1}", r.resume_ms.median));
+    row(
+        "stop, graceful (ms, median)",
+        format!("{:.0}", r.stop_ms.median),
+    );
+    row(
+        "start of a stopped VM (ms, median)",
+        format!("{:.0}", r.start_stopped_ms.median),
+    );
+    for p in &r.parallel {
+        row(
+            &format!("{} VM(s) create+start+`true`, wall (ms)", p.vms),
+            format!("{:.0}", p.wall_ms),
+        );
+        row(
+            &format!("{} VM(s): per-VM RSS / PSS (MiB)", p.vms),
+            format!("{:.0} / {:.0}", p.rss_mib, p.pss_mib),
+        );
+    }
+    if let (Some(one), Some(last)) = (r.parallel.first(), r.parallel.last()) {
+        if last.vms > one.vms {
+            row(
+                &format!("{} VMs vs 1 VM wall (ratio)", last.vms),
+                format!("{:.1}x", last.wall_ms / one.wall_ms.max(1e-6)),
+            );
+        }
+    }
     row(
         "exec / ping (ratio of medians)",
         format!(
