@@ -161,6 +161,12 @@ impl Sandbox {
         Ok(refresh(&self.id).await?.state)
     }
 
+    /// Re-reads the VM from the store, applying crash truth (a VM whose
+    /// supervisor or VMM died is reported as `error`, never `running`).
+    pub async fn refresh(&self) -> Result<VmInfo> {
+        Ok(info_of(&refresh(&self.id).await?))
+    }
+
     pub async fn info(&self) -> Result<VmInfo> {
         Ok(info_of(&refresh(&self.id).await?))
     }

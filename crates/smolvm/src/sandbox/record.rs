@@ -1,6 +1,7 @@
 //! A VM's row as the truth: crash detection (a live state whose processes
 //! died becomes `error`), info, and the messages that say what to run.
 
+use crate::backend::files;
 use crate::config::SandboxConfig;
 use crate::error::{Error, Result};
 use crate::state::{ProcessId, Store, VmRecord, VmState};
@@ -95,18 +96,35 @@ pub(super) fn refreshed(id: &str) -> Result<VmRecord> {
             rec.vmm.map(|p| p.pid).unwrap_or(0)
         ),
     };
-    s.transition(
+    let moved = s.transition(
         id,
         &[VmState::Running, VmState::Paused],
         VmState::Error,
         Some(&why),
     )?;
+    if !moved {
+        // Someone else changed it meanwhile; their view wins.
+        return s.get(id)?.ok_or_else(|| Error::NotFound(id.to_string()));
+    }
     // Nothing may outlive a dead supervisor: the VMM dies with it (pdeathsig),
     // but make sure.
     if let Some(v) = rec.vmm.filter(|v| v.is_alive()) {
         // SAFETY: kill(2) on a pid we verified (with its start time) is our VMM.
         unsafe { libc::kill(v.pid as i32, libc::SIGKILL) };
     }
+    // What a dead supervisor could not clean up: sockets and the guest RAM
+    // file (as large as the guest's memory). The disk and logs stay.
+    let dir = crate::paths::vm_dir(id);
+    for f in [
+        files::SUPERVISOR_SOCKET,
+        files::QMP_SOCKET,
+        files::AGENT_SOCKET,
+        files::CONSOLE_SOCKET,
+        files::MEMORY_FILE,
+    ] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    let _ = s.set_processes(id, None, None, None);
     s.get(id)?.ok_or_else(|| Error::NotFound(id.to_string()))
 }
 

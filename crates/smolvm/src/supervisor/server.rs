@@ -368,6 +368,7 @@ async fn agent_reader(
     shared: SharedRef,
     ready_tx: watch::Sender<()>,
 ) {
+    let mut bad_frames = 0u64;
     let mut dec = Decoder::new();
     let mut buf = vec![0u8; READ_BUF];
     loop {
@@ -382,7 +383,11 @@ async fn agent_reader(
                 Ok(None) => break,
                 Err(e) => {
                     // The guest is untrusted: drop what we have and resync.
-                    log!("bad frame from the guest agent: {e}; resetting the decoder");
+                    // Log sparingly so a guest cannot grow our log forever.
+                    bad_frames += 1;
+                    if bad_frames <= 10 || bad_frames.is_multiple_of(10_000) {
+                        log!("bad frame #{bad_frames} from the guest agent: {e}; resetting the decoder");
+                    }
                     dec.reset();
                     break;
                 }
