@@ -7,6 +7,10 @@
 //! Every case removes the VMs it made, even when it fails (a sweep runs after
 //! each case); the last case checks that no file and no process is left.
 
+#[path = "../../smolvm/tests/common/mod.rs"]
+mod common;
+
+use common::*;
 use smolvm::{Error, Sandbox, VmState};
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -19,40 +23,6 @@ const SMOLVM: &str = env!("CARGO_BIN_EXE_smolvm");
 /// Most time one CLI command may take (8 parallel TCG boots on 2 cores are slow).
 const CMD_LIMIT: Duration = Duration::from_secs(600);
 const CASE_LIMIT: Duration = Duration::from_secs(900);
-
-macro_rules! check {
-    ($cond:expr) => {
-        if !$cond {
-            return Err(format!("{}:{}: check failed: {}", file!(), line!(), stringify!($cond)));
-        }
-    };
-    ($cond:expr, $($fmt:tt)*) => {
-        if !$cond {
-            return Err(format!("{}:{}: {}", file!(), line!(), format!($($fmt)*)));
-        }
-    };
-}
-
-macro_rules! check_eq {
-    ($a:expr, $b:expr) => {
-        // `match` keeps temporaries of the operands alive for the comparison.
-        match (&$a, &$b) {
-            (a, b) => {
-                if a != b {
-                    return Err(format!(
-                        "{}:{}: {} != {}: {:?} vs {:?}",
-                        file!(),
-                        line!(),
-                        stringify!($a),
-                        stringify!($b),
-                        a,
-                        b
-                    ));
-                }
-            }
-        }
-    };
-}
 
 #[derive(Debug)]
 struct Out {
@@ -132,79 +102,6 @@ fn e2s(e: Error) -> String {
 
 fn data_dir() -> PathBuf {
     smolvm::paths::data_dir()
-}
-
-fn dir_entries(p: &Path) -> Vec<String> {
-    std::fs::read_dir(p)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().to_string())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn pid_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => {
-            let state = s
-                .rfind(')')
-                .and_then(|i| s[i + 1..].trim_start().chars().next());
-            !matches!(state, Some('Z') | Some('X') | None)
-        }
-        Err(_) => false,
-    }
-}
-
-async fn wait_pid_gone(pid: u32, limit: Duration) -> bool {
-    let t = Instant::now();
-    while pid_alive(pid) {
-        if t.elapsed() > limit {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
-}
-
-/// Live processes other than this one whose command line or working
-/// directory is inside `dir` (supervisors and VMMs of its VMs).
-fn processes_in(dir: &Path) -> Vec<(u32, String)> {
-    let dir = dir.display().to_string();
-    let me = std::process::id();
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid == me || !pid_alive(pid) {
-            continue;
-        }
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-            .unwrap_or_default();
-        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        if cmd.contains(&dir) || cwd.starts_with(&dir) {
-            out.push((pid, cmd.chars().take(120).collect()));
-        }
-    }
-    out
-}
-
-async fn no_processes_in(dir: &Path) -> Result<(), String> {
-    let t = Instant::now();
-    let mut p = processes_in(dir);
-    while !p.is_empty() && t.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        p = processes_in(dir);
-    }
-    check!(p.is_empty(), "leaked processes: {p:#?}");
-    Ok(())
 }
 
 /// Nothing of any VM is left in `dir` (or the default data dir): no VM,
@@ -760,10 +657,7 @@ echo done
     println!("    (8 processes: {:.1}s)", t.elapsed().as_secs_f64());
     if result.is_err() {
         sweep_in(Some(&dir)).await;
-        for (pid, _) in processes_in(&dir) {
-            // SAFETY: kill(2) of a process whose command line or cwd is in this case's temp dir.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
+        kill_processes_in(&dir);
     }
     result
 }
@@ -815,25 +709,10 @@ async fn sweep_in(dir: Option<&Path>) {
     }
 }
 
-type CaseFn = fn() -> Pin<Box<dyn Future<Output = Result<(), String>>>>;
-
-macro_rules! cases {
-    ($($f:ident),* $(,)?) => {
-        vec![$((stringify!($f), (|| Box::pin($f())) as CaseFn)),*]
-    };
-}
-
 fn main() {
-    let data = tempfile::Builder::new()
-        .prefix("smolvm-cli-test-")
-        .tempdir()
-        .expect("temp dir");
-    std::env::set_var("SMOLVM_DATA_DIR", data.path());
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let cases: Vec<(&str, CaseFn)> = cases![
+    let data = isolated_data_dir("smolvm-cli-test-");
+    let filters = filter();
+    let cases = cases![
         own_errors_exit_125,
         json_outputs,
         run_exit_codes_and_streams,
@@ -843,51 +722,16 @@ fn main() {
         eight_processes_at_once,
         nothing_leaked,
     ];
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let started = Instant::now();
-    let failed = rt.block_on(async {
-        let mut passed = 0;
-        let mut failed = Vec::new();
-        for (name, f) in &cases {
-            if !filters.is_empty() && !filters.iter().any(|x| name.contains(x.as_str())) {
-                continue;
-            }
-            let t = Instant::now();
-            let r = match tokio::time::timeout(CASE_LIMIT, f()).await {
-                Ok(r) => r,
-                Err(_) => Err(format!("did not finish within {CASE_LIMIT:?}")),
-            };
-            match r {
-                Ok(()) => {
-                    passed += 1;
-                    println!("test {name} ... ok ({:.1}s)", t.elapsed().as_secs_f64());
-                }
-                Err(e) => {
-                    println!(
-                        "test {name} ... FAILED ({:.1}s)\n    {e}",
-                        t.elapsed().as_secs_f64()
-                    );
-                    failed.push(name.to_string());
-                }
-            }
-            sweep_in(None).await;
-        }
-        for f in &failed {
-            eprintln!("FAILED: {f}");
-        }
-        println!("{} passed, {} failed", passed, failed.len());
-        failed.len()
+    let code = rt.block_on(async {
+        let (passed, failed) =
+            run_cases(&cases, &(), &filters, Some(CASE_LIMIT), || sweep_in(None)).await;
+        summary(passed, &failed)
     });
     println!("cli: {:.1}s", started.elapsed().as_secs_f64());
-    for (pid, _) in processes_in(data.path()) {
-        // SAFETY: kill(2) of a process whose command line or cwd is in our temp data dir.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    }
+    kill_processes_in(data.path());
     drop(rt);
     drop(data);
-    std::process::exit(if failed == 0 { 0 } else { 1 });
+    std::process::exit(code);
 }

@@ -334,24 +334,10 @@ async fn vmm_death_is_reported(_: &Sandbox) -> Result<(), String> {
     Ok(())
 }
 
-type Case = (
-    &'static str,
-    for<'a> fn(
-        &'a Sandbox,
-    )
-        -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + 'a>>,
-);
-
-macro_rules! cases {
-    ($($f:ident),* $(,)?) => {
-        vec![$((stringify!($f), (|vm| Box::pin($f(vm))) as for<'a> fn(&'a Sandbox) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + 'a>>)),*]
-    };
-}
-
 fn main() {
-    let data = isolated_data_dir();
+    let data = isolated_data_dir("smolvm-test-");
     let filters = filter();
-    let cases: Vec<Case> = cases![
+    let cases = cases![Sandbox:
         stdout_stderr_apart,
         exit_codes,
         death_by_signal,
@@ -366,11 +352,7 @@ fn main() {
         boot_timeout_shows_console,
         vmm_death_is_reported,
     ];
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let code = rt.block_on(async {
         let vm = match Sandbox::create(SandboxConfig::default()).await {
             Ok(vm) => vm,
@@ -384,27 +366,7 @@ fn main() {
             let _ = vm.delete().await;
             return summary(0, &["setup".to_string()]);
         }
-        let mut passed = 0;
-        let mut failed = Vec::new();
-        for (name, f) in &cases {
-            if !selected(name, &filters) {
-                continue;
-            }
-            let t = Instant::now();
-            match f(&vm).await {
-                Ok(()) => {
-                    passed += 1;
-                    println!("test {name} ... ok ({:.1}s)", t.elapsed().as_secs_f64());
-                }
-                Err(e) => {
-                    println!(
-                        "test {name} ... FAILED ({:.1}s)\n    {e}",
-                        t.elapsed().as_secs_f64()
-                    );
-                    failed.push(name.to_string());
-                }
-            }
-        }
+        let (passed, mut failed) = run_cases(&cases, &vm, &filters, None, || async {}).await;
         if let Err(e) = vm.delete().await {
             eprintln!("cannot delete the shared VM: {e}");
             failed.push("teardown".into());

@@ -16,9 +16,7 @@ use common::*;
 use smolvm::error::chain;
 use smolvm::state::Store;
 use smolvm::{Error, Sandbox, SandboxConfig, VmState};
-use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::pin::Pin;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const BOOT: Duration = Duration::from_secs(180);
@@ -100,73 +98,8 @@ fn refused<T>(
     Ok(m)
 }
 
-fn pid_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => {
-            let state = s
-                .rfind(')')
-                .and_then(|i| s[i + 1..].trim_start().chars().next());
-            !matches!(state, Some('Z') | Some('X') | None)
-        }
-        Err(_) => false,
-    }
-}
-
-async fn wait_pid_gone(pid: u32, limit: Duration) -> bool {
-    let t = Instant::now();
-    while pid_alive(pid) {
-        if t.elapsed() > limit {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
-}
-
 fn data_dir() -> PathBuf {
     smolvm::paths::data_dir()
-}
-
-/// Live (non-zombie) processes other than this one whose command line or
-/// working directory is inside the data dir: supervisors and VMMs.
-fn our_processes() -> Vec<String> {
-    let data = data_dir().display().to_string();
-    let me = std::process::id();
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid == me || !pid_alive(pid) {
-            continue;
-        }
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-            .unwrap_or_default();
-        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        if cmd.contains(&data) || cwd.starts_with(&data) {
-            out.push(format!(
-                "pid {pid}: {}",
-                cmd.chars().take(120).collect::<String>()
-            ));
-        }
-    }
-    out
-}
-
-fn dir_entries(p: &Path) -> Vec<String> {
-    std::fs::read_dir(p)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().to_string())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Nothing of VM `id` is left: no row, no directory (overlay, logs, sockets),
@@ -769,14 +702,7 @@ async fn nothing_leaked() -> Result<(), String> {
     }
     let items = smolvm::sandbox::prune(true, true).await.map_err(e2s)?;
     check!(items.is_empty(), "prune finds {items:?}");
-    let t = Instant::now();
-    let mut procs = our_processes();
-    while !procs.is_empty() && t.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        procs = our_processes();
-    }
-    check!(procs.is_empty(), "leaked processes: {procs:#?}");
-    Ok(())
+    no_processes_in(&data).await
 }
 
 /// Deletes every VM not in `keep` (best effort, reporting what fails).
@@ -796,18 +722,10 @@ async fn sweep(keep: &[&str]) {
     }
 }
 
-type CaseFn = fn() -> Pin<Box<dyn Future<Output = Result<(), String>>>>;
-
-macro_rules! cases {
-    ($($f:ident),* $(,)?) => {
-        vec![$((stringify!($f), (|| Box::pin($f())) as CaseFn)),*]
-    };
-}
-
 fn main() {
-    let data = isolated_data_dir();
+    let data = isolated_data_dir("smolvm-test-");
     let filters = filter();
-    let cases: Vec<(&str, CaseFn)> = cases![
+    let cases = cases![
         bad_names_refused,
         bad_config_refused,
         duplicate_name_refused,
@@ -826,54 +744,17 @@ fn main() {
         delete_in_every_state,
         nothing_leaked,
     ];
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let started = Instant::now();
     let code = rt.block_on(async {
-        let mut passed = 0;
-        let mut failed = Vec::new();
-        for (name, f) in &cases {
-            if !selected(name, &filters) {
-                continue;
-            }
-            let t = Instant::now();
-            let r = match tokio::time::timeout(CASE_LIMIT, f()).await {
-                Ok(r) => r,
-                Err(_) => Err(format!("did not finish within {CASE_LIMIT:?}")),
-            };
-            match r {
-                Ok(()) => {
-                    passed += 1;
-                    println!("test {name} ... ok ({:.1}s)", t.elapsed().as_secs_f64());
-                }
-                Err(e) => {
-                    println!(
-                        "test {name} ... FAILED ({:.1}s)\n    {e}",
-                        t.elapsed().as_secs_f64()
-                    );
-                    failed.push(name.to_string());
-                }
-            }
-            sweep(&[WALK]).await;
-        }
+        let (passed, failed) =
+            run_cases(&cases, &(), &filters, Some(CASE_LIMIT), || sweep(&[WALK])).await;
         sweep(&[]).await;
         summary(passed, &failed)
     });
     println!("lifecycle: {:.1}s", started.elapsed().as_secs_f64());
     // Last resort: nothing of ours may outlive the run.
-    for p in our_processes() {
-        if let Some(pid) = p
-            .strip_prefix("pid ")
-            .and_then(|s| s.split(':').next())
-            .and_then(|s| s.parse::<i32>().ok())
-        {
-            // SAFETY: kill(2) of a process whose command line or cwd is in our temp data dir.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
+    kill_processes_in(&data_dir());
     drop(rt);
     drop(data);
     std::process::exit(code);

@@ -12,6 +12,7 @@ pub enum ImageCommand {
         /// Rebuild everything even when cached.
         #[arg(long)]
         force: bool,
+        /// No progress output.
         #[arg(short, long)]
         quiet: bool,
     },

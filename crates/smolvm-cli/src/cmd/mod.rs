@@ -103,6 +103,48 @@ impl ExecFlags {
     }
 }
 
+/// Shared VM flags of `run` and `create` (`create` overrides some help).
+#[derive(clap::Args)]
+pub struct VmFlags {
+    /// Guest image.
+    #[arg(long, default_value = smolvm::config::DEFAULT_IMAGE)]
+    pub image: String,
+    /// Guest memory in MiB (128-16384).
+    #[arg(long, default_value_t = smolvm::config::DEFAULT_MEMORY_MIB)]
+    pub memory: u32,
+    /// vCPUs (1-32).
+    #[arg(long, default_value_t = smolvm::config::DEFAULT_CPUS)]
+    pub cpus: u32,
+    /// Accelerator: auto, kvm or tcg (auto: SMOLVM_ACCEL when set, else a
+    /// KVM probe boot decides).
+    #[arg(long)]
+    pub accel: Option<smolvm::Accel>,
+    /// No guest network.
+    #[arg(long)]
+    pub no_network: bool,
+}
+
+impl VmFlags {
+    /// The sandbox these flags describe (no name, the image's disk size);
+    /// `default_accel` is asked only when `--accel` is absent.
+    pub fn config(
+        &self,
+        default_accel: impl FnOnce() -> anyhow::Result<smolvm::Accel>,
+    ) -> anyhow::Result<smolvm::SandboxConfig> {
+        Ok(smolvm::SandboxConfig {
+            image: self.image.clone(),
+            memory_mib: self.memory,
+            cpus: self.cpus,
+            accel: match self.accel {
+                Some(x) => x,
+                None => default_accel()?,
+            },
+            network: !self.no_network,
+            ..smolvm::SandboxConfig::default()
+        })
+    }
+}
+
 /// Streams a running command's output to ours; returns the shell-style
 /// exit status (code, or 128+signal; 124 on timeout like `timeout(1)`).
 pub async fn stream_to_stdio(mut s: smolvm::supervisor::ExecStream) -> anyhow::Result<u8> {

@@ -1,28 +1,15 @@
 //! `smolvm run`: an ephemeral sandbox for one command.
 
-use super::{guest_command, stream_to_stdio, ExecFlags};
+use super::{guest_command, stream_to_stdio, ExecFlags, VmFlags};
 use crate::progress::Reporter;
 use anyhow::Context;
-use smolvm::{Sandbox, SandboxConfig};
+use smolvm::Sandbox;
 use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// Guest image.
-    #[arg(long, default_value = smolvm::config::DEFAULT_IMAGE)]
-    image: String,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = smolvm::config::DEFAULT_MEMORY_MIB)]
-    memory: u32,
-    /// vCPUs.
-    #[arg(long, default_value_t = smolvm::config::DEFAULT_CPUS)]
-    cpus: u32,
-    /// Accelerator: auto, kvm or tcg (default: SMOLVM_ACCEL, else auto).
-    #[arg(long)]
-    accel: Option<smolvm::Accel>,
-    /// No guest network.
-    #[arg(long)]
-    no_network: bool,
+    #[command(flatten)]
+    vm: VmFlags,
     /// Seconds to wait for the guest to boot.
     #[arg(long, default_value_t = 30.0)]
     boot_timeout: f64,
@@ -42,17 +29,7 @@ pub struct RunArgs {
 pub async fn run(a: RunArgs) -> anyhow::Result<u8> {
     let command = guest_command(a.argv.clone(), a.shell)?;
     let opts = a.exec.options()?;
-    let config = SandboxConfig {
-        image: a.image.clone(),
-        memory_mib: a.memory,
-        cpus: a.cpus,
-        accel: match a.accel {
-            Some(x) => x,
-            None => smolvm::Accel::from_env()?,
-        },
-        network: !a.no_network,
-        ..SandboxConfig::default()
-    };
+    let config = a.vm.config(|| Ok(smolvm::Accel::from_env()?))?;
     let reporter = Reporter::new(a.quiet);
     let sbx = Sandbox::create_with_progress(config, Some(reporter.callback())).await?;
     let result = async {

@@ -1,7 +1,7 @@
 //! Lifecycle subcommands: create, start, stop, pause, resume, rm, ls, info,
 //! exec, logs, prune.
 
-use super::{guest_command, stream_to_stdio, ExecFlags};
+use super::{guest_command, stream_to_stdio, ExecFlags, VmFlags};
 use crate::progress::Reporter;
 use anyhow::Context;
 use smolvm::sandbox::VmInfo;
@@ -9,31 +9,24 @@ use smolvm::{Sandbox, SandboxConfig};
 use std::io::{Read, Seek, Write};
 use std::time::Duration;
 
+// `create`'s help for the VM flags: the ranges, and no `SMOLVM_ACCEL` (only
+// `run` reads it).
 #[derive(clap::Args)]
 pub struct CreateArgs {
     /// Name (the VM's id): 1-63 of a-z 0-9 _ -; generated when absent.
     #[arg(long)]
     name: Option<String>,
-    #[arg(long, default_value = smolvm::config::DEFAULT_IMAGE)]
-    image: String,
-    /// Guest memory in MiB (128-16384).
-    #[arg(long, default_value_t = smolvm::config::DEFAULT_MEMORY_MIB)]
-    memory: u32,
-    /// vCPUs (1-32).
-    #[arg(long, default_value_t = smolvm::config::DEFAULT_CPUS)]
-    cpus: u32,
+    #[command(flatten)]
+    vm: VmFlags,
     /// Root disk size in MiB (at least the image's size).
-    #[arg(long, value_name = "MIB")]
+    // Listed right after --cpus: the 4th flag here (name, image, memory,
+    // cpus), and "cpus" sorts before "disk-size" at the same place.
+    #[arg(long, value_name = "MIB", display_order = 3)]
     disk_size: Option<u64>,
-    /// Accelerator: auto, kvm or tcg.
-    #[arg(long)]
-    accel: Option<smolvm::Accel>,
-    /// No guest network.
-    #[arg(long)]
-    no_network: bool,
     /// Print the VM as JSON.
     #[arg(long)]
     json: bool,
+    /// No progress output.
     #[arg(short, long)]
     quiet: bool,
 }
@@ -45,6 +38,7 @@ pub struct StartArgs {
     /// Seconds to wait for the guest to boot.
     #[arg(long, default_value_t = 30.0)]
     boot_timeout: f64,
+    /// No progress output.
     #[arg(short, long)]
     quiet: bool,
 }
@@ -131,12 +125,8 @@ fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
 pub async fn create(a: CreateArgs) -> anyhow::Result<u8> {
     let config = SandboxConfig {
         name: a.name,
-        image: a.image,
-        memory_mib: a.memory,
-        cpus: a.cpus,
         disk_size_mib: a.disk_size,
-        accel: a.accel.unwrap_or_default(),
-        network: !a.no_network,
+        ..a.vm.config(|| Ok(smolvm::Accel::default()))?
     };
     let reporter = Reporter::new(a.quiet || a.json);
     let sbx = Sandbox::create_with_progress(config, Some(reporter.callback())).await?;

@@ -46,6 +46,26 @@ pub(super) struct Shared {
     pub(super) vmm_start_ms: u64,
 }
 
+impl Shared {
+    /// The state of a VM whose VMM (`vmm_pid`) was launched at `launched`
+    /// and came up in `vmm_start_ms`: booting, no clients, no guest yet.
+    pub(super) fn new(id: String, vmm_pid: u32, launched: Instant, vmm_start_ms: u64) -> Shared {
+        Shared {
+            id,
+            routes: Routes::default(),
+            clients: HashMap::new(),
+            next_client: 1,
+            hello: None,
+            ready: None,
+            fatal: None,
+            run_state: VmRunState::Booting,
+            vmm_pid,
+            launched,
+            vmm_start_ms,
+        }
+    }
+}
+
 pub(super) type SharedRef = Arc<Mutex<Shared>>;
 
 pub(super) fn lock(s: &SharedRef) -> std::sync::MutexGuard<'_, Shared> {
@@ -121,19 +141,12 @@ pub async fn serve(spec: LaunchSpec, vm_dir: PathBuf, mut ready: std::fs::File) 
     let _ = ready.write_all(b"R");
     drop(ready);
 
-    let shared: SharedRef = Arc::new(Mutex::new(Shared {
-        id: id.clone(),
-        routes: Routes::default(),
-        clients: HashMap::new(),
-        next_client: 1,
-        hello: None,
-        ready: None,
-        fatal: None,
-        run_state: VmRunState::Booting,
-        vmm_pid: vm.pid(),
+    let shared: SharedRef = Arc::new(Mutex::new(Shared::new(
+        id.clone(),
+        vm.pid(),
         launched,
         vmm_start_ms,
-    }));
+    )));
     // Signals "something changed about readiness" to waiters.
     let (ready_tx, ready_rx) = watch::channel(());
 
@@ -456,19 +469,7 @@ mod tests {
     use super::*;
 
     fn shared() -> SharedRef {
-        Arc::new(Mutex::new(Shared {
-            id: "t".into(),
-            routes: Routes::default(),
-            clients: HashMap::new(),
-            next_client: 1,
-            hello: None,
-            ready: None,
-            fatal: None,
-            run_state: VmRunState::Booting,
-            vmm_pid: 1,
-            launched: Instant::now(),
-            vmm_start_ms: 1,
-        }))
+        Arc::new(Mutex::new(Shared::new("t".into(), 1, Instant::now(), 1)))
     }
 
     fn hello(version: u32) -> Frame<GuestMsg> {
