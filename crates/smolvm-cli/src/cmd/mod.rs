@@ -88,10 +88,7 @@ pub struct ExecFlags {
 impl ExecFlags {
     pub fn options(&self) -> anyhow::Result<smolvm::ExecOptions> {
         let timeout = match self.timeout {
-            Some(t) if !(t > 0.0 && t.is_finite()) => {
-                anyhow::bail!("--timeout must be a positive number of seconds")
-            }
-            Some(t) => Some(std::time::Duration::from_secs_f64(t)),
+            Some(t) => Some(seconds(t, "--timeout")?),
             None => None,
         };
         Ok(smolvm::ExecOptions {
@@ -196,4 +193,15 @@ pub fn guest_command(argv: Vec<String>, shell: bool) -> anyhow::Result<smolvm_pr
     } else {
         smolvm_proto::Command::Argv(argv)
     })
+}
+
+/// Longest duration a flag may ask for (a year).
+const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// A positive, finite number of seconds up to a year.
+pub fn seconds(v: f64, what: &str) -> anyhow::Result<std::time::Duration> {
+    if !(v > 0.0 && v <= MAX_SECONDS) {
+        anyhow::bail!("{what} must be a number of seconds between 0 and {MAX_SECONDS:.0}");
+    }
+    Ok(std::time::Duration::from_secs_f64(v))
 }

@@ -4,7 +4,6 @@ use super::{guest_command, stream_to_stdio, ExecFlags, VmFlags};
 use crate::progress::Reporter;
 use anyhow::Context;
 use smolvm::Sandbox;
-use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -30,11 +29,11 @@ pub async fn run(a: RunArgs) -> anyhow::Result<u8> {
     let command = guest_command(a.argv.clone(), a.shell)?;
     let opts = a.exec.options()?;
     let config = a.vm.config(|| Ok(smolvm::Accel::from_env()?))?;
+    let boot_timeout = super::seconds(a.boot_timeout, "--boot-timeout")?;
     let reporter = Reporter::new(a.quiet);
     let sbx = Sandbox::create_with_progress(config, Some(reporter.callback())).await?;
     let result = async {
-        sbx.start(Duration::from_secs_f64(a.boot_timeout.max(0.1)))
-            .await?;
+        sbx.start(boot_timeout).await?;
         reporter.clear();
         let stream = sbx.exec_stream(command, &opts).await?;
         tokio::select! {

@@ -115,13 +115,6 @@ pub struct PruneArgs {
     json: bool,
 }
 
-fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
-    if !(v > 0.0 && v.is_finite()) {
-        anyhow::bail!("{what} must be a positive number of seconds");
-    }
-    Ok(Duration::from_secs_f64(v))
-}
-
 pub async fn create(a: CreateArgs) -> anyhow::Result<u8> {
     let config = SandboxConfig {
         name: a.name,
@@ -140,7 +133,7 @@ pub async fn create(a: CreateArgs) -> anyhow::Result<u8> {
 }
 
 pub async fn start(a: StartArgs) -> anyhow::Result<u8> {
-    let t = secs(a.boot_timeout, "--boot-timeout")?;
+    let t = super::seconds(a.boot_timeout, "--boot-timeout")?;
     for id in &a.ids {
         let mut sbx = Sandbox::from_id(id).await?;
         let reporter = Reporter::new(a.quiet);
@@ -153,7 +146,7 @@ pub async fn start(a: StartArgs) -> anyhow::Result<u8> {
 }
 
 pub async fn stop(a: StopArgs) -> anyhow::Result<u8> {
-    let t = secs(a.timeout, "--timeout")?;
+    let t = super::seconds(a.timeout, "--timeout")?;
     for id in &a.ids {
         Sandbox::from_id(id).await?.stop(t).await?;
         println!("{id}");
@@ -204,6 +197,18 @@ pub async fn rm(a: RmArgs) -> anyhow::Result<u8> {
     }
 }
 
+/// At most `max` characters of `s` on one line (the full text is in
+/// `smolvm info` and `--json`).
+fn clip(s: &str, max: usize) -> String {
+    let line = s.lines().next().unwrap_or_default();
+    if line.chars().count() <= max && !s.contains('\n') {
+        return line.to_string();
+    }
+    let mut out: String = line.chars().take(max.saturating_sub(3)).collect();
+    out.push_str("...");
+    out
+}
+
 fn age(ms: i64) -> String {
     let secs = (smolvm::state::now_ms() - ms).max(0) / 1000;
     match secs {
@@ -234,7 +239,7 @@ pub async fn ls(a: LsArgs) -> anyhow::Result<u8> {
                 v.cpus.to_string(),
                 format!("{}M", v.memory_mib),
                 age(v.created_at),
-                v.last_error.clone().unwrap_or_default(),
+                clip(v.last_error.as_deref().unwrap_or_default(), 80),
             ]
         })
         .collect();

@@ -67,8 +67,19 @@ impl Sandbox {
         }
         let json = serde_json::to_string(&config)
             .map_err(|e| Error::io("cannot encode the config", e.into()))?;
-        let id = store()?.insert_new(config.name.as_deref(), &json)?;
-        let _lock = VmLock::acquire(&id).await?;
+        // Lock the id before its row exists, so no other process can start
+        // or delete the VM before its disk is made.
+        let (id, _lock) = loop {
+            let candidate = config.name.clone().unwrap_or_else(crate::state::random_id);
+            let lock = VmLock::acquire(&candidate).await?;
+            match store()?.insert_new(Some(&candidate), &json) {
+                Ok(id) => break (id, lock),
+                Err(crate::state::StoreError::AlreadyExists(_)) if config.name.is_none() => {
+                    continue
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let vm_dir = crate::paths::vm_dir(&id);
         let made = async {
             std::fs::create_dir_all(&vm_dir)

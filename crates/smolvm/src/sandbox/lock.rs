@@ -18,17 +18,32 @@ impl VmLock {
                 std::fs::create_dir_all(d)
                     .map_err(|e| Error::io(format!("cannot create {}", d.display()), e))?;
             }
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+            let open = || {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))
+            };
+            let mut file = open()?;
             loop {
                 // SAFETY: flock on an fd we own; no memory is involved.
                 let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
                 if r == 0 {
-                    return Ok(VmLock { _file: file });
+                    // `delete` unlinks the lock file while holding it: if
+                    // ours was unlinked meanwhile, lock the new one instead
+                    // (two holders of two files would not exclude each other).
+                    use std::os::unix::fs::MetadataExt;
+                    let same = match (file.metadata(), std::fs::metadata(&path)) {
+                        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+                        _ => false,
+                    };
+                    if same {
+                        return Ok(VmLock { _file: file });
+                    }
+                    file = open()?;
+                    continue;
                 }
                 let e = std::io::Error::last_os_error();
                 if e.kind() != std::io::ErrorKind::Interrupted {

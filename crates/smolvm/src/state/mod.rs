@@ -5,4 +5,4 @@ mod process;
 mod store;
 
 pub use process::{proc_start_time, ProcessId};
-pub use store::{now_ms, Store, StoreError, VmRecord, VmState};
+pub use store::{now_ms, random_id, Store, StoreError, VmRecord, VmState};

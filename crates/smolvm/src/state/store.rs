@@ -392,7 +392,7 @@ fn is_constraint(e: &rusqlite::Error) -> bool {
 }
 
 /// `sbx-` + 8 random hex digits (uniqueness is enforced by the primary key).
-fn random_id() -> String {
+pub fn random_id() -> String {
     let mut b = [0u8; 4];
     if getrandom::fill(&mut b).is_err() {
         let n = now_ms() as u64 ^ ((std::process::id() as u64) << 20);

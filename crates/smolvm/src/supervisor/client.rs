@@ -31,6 +31,35 @@ pub enum ClientError {
     Unexpected,
     #[error("the guest agent failed the request: {0}")]
     Agent(String),
+    #[error("the supervisor did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Longest error text taken from the guest (it ends up in messages).
+const MAX_GUEST_MESSAGE: usize = 4096;
+
+fn bounded(mut e: smolvm_proto::ErrorInfo) -> smolvm_proto::ErrorInfo {
+    if e.message.len() > MAX_GUEST_MESSAGE {
+        let mut cut = MAX_GUEST_MESSAGE;
+        while !e.message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        e.message.truncate(cut);
+        e.message.push_str("...");
+    }
+    e
+}
+
+/// How long a lifecycle request may take before the supervisor is deemed
+/// wedged (its own deadlines plus a margin).
+fn control_deadline(req: &ControlRequest) -> Duration {
+    let margin = Duration::from_secs(30);
+    match req {
+        ControlRequest::WaitReady { timeout_ms } | ControlRequest::Stop { timeout_ms } => {
+            Duration::from_millis(*timeout_ms).saturating_add(margin)
+        }
+        _ => margin,
+    }
 }
 
 type Routes = Arc<Mutex<HashMap<u32, mpsc::Sender<SupervisorMsg>>>>;
@@ -183,15 +212,17 @@ impl SupervisorClient {
     /// Sends a lifecycle request and waits for its answer.
     pub async fn control(&self, req: ControlRequest) -> Result<ControlResponse, ClientError> {
         let (id, mut rx) = self.open();
-        let r = async {
+        let deadline = control_deadline(&req);
+        let r = tokio::time::timeout(deadline, async {
             self.send(id, ClientMsg::Control(req)).await?;
             match rx.recv().await {
                 Some(SupervisorMsg::Control(c)) => Ok(c),
                 Some(_) => Err(ClientError::Unexpected),
                 None => Err(ClientError::Closed),
             }
-        }
-        .await;
+        })
+        .await
+        .unwrap_or(Err(ClientError::Timeout(deadline)));
         self.close(id);
         r
     }
@@ -270,7 +301,7 @@ impl ExecStream {
                 GuestMsg::Stdout(Bytes(b)) => ExecEvent::Stdout(b),
                 GuestMsg::Stderr(Bytes(b)) => ExecEvent::Stderr(b),
                 GuestMsg::Exited(s) => ExecEvent::Exited(s),
-                GuestMsg::Error(e) => ExecEvent::Failed(e),
+                GuestMsg::Error(e) => ExecEvent::Failed(bounded(e)),
                 _ => return Err(ClientError::Unexpected),
             },
             Some(_) => return Err(ClientError::Unexpected),

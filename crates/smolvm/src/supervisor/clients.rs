@@ -1,7 +1,8 @@
 //! The supervisor's clients: each connection's frames are routed to the
 //! guest agent (with stream ids remapped) or served as lifecycle requests.
 
-use super::server::{frame, lock, SharedRef, VmCmd, CLIENT_QUEUE, READ_BUF};
+use super::outbox::outbox;
+use super::server::{frame, lock, SharedRef, VmCmd};
 use crate::backend::files;
 use crate::backend::qemu::tail_console;
 use smolvm_proto::supervisor::{
@@ -15,6 +16,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// Most simultaneous client connections; more are refused (closed at once)
+/// so that local clients cannot exhaust the supervisor.
+const MAX_CLIENTS: usize = 256;
+/// Read buffer per client connection (requests are small).
+const CLIENT_READ_BUF: usize = 16 * 1024;
+
 pub(super) async fn accept_loop(
     listener: tokio::net::UnixListener,
     shared: SharedRef,
@@ -23,10 +30,25 @@ pub(super) async fn accept_loop(
     ready_rx: watch::Receiver<()>,
     vm_dir: PathBuf,
 ) {
+    let mut refused = 0u64;
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                log!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
+        if lock(&shared).clients.len() >= MAX_CLIENTS {
+            refused += 1;
+            if refused <= 10 || refused.is_multiple_of(1000) {
+                log!("refusing a client: {MAX_CLIENTS} connections are open");
+            }
+            drop(stream);
+            continue;
+        }
         tokio::spawn(client_conn(
             stream,
             shared.clone(),
@@ -47,7 +69,7 @@ async fn client_conn(
     vm_dir: PathBuf,
 ) {
     let (mut r, mut w) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(CLIENT_QUEUE);
+    let (tx, mut rx) = outbox();
     let client = {
         let mut s = lock(&shared);
         let c = s.next_client;
@@ -60,15 +82,19 @@ async fn client_conn(
             if w.write_all(&buf).await.is_err() {
                 break;
             }
+            rx.done(buf.len());
         }
     });
     let mut dec = Decoder::new();
-    let mut buf = vec![0u8; READ_BUF];
+    let mut buf = vec![0u8; CLIENT_READ_BUF];
     let mut greeted = false;
     'conn: loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+        let n = tokio::select! {
+            r = r.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            },
+            _ = tx.kicked() => break,
         };
         dec.push(&buf[..n]);
         loop {
@@ -95,7 +121,7 @@ async fn client_conn(
                             vm_id: id,
                         },
                     ) {
-                        let _ = tx.send(b).await;
+                        let _ = tx.send_now(b);
                     }
                 }
                 _ if !greeted => break 'conn,
@@ -104,7 +130,7 @@ async fn client_conn(
                         forward_to_agent(client, f.stream, msg, &shared, &agent_tx).await
                     {
                         if let Some(b) = frame(f.stream, SupervisorMsg::Agent(GuestMsg::Error(e))) {
-                            let _ = tx.send(b).await;
+                            let _ = tx.send_now(b);
                         }
                     }
                 }
@@ -119,7 +145,7 @@ async fn client_conn(
                     tokio::spawn(async move {
                         let resp = control(req, &shared, &vm_tx, ready_rx, &vm_dir).await;
                         if let Some(b) = frame(f.stream, SupervisorMsg::Control(resp)) {
-                            let _ = tx.send(b).await;
+                            let _ = tx.send_now(b);
                         }
                     });
                 }

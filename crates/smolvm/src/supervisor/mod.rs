@@ -15,6 +15,7 @@ mod client;
 mod clients;
 mod console;
 mod daemon;
+mod outbox;
 mod routes;
 mod server;
 mod sock;

@@ -1,5 +1,6 @@
 //! The supervisor's event loop: one VMM, one agent connection, many clients.
 
+use super::outbox::Outbox;
 use super::routes::{Routes, SUPERVISOR_CLIENT};
 use crate::backend::qemu::QemuVm;
 use crate::backend::{files, LaunchSpec, Vmm, VmmExit};
@@ -17,12 +18,15 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// Frames queued towards one client before the agent reader waits for it.
-pub(super) const CLIENT_QUEUE: usize = 1024;
 /// Frames queued towards the agent.
 const AGENT_QUEUE: usize = 256;
 const HELLO_RESEND: Duration = Duration::from_millis(200);
-pub(super) const READ_BUF: usize = 64 * 1024;
+const AGENT_READ_BUF: usize = 64 * 1024;
+/// No guest message legitimately exceeds a data chunk plus framing; a
+/// larger frame is a protocol violation.
+const AGENT_FRAME_LIMIT: usize = smolvm_proto::MAX_CHUNK_LEN + 4096;
+/// Longest agent version string kept from a guest.
+const MAX_AGENT_VERSION: usize = 64;
 
 pub(super) enum VmCmd {
     Pause(oneshot::Sender<Result<(), String>>),
@@ -34,12 +38,15 @@ pub(super) enum VmCmd {
 pub(super) struct Shared {
     pub(super) id: String,
     pub(super) routes: Routes,
-    pub(super) clients: HashMap<u64, mpsc::Sender<Vec<u8>>>,
+    pub(super) clients: HashMap<u64, Outbox>,
     pub(super) next_client: u64,
     pub(super) hello: Option<GuestHello>,
     pub(super) ready: Option<ReadyInfo>,
     /// Set when the VM can never become ready (VMM gone, bad agent).
     pub(super) fatal: Option<String>,
+    /// Set when the guest broke the protocol; the VM is killed and recorded
+    /// as `error` with this reason.
+    pub(super) violation: Option<String>,
     pub(super) run_state: VmRunState,
     pub(super) vmm_pid: u32,
     pub(super) launched: Instant,
@@ -58,6 +65,7 @@ impl Shared {
             hello: None,
             ready: None,
             fatal: None,
+            violation: None,
             run_state: VmRunState::Booting,
             vmm_pid,
             launched,
@@ -159,10 +167,15 @@ pub async fn serve(spec: LaunchSpec, vm_dir: PathBuf, mut ready: std::fs::File) 
             }
         }
     });
-    tokio::spawn(agent_reader(agent_r, shared.clone(), ready_tx.clone()));
+    let (vm_tx, vm_rx) = mpsc::channel::<VmCmd>(16);
+    tokio::spawn(agent_reader(
+        agent_r,
+        shared.clone(),
+        ready_tx.clone(),
+        vm_tx.clone(),
+    ));
     tokio::spawn(hello_sender(agent_tx.clone(), shared.clone()));
 
-    let (vm_tx, vm_rx) = mpsc::channel::<VmCmd>(16);
     tokio::spawn(super::clients::accept_loop(
         listener,
         shared.clone(),
@@ -237,7 +250,13 @@ async fn vm_loop(
                     } else {
                         let global = lock(shared).routes.open(SUPERVISOR_CLIENT, 1).ok();
                         if let Some(buf) = global.and_then(|g| frame(g, HostMsg::Shutdown)) {
-                            let _ = agent_tx.send(buf).await;
+                            // Bounded: a wedged agent channel must not keep
+                            // us from killing the VMM below.
+                            let _ = tokio::time::timeout(
+                                Duration::from_millis(timeout_ms),
+                                agent_tx.send(buf),
+                            )
+                            .await;
                         }
                     }
                     match tokio::time::timeout(Duration::from_millis(timeout_ms), vm.wait()).await {
@@ -274,8 +293,12 @@ async fn finish(
     let (id, routes, clients) = {
         let mut s = lock(shared);
         s.run_state = VmRunState::Exited;
-        let reason = if stop_requested || exit.code == Some(0) {
+        let reason = if let Some(v) = &s.violation {
+            v.clone()
+        } else if stop_requested {
             "VM stopped".to_string()
+        } else if exit.code == Some(0) {
+            guest_stopped_reason(&s.id, vm_dir)
         } else {
             let stderr = tail_file_lines(&vm_dir.join(files::VMM_LOG), 5);
             if stderr.is_empty() {
@@ -290,7 +313,13 @@ async fn finish(
         (s.id.clone(), s.routes.drain_all(), s.clients.clone())
     };
     let _ = ready_tx.send(());
-    let clean = stop_requested || exit.code == Some(0);
+    let violation = lock(shared).violation.clone();
+    let unexpected = if violation.is_some() || !stop_requested {
+        lock(shared).fatal.clone()
+    } else {
+        None
+    };
+    let clean = unexpected.is_none();
     log!("VMM exited: {exit} (stop requested: {stop_requested})");
     for (_, route) in routes {
         if let Some(tx) = clients.get(&route.client) {
@@ -301,7 +330,7 @@ async fn finish(
                     format!("VM stopped: {exit}"),
                 ))),
             ) {
-                let _ = tx.try_send(buf);
+                let _ = tx.send_now(buf);
             }
         }
     }
@@ -314,7 +343,7 @@ async fn finish(
         let (state, err) = if clean {
             (VmState::Stopped, None)
         } else {
-            (VmState::Error, Some(exit.to_string()))
+            (VmState::Error, unexpected.clone())
         };
         // A VM being deleted has no row any more; a stop/start in another
         // process owns the state while it holds the VM lock, so only move
@@ -339,6 +368,7 @@ fn cleanup(vm_dir: &std::path::Path) {
         files::SUPERVISOR_SOCKET,
         files::QMP_SOCKET,
         files::AGENT_SOCKET,
+        files::CONSOLE_SOCKET,
         files::MEMORY_FILE,
     ] {
         let _ = std::fs::remove_file(vm_dir.join(f));
@@ -380,10 +410,11 @@ async fn agent_reader(
     mut r: tokio::net::unix::OwnedReadHalf,
     shared: SharedRef,
     ready_tx: watch::Sender<()>,
+    vm_tx: mpsc::Sender<VmCmd>,
 ) {
     let mut bad_frames = 0u64;
-    let mut dec = Decoder::new();
-    let mut buf = vec![0u8; READ_BUF];
+    let mut dec = Decoder::with_limit(AGENT_FRAME_LIMIT);
+    let mut buf = vec![0u8; AGENT_READ_BUF];
     loop {
         let n = match r.read(&mut buf).await {
             Ok(0) | Err(_) => return,
@@ -394,15 +425,33 @@ async fn agent_reader(
             let f = match dec.next_frame::<GuestMsg>() {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
+                Err(smolvm_proto::CodecError::FrameTooLarge { len, max }) => {
+                    // The framing itself is broken: nothing after this can
+                    // be trusted. The guest broke the protocol; end the VM.
+                    let msg = format!(
+                        "the guest agent broke the protocol (a {len}-byte frame; the limit is {max}); \
+                         the VM was stopped"
+                    );
+                    log!("{msg}");
+                    {
+                        let mut s = lock(&shared);
+                        s.violation = Some(msg.clone());
+                        s.fatal = Some(msg);
+                    }
+                    let _ = ready_tx.send(());
+                    let (t, _r) = oneshot::channel();
+                    let _ = vm_tx.send(VmCmd::Kill(t)).await;
+                    return;
+                }
                 Err(e) => {
-                    // The guest is untrusted: drop what we have and resync.
+                    // One undecodable message (say, from a newer agent):
+                    // the frame was consumed whole, so skip it and go on.
                     // Log sparingly so a guest cannot grow our log forever.
                     bad_frames += 1;
                     if bad_frames <= 10 || bad_frames.is_multiple_of(10_000) {
-                        log!("bad frame #{bad_frames} from the guest agent: {e}; resetting the decoder");
+                        log!("bad frame #{bad_frames} from the guest agent skipped: {e}");
                     }
-                    dec.reset();
-                    break;
+                    continue;
                 }
             };
             handle_guest_frame(f, &shared, &ready_tx).await;
@@ -410,13 +459,50 @@ async fn agent_reader(
     }
 }
 
+/// Printable ASCII only, at most `max` characters: text from the guest goes
+/// into logs, errors and tables.
+pub(super) fn sanitize(s: &str, max: usize) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(max)
+        .collect();
+    if s.chars().count() > max {
+        out.push_str("...");
+    }
+    out
+}
+
+/// Why a VMM that nobody asked to stop exited with status 0: the guest
+/// reset itself (our kernel reboots on panic, and the VMM runs -no-reboot).
+fn guest_stopped_reason(id: &str, vm_dir: &std::path::Path) -> String {
+    let console = crate::backend::qemu::tail_console(&vm_dir.join(files::CONSOLE_LOG), 40);
+    let panic = console
+        .lines()
+        .find(|l| l.contains("Kernel panic") || l.contains("panicked"))
+        .map(|l| format!(": {}", sanitize(l.trim(), 200)))
+        .unwrap_or_default();
+    format!(
+        "the guest stopped by itself (kernel panic, agent crash or reset){panic}; \
+         see `smolvm logs {id}`"
+    )
+}
+
 async fn handle_guest_frame(f: Frame<GuestMsg>, shared: &SharedRef, ready_tx: &watch::Sender<()>) {
     if f.stream == smolvm_proto::CONTROL_STREAM {
         if let GuestMsg::Hello(h) = f.msg {
             let mut s = lock(shared);
-            if s.hello.is_some() {
+            if s.hello.is_some() || s.fatal.is_some() {
                 return;
             }
+            let mut h = h;
+            h.agent_version = sanitize(&h.agent_version, MAX_AGENT_VERSION);
             if h.version != PROTOCOL_VERSION {
                 let msg = format!(
                     "the guest agent speaks protocol v{} but this host speaks v{PROTOCOL_VERSION}; \
@@ -436,6 +522,17 @@ async fn handle_guest_frame(f: Frame<GuestMsg>, shared: &SharedRef, ready_tx: &w
                 s.hello = Some(h);
                 if s.run_state == VmRunState::Booting {
                     s.run_state = VmRunState::Running;
+                }
+                // Record it here too, not only in the starting client: a
+                // start killed mid-boot must not leave a running VM that
+                // the store calls `created` or `stopped`.
+                if let Ok(store) = Store::open() {
+                    let _ = store.transition(
+                        &s.id,
+                        &[VmState::Created, VmState::Stopped],
+                        VmState::Running,
+                        None,
+                    );
                 }
             }
             drop(s);
@@ -458,8 +555,14 @@ async fn handle_guest_frame(f: Frame<GuestMsg>, shared: &SharedRef, ready_tx: &w
     };
     if let Some((route, tx)) = target {
         if let Some(buf) = frame(route.stream, SupervisorMsg::Agent(f.msg)) {
-            // Back-pressure: a slow client slows the guest's output.
-            let _ = tx.send(buf).await;
+            // Back-pressure: a slow client slows the guest's output; a
+            // stalled one is cut off (see `outbox`).
+            if !tx.send(buf).await {
+                log!(
+                    "client {} stalled with a full queue; disconnected",
+                    route.client
+                );
+            }
         }
     }
 }

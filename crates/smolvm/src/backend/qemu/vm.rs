@@ -40,15 +40,21 @@ pub struct QemuVm {
     exit: Option<VmmExit>,
 }
 
-/// Last `max` bytes of a file, lossily decoded (for error messages).
+/// Last `max` bytes of a file, lossily decoded (for error messages). Reads
+/// only the tail, however large the file.
 pub fn tail_file(path: &Path, max: usize) -> String {
-    match std::fs::read(path) {
-        Ok(b) => {
-            let start = b.len().saturating_sub(max);
-            String::from_utf8_lossy(&b[start..]).trim().to_string()
-        }
-        Err(_) => String::new(),
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(max as u64);
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
     }
+    let mut b = Vec::with_capacity(max.min(len as usize));
+    let _ = f.take(max as u64).read_to_end(&mut b);
+    String::from_utf8_lossy(&b).trim().to_string()
 }
 
 fn to_exit(st: std::process::ExitStatus) -> VmmExit {
