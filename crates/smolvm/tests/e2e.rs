@@ -334,6 +334,90 @@ async fn vmm_death_is_reported(_: &Sandbox) -> Result<(), String> {
     Ok(())
 }
 
+async fn stalled_client_does_not_block_others(vm: &Sandbox) -> Result<(), String> {
+    // A client that starts a firehose and never reads its output.
+    let stalled = smolvm::supervisor::SupervisorClient::connect(vm.vm_dir())
+        .await
+        .map_err(|e| e.to_string())?;
+    let firehose = stalled
+        .exec(smolvm_proto::ExecRequest {
+            command: sh("exec yes smolvm-firehose"),
+            env: vec![],
+            workdir: None,
+            timeout_ms: None,
+            stdin: false,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Everyone else still gets answers (at worst after the stall limit).
+    let t = Instant::now();
+    let o = tokio::time::timeout(Duration::from_secs(60), run(vm, "echo still-here"))
+        .await
+        .map_err(|_| "a stalled client blocked another client for 60 s".to_string())??;
+    check_eq!(o.stdout, b"still-here\n".to_vec());
+    check!(
+        t.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t.elapsed()
+    );
+    // The stalled client was cut off and its process killed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = run(vm, "pgrep -x yes || true").await?;
+        if o.stdout.is_empty() {
+            break;
+        }
+        check!(
+            Instant::now() < deadline,
+            "the firehose of a cut-off client still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(firehose);
+    Ok(())
+}
+
+async fn guest_panic_is_an_error(_: &Sandbox) -> Result<(), String> {
+    let vm = Sandbox::create(SandboxConfig {
+        name: Some("panics".into()),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let r = async {
+        vm.start(BOOT).await.map_err(|e| smolvm::error::chain(&e))?;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(20),
+            run(
+                &vm,
+                "echo 1 > /proc/sys/kernel/sysrq; echo c > /proc/sysrq-trigger",
+            ),
+        )
+        .await;
+        let t = Instant::now();
+        loop {
+            let info = vm.info().await.map_err(|e| e.to_string())?;
+            if !info.state.is_live() {
+                check_eq!(info.state, VmState::Error);
+                let why = info.last_error.unwrap_or_default();
+                check!(why.contains("stopped by itself"), "last_error: {why}");
+                check!(why.contains("smolvm logs panics"), "last_error: {why}");
+                return Ok(());
+            }
+            check!(
+                t.elapsed() < Duration::from_secs(60),
+                "still {} after a kernel panic",
+                info.state
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    .await;
+    vm.delete().await.map_err(|e| e.to_string())?;
+    r
+}
+
 fn main() {
     let data = isolated_data_dir("smolvm-test-");
     let filters = filter();
@@ -351,6 +435,8 @@ fn main() {
         accelerator_probe_decides,
         boot_timeout_shows_console,
         vmm_death_is_reported,
+        stalled_client_does_not_block_others,
+        guest_panic_is_an_error,
     ];
     let rt = runtime();
     let code = rt.block_on(async {
