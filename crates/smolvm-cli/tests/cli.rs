@@ -685,6 +685,70 @@ async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
     results.into_iter().flatten().collect()
 }
 
+/// A `run` killed by SIGTERM or SIGINT, during boot or during the command,
+/// removes its sandbox and exits 128+signal.
+async fn run_interrupted_cleans_up() -> Result<(), String> {
+    for (signal, code, wait_for_running) in [(libc::SIGTERM, 143, false), (libc::SIGINT, 130, true)]
+    {
+        let child = command(
+            &[
+                "run",
+                "-q",
+                "--memory",
+                "256",
+                "--boot-timeout",
+                "300",
+                "--",
+                "sleep",
+                "300",
+            ],
+            None,
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        loop {
+            let ls = cli(&["ls", "--all", "--json"]).await?.json()?;
+            let states: Vec<String> = ls
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v["state"].as_str().map(str::to_string))
+                .collect();
+            let ready = if wait_for_running {
+                states.iter().any(|s| s == "running")
+            } else {
+                !states.is_empty()
+            };
+            if ready {
+                break;
+            }
+            check!(
+                t.elapsed() < Duration::from_secs(120),
+                "the sandbox never appeared"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let pid = child.id().ok_or("no pid")? as i32;
+        // SAFETY: signalling the child process we spawned.
+        unsafe { libc::kill(pid, signal) };
+        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .map_err(|_| "`smolvm run` did not exit after the signal".to_string())?
+            .map_err(|e| e.to_string())?;
+        check_eq!(out.status.code(), Some(code));
+        let err = String::from_utf8_lossy(&out.stderr);
+        check!(
+            err.contains("interrupted; removing sandbox"),
+            "stderr: {err}"
+        );
+        empty_data_dir(None).await?;
+    }
+    Ok(())
+}
+
 async fn nothing_leaked() -> Result<(), String> {
     sweep_in(None).await;
     empty_data_dir(None).await
@@ -720,6 +784,7 @@ fn main() {
         interrupted_start_recovers,
         concurrent_ops_on_one_vm,
         eight_processes_at_once,
+        run_interrupted_cleans_up,
         nothing_leaked,
     ];
     let rt = runtime();

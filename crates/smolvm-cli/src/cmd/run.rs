@@ -30,17 +30,30 @@ pub async fn run(a: RunArgs) -> anyhow::Result<u8> {
     let opts = a.exec.options()?;
     let config = a.vm.config(|| Ok(smolvm::Accel::from_env()?))?;
     let boot_timeout = super::seconds(a.boot_timeout, "--boot-timeout")?;
+    // Handle SIGINT/SIGTERM/SIGHUP from here on: an ephemeral sandbox must
+    // not outlive an interrupted `run`.
+    let mut signals = Signals::new()?;
     let reporter = Reporter::new(a.quiet);
-    let sbx = Sandbox::create_with_progress(config, Some(reporter.callback())).await?;
+    let sbx = tokio::select! {
+        r = Sandbox::create_with_progress(config, Some(reporter.callback())) => r?,
+        code = signals.recv() => {
+            reporter.clear();
+            eprintln!("smolvm: interrupted before the sandbox was created");
+            return Ok(code);
+        }
+    };
     let result = async {
-        sbx.start(boot_timeout).await?;
-        reporter.clear();
-        let stream = sbx.exec_stream(command, &opts).await?;
         tokio::select! {
-            r = stream_to_stdio(stream) => r,
-            _ = tokio::signal::ctrl_c() => {
+            r = async {
+                sbx.start(boot_timeout).await?;
+                reporter.clear();
+                let stream = sbx.exec_stream(command, &opts).await?;
+                stream_to_stdio(stream).await
+            } => r,
+            code = signals.recv() => {
+                reporter.clear();
                 eprintln!("smolvm: interrupted; removing sandbox {}", sbx.id());
-                Ok(130)
+                Ok(code)
             }
         }
     }
@@ -54,4 +67,31 @@ pub async fn run(a: RunArgs) -> anyhow::Result<u8> {
     let code = result?;
     cleanup?;
     Ok(code)
+}
+
+/// The termination signals `run` turns into a clean removal.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Waits for one; returns the shell-style exit status (128 + signal).
+    async fn recv(&mut self) -> u8 {
+        tokio::select! {
+            _ = self.int.recv() => 128 + libc::SIGINT as u8,
+            _ = self.term.recv() => 128 + libc::SIGTERM as u8,
+            _ = self.hup.recv() => 128 + libc::SIGHUP as u8,
+        }
+    }
 }
