@@ -13,6 +13,8 @@ pub struct BootConfig {
     pub gw: Option<Ipv4Addr>,
     /// `smolvm.dns=<addr>`: resolver.
     pub dns: Option<Ipv4Addr>,
+    /// `smolvm.resize=1`: grow the root filesystem to fill its disk.
+    pub grow_root: bool,
     /// Values that did not parse, as `key=value`, for the log.
     pub invalid: Vec<String>,
 }
@@ -36,6 +38,10 @@ impl BootConfig {
                 "smolvm.gw" => {
                     cfg.gw = value.parse().ok();
                     cfg.gw.is_some()
+                }
+                "smolvm.resize" => {
+                    cfg.grow_root = value == "1";
+                    value == "1" || value == "0"
                 }
                 "smolvm.dns" => {
                     cfg.dns = value.parse().ok();
@@ -81,7 +87,12 @@ mod tests {
         assert_eq!(c.ip, Some((Ipv4Addr::new(10, 0, 2, 15), 24)));
         assert_eq!(c.gw, Some(Ipv4Addr::new(10, 0, 2, 2)));
         assert_eq!(c.dns, Some(Ipv4Addr::new(10, 0, 2, 3)));
+        assert!(!c.grow_root);
         assert!(c.invalid.is_empty());
+        assert!(BootConfig::parse("smolvm.resize=1").grow_root);
+        let bad = BootConfig::parse("smolvm.resize=yes");
+        assert!(!bad.grow_root);
+        assert_eq!(bad.invalid, vec!["smolvm.resize=yes".to_string()]);
     }
 
     #[test]

@@ -192,3 +192,36 @@ fn dev_links(devpts_ok: bool) {
         error!("symlink /dev/ptmx: {}", os_message(&e));
     }
 }
+
+/// Grows the root filesystem (ext4, mounted) to fill its block device, for
+/// VMs created with a disk larger than the image. Failures are logged: the
+/// VM still works at the image's size.
+pub fn grow_root() {
+    let Some(dev) = root_device() else {
+        error!("grow root: cannot find the root device in /proc/mounts");
+        return;
+    };
+    match std::process::Command::new("/usr/sbin/resize2fs")
+        .arg(&dev)
+        .stdin(std::process::Stdio::null())
+        .output()
+    {
+        Ok(o) if o.status.success() => info!("grow root: {dev} resized"),
+        Ok(o) => error!(
+            "grow root: resize2fs {dev} failed ({}): {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => error!("grow root: cannot run resize2fs: {e}"),
+    }
+}
+
+/// The block device mounted at `/`.
+fn root_device() -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (dev, at) = (f.next()?, f.next()?);
+        (at == "/" && dev.starts_with("/dev/")).then(|| dev.to_string())
+    })
+}

@@ -51,6 +51,10 @@ fn guest_main(start_ms: u64) -> ! {
         init::set_hostname(id);
     }
     net::configure(&cfg);
+    if cfg.grow_root {
+        // Before the reaper starts: waiting on our own child is safe here.
+        init::grow_root();
+    }
     if let Err(e) = reaper::start() {
         server::fatal(Mode::Guest, &format!("cannot start the reaper: {e}"));
     }

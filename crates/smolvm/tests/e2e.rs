@@ -418,6 +418,38 @@ async fn guest_panic_is_an_error(_: &Sandbox) -> Result<(), String> {
     r
 }
 
+async fn disk_size_grows_the_root_fs(_: &Sandbox) -> Result<(), String> {
+    let img = smolvm::image::ensure("debian-12", &mut |_| {}).map_err(|e| e.to_string())?;
+    let image_mib = std::fs::metadata(&img.rootfs)
+        .map_err(|e| e.to_string())?
+        .len()
+        >> 20;
+    let vm = Sandbox::create(SandboxConfig {
+        name: Some("bigdisk".into()),
+        disk_size_mib: Some(image_mib + 1024),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let r = async {
+        vm.start(BOOT).await.map_err(|e| smolvm::error::chain(&e))?;
+        let o = run(&vm, "df -m --output=size / | tail -1").await?;
+        let size: u64 = String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse()
+            .map_err(|e| format!("df said {:?}: {e}", String::from_utf8_lossy(&o.stdout)))?;
+        check!(
+            size > image_mib + 512,
+            "root fs is {size} MiB; the disk is {} MiB",
+            image_mib + 1024
+        );
+        Ok(())
+    }
+    .await;
+    vm.delete().await.map_err(|e| e.to_string())?;
+    r
+}
+
 fn main() {
     let data = isolated_data_dir("smolvm-test-");
     let filters = filter();
@@ -437,6 +469,7 @@ fn main() {
         vmm_death_is_reported,
         stalled_client_does_not_block_others,
         guest_panic_is_an_error,
+        disk_size_grows_the_root_fs,
     ];
     let rt = runtime();
     let code = rt.block_on(async {

@@ -39,6 +39,10 @@ pub struct LaunchSpec {
     pub cpus: u32,
     pub accel: ResolvedAccel,
     pub network: bool,
+    /// Grow the guest's root filesystem to fill `disk` at boot (the disk
+    /// was made larger than the image).
+    #[serde(default)]
+    pub grow_root: bool,
 }
 
 /// Files a backend keeps in the VM directory (relative names: the VMM runs

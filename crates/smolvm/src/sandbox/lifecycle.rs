@@ -288,6 +288,7 @@ impl Sandbox {
             cpus: self.config.cpus,
             accel: verdict.accel,
             network: self.config.network,
+            grow_root: self.config.disk_size_mib.is_some(),
         };
         let spec_path = self.vm_dir.join(files::LAUNCH_SPEC);
         let bytes = serde_json::to_vec_pretty(&spec)

@@ -66,6 +66,9 @@ pub fn launch_args(spec: &LaunchSpec) -> Vec<String> {
         extra.push(' ');
         extra.push_str(GUEST_NET);
     }
+    if spec.grow_root {
+        extra.push_str(" smolvm.resize=1");
+    }
     let mut a: Vec<String> = Vec::new();
     a.extend(machine(spec.accel));
     a.extend([
@@ -197,6 +200,7 @@ mod tests {
             cpus: 2,
             accel,
             network,
+            grow_root: false,
         }
     }
 
