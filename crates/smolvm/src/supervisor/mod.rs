@@ -11,6 +11,7 @@ macro_rules! log {
     }};
 }
 
+mod agent_link;
 mod client;
 mod clients;
 mod console;

@@ -1,0 +1,265 @@
+//! The supervisor's side of the agent channel: the hello, and every frame
+//! from the (untrusted) guest, routed to the client that owns its stream.
+
+use super::server::{frame, lock, SharedRef, VmCmd};
+use crate::state::{Store, VmState};
+use smolvm_proto::supervisor::{ReadyInfo, SupervisorMsg, VmRunState};
+use smolvm_proto::{Decoder, Frame, GuestMsg, HostHello, HostMsg, PROTOCOL_VERSION};
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, oneshot, watch};
+
+const HELLO_RESEND: Duration = Duration::from_millis(200);
+const AGENT_READ_BUF: usize = 64 * 1024;
+/// No guest message legitimately exceeds a data chunk plus framing; a
+/// larger frame is a protocol violation.
+const AGENT_FRAME_LIMIT: usize = smolvm_proto::MAX_CHUNK_LEN + 4096;
+/// Longest agent version string kept from a guest.
+const MAX_AGENT_VERSION: usize = 64;
+
+/// Sends the host hello until the agent answers (the guest opens its port
+/// only once booted; earlier bytes may be lost).
+pub(super) async fn hello_sender(agent_tx: mpsc::Sender<Vec<u8>>, shared: SharedRef) {
+    let Some(buf) = frame(
+        smolvm_proto::CONTROL_STREAM,
+        HostMsg::Hello(HostHello {
+            version: PROTOCOL_VERSION,
+        }),
+    ) else {
+        return;
+    };
+    loop {
+        {
+            let s = lock(&shared);
+            if s.hello.is_some() || s.fatal.is_some() {
+                return;
+            }
+        }
+        if agent_tx.send(buf.clone()).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(HELLO_RESEND).await;
+    }
+}
+
+pub(super) async fn agent_reader(
+    mut r: tokio::net::unix::OwnedReadHalf,
+    shared: SharedRef,
+    ready_tx: watch::Sender<()>,
+    vm_tx: mpsc::Sender<VmCmd>,
+) {
+    let mut bad_frames = 0u64;
+    let mut dec = Decoder::with_limit(AGENT_FRAME_LIMIT);
+    let mut buf = vec![0u8; AGENT_READ_BUF];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        dec.push(&buf[..n]);
+        loop {
+            let f = match dec.next_frame::<GuestMsg>() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(smolvm_proto::CodecError::FrameTooLarge { len, max }) => {
+                    // The framing itself is broken: nothing after this can
+                    // be trusted. The guest broke the protocol; end the VM.
+                    let msg = format!(
+                        "the guest agent broke the protocol (a {len}-byte frame; the limit is {max}); \
+                         the VM was stopped"
+                    );
+                    log!("{msg}");
+                    {
+                        let mut s = lock(&shared);
+                        s.violation = Some(msg.clone());
+                        s.fatal = Some(msg);
+                    }
+                    let _ = ready_tx.send(());
+                    let (t, _r) = oneshot::channel();
+                    let _ = vm_tx.send(VmCmd::Kill(t)).await;
+                    return;
+                }
+                Err(e) => {
+                    // One undecodable message (say, from a newer agent):
+                    // the frame was consumed whole, so skip it and go on.
+                    // Log sparingly so a guest cannot grow our log forever.
+                    bad_frames += 1;
+                    if bad_frames <= 10 || bad_frames.is_multiple_of(10_000) {
+                        log!("bad frame #{bad_frames} from the guest agent skipped: {e}");
+                    }
+                    continue;
+                }
+            };
+            handle_guest_frame(f, &shared, &ready_tx).await;
+        }
+    }
+}
+
+/// Printable ASCII only, at most `max` characters: text from the guest goes
+/// into logs, errors and tables.
+pub(super) fn sanitize(s: &str, max: usize) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(max)
+        .collect();
+    if s.chars().count() > max {
+        out.push_str("...");
+    }
+    out
+}
+
+pub(super) async fn handle_guest_frame(
+    f: Frame<GuestMsg>,
+    shared: &SharedRef,
+    ready_tx: &watch::Sender<()>,
+) {
+    if f.stream == smolvm_proto::CONTROL_STREAM {
+        if let GuestMsg::Hello(h) = f.msg {
+            let mut s = lock(shared);
+            if s.hello.is_some() || s.fatal.is_some() {
+                return;
+            }
+            let mut h = h;
+            h.agent_version = sanitize(&h.agent_version, MAX_AGENT_VERSION);
+            if h.version != PROTOCOL_VERSION {
+                let msg = format!(
+                    "the guest agent speaks protocol v{} but this host speaks v{PROTOCOL_VERSION}; \
+                     rebuild the image's initramfs with `smolvm image build` (agent {})",
+                    h.version, h.agent_version
+                );
+                log!("{msg}");
+                s.fatal = Some(msg);
+            } else {
+                let ready_ms = s.launched.elapsed().as_millis() as u64;
+                log!("agent {} ready after {ready_ms} ms", h.agent_version);
+                s.ready = Some(ReadyInfo {
+                    hello: h.clone(),
+                    vmm_start_ms: s.vmm_start_ms,
+                    ready_ms,
+                });
+                s.hello = Some(h);
+                if s.run_state == VmRunState::Booting {
+                    s.run_state = VmRunState::Running;
+                }
+                // Record it here too, not only in the starting client: a
+                // start killed mid-boot must not leave a running VM that
+                // the store calls `created` or `stopped`.
+                if let Ok(store) = Store::open() {
+                    let _ = store.transition(
+                        &s.id,
+                        &[VmState::Created, VmState::Stopped],
+                        VmState::Running,
+                        None,
+                    );
+                }
+            }
+            drop(s);
+            let _ = ready_tx.send(());
+        }
+        return;
+    }
+    let terminal = matches!(
+        f.msg,
+        GuestMsg::Exited(_) | GuestMsg::Error(_) | GuestMsg::Pong { .. } | GuestMsg::ShutdownAck
+    );
+    let target = {
+        let mut s = lock(shared);
+        let route = if terminal {
+            s.routes.close(f.stream)
+        } else {
+            s.routes.lookup(f.stream)
+        };
+        route.and_then(|r| s.clients.get(&r.client).cloned().map(|tx| (r, tx)))
+    };
+    if let Some((route, tx)) = target {
+        if let Some(buf) = frame(route.stream, SupervisorMsg::Agent(f.msg)) {
+            // Back-pressure: a slow client slows the guest's output; a
+            // stalled one is cut off (see `outbox`).
+            if !tx.send(buf).await {
+                log!(
+                    "client {} stalled with a full queue; disconnected",
+                    route.client
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::supervisor::server::Shared;
+    use smolvm_proto::GuestHello;
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    fn shared() -> SharedRef {
+        Arc::new(Mutex::new(Shared::new("t".into(), 1, Instant::now(), 1)))
+    }
+
+    fn hello(version: u32) -> Frame<GuestMsg> {
+        Frame::new(
+            smolvm_proto::CONTROL_STREAM,
+            GuestMsg::Hello(GuestHello {
+                version,
+                agent_version: "9.9.9".into(),
+                agent_start_ms: 1,
+                ready_ms: 2,
+                now_ms: 3,
+            }),
+        )
+    }
+
+    #[tokio::test]
+    async fn incompatible_agent_is_a_clear_error() {
+        let s = shared();
+        let (tx, _rx) = watch::channel(());
+        handle_guest_frame(hello(PROTOCOL_VERSION + 1), &s, &tx).await;
+        let g = lock(&s);
+        assert!(g.ready.is_none() && g.hello.is_none());
+        let fatal = g.fatal.clone().unwrap_or_default();
+        assert!(
+            fatal.contains(&format!("protocol v{}", PROTOCOL_VERSION + 1))
+                && fatal.contains("smolvm image build"),
+            "{fatal}"
+        );
+    }
+
+    #[tokio::test]
+    async fn compatible_hello_makes_the_vm_ready_once() {
+        let s = shared();
+        let (tx, _rx) = watch::channel(());
+        handle_guest_frame(hello(PROTOCOL_VERSION), &s, &tx).await;
+        handle_guest_frame(hello(PROTOCOL_VERSION + 7), &s, &tx).await;
+        let g = lock(&s);
+        assert!(g.fatal.is_none(), "a late second hello is ignored");
+        assert_eq!(g.run_state, VmRunState::Running);
+        assert_eq!(
+            g.ready.as_ref().map(|r| r.hello.agent_version.as_str()),
+            Some("9.9.9")
+        );
+    }
+
+    #[tokio::test]
+    async fn guest_frames_for_unknown_streams_are_dropped() {
+        let s = shared();
+        let (tx, _rx) = watch::channel(());
+        for stream in [1, 7, u32::MAX] {
+            handle_guest_frame(
+                Frame::new(stream, GuestMsg::Stdout(vec![1; 10].into())),
+                &s,
+                &tx,
+            )
+            .await;
+            handle_guest_frame(Frame::new(stream, GuestMsg::ShutdownAck), &s, &tx).await;
+        }
+        assert!(lock(&s).fatal.is_none());
+    }
+}
