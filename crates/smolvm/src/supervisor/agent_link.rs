@@ -122,6 +122,7 @@ pub(super) async fn handle_guest_frame(
 ) {
     if f.stream == smolvm_proto::CONTROL_STREAM {
         if let GuestMsg::Hello(h) = f.msg {
+            let mut record_running = None;
             let mut s = lock(shared);
             if s.hello.is_some() || s.fatal.is_some() {
                 return;
@@ -148,19 +149,22 @@ pub(super) async fn handle_guest_frame(
                 if s.run_state == VmRunState::Booting {
                     s.run_state = VmRunState::Running;
                 }
-                // Record it here too, not only in the starting client: a
-                // start killed mid-boot must not leave a running VM that
-                // the store calls `created` or `stopped`.
+                record_running = Some(s.id.clone());
+            }
+            drop(s);
+            // Record it here too, not only in the starting client: a start
+            // killed mid-boot must not leave a running VM that the store
+            // calls `created` or `stopped`. (Outside the lock: SQLite may wait.)
+            if let Some(id) = record_running {
                 if let Ok(store) = Store::open() {
                     let _ = store.transition(
-                        &s.id,
+                        &id,
                         &[VmState::Created, VmState::Stopped],
                         VmState::Running,
                         None,
                     );
                 }
             }
-            drop(s);
             let _ = ready_tx.send(());
         }
         return;

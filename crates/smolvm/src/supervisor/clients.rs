@@ -169,7 +169,15 @@ async fn client_conn(
         }
     }
     drop(tx);
-    let _ = writer.await;
+    // Let the writer flush what is queued, but never wait forever on a
+    // client that holds its socket open without reading.
+    let mut writer = writer;
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
 }
 
 async fn forward_to_agent(
