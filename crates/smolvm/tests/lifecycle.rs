@@ -722,6 +722,38 @@ async fn sweep(keep: &[&str]) {
     }
 }
 
+/// A VM whose `create` died before its disk was made is found by
+/// `prune --errors` (not by a plain prune) and removed completely.
+async fn prune_finds_a_vm_without_disk() -> Result<(), String> {
+    let vm = Sandbox::create(SandboxConfig {
+        name: Some("nodisk".into()),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| chain(&e))?;
+    let dir = vm.vm_dir().to_path_buf();
+    vm.close();
+    std::fs::remove_file(dir.join("disk.qcow2")).map_err(|e| e.to_string())?;
+    let plain = smolvm::sandbox::prune(true, false)
+        .await
+        .map_err(|e| chain(&e))?;
+    check!(plain.is_empty(), "plain prune lists {plain:?}");
+    let found = smolvm::sandbox::prune(true, true)
+        .await
+        .map_err(|e| chain(&e))?;
+    check_eq!(found.len(), 1);
+    check_eq!(found[0].id, "nodisk");
+    smolvm::sandbox::prune(false, true)
+        .await
+        .map_err(|e| chain(&e))?;
+    check!(!dir.exists(), "{} left behind", dir.display());
+    check!(
+        matches!(Sandbox::from_id("nodisk").await, Err(Error::NotFound(_))),
+        "the row is still there"
+    );
+    Ok(())
+}
+
 fn main() {
     let data = isolated_data_dir("smolvm-test-");
     let filters = filter();
@@ -742,6 +774,7 @@ fn main() {
         walk_error_cells,
         supervisor_kill_is_error,
         delete_in_every_state,
+        prune_finds_a_vm_without_disk,
         nothing_leaked,
     ];
     let rt = runtime();

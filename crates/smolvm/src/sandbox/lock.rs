@@ -10,6 +10,17 @@ pub struct VmLock {
 }
 
 impl VmLock {
+    /// True when someone holds the lock of `id` right now (an operation on
+    /// that VM is in progress).
+    pub fn is_held(id: &str) -> bool {
+        let Ok(file) = std::fs::File::open(crate::paths::lock_path(id)) else {
+            return false;
+        };
+        // SAFETY: flock on an fd we own; no memory is involved.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+        r != 0
+    }
+
     /// Blocks (on a blocking thread) until the lock of `id` is held.
     pub async fn acquire(id: &str) -> Result<VmLock> {
         let path = crate::paths::lock_path(id);

@@ -51,13 +51,27 @@ pub async fn prune(dry_run: bool, errors: bool) -> Result<Vec<PruneItem>> {
                 path: Some(crate::paths::vm_dir(&r.id)),
             });
         }
+        // A `create` killed between inserting the row and making the disk
+        // (nobody holds its lock any more, so it is not in progress).
+        for r in recs.iter().filter(|r| r.state == VmState::Created) {
+            let dir = crate::paths::vm_dir(&r.id);
+            if !dir.join(crate::backend::files::DISK).exists() && !super::VmLock::is_held(&r.id) {
+                items.push(PruneItem {
+                    kind: "broken VM (no disk)".into(),
+                    id: r.id.clone(),
+                    path: Some(dir),
+                });
+            }
+        }
     }
     if dry_run {
         return Ok(items);
     }
     for it in &items {
         match it.kind.as_str() {
-            "error VM" => super::Sandbox::from_id(&it.id).await?.delete().await?,
+            "error VM" | "broken VM (no disk)" => {
+                super::Sandbox::from_id(&it.id).await?.delete().await?
+            }
             _ => {
                 let _lock = super::VmLock::acquire(&it.id).await?;
                 // Re-check under the lock: a create may have just made it.
