@@ -129,12 +129,23 @@ pub struct ErrorInfo {
     pub message: String,
 }
 
+/// Longest error message a peer sends; longer ones are cut (they may quote
+/// caller-supplied text such as a program name or a directory).
+pub const MAX_ERROR_MESSAGE: usize = 4096;
+
 impl ErrorInfo {
+    /// An error whose message is cut to [`MAX_ERROR_MESSAGE`] bytes.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
+        let mut message = message.into();
+        if message.len() > MAX_ERROR_MESSAGE {
+            let mut cut = MAX_ERROR_MESSAGE - 3;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str("...");
         }
+        Self { kind, message }
     }
 }
 
@@ -204,6 +215,14 @@ mod tests {
             "no such file",
         )));
         roundtrip(GuestMsg::ShutdownAck);
+    }
+
+    #[test]
+    fn error_messages_are_bounded() {
+        let e = ErrorInfo::new(ErrorKind::NotFound, "é".repeat(10_000));
+        assert!(e.message.len() <= MAX_ERROR_MESSAGE);
+        assert!(e.message.ends_with("..."));
+        assert_eq!(ErrorInfo::new(ErrorKind::Other, "short").message, "short");
     }
 
     #[test]

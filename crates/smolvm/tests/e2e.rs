@@ -352,17 +352,19 @@ async fn stalled_client_does_not_block_others(vm: &Sandbox) -> Result<(), String
     tokio::time::sleep(Duration::from_secs(2)).await;
     // Everyone else still gets answers (at worst after the stall limit).
     let t = Instant::now();
-    let o = tokio::time::timeout(Duration::from_secs(60), run(vm, "echo still-here"))
+    let o = tokio::time::timeout(Duration::from_secs(120), run(vm, "echo still-here"))
         .await
-        .map_err(|_| "a stalled client blocked another client for 60 s".to_string())??;
+        .map_err(|_| "a stalled client blocked another client for 120 s".to_string())??;
     check_eq!(o.stdout, b"still-here\n".to_vec());
+    // At worst the stall limit (30 s) plus slack for a loaded host.
     check!(
-        t.elapsed() < Duration::from_secs(30),
+        t.elapsed() < Duration::from_secs(90),
         "took {:?}",
         t.elapsed()
     );
-    // The stalled client was cut off and its process killed.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // The stalled client was cut off (after the 30 s stall limit) and its
+    // process killed.
+    let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let o = run(vm, "pgrep -x yes || true").await?;
         if o.stdout.is_empty() {
@@ -450,6 +452,50 @@ async fn disk_size_grows_the_root_fs(_: &Sandbox) -> Result<(), String> {
     r
 }
 
+async fn guest_poweroff_is_a_restartable_stop(_: &Sandbox) -> Result<(), String> {
+    let vm = Sandbox::create(SandboxConfig {
+        name: Some("poweroff".into()),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let r = async {
+        vm.start(BOOT).await.map_err(|e| smolvm::error::chain(&e))?;
+        run(&vm, "echo kept > /root/f; sync").await?;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(20),
+            run(
+                &vm,
+                "echo 1 > /proc/sys/kernel/sysrq; echo o > /proc/sysrq-trigger; sleep 30",
+            ),
+        )
+        .await;
+        let t = Instant::now();
+        loop {
+            let info = vm.info().await.map_err(|e| e.to_string())?;
+            if !info.state.is_live() {
+                check_eq!(info.state, VmState::Stopped);
+                let why = info.last_error.unwrap_or_default();
+                check!(why.contains("shut itself down"), "last_error: {why}");
+                break;
+            }
+            check!(
+                t.elapsed() < Duration::from_secs(60),
+                "still {} after a poweroff",
+                info.state
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        vm.start(BOOT).await.map_err(|e| smolvm::error::chain(&e))?;
+        let o = run(&vm, "cat /root/f").await?;
+        check_eq!(o.stdout, b"kept\n".to_vec());
+        Ok(())
+    }
+    .await;
+    vm.delete().await.map_err(|e| e.to_string())?;
+    r
+}
+
 fn main() {
     let data = isolated_data_dir("smolvm-test-");
     let filters = filter();
@@ -469,6 +515,7 @@ fn main() {
         vmm_death_is_reported,
         stalled_client_does_not_block_others,
         guest_panic_is_an_error,
+        guest_poweroff_is_a_restartable_stop,
         disk_size_grows_the_root_fs,
     ];
     let rt = runtime();

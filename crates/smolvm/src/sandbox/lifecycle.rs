@@ -81,6 +81,12 @@ impl Sandbox {
             }
         };
         let vm_dir = crate::paths::vm_dir(&id);
+        // Undoes the row and directory if this future fails or is dropped
+        // (a caller's timeout, Ctrl-C) before the VM is complete.
+        let mut undo = UndoCreate {
+            id: Some(id.clone()),
+            dir: vm_dir.clone(),
+        };
         let made = async {
             std::fs::create_dir_all(&vm_dir)
                 .map_err(|e| Error::io(format!("cannot create {}", vm_dir.display()), e))?;
@@ -104,11 +110,8 @@ impl Sandbox {
                 })
         }
         .await;
-        if let Err(e) = made {
-            let _ = std::fs::remove_dir_all(&vm_dir);
-            let _ = store().and_then(|s| Ok(s.delete(&id)?));
-            return Err(e);
-        }
+        made?;
+        undo.id = None;
         Ok(Sandbox {
             id,
             vm_dir,
@@ -331,15 +334,32 @@ impl Sandbox {
         boot_timeout: Duration,
     ) -> Result<()> {
         let s = store()?;
-        let resp = client
+        let resp = match client
             .control(ControlRequest::WaitReady {
                 timeout_ms: boot_timeout.as_millis() as u64,
             })
             .await
-            .map_err(|source| Error::Client {
-                id: self.id.clone(),
-                source,
-            })?;
+        {
+            Ok(r) => r,
+            Err(source) => {
+                // The supervisor is wedged or gone: end this boot so it cannot
+                // come up later behind the error we return.
+                if let Some(sup) = current_supervisor(&self.id).filter(|p| p.is_alive()) {
+                    // SAFETY: kill(2) on a pid verified by start time; the
+                    // VMM dies with it (PDEATHSIG).
+                    unsafe { libc::kill(sup.pid as i32, libc::SIGKILL) };
+                    wait_supervisor_gone(Some(sup)).await;
+                }
+                self.forget_client();
+                let e = Error::Client {
+                    id: self.id.clone(),
+                    source,
+                };
+                s.set_state(&self.id, prior, Some(&chain(&e)))?;
+                let _ = s.set_processes(&self.id, None, None, None);
+                return Err(e);
+            }
+        };
         match resp {
             ControlResponse::Ready(info) => {
                 s.set_state(&self.id, VmState::Running, None)?;
@@ -563,4 +583,21 @@ async fn ensure_image(name: &str, progress: Option<ProgressFn>) -> Result<crate:
     .await
     .map_err(|e| Error::io("image task failed", std::io::Error::other(e.to_string())))?
     .map_err(Error::from)
+}
+
+/// Removes a half-created VM (its directory and row) unless disarmed.
+struct UndoCreate {
+    id: Option<String>,
+    dir: PathBuf,
+}
+
+impl Drop for UndoCreate {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            if let Ok(s) = store() {
+                let _ = s.delete(&id);
+            }
+        }
+    }
 }

@@ -11,9 +11,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 const HELLO_RESEND: Duration = Duration::from_millis(200);
 const AGENT_READ_BUF: usize = 64 * 1024;
-/// No guest message legitimately exceeds a data chunk plus framing; a
-/// larger frame is a protocol violation.
-const AGENT_FRAME_LIMIT: usize = smolvm_proto::MAX_CHUNK_LEN + 4096;
+/// No guest message legitimately comes near this (data chunks are at most
+/// 64 KiB, error messages 4 KiB); a larger frame is a protocol violation.
+const AGENT_FRAME_LIMIT: usize = 256 * 1024;
 /// Longest agent version string kept from a guest.
 const MAX_AGENT_VERSION: usize = 64;
 
@@ -115,6 +115,44 @@ pub(super) fn sanitize(s: &str, max: usize) -> String {
     out
 }
 
+/// Takes the agent's hello: `None` when it is a late duplicate (ignored),
+/// else `Some(id to record as running)` (`Some(None)` when nothing is to be
+/// recorded: a bad version, or unit tests).
+fn accept_hello(h: smolvm_proto::GuestHello, shared: &SharedRef) -> Option<Option<String>> {
+    let mut record_running = None;
+    let mut s = lock(shared);
+    if s.hello.is_some() || s.fatal.is_some() {
+        return None;
+    }
+    let mut h = h;
+    h.agent_version = sanitize(&h.agent_version, MAX_AGENT_VERSION);
+    if h.version != PROTOCOL_VERSION {
+        let msg = format!(
+            "the guest agent speaks protocol v{} but this host speaks v{PROTOCOL_VERSION}; \
+             rebuild the image's initramfs with `smolvm image build` (agent {})",
+            h.version, h.agent_version
+        );
+        log!("{msg}");
+        s.fatal = Some(msg);
+    } else {
+        let ready_ms = s.launched.elapsed().as_millis() as u64;
+        log!("agent {} ready after {ready_ms} ms", h.agent_version);
+        s.ready = Some(ReadyInfo {
+            hello: h.clone(),
+            vmm_start_ms: s.vmm_start_ms,
+            ready_ms,
+        });
+        s.hello = Some(h);
+        if s.run_state == VmRunState::Booting {
+            s.run_state = VmRunState::Running;
+        }
+        if s.record_state {
+            record_running = Some(s.id.clone());
+        }
+    }
+    Some(record_running)
+}
+
 pub(super) async fn handle_guest_frame(
     f: Frame<GuestMsg>,
     shared: &SharedRef,
@@ -122,48 +160,24 @@ pub(super) async fn handle_guest_frame(
 ) {
     if f.stream == smolvm_proto::CONTROL_STREAM {
         if let GuestMsg::Hello(h) = f.msg {
-            let mut record_running = None;
-            let mut s = lock(shared);
-            if s.hello.is_some() || s.fatal.is_some() {
+            let Some(record_running) = accept_hello(h, shared) else {
                 return;
-            }
-            let mut h = h;
-            h.agent_version = sanitize(&h.agent_version, MAX_AGENT_VERSION);
-            if h.version != PROTOCOL_VERSION {
-                let msg = format!(
-                    "the guest agent speaks protocol v{} but this host speaks v{PROTOCOL_VERSION}; \
-                     rebuild the image's initramfs with `smolvm image build` (agent {})",
-                    h.version, h.agent_version
-                );
-                log!("{msg}");
-                s.fatal = Some(msg);
-            } else {
-                let ready_ms = s.launched.elapsed().as_millis() as u64;
-                log!("agent {} ready after {ready_ms} ms", h.agent_version);
-                s.ready = Some(ReadyInfo {
-                    hello: h.clone(),
-                    vmm_start_ms: s.vmm_start_ms,
-                    ready_ms,
-                });
-                s.hello = Some(h);
-                if s.run_state == VmRunState::Booting {
-                    s.run_state = VmRunState::Running;
-                }
-                record_running = Some(s.id.clone());
-            }
-            drop(s);
+            };
             // Record it here too, not only in the starting client: a start
             // killed mid-boot must not leave a running VM that the store
             // calls `created` or `stopped`. (Outside the lock: SQLite may wait.)
             if let Some(id) = record_running {
-                if let Ok(store) = Store::open() {
-                    let _ = store.transition(
-                        &id,
-                        &[VmState::Created, VmState::Stopped],
-                        VmState::Running,
-                        None,
-                    );
-                }
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Ok(store) = Store::open() {
+                        let _ = store.transition(
+                            &id,
+                            &[VmState::Created, VmState::Stopped],
+                            VmState::Running,
+                            None,
+                        );
+                    }
+                })
+                .await;
             }
             let _ = ready_tx.send(());
         }
@@ -205,7 +219,9 @@ mod tests {
     use std::time::Instant;
 
     fn shared() -> SharedRef {
-        Arc::new(Mutex::new(Shared::new("t".into(), 1, Instant::now(), 1)))
+        let mut s = Shared::new("t".into(), 1, Instant::now(), 1);
+        s.record_state = false; // never touch the user's state store
+        Arc::new(Mutex::new(s))
     }
 
     fn hello(version: u32) -> Frame<GuestMsg> {

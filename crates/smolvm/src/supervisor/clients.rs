@@ -152,7 +152,9 @@ async fn client_conn(
             }
         }
     }
-    // The client went away: its running processes go with it.
+    // The client went away (or was cut off): its running processes go with
+    // it, and nothing waits on its queue any more.
+    tx.kick();
     let orphans = {
         let mut s = lock(&shared);
         s.clients.remove(&client);

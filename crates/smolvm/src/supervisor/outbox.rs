@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, Notify};
 /// Bytes queued towards one client before senders wait for it.
 pub const CLIENT_BUDGET: usize = 16 * 1024 * 1024;
 /// How long a client over budget may make no progress before it is cut off.
-pub const STALL_LIMIT: Duration = Duration::from_secs(10);
+pub const STALL_LIMIT: Duration = Duration::from_secs(30);
 
 struct Inner {
     queued: AtomicUsize,
@@ -62,7 +62,7 @@ impl Outbox {
         let mut last = self.inner.written.load(Ordering::Acquire);
         let mut since = tokio::time::Instant::now();
         loop {
-            if self.inner.kicked.load(Ordering::Acquire) {
+            if self.inner.kicked.load(Ordering::Acquire) || self.tx.is_closed() {
                 return false;
             }
             let queued = self.inner.queued.load(Ordering::Acquire);

@@ -37,6 +37,8 @@ pub(super) struct Shared {
     /// Set when the guest broke the protocol; the VM is killed and recorded
     /// as `error` with this reason.
     pub(super) violation: Option<String>,
+    /// Whether to record state changes in the store (off in unit tests).
+    pub(super) record_state: bool,
     pub(super) run_state: VmRunState,
     pub(super) vmm_pid: u32,
     pub(super) launched: Instant,
@@ -56,6 +58,7 @@ impl Shared {
             ready: None,
             fatal: None,
             violation: None,
+            record_state: true,
             run_state: VmRunState::Booting,
             vmm_pid,
             launched,
@@ -118,12 +121,13 @@ pub async fn serve(spec: LaunchSpec, vm_dir: PathBuf, mut ready: std::fs::File) 
             return 1;
         }
     };
-    match super::connect_in_dir(&vm_dir, files::CONSOLE_SOCKET).await {
-        Ok(c) => {
-            tokio::spawn(super::console::pump(c, vm_dir.clone()));
+    let console = match super::connect_in_dir(&vm_dir, files::CONSOLE_SOCKET).await {
+        Ok(c) => Some(tokio::spawn(super::console::pump(c, vm_dir.clone()))),
+        Err(e) => {
+            log!("cannot connect to the console: {e}; the console will not be logged");
+            None
         }
-        Err(e) => log!("cannot connect to the console: {e}; the console will not be logged"),
-    }
+    };
     // The VMM starts with its vCPUs stopped: go, now that every channel is
     // connected.
     if let Err(e) = vm.resume().await {
@@ -179,7 +183,7 @@ pub async fn serve(spec: LaunchSpec, vm_dir: PathBuf, mut ready: std::fs::File) 
     ));
 
     let (exit, stop_requested) = vm_loop(&mut vm, vm_rx, &shared, &agent_tx).await;
-    finish(&shared, &vm_dir, &exit, stop_requested, &ready_tx).await;
+    finish(&shared, &vm_dir, &exit, stop_requested, &ready_tx, console).await;
     0
 }
 
@@ -225,6 +229,8 @@ async fn vm_loop(
                 }
                 VmCmd::Stop(timeout_ms, reply) => {
                     stop_requested = true;
+                    // One deadline for the whole stop: resume, ask, wait.
+                    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
                     let (paused, agent_up) = {
                         let mut s = lock(shared);
                         let paused = s.run_state == VmRunState::Paused;
@@ -245,14 +251,10 @@ async fn vm_loop(
                         if let Some(buf) = global.and_then(|g| frame(g, HostMsg::Shutdown)) {
                             // Bounded: a wedged agent channel must not keep
                             // us from killing the VMM below.
-                            let _ = tokio::time::timeout(
-                                Duration::from_millis(timeout_ms),
-                                agent_tx.send(buf),
-                            )
-                            .await;
+                            let _ = tokio::time::timeout_at(deadline, agent_tx.send(buf)).await;
                         }
                     }
-                    match tokio::time::timeout(Duration::from_millis(timeout_ms), vm.wait()).await {
+                    match tokio::time::timeout_at(deadline, vm.wait()).await {
                         Ok(exit) => {
                             for r in stop_replies.drain(..) {
                                 let _ = r.send(Ok(()));
@@ -282,37 +284,42 @@ async fn finish(
     exit: &VmmExit,
     stop_requested: bool,
     ready_tx: &watch::Sender<()>,
+    console: Option<tokio::task::JoinHandle<()>>,
 ) {
-    let (id, routes, clients) = {
+    // The console's last lines (a panic message) must be on disk before
+    // they are read for the reason.
+    if let Some(c) = console {
+        let _ = tokio::time::timeout(Duration::from_secs(1), c).await;
+    }
+    let (id, routes, clients, outcome) = {
         let mut s = lock(shared);
         s.run_state = VmRunState::Exited;
-        let reason = if let Some(v) = &s.violation {
-            v.clone()
+        let outcome = if let Some(v) = &s.violation {
+            (VmState::Error, Some(v.clone()))
         } else if stop_requested {
-            "VM stopped".to_string()
+            (VmState::Stopped, None)
         } else if exit.code == Some(0) {
-            guest_stopped_reason(&s.id, vm_dir)
+            guest_stopped(&s.id, vm_dir)
         } else {
             let stderr = tail_file_lines(&vm_dir.join(files::VMM_LOG), 5);
-            if stderr.is_empty() {
+            let why = if stderr.is_empty() {
                 exit.to_string()
             } else {
                 format!("{exit}: {stderr}")
-            }
+            };
+            (VmState::Error, Some(why))
         };
         if s.fatal.is_none() {
-            s.fatal = Some(reason);
+            s.fatal = Some(outcome.1.clone().unwrap_or_else(|| "VM stopped".into()));
         }
-        (s.id.clone(), s.routes.drain_all(), s.clients.clone())
+        (
+            s.id.clone(),
+            s.routes.drain_all(),
+            s.clients.clone(),
+            outcome,
+        )
     };
     let _ = ready_tx.send(());
-    let violation = lock(shared).violation.clone();
-    let unexpected = if violation.is_some() || !stop_requested {
-        lock(shared).fatal.clone()
-    } else {
-        None
-    };
-    let clean = unexpected.is_none();
     log!("VMM exited: {exit} (stop requested: {stop_requested})");
     for (_, route) in routes {
         if let Some(tx) = clients.get(&route.client) {
@@ -333,11 +340,7 @@ async fn finish(
     // Record last, with the sockets gone: a new start may bind them as soon
     // as the state is no longer live.
     if let Ok(store) = Store::open() {
-        let (state, err) = if clean {
-            (VmState::Stopped, None)
-        } else {
-            (VmState::Error, unexpected.clone())
-        };
+        let (state, err) = outcome;
         // A VM being deleted has no row any more; a stop/start in another
         // process owns the state while it holds the VM lock, so only move
         // from the states this supervisor was responsible for.
@@ -374,17 +377,28 @@ fn tail_file_lines(path: &std::path::Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
-/// Why a VMM that nobody asked to stop exited with status 0: the guest
-/// reset itself (our kernel reboots on panic, and the VMM runs -no-reboot).
-fn guest_stopped_reason(id: &str, vm_dir: &std::path::Path) -> String {
+/// What it means when a VMM that nobody asked to stop exits with status 0:
+/// the guest reset itself (the VMM runs -no-reboot). After a kernel panic
+/// (our kernel reboots on panic) the VM is `error`; after a clean shutdown
+/// from inside the guest it is `stopped`, with a note.
+fn guest_stopped(id: &str, vm_dir: &std::path::Path) -> (VmState, Option<String>) {
     let console = crate::backend::qemu::tail_console(&vm_dir.join(files::CONSOLE_LOG), 40);
     let panic = console
         .lines()
         .find(|l| l.contains("Kernel panic") || l.contains("panicked"))
-        .map(|l| format!(": {}", super::agent_link::sanitize(l.trim(), 200)))
-        .unwrap_or_default();
-    format!(
-        "the guest stopped by itself (kernel panic, agent crash or reset){panic}; \
-         see `smolvm logs {id}`"
-    )
+        .map(|l| super::agent_link::sanitize(l.trim(), 200));
+    match panic {
+        Some(p) => (
+            VmState::Error,
+            Some(format!(
+                "the guest stopped by itself (kernel panic: {p}); see `smolvm logs {id}`"
+            )),
+        ),
+        None => (
+            VmState::Stopped,
+            Some(format!(
+                "the guest shut itself down or reset; see `smolvm logs {id}`"
+            )),
+        ),
+    }
 }

@@ -237,6 +237,7 @@ pub async fn create_overlay(base: &Path, disk: &Path, size: Option<u64>) -> Resu
     }
     let out = cmd
         .stdin(Stdio::null())
+        .kill_on_drop(true)
         .output()
         .await
         .map_err(|source| QemuError::Spawn {
