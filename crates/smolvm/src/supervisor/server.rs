@@ -382,9 +382,11 @@ fn tail_file_lines(path: &std::path::Path, n: usize) -> String {
 /// (our kernel reboots on panic) the VM is `error`; after a clean shutdown
 /// from inside the guest it is `stopped`, with a note.
 fn guest_stopped(id: &str, vm_dir: &std::path::Path) -> (VmState, Option<String>) {
-    let console = crate::backend::qemu::tail_console(&vm_dir.join(files::CONSOLE_LOG), 40);
+    // The panic line comes before its stack trace: look well back.
+    let console = crate::backend::qemu::tail_file(&vm_dir.join(files::CONSOLE_LOG), 64 * 1024);
     let panic = console
         .lines()
+        .rev()
         .find(|l| l.contains("Kernel panic") || l.contains("panicked"))
         .map(|l| super::agent_link::sanitize(l.trim(), 200));
     match panic {
