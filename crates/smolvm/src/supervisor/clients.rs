@@ -19,6 +19,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// Most simultaneous client connections; more are refused (closed at once)
 /// so that local clients cannot exhaust the supervisor.
 const MAX_CLIENTS: usize = 256;
+/// How long a new connection has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Read buffer per client connection (requests are small).
 const CLIENT_READ_BUF: usize = 16 * 1024;
 
@@ -41,16 +43,32 @@ pub(super) async fn accept_loop(
                 continue;
             }
         };
-        if lock(&shared).clients.len() >= MAX_CLIENTS {
+        // Check and register under one lock: a burst cannot overshoot.
+        let (tx, rx) = outbox();
+        let client = {
+            let mut s = lock(&shared);
+            if s.clients.len() >= MAX_CLIENTS {
+                None
+            } else {
+                let c = s.next_client;
+                s.next_client += 1;
+                s.clients.insert(c, tx.clone());
+                Some(c)
+            }
+        };
+        let Some(client) = client else {
             refused += 1;
             if refused <= 10 || refused.is_multiple_of(1000) {
                 log!("refusing a client: {MAX_CLIENTS} connections are open");
             }
             drop(stream);
             continue;
-        }
+        };
         tokio::spawn(client_conn(
             stream,
+            client,
+            tx,
+            rx,
             shared.clone(),
             agent_tx.clone(),
             vm_tx.clone(),
@@ -60,8 +78,12 @@ pub(super) async fn accept_loop(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn client_conn(
     stream: UnixStream,
+    client: u64,
+    tx: super::outbox::Outbox,
+    mut rx: super::outbox::OutboxRx,
     shared: SharedRef,
     agent_tx: mpsc::Sender<Vec<u8>>,
     vm_tx: mpsc::Sender<VmCmd>,
@@ -69,14 +91,6 @@ async fn client_conn(
     vm_dir: PathBuf,
 ) {
     let (mut r, mut w) = stream.into_split();
-    let (tx, mut rx) = outbox();
-    let client = {
-        let mut s = lock(&shared);
-        let c = s.next_client;
-        s.next_client += 1;
-        s.clients.insert(c, tx.clone());
-        c
-    };
     let writer = tokio::spawn(async move {
         while let Some(buf) = rx.recv().await {
             if w.write_all(&buf).await.is_err() {
@@ -88,6 +102,8 @@ async fn client_conn(
     let mut dec = Decoder::new();
     let mut buf = vec![0u8; CLIENT_READ_BUF];
     let mut greeted = false;
+    // A connection that never says hello does not get to hold a slot.
+    let hello_deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
     'conn: loop {
         let n = tokio::select! {
             r = r.read(&mut buf) => match r {
@@ -95,6 +111,10 @@ async fn client_conn(
                 Ok(n) => n,
             },
             _ = tx.kicked() => break,
+            _ = tokio::time::sleep_until(hello_deadline), if !greeted => {
+                log!("client {client} sent no hello within {HELLO_TIMEOUT:?}; closing");
+                break;
+            }
         };
         dec.push(&buf[..n]);
         loop {
