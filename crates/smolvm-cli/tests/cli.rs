@@ -224,51 +224,23 @@ async fn json_outputs() -> Result<(), String> {
     empty_data_dir(None).await
 }
 
+/// `smolvm run -q` in a small VM with a generous boot timeout, then `args`.
+async fn run_cli(args: &[&str]) -> Result<Out, String> {
+    let mut all = vec!["run", "-q", "--memory", "256", "--boot-timeout", "300"];
+    all.extend_from_slice(args);
+    cli(&all).await
+}
+
 async fn run_exit_codes_and_streams() -> Result<(), String> {
-    let o = cli(&[
-        "run",
-        "-q",
-        "--memory",
-        "256",
-        "--boot-timeout",
-        "300",
-        "--",
-        "sh",
-        "-c",
-        "echo out; echo err >&2; echo out2",
-    ])
-    .await?;
+    let o = run_cli(&["--", "sh", "-c", "echo out; echo err >&2; echo out2"]).await?;
     check_eq!(o.code, Some(0));
     check_eq!(o.stdout, "out\nout2\n");
     check_eq!(o.stderr, "err\n");
-    let o = cli(&[
-        "run",
-        "-q",
-        "--memory",
-        "256",
-        "--boot-timeout",
-        "300",
-        "--shell",
-        "--",
-        "echo seven; exit 7",
-    ])
-    .await?;
+    let o = run_cli(&["--shell", "--", "echo seven; exit 7"]).await?;
     check_eq!(o.code, Some(7));
     check_eq!(o.stdout, "seven\n");
     check_eq!(o.stderr, "");
-    let o = cli(&[
-        "run",
-        "-q",
-        "--memory",
-        "256",
-        "--boot-timeout",
-        "300",
-        "--",
-        "sh",
-        "-c",
-        "echo e >&2; exit 255",
-    ])
-    .await?;
+    let o = run_cli(&["--", "sh", "-c", "echo e >&2; exit 255"]).await?;
     check_eq!(o.code, Some(255));
     check_eq!(o.stdout, "");
     check_eq!(o.stderr, "e\n");

@@ -136,16 +136,25 @@ pub const MAX_ERROR_MESSAGE: usize = 4096;
 impl ErrorInfo {
     /// An error whose message is cut to [`MAX_ERROR_MESSAGE`] bytes.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        let mut message = message.into();
-        if message.len() > MAX_ERROR_MESSAGE {
+        Self {
+            kind,
+            message: message.into(),
+        }
+        .bounded()
+    }
+
+    /// The same error with its message cut to [`MAX_ERROR_MESSAGE`] bytes
+    /// (for errors received from a peer, which did not go through `new`).
+    pub fn bounded(mut self) -> Self {
+        if self.message.len() > MAX_ERROR_MESSAGE {
             let mut cut = MAX_ERROR_MESSAGE - 3;
-            while !message.is_char_boundary(cut) {
+            while !self.message.is_char_boundary(cut) {
                 cut -= 1;
             }
-            message.truncate(cut);
-            message.push_str("...");
+            self.message.truncate(cut);
+            self.message.push_str("...");
         }
-        Self { kind, message }
+        self
     }
 }
 

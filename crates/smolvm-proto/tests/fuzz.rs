@@ -84,6 +84,27 @@ fn arb_guest() -> impl Strategy<Value = GuestMsg> {
     ]
 }
 
+/// Encodes `msgs` as one stream, feeds it to a decoder in `split`-byte
+/// pieces and returns what came out.
+fn split_round_trip<M>(msgs: &[M], split: usize) -> Vec<M>
+where
+    M: serde::Serialize + serde::de::DeserializeOwned + Clone,
+{
+    let mut wire = Vec::new();
+    for (i, m) in msgs.iter().enumerate() {
+        wire.extend(encode_frame(&Frame::new(i as u32, m.clone())).unwrap());
+    }
+    let mut d = Decoder::new();
+    let mut got = Vec::new();
+    for c in wire.chunks(split) {
+        d.push(c);
+        while let Some(f) = d.next_frame::<M>().unwrap() {
+            got.push(f.msg);
+        }
+    }
+    got
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
@@ -115,36 +136,12 @@ proptest! {
 
     #[test]
     fn host_messages_survive_any_split(msgs in proptest::collection::vec(arb_host(), 1..8), split in 1usize..64) {
-        let mut wire = Vec::new();
-        for (i, m) in msgs.iter().enumerate() {
-            wire.extend(encode_frame(&Frame::new(i as u32, m.clone())).unwrap());
-        }
-        let mut d = Decoder::new();
-        let mut got = Vec::new();
-        for c in wire.chunks(split) {
-            d.push(c);
-            while let Some(f) = d.next_frame::<HostMsg>().unwrap() {
-                got.push(f.msg);
-            }
-        }
-        prop_assert_eq!(got, msgs);
+        prop_assert_eq!(split_round_trip(&msgs, split), msgs);
     }
 
     #[test]
     fn guest_messages_survive_any_split(msgs in proptest::collection::vec(arb_guest(), 1..8), split in 1usize..64) {
-        let mut wire = Vec::new();
-        for (i, m) in msgs.iter().enumerate() {
-            wire.extend(encode_frame(&Frame::new(i as u32, m.clone())).unwrap());
-        }
-        let mut d = Decoder::new();
-        let mut got = Vec::new();
-        for c in wire.chunks(split) {
-            d.push(c);
-            while let Some(f) = d.next_frame::<GuestMsg>().unwrap() {
-                got.push(f.msg);
-            }
-        }
-        prop_assert_eq!(got, msgs);
+        prop_assert_eq!(split_round_trip(&msgs, split), msgs);
     }
 
     #[test]

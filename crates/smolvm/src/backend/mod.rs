@@ -63,6 +63,23 @@ pub mod files {
     pub const DISK: &str = "disk.qcow2";
     /// Hard link to the image's root filesystem that backs `DISK`.
     pub const BASE_DISK: &str = "base.ext4";
+
+    /// What only exists while the VM runs: sockets and the guest RAM file
+    /// (as large as the guest's memory). The disk and logs stay.
+    pub const RUNTIME: &[&str] = &[
+        SUPERVISOR_SOCKET,
+        QMP_SOCKET,
+        AGENT_SOCKET,
+        CONSOLE_SOCKET,
+        MEMORY_FILE,
+    ];
+
+    /// Removes the runtime files of the VM in `vm_dir` (best effort).
+    pub fn remove_runtime(vm_dir: &std::path::Path) {
+        for f in RUNTIME {
+            let _ = std::fs::remove_file(vm_dir.join(f));
+        }
+    }
 }
 
 /// How the VMM process ended.

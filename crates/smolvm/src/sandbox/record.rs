@@ -112,18 +112,8 @@ pub(super) fn refreshed(id: &str) -> Result<VmRecord> {
         // SAFETY: kill(2) on a pid we verified (with its start time) is our VMM.
         unsafe { libc::kill(v.pid as i32, libc::SIGKILL) };
     }
-    // What a dead supervisor could not clean up: sockets and the guest RAM
-    // file (as large as the guest's memory). The disk and logs stay.
-    let dir = crate::paths::vm_dir(id);
-    for f in [
-        files::SUPERVISOR_SOCKET,
-        files::QMP_SOCKET,
-        files::AGENT_SOCKET,
-        files::CONSOLE_SOCKET,
-        files::MEMORY_FILE,
-    ] {
-        let _ = std::fs::remove_file(dir.join(f));
-    }
+    // What a dead supervisor could not clean up.
+    files::remove_runtime(&crate::paths::vm_dir(id));
     let _ = s.set_processes(id, None, None, None);
     s.get(id)?.ok_or_else(|| Error::NotFound(id.to_string()))
 }

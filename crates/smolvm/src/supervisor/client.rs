@@ -35,21 +35,6 @@ pub enum ClientError {
     Timeout(Duration),
 }
 
-/// Longest error text taken from the guest (it ends up in messages).
-const MAX_GUEST_MESSAGE: usize = 4096;
-
-fn bounded(mut e: smolvm_proto::ErrorInfo) -> smolvm_proto::ErrorInfo {
-    if e.message.len() > MAX_GUEST_MESSAGE {
-        let mut cut = MAX_GUEST_MESSAGE;
-        while !e.message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        e.message.truncate(cut);
-        e.message.push_str("...");
-    }
-    e
-}
-
 /// How long a lifecycle request may take before the supervisor is deemed
 /// wedged (its own deadlines plus a margin).
 fn control_deadline(req: &ControlRequest) -> Duration {
@@ -301,7 +286,8 @@ impl ExecStream {
                 GuestMsg::Stdout(Bytes(b)) => ExecEvent::Stdout(b),
                 GuestMsg::Stderr(Bytes(b)) => ExecEvent::Stderr(b),
                 GuestMsg::Exited(s) => ExecEvent::Exited(s),
-                GuestMsg::Error(e) => ExecEvent::Failed(bounded(e)),
+                // Received errors skipped `ErrorInfo::new`: bound them here.
+                GuestMsg::Error(e) => ExecEvent::Failed(e.bounded()),
                 _ => return Err(ClientError::Unexpected),
             },
             Some(_) => return Err(ClientError::Unexpected),

@@ -360,21 +360,15 @@ async fn finish(
 }
 
 fn cleanup(vm_dir: &std::path::Path) {
-    for f in [
-        files::SUPERVISOR_SOCKET,
-        files::QMP_SOCKET,
-        files::AGENT_SOCKET,
-        files::CONSOLE_SOCKET,
-        files::MEMORY_FILE,
-    ] {
-        let _ = std::fs::remove_file(vm_dir.join(f));
-    }
+    files::remove_runtime(vm_dir);
 }
 
+/// The last `n` non-empty lines of a log, on one line.
 fn tail_file_lines(path: &std::path::Path, n: usize) -> String {
-    let t = crate::backend::qemu::tail_file(path, 4096);
-    let lines: Vec<&str> = t.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join(" | ")
+    crate::backend::qemu::tail_console(path, n)
+        .lines()
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 /// What it means when a VMM that nobody asked to stop exits with status 0:
