@@ -1,5 +1,6 @@
 //! The `smolvm.*` parameters of the kernel command line.
 
+use smolvm_proto::cmdline as key;
 use std::net::Ipv4Addr;
 
 /// What the host told the guest through `/proc/cmdline`.
@@ -23,27 +24,27 @@ impl BootConfig {
     pub fn parse(cmdline: &str) -> Self {
         let mut cfg = BootConfig::default();
         for word in cmdline.split_ascii_whitespace() {
-            let Some((key, value)) = word.split_once('=') else {
+            let Some((name, value)) = word.split_once('=') else {
                 continue;
             };
-            let ok = match key {
-                "smolvm.id" => {
+            let ok = match name {
+                k if k == key::ID => {
                     cfg.id = Some(value.to_string());
                     true
                 }
-                "smolvm.ip" => {
+                k if k == key::IP => {
                     cfg.ip = parse_cidr(value);
                     cfg.ip.is_some()
                 }
-                "smolvm.gw" => {
+                k if k == key::GATEWAY => {
                     cfg.gw = value.parse().ok();
                     cfg.gw.is_some()
                 }
-                "smolvm.resize" => {
+                k if k == key::RESIZE => {
                     cfg.grow_root = value == "1";
                     value == "1" || value == "0"
                 }
-                "smolvm.dns" => {
+                k if k == key::DNS => {
                     cfg.dns = value.parse().ok();
                     cfg.dns.is_some()
                 }

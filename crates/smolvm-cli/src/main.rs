@@ -64,16 +64,19 @@ fn main() -> ExitCode {
     }
 }
 
-/// `error: outer` then one `caused by: ...` line per source.
+/// `error: outer` then one `caused by: ...` line per source. Errors may
+/// quote the guest (console tails, agent messages): control characters are
+/// escaped so they never reach the terminal raw.
 pub fn print_error(e: &anyhow::Error) {
-    eprintln!("error: {e}");
+    let show = smolvm::text::escape_multiline;
+    eprintln!("error: {}", show(&e.to_string()));
     let mut last = e.to_string();
     for cause in e.chain().skip(1) {
         let c = cause.to_string();
         if last.contains(&c) {
             continue;
         }
-        eprintln!("caused by: {c}");
+        eprintln!("caused by: {}", show(&c));
         last = c;
     }
 }

@@ -15,6 +15,7 @@
 //! No I/O lives here.
 
 pub mod bytes;
+pub mod cmdline;
 pub mod codec;
 pub mod messages;
 pub mod supervisor;

@@ -32,6 +32,11 @@ pub const TOOLS: &[HostTool] = &[
         purpose: "creates per-VM copy-on-write disk overlays",
     },
     HostTool {
+        name: "passt",
+        package: "passt",
+        purpose: "the guest's network (user-mode, no access to the host's loopback)",
+    },
+    HostTool {
         name: "mmdebstrap",
         package: "mmdebstrap",
         purpose: "builds the Debian root filesystem and fetches the kernel",
@@ -140,6 +145,13 @@ pub fn require(tool: &str) -> Result<PathBuf, MissingTool> {
         name: tool.to_string(),
         package: package_of(tool).to_string(),
     })
+}
+
+/// A command for `tool`, resolved to its full path: the one way smolvm
+/// spawns host programs, so a missing one is "install package X", never a
+/// bare "No such file or directory".
+pub fn command(tool: &str) -> Result<std::process::Command, MissingTool> {
+    Ok(std::process::Command::new(require(tool)?))
 }
 
 #[cfg(test)]

@@ -10,9 +10,12 @@ pub mod hosttools;
 pub mod image;
 pub mod locate;
 pub mod paths;
+pub mod private;
 pub mod sandbox;
 pub mod state;
 pub mod supervisor;
+pub mod sys;
+pub mod text;
 
 pub use config::{Accel, SandboxConfig};
 pub use error::{Error, Result};

@@ -4,13 +4,25 @@
 //!   `$XDG_STATE_HOME/smolvm`, else `~/.local/state/smolvm`.
 //! - cache dir (images, accelerator verdict): `SMOLVM_CACHE_DIR`, else
 //!   `$XDG_CACHE_HOME/smolvm`, else `~/.cache/smolvm`.
+//!
+//! Both are made absolute (against the current directory) when given
+//! relative: the supervisor runs in the VM's directory, so a relative root
+//! would mean another place there.
 
 use std::path::PathBuf;
 
 fn env_dir(var: &str) -> Option<PathBuf> {
     std::env::var_os(var)
         .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
+        .map(|v| absolute(PathBuf::from(v)))
+}
+
+fn absolute(p: PathBuf) -> PathBuf {
+    if p.is_absolute() {
+        p
+    } else {
+        std::path::absolute(&p).unwrap_or(p)
+    }
 }
 
 fn home() -> PathBuf {
@@ -57,5 +69,20 @@ pub fn db_path() -> PathBuf {
 /// Per-VM lock files live outside the VM dir so `delete` can remove the dir
 /// while holding the lock.
 pub fn lock_path(id: &str) -> PathBuf {
-    data_dir().join("locks").join(format!("{id}.lock"))
+    locks_dir().join(format!("{id}.lock"))
+}
+
+/// Per-VM lock files' directory.
+pub fn locks_dir() -> PathBuf {
+    data_dir().join("locks")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn relative_roots_become_absolute() {
+        let p = super::absolute(std::path::PathBuf::from("rel/dir"));
+        assert!(p.is_absolute());
+        assert!(p.ends_with("rel/dir"));
+    }
 }

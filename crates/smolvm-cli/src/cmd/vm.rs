@@ -101,6 +101,11 @@ pub struct LogsArgs {
     /// Keep printing as the console grows, until the VM stops.
     #[arg(short, long)]
     follow: bool,
+    /// Print the guest's bytes as they are. By default control characters
+    /// (escape sequences that could drive your terminal) are shown escaped,
+    /// e.g. `\x1b[2J`.
+    #[arg(long)]
+    raw: bool,
 }
 
 #[derive(clap::Args)]
@@ -239,7 +244,10 @@ pub async fn ls(a: LsArgs) -> anyhow::Result<u8> {
                 v.cpus.to_string(),
                 format!("{}M", v.memory_mib),
                 age(v.created_at),
-                clip(v.last_error.as_deref().unwrap_or_default(), 80),
+                clip(
+                    &smolvm::text::escape_line(v.last_error.as_deref().unwrap_or_default()),
+                    80,
+                ),
             ]
         })
         .collect();
@@ -288,7 +296,7 @@ pub async fn info(a: InfoArgs) -> anyhow::Result<u8> {
             println!("supervisor:  {p}");
         }
         if let Some(e) = &info.last_error {
-            println!("last error:  {e}");
+            println!("last error:  {}", smolvm::text::escape_line(e));
         }
         println!("directory:   {}", info.vm_dir.display());
     }
@@ -320,6 +328,7 @@ pub async fn logs(a: LogsArgs) -> anyhow::Result<u8> {
     let mut out = std::io::stdout();
     let mut buf = vec![0u8; 64 * 1024];
     let mut pos = 0u64;
+    let mut esc = smolvm::text::StreamEscaper::default();
     loop {
         loop {
             let n = f.read(&mut buf)?;
@@ -327,12 +336,18 @@ pub async fn logs(a: LogsArgs) -> anyhow::Result<u8> {
                 break;
             }
             pos += n as u64;
-            out.write_all(&buf[..n])?;
+            if a.raw {
+                out.write_all(&buf[..n])?;
+            } else {
+                out.write_all(esc.push(&buf[..n]).as_bytes())?;
+            }
         }
-        out.flush()?;
         if !a.follow || !sbx.status().await?.is_live() {
+            out.write_all(esc.finish().as_bytes())?;
+            out.flush()?;
             return Ok(0);
         }
+        out.flush()?;
         tokio::time::sleep(Duration::from_millis(200)).await;
         // The console is recreated on each boot.
         if std::fs::metadata(&path)

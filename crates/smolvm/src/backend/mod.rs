@@ -60,6 +60,10 @@ pub mod files {
     pub const AGENT_SOCKET: &str = "agent.sock";
     pub const SUPERVISOR_SOCKET: &str = "sup.sock";
     pub const MEMORY_FILE: &str = "memory";
+    /// passt's socket (the guest's network) and its log.
+    pub const NET_SOCKET: &str = "net.sock";
+    pub const NET_LOG: &str = "net.log";
+    pub const NET_PASTA_PID: &str = "pasta.pid";
     pub const DISK: &str = "disk.qcow2";
     /// Hard link to the image's root filesystem that backs `DISK`.
     pub const BASE_DISK: &str = "base.ext4";
@@ -71,6 +75,19 @@ pub mod files {
         QMP_SOCKET,
         AGENT_SOCKET,
         CONSOLE_SOCKET,
+        NET_SOCKET,
+        NET_PASTA_PID,
+        MEMORY_FILE,
+    ];
+
+    /// The runtime files the VMM and its network create (all of
+    /// [`RUNTIME`] but the supervisor's own socket).
+    pub const VMM_RUNTIME: &[&str] = &[
+        QMP_SOCKET,
+        AGENT_SOCKET,
+        CONSOLE_SOCKET,
+        NET_SOCKET,
+        NET_PASTA_PID,
         MEMORY_FILE,
     ];
 

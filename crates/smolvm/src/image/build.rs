@@ -169,10 +169,11 @@ fn build_image(
     };
     let name = recipe.name;
     let images = paths::images_dir();
-    std::fs::create_dir_all(&images).map_err(ImageError::io(format!(
+    crate::private::dir_all(&images).map_err(ImageError::io(format!(
         "cannot create {}",
         images.display()
     )))?;
+    let _ = crate::private::tighten(&paths::cache_dir(), crate::private::DIR_MODE);
     let _lock = ImageLock::acquire(&images, name, &mut || {
         rep.log(format!(
             "waiting for another smolvm process to finish building `{name}`"

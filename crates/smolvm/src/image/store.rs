@@ -199,6 +199,7 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
 /// Readers see either the old image or the new one, never a mix.
 pub(crate) fn install(staged: &Path, dest: &Path) -> Result<(), ImageError> {
     let err = || ImageError::io(format!("cannot move the new image into {}", dest.display()));
+    crate::private::tighten_tree(staged).map_err(err())?;
     if std::fs::symlink_metadata(dest).is_err() {
         return std::fs::rename(staged, dest).map_err(err());
     }

@@ -88,7 +88,7 @@ impl Sandbox {
             dir: vm_dir.clone(),
         };
         let made = async {
-            std::fs::create_dir_all(&vm_dir)
+            crate::private::dir_all(&vm_dir)
                 .map_err(|e| Error::io(format!("cannot create {}", vm_dir.display()), e))?;
             let disk = vm_dir.join(files::DISK);
             let size = config.disk_size_mib.map(|m| m * 1024 * 1024);
@@ -96,7 +96,12 @@ impl Sandbox {
             // new rootfs into the cache (files there are never edited in place).
             let base = vm_dir.join(files::BASE_DISK);
             let base = match std::fs::hard_link(&image.rootfs, &base) {
-                Ok(()) => base,
+                Ok(()) => {
+                    // Caches made before images were private: tighten the
+                    // (shared) inode.
+                    let _ = crate::private::tighten(&base, crate::private::FILE_MODE);
+                    base
+                }
                 Err(e) => {
                     tracing::debug!(vm = %id, "cannot hard-link the image rootfs ({e}); backing the disk by the cache path");
                     image.rootfs.clone()
@@ -563,10 +568,7 @@ impl Sandbox {
 }
 
 fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)
-        .map_err(|e| Error::io(format!("cannot write {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, path)
+    crate::private::write_atomic(path, bytes)
         .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
 }
 

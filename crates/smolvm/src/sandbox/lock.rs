@@ -26,14 +26,16 @@ impl VmLock {
         let path = crate::paths::lock_path(id);
         tokio::task::spawn_blocking(move || {
             if let Some(d) = path.parent() {
-                std::fs::create_dir_all(d)
+                crate::private::dir_all(d)
                     .map_err(|e| Error::io(format!("cannot create {}", d.display()), e))?;
             }
             let open = || {
+                use std::os::unix::fs::OpenOptionsExt as _;
                 std::fs::OpenOptions::new()
                     .create(true)
                     .truncate(false)
                     .write(true)
+                    .mode(crate::private::FILE_MODE)
                     .open(&path)
                     .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))
             };

@@ -141,7 +141,7 @@ impl Store {
 
     pub fn open_at(path: &Path) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+            crate::private::dir_all(dir).map_err(|source| StoreError::CreateDir {
                 path: dir.to_path_buf(),
                 source,
             })?;
@@ -150,6 +150,8 @@ impl Store {
             path: path.to_path_buf(),
             source,
         })?;
+        // SQLite gives its -wal and -shm files the database file's mode.
+        let _ = crate::private::tighten(path, crate::private::FILE_MODE);
         conn.busy_timeout(BUSY_TIMEOUT)?;
         // journal_mode returns a row; WAL persists in the file.
         let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;

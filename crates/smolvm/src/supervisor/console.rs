@@ -15,7 +15,7 @@ pub const MAX_CONSOLE_LOG: u64 = 4 * 1024 * 1024;
 pub async fn pump(mut stream: UnixStream, vm_dir: PathBuf) {
     let path = vm_dir.join(files::CONSOLE_LOG);
     let _ = std::fs::remove_file(vm_dir.join(files::CONSOLE_LOG_OLD));
-    let Ok(mut log) = std::fs::File::create(&path) else {
+    let Ok(mut log) = crate::private::create(&path) else {
         return;
     };
     let mut written = 0u64;
@@ -43,5 +43,5 @@ pub async fn pump(mut stream: UnixStream, vm_dir: PathBuf) {
 
 fn rotate(vm_dir: &Path, path: &Path) -> Option<std::fs::File> {
     std::fs::rename(path, vm_dir.join(files::CONSOLE_LOG_OLD)).ok()?;
-    std::fs::File::create(path).ok()
+    crate::private::create(path).ok()
 }

@@ -33,6 +33,9 @@ pub fn spawn(vm_dir: &Path) -> Result<(), SpawnError> {
     let out = Command::new(&bin)
         .arg("--vm-dir")
         .arg(vm_dir)
+        // Absolute roots: the supervisor works in the VM directory.
+        .env("SMOLVM_DATA_DIR", crate::paths::data_dir())
+        .env("SMOLVM_CACHE_DIR", crate::paths::cache_dir())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -59,6 +62,10 @@ fn die(msg: &str) -> ! {
 
 /// Entry point of the `smolvm-supervisor` binary.
 pub fn main_entry() -> ! {
+    // Everything this process and its children (the VMM) create — sockets,
+    // the guest RAM file, logs — is private to the owner.
+    // SAFETY: umask only sets this process's file-creation mask.
+    unsafe { libc::umask(crate::private::CHILD_UMASK) };
     let args: Vec<String> = std::env::args().collect();
     let vm_dir = match args.as_slice() {
         [_, flag, dir] if flag == "--vm-dir" => PathBuf::from(dir),
@@ -140,10 +147,7 @@ fn child(spec: LaunchSpec, vm_dir: PathBuf, ready: OwnedFd) -> ! {
 
 fn redirect_stdio(log: &Path) {
     let devnull = std::fs::File::open("/dev/null");
-    let logf = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log);
+    let logf = crate::private::append(log);
     use std::os::fd::AsRawFd;
     // SAFETY: dup2 onto the standard fds with valid open fds; the Files stay
     // alive until after the calls.

@@ -6,8 +6,16 @@ use std::path::Path;
 
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 
-/// Guest address plan of QEMU user networking.
-const GUEST_NET: &str = "smolvm.ip=10.0.2.15/24 smolvm.gw=10.0.2.2 smolvm.dns=10.0.2.3";
+/// QEMU's seccomp sandbox: no obsolete syscalls, no privilege changes, no
+/// fork/exec, no scheduler or affinity changes. (`spawn=deny` rules out
+/// `migrate exec:`; snapshots hand QEMU a file descriptor instead.)
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// A value inside a QEMU `-drive`/`-object` option list: commas are
+/// doubled so a path cannot add options of its own.
+pub fn opt_value(s: &str) -> String {
+    s.replace(',', ",,")
+}
 
 /// The host TSC frequency in kHz, for `tsc_early_khz=` (TCG guests hang in
 /// TSC calibration about 2 boots in 3 without it).
@@ -45,6 +53,11 @@ fn kernel_cmdline(accel: ResolvedAccel, extra: &str) -> String {
         if let Some(khz) = host_tsc_khz() {
             c.push_str(&format!(" tsc_early_khz={khz}"));
         }
+        // Under TCG the guest TSC follows the host clock. Without this, a
+        // guest booted under load has its clocksource watchdog demote the
+        // TSC to jiffies: a tick that never stops (~8 % of a host core per
+        // idle VM) and 4 ms clock resolution.
+        c.push_str(" tsc=reliable");
     }
     if !extra.is_empty() {
         c.push(' ');
@@ -57,17 +70,32 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// Launch paths must be UTF-8: QEMU takes them as text, and a lossy
+/// rendering would name another file.
+pub fn check_paths(spec: &LaunchSpec) -> Result<(), String> {
+    for p in [&spec.vm_dir, &spec.kernel, &spec.initramfs, &spec.disk] {
+        if p.to_str().is_none() {
+            return Err(format!(
+                "path {} is not valid UTF-8; QEMU cannot be given it",
+                p.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Arguments for booting `spec`. The VMM must run with `spec.vm_dir` as its
 /// working directory (sockets and logs are relative to it).
 pub fn launch_args(spec: &LaunchSpec) -> Vec<String> {
     let mem = format!("{}M", spec.memory_mib);
-    let mut extra = format!("smolvm.id={}", spec.id);
+    use smolvm_proto::cmdline as key;
+    let mut extra = format!("{}={}", key::ID, spec.id);
     if spec.network {
         extra.push(' ');
-        extra.push_str(GUEST_NET);
+        extra.push_str(&super::net::guest_cmdline());
     }
     if spec.grow_root {
-        extra.push_str(" smolvm.resize=1");
+        extra.push_str(&format!(" {}=1", key::RESIZE));
     }
     let mut a: Vec<String> = Vec::new();
     a.extend(machine(spec.accel));
@@ -85,6 +113,8 @@ pub fn launch_args(spec: &LaunchSpec) -> Vec<String> {
         "-no-user-config".into(),
         "-nographic".into(),
         "-no-reboot".into(),
+        "-sandbox".into(),
+        SANDBOX.into(),
         "-kernel".into(),
         s(&spec.kernel),
         "-initrd".into(),
@@ -106,7 +136,7 @@ pub fn launch_args(spec: &LaunchSpec) -> Vec<String> {
         "-drive".into(),
         format!(
             "id=root,file={},format=qcow2,if=none,discard=unmap",
-            s(&spec.disk)
+            opt_value(&s(&spec.disk))
         ),
         "-device".into(),
         "virtio-blk-device,drive=root".into(),
@@ -128,7 +158,10 @@ pub fn launch_args(spec: &LaunchSpec) -> Vec<String> {
     if spec.network {
         a.extend([
             "-netdev".into(),
-            "user,id=net0".into(),
+            format!(
+                "stream,id=net0,server=off,addr.type=unix,addr.path={}",
+                files::NET_SOCKET
+            ),
             "-device".into(),
             "virtio-net-device,netdev=net0".into(),
         ]);
@@ -175,7 +208,7 @@ pub fn probe_args(
         "-initrd".into(),
         s(initramfs),
         "-append".into(),
-        kernel_cmdline(accel, "smolvm.probe=1"),
+        kernel_cmdline(accel, &format!("{}=1", smolvm_proto::cmdline::PROBE)),
         "-chardev".into(),
         format!("file,id=con,path={}", s(console)),
         "-serial".into(),
@@ -213,12 +246,31 @@ mod tests {
         assert!(a.contains("smolvm.id=sbx-1"));
         assert!(a.contains("name=smolvm.agent"));
         assert!(a.contains("virtio-net-device"));
+        assert!(a.contains("-netdev stream,id=net0,server=off,addr.type=unix,addr.path=net.sock"));
+        assert!(!a.contains("user,id="), "never QEMU user networking (gateway = host loopback)");
+        assert!(a.contains(&format!("-sandbox {SANDBOX}")));
+        assert!(a.contains("tsc=reliable"));
         assert!(a.contains("-no-reboot"));
         assert!(a.contains(" -S "), "starts paused");
         assert!(a.contains("socket,id=con,path=console.sock"));
         if host_tsc_khz().is_some() {
             assert!(a.contains("tsc_early_khz="));
         }
+    }
+
+    #[test]
+    fn commas_in_paths_cannot_add_options() {
+        let mut sp = spec(ResolvedAccel::Tcg, false);
+        sp.disk = PathBuf::from("/d/x,file.locking=off,snapshot=on/disk.qcow2");
+        let a = launch_args(&sp);
+        let drive = a.iter().find(|x| x.starts_with("id=root,")).unwrap();
+        assert_eq!(
+            drive,
+            "id=root,file=/d/x,,file.locking=off,,snapshot=on/disk.qcow2,format=qcow2,if=none,discard=unmap"
+        );
+        use std::os::unix::ffi::OsStrExt;
+        sp.disk = PathBuf::from(std::ffi::OsStr::from_bytes(b"/d/\xff/disk"));
+        assert!(check_paths(&sp).is_err());
     }
 
     #[test]

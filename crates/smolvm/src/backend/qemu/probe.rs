@@ -72,7 +72,7 @@ fn cache_key(kernel: &Path) -> String {
 /// Boots the probe under KVM. `Ok(elapsed)` when the marker appeared.
 fn run_probe(kernel: &Path, initramfs: &Path) -> Result<Duration, String> {
     let dir = tempfile_dir().map_err(|e| format!("cannot create a probe directory: {e}"))?;
-    let console = dir.join("console.log");
+    let console = dir.path().join("console.log");
     let start = Instant::now();
     let mut child = Command::new(QEMU_BINARY)
         .args(probe_args(ResolvedAccel::Kvm, kernel, initramfs, &console))
@@ -124,18 +124,14 @@ fn run_probe(kernel: &Path, initramfs: &Path) -> Result<Duration, String> {
     };
     let _ = child.kill();
     let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
     result
 }
 
-fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
-    let d = std::env::temp_dir().join(format!(
-        "smolvm-probe-{}-{}",
-        std::process::id(),
-        crate::state::proc_start_time(std::process::id()).unwrap_or(0)
-    ));
-    std::fs::create_dir_all(&d)?;
-    Ok(d)
+/// A fresh directory with an unpredictable name, created `0700` by us
+/// (never one that already existed: another user could have planted it).
+fn tempfile_dir() -> std::io::Result<tempfile::TempDir> {
+    tempfile::Builder::new().prefix("smolvm-probe-").tempdir()
 }
 
 /// Resolves `requested` to the accelerator to use. `Kvm` and `Tcg` are
@@ -194,11 +190,8 @@ pub fn resolve_accel(requested: Accel, kernel: &Path, initramfs: &Path) -> Accel
         verdict: verdict.clone(),
     };
     if let Ok(bytes) = serde_json::to_vec_pretty(&record) {
-        let _ = std::fs::create_dir_all(crate::paths::cache_dir());
-        let tmp = cache.with_extension(format!("tmp.{}", std::process::id()));
-        if std::fs::write(&tmp, bytes).is_ok() {
-            let _ = std::fs::rename(&tmp, &cache);
-        }
+        let _ = crate::private::dir_all(&crate::paths::cache_dir());
+        let _ = crate::private::write_atomic(&cache, &bytes);
     }
     verdict
 }

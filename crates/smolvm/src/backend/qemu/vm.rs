@@ -1,7 +1,7 @@
 //! A running QEMU process and its QMP connection.
 
 use super::super::{files, LaunchSpec, Vmm, VmmExit};
-use super::{launch_args, Qmp, QmpError, QEMU_BINARY};
+use super::{check_paths, confine_child, launch_args, GuestNet, NetError, Qmp, QmpError, QEMU_BINARY};
 use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 use std::path::Path;
 use std::process::Stdio;
@@ -13,6 +13,12 @@ const QMP_DEADLINE: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
+    #[error(transparent)]
+    Missing(#[from] crate::hosttools::MissingTool),
+    #[error("invalid launch: {0}")]
+    Invalid(String),
+    #[error("cannot start the guest network")]
+    Net(#[from] NetError),
     #[error("cannot start {binary}")]
     Spawn {
         binary: String,
@@ -35,6 +41,8 @@ pub enum QemuError {
 
 pub struct QemuVm {
     child: Child,
+    /// The guest's network stack, when it has one; ends with the VM.
+    _net: Option<GuestNet>,
     pid: u32,
     qmp: Option<Qmp>,
     exit: Option<VmmExit>,
@@ -70,15 +78,20 @@ impl QemuVm {
     /// the thread that spawned it exits: `PR_SET_PDEATHSIG`).
     pub async fn launch(spec: &LaunchSpec) -> Result<QemuVm, QemuError> {
         let dir = &spec.vm_dir;
-        for f in [
-            files::QMP_SOCKET,
-            files::AGENT_SOCKET,
-            files::CONSOLE_SOCKET,
-        ] {
+        check_paths(spec).map_err(QemuError::Invalid)?;
+        // Nothing of an earlier run is reused: not its sockets, and above
+        // all not a RAM file an interrupted start left (QEMU would map the
+        // old guest memory).
+        for f in files::VMM_RUNTIME {
             let _ = std::fs::remove_file(dir.join(f));
         }
+        let net = if spec.network {
+            Some(GuestNet::start(dir)?)
+        } else {
+            None
+        };
         let log_path = dir.join(files::VMM_LOG);
-        let log = std::fs::File::create(&log_path).map_err(|source| QemuError::Log {
+        let log = crate::private::create(&log_path).map_err(|source| QemuError::Log {
             path: log_path.display().to_string(),
             source,
         })?;
@@ -86,12 +99,13 @@ impl QemuVm {
             path: log_path.display().to_string(),
             source,
         })?;
-        let mut cmd = std::process::Command::new(QEMU_BINARY);
+        let mut cmd = crate::hosttools::command(QEMU_BINARY)?;
         cmd.args(launch_args(spec))
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2));
+        confine_child(&mut cmd);
         // SAFETY: prctl is async-signal-safe and touches no memory of the
         // parent; it only sets this child's parent-death signal so the VMM
         // never outlives its supervisor.
@@ -138,6 +152,7 @@ impl QemuVm {
         };
         Ok(QemuVm {
             child,
+            _net: net,
             pid,
             qmp: Some(qmp),
             exit: None,
@@ -228,13 +243,18 @@ pub fn tail_console(path: &Path, lines: usize) -> String {
 /// Creates the VM's root disk: a qcow2 overlay backed by the image's ext4
 /// (the base is shared and never written). `size` grows the virtual disk.
 pub async fn create_overlay(base: &Path, disk: &Path, size: Option<u64>) -> Result<(), QemuError> {
-    let mut cmd = tokio::process::Command::new("qemu-img");
-    cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+    let mut std_cmd = crate::hosttools::command("qemu-img")?;
+    confine_child(&mut std_cmd);
+    // The backing file name after `-b` is a plain value (not an option
+    // list), so commas in it need no escaping.
+    std_cmd
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
         .arg(base)
         .arg(disk);
     if let Some(s) = size {
-        cmd.arg(s.to_string());
+        std_cmd.arg(s.to_string());
     }
+    let mut cmd = tokio::process::Command::from(std_cmd);
     let out = cmd
         .stdin(Stdio::null())
         .kill_on_drop(true)

@@ -1,0 +1,137 @@
+//! Everything smolvm writes is its owner's alone: directories `0700`, files
+//! `0600`. The library does not change the process umask (it may be
+//! embedded in a bigger program, e.g. Python); it creates with explicit
+//! modes instead, and tightens roots that an older smolvm created wider.
+//! Child processes that create files of ours (QEMU, qemu-img, passt) run
+//! with umask `077` (see `backend`).
+
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+pub const DIR_MODE: u32 = 0o700;
+pub const FILE_MODE: u32 = 0o600;
+
+/// Creates `path` and any missing parents with mode `0700`, and makes
+/// `path` itself `0700` when it already existed with a wider mode.
+pub fn dir_all(path: &Path) -> std::io::Result<()> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(path)?;
+    tighten(path, DIR_MODE)
+}
+
+/// Makes `path` no more permissive than `mode` (owner bits kept).
+pub fn tighten(path: &Path, mode: u32) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(path)?;
+    let cur = meta.permissions().mode() & 0o7777;
+    if cur & !mode != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(cur & mode))?;
+    }
+    Ok(())
+}
+
+/// Removes group and other access from `root` and everything under it
+/// (symlinks are not followed).
+pub fn tighten_tree(root: &Path) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(root)?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    tighten(root, 0o7700)?;
+    if meta.is_dir() {
+        for e in std::fs::read_dir(root)? {
+            tighten_tree(&e?.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Opens `path` for writing (created `0600`, truncated).
+pub fn create(path: &Path) -> std::io::Result<File> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(FILE_MODE)
+        .open(path)?;
+    // An existing file keeps its mode on open: tighten it.
+    f.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))?;
+    Ok(f)
+}
+
+/// Opens `path` for appending (created `0600`).
+pub fn append(path: &Path) -> std::io::Result<File> {
+    let f = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(FILE_MODE)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))?;
+    Ok(f)
+}
+
+/// Writes `bytes` to `path` atomically: a private temporary file in the
+/// same directory, synced, then renamed over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp.{}",
+        name.unwrap_or_default(),
+        std::process::id()
+    ));
+    let r = (|| {
+        let mut f = create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+/// The umask for child processes that create files of ours.
+pub const CHILD_UMASK: libc::mode_t = 0o077;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn creates_private_dirs_and_files() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("a/b/c");
+        dir_all(&d).unwrap();
+        assert_eq!(mode(&t.path().join("a")), 0o700);
+        assert_eq!(mode(&d), 0o700);
+        let f = d.join("f");
+        create(&f).unwrap();
+        assert_eq!(mode(&f), 0o600);
+        write_atomic(&d.join("g"), b"x").unwrap();
+        assert_eq!(mode(&d.join("g")), 0o600);
+        assert_eq!(std::fs::read(d.join("g")).unwrap(), b"x");
+    }
+
+    #[test]
+    fn tightens_what_exists() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("wide");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir_all(&d).unwrap();
+        assert_eq!(mode(&d), 0o700);
+        let f = d.join("f");
+        std::fs::write(&f, b"old").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        append(&f).unwrap();
+        assert_eq!(mode(&f), 0o600);
+    }
+}

@@ -1,0 +1,148 @@
+//! The small safe layer over the raw syscalls the host side needs (as
+//! crosvm's `base`): killing a process by its identity through a pidfd,
+//! the peer of a unix socket, namespaces for child processes. Everything
+//! `unsafe` about processes lives here.
+
+use crate::state::ProcessId;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt as _;
+
+/// Opens a pidfd for `p`, verifying it is still the same process (pid and
+/// start time) *after* the pidfd pins it, so a recycled pid is never
+/// signalled. `None` when it is gone.
+pub fn pidfd_of(p: ProcessId) -> Option<OwnedFd> {
+    let pid = libc::pid_t::try_from(p.pid).ok()?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    let fd = i32::try_from(fd).ok()?;
+    // SAFETY: the kernel just returned this fd; we own it alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // The pidfd refers to whatever process had `pid` when it was opened:
+    // check that this is still the one we mean.
+    p.is_alive().then_some(fd)
+}
+
+/// Sends `signal` to the process `p` (pid + start time). Returns false when
+/// it no longer exists (nothing was signalled).
+pub fn kill(p: ProcessId, signal: i32) -> bool {
+    let Some(fd) = pidfd_of(p) else {
+        return false;
+    };
+    // SAFETY: pidfd_send_signal on a pidfd we own, with no siginfo.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    r == 0
+}
+
+/// The uid of the process at the other end of a unix stream socket.
+pub fn peer_uid(sock: &impl AsRawFd) -> std::io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which we own.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// This process's effective uid.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// Makes the child started by `cmd` enter a new user namespace (mapping
+/// only `uid`/`gid`, as its root) and a new network namespace, before it
+/// runs its program. No root needed; as root it is the same (and the child
+/// still holds no capability outside its namespace).
+pub fn enter_private_netns(cmd: &mut std::process::Command, uid: u32, gid: u32) {
+    let uid_map = format!("0 {uid} 1");
+    let gid_map = format!("0 {gid} 1");
+    // SAFETY: after fork the child is single-threaded (unshare of a user
+    // namespace requires that); the hook only makes syscalls (unshare,
+    // open, write, close) on buffers formatted before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            write_proc(c"/proc/self/setgroups", b"deny")?;
+            write_proc(c"/proc/self/uid_map", uid_map.as_bytes())?;
+            write_proc(c"/proc/self/gid_map", gid_map.as_bytes())?;
+            Ok(())
+        });
+    }
+}
+
+/// open + write + close, for the pre-exec hook (no allocation).
+fn write_proc(path: &std::ffi::CStr, data: &[u8]) -> std::io::Result<()> {
+    // SAFETY: `path` is a valid C string; the fd is closed below.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `data` is valid for `data.len()` bytes; `fd` is open.
+    let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(fd) };
+    if usize::try_from(n).ok() == Some(data.len()) {
+        Ok(())
+    } else {
+        Err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kill_by_identity_spares_a_changed_start_time() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let me = ProcessId::of(child.id()).unwrap();
+        let wrong = ProcessId {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(!kill(wrong, libc::SIGKILL), "a different process is never signalled");
+        assert!(child.try_wait().unwrap().is_none());
+        assert!(kill(me, libc::SIGKILL));
+        let st = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(st.signal(), Some(libc::SIGKILL));
+        assert!(!kill(me, libc::SIGKILL), "gone");
+    }
+
+    #[test]
+    fn peer_of_a_socketpair_is_us() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(peer_uid(&a).unwrap(), euid());
+    }
+}
