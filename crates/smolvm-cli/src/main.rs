@@ -79,4 +79,14 @@ pub fn print_error(e: &anyhow::Error) {
         eprintln!("caused by: {}", show(&c));
         last = c;
     }
+    let tail = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<smolvm::Error>())
+        .and_then(|e| e.console_tail());
+    if let Some(t) = tail {
+        eprintln!("last guest console lines:");
+        for l in show(t).lines() {
+            eprintln!("  {l}");
+        }
+    }
 }

@@ -121,6 +121,9 @@ pub enum ErrorKind {
     Busy,
     Unsupported,
     Other,
+    /// Sent by the supervisor, never the agent: the agent cannot take
+    /// requests now (not ready yet, the VM is stopping or gone).
+    Unavailable,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,8 +8,9 @@
 use crate::{GuestHello, GuestMsg, HostMsg};
 use serde::{Deserialize, Serialize};
 
-/// Version of the client↔supervisor protocol.
-pub const SUPERVISOR_PROTOCOL_VERSION: u32 = 1;
+/// Version of the client↔supervisor protocol. 2: failures carry a kind
+/// ([`ControlError`]).
+pub const SUPERVISOR_PROTOCOL_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientMsg {
@@ -54,7 +55,62 @@ pub enum ControlResponse {
     Ok,
     Ready(ReadyInfo),
     Status(SupervisorStatus),
-    Error(String),
+    Error(ControlError),
+}
+
+/// Why a lifecycle request (or the supervisor's start) failed: a kind for
+/// code, a message for people, and the guest console's last lines apart
+/// from both (guest text: shown escaped, attached to boot errors).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlError {
+    pub kind: ControlErrorKind,
+    pub message: String,
+    pub console_tail: Option<String>,
+}
+
+impl ControlError {
+    pub fn new(kind: ControlErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            console_tail: None,
+        }
+    }
+
+    pub fn with_console(mut self, tail: Option<String>) -> Self {
+        self.console_tail = tail.filter(|t| !t.is_empty());
+        self
+    }
+}
+
+impl std::fmt::Display for ControlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The kinds of [`ControlError`]. New kinds are added at the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlErrorKind {
+    /// The guest agent did not answer within the boot timeout.
+    BootTimeout,
+    /// The VM can never become ready (the guest broke the protocol, its
+    /// channel failed).
+    BootFailed,
+    /// The VMM process exited or failed to start.
+    VmmExited,
+    /// The VMM did not answer its control socket in time (hung, or stopped
+    /// with SIGSTOP).
+    VmmUnresponsive,
+    /// The guest agent speaks another protocol version.
+    AgentIncompatible,
+    /// A host program the VM needs is missing.
+    HostToolMissing,
+    /// The request makes no sense in the VM's current run state.
+    InvalidState,
+    /// The supervisor is shutting down.
+    ShuttingDown,
+    Other,
 }
 
 /// Boot timings, host and guest side.
@@ -106,6 +162,13 @@ mod tests {
             let f: Frame<ClientMsg> = d.next_frame().unwrap().unwrap();
             assert_eq!(f, Frame::new(i as u32, m.clone()));
         }
+        let e = SupervisorMsg::Control(ControlResponse::Error(
+            ControlError::new(ControlErrorKind::BootTimeout, "late")
+                .with_console(Some("tail".into())),
+        ));
+        let mut d = Decoder::new();
+        d.push(&encode_frame(&Frame::new(3, e.clone())).unwrap());
+        assert_eq!(d.next_frame::<SupervisorMsg>().unwrap().unwrap().msg, e);
         let s = SupervisorMsg::Control(ControlResponse::Status(SupervisorStatus {
             state: VmRunState::Paused,
             vmm_pid: 42,

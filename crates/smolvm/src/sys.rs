@@ -44,6 +44,28 @@ pub fn kill(p: ProcessId, signal: i32) -> bool {
     r == 0
 }
 
+/// Waits until the process `p` has exited, at most `limit`; true when it
+/// is gone. Event-driven: a pidfd becomes readable when its process exits
+/// (no polling of /proc).
+pub async fn wait_exit(p: ProcessId, limit: std::time::Duration) -> bool {
+    let Some(fd) = pidfd_of(p) else {
+        return true;
+    };
+    // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, so it stays open
+    // and the same for the AsyncFd's whole life.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    };
+    let Ok(afd) = registered else {
+        return !p.is_alive();
+    };
+    match tokio::time::timeout(limit, afd.readable()).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(_)) => !p.is_alive(),
+        Err(_) => !p.is_alive(),
+    }
+}
+
 /// The uid of the process at the other end of a unix stream socket.
 pub fn peer_uid(sock: &impl AsRawFd) -> std::io::Result<u32> {
     let mut cred = libc::ucred {

@@ -144,13 +144,29 @@ impl VmFlags {
 
 /// Streams a running command's output to ours; returns the shell-style
 /// exit status (code, or 128+signal; 124 on timeout like `timeout(1)`).
-pub async fn stream_to_stdio(mut s: smolvm::supervisor::ExecStream) -> anyhow::Result<u8> {
-    use smolvm::supervisor::ExecEvent;
+///
+/// When the guest stops answering past the command's timeout (plus a
+/// grace period) this gives up on it host-side: the error says so, the VM
+/// is marked, and the status is 124 as for a timeout.
+pub async fn stream_to_stdio(
+    sbx: &smolvm::Sandbox,
+    mut s: smolvm::supervisor::ExecStream,
+) -> anyhow::Result<u8> {
+    use smolvm::supervisor::{ClientError, ExecEvent};
     use tokio::io::AsyncWriteExt;
     let mut out = tokio::io::stdout();
     let mut err = tokio::io::stderr();
     loop {
-        match s.next().await? {
+        let ev = match s.next().await {
+            Ok(ev) => ev,
+            Err(ClientError::GuestTimeout(after)) => {
+                let e = sbx.guest_unresponsive(after).await;
+                crate::print_error(&anyhow::Error::new(e));
+                return Ok(124);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match ev {
             None => anyhow::bail!("the command stream ended without an exit status"),
             Some(ExecEvent::Started { .. }) => {}
             Some(ExecEvent::Stdout(b)) => {
@@ -170,8 +186,8 @@ pub async fn stream_to_stdio(mut s: smolvm::supervisor::ExecStream) -> anyhow::R
                     return Ok(124);
                 }
                 return Ok(match (st.code, st.signal) {
-                    (Some(c), _) => (c & 0xff) as u8,
-                    (None, Some(sig)) => (128 + sig).clamp(0, 255) as u8,
+                    (Some(c), _) => c.to_le_bytes()[0],
+                    (None, Some(sig)) => u8::try_from(sig.saturating_add(128)).unwrap_or(255),
                     _ => 255,
                 });
             }

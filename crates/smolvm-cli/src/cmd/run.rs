@@ -48,7 +48,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<u8> {
                 sbx.start(boot_timeout).await?;
                 reporter.clear();
                 let stream = sbx.exec_stream(command, &opts).await?;
-                stream_to_stdio(stream).await
+                stream_to_stdio(&sbx, stream).await
             } => r,
             code = signals.recv() => {
                 reporter.clear();

@@ -308,7 +308,7 @@ pub async fn exec(a: ExecArgs) -> anyhow::Result<u8> {
     let opts = a.exec.options()?;
     let sbx = Sandbox::from_id(&a.id).await?;
     let stream = sbx.exec_stream(command, &opts).await?;
-    stream_to_stdio(stream).await
+    stream_to_stdio(&sbx, stream).await
 }
 
 pub async fn logs(a: LogsArgs) -> anyhow::Result<u8> {

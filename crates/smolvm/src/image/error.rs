@@ -79,6 +79,11 @@ pub enum ImageError {
 }
 
 impl ImageError {
+    /// True when the image does not exist (unknown name, or not built).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ImageError::UnknownImage { .. } | ImageError::NotBuilt { .. })
+    }
+
     /// Wraps an I/O error with a short description of what was attempted.
     pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageError {
         let context = context.into();

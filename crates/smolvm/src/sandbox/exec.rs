@@ -45,7 +45,7 @@ impl ExecOutput {
     pub fn shell_status(&self) -> i32 {
         match (self.exit_code, self.signal) {
             (Some(c), _) => c,
-            (None, Some(s)) => 128 + s,
+            (None, Some(s)) => s.saturating_add(128),
             _ => 255,
         }
     }
@@ -78,7 +78,7 @@ impl Sandbox {
             timeout_ms: opts.timeout.map(|t| t.as_millis() as u64),
             stdin: opts.stdin.is_some(),
         };
-        let stream = match client.exec(req).await {
+        let mut stream = match client.exec(req).await {
             Ok(s) => s,
             Err(source) => {
                 self.forget_client();
@@ -88,6 +88,9 @@ impl Sandbox {
                 });
             }
         };
+        if let Some(t) = opts.timeout {
+            stream.set_host_deadline(t.saturating_add(crate::supervisor::GUEST_GRACE));
+        }
         if let Some(data) = &opts.stdin {
             let id = self.id.clone();
             let w = async {
@@ -104,13 +107,21 @@ impl Sandbox {
         let mut stream = self.exec_stream(command, opts).await?;
         let mut out = ExecOutput::default();
         loop {
-            let ev = stream.next().await.map_err(|source| Error::Client {
-                id: self.id.clone(),
-                source,
-            })?;
+            let ev = match stream.next().await {
+                Ok(ev) => ev,
+                Err(crate::supervisor::ClientError::GuestTimeout(after)) => {
+                    return Err(self.guest_unresponsive(after).await)
+                }
+                Err(source) => {
+                    return Err(Error::Client {
+                        id: self.id.clone(),
+                        source,
+                    })
+                }
+            };
             match ev {
                 None => {
-                    return Err(Error::Vm {
+                    return Err(Error::AgentUnavailable {
                         id: self.id.clone(),
                         message: "the command stream ended early".into(),
                     })
@@ -126,12 +137,46 @@ impl Sandbox {
                     return Ok(out);
                 }
                 Some(ExecEvent::Failed(e)) => {
-                    return Err(Error::Exec {
-                        id: self.id.clone(),
-                        message: e.message,
+                    return Err(match e.kind {
+                        smolvm_proto::ErrorKind::Unavailable => Error::AgentUnavailable {
+                            id: self.id.clone(),
+                            message: e.message,
+                        },
+                        kind => Error::Exec {
+                            id: self.id.clone(),
+                            kind,
+                            message: e.message,
+                        },
                     })
                 }
             }
+        }
+    }
+
+    /// A command's host deadline passed: the VM is marked as needing
+    /// attention (its `last_error` says so; it stays `running`, since its
+    /// VMM lives) and the error says what to do.
+    pub async fn guest_unresponsive(&self, after: Duration) -> Error {
+        let note = format!(
+            "the guest stopped answering: a command was still running {:.1}s after it started, past its timeout",
+            after.as_secs_f64()
+        );
+        let id = self.id.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            super::record::store().and_then(|s| {
+                s.transition(&id, &[VmState::Running], VmState::Running, Some(&note))
+                    .map_err(Error::from)
+            })
+        })
+        .await;
+        Error::Timeout {
+            id: self.id.clone(),
+            what: "the command".into(),
+            after,
+            hint: format!(
+                "the guest is not answering (hung, or its VMM is stopped); `smolvm stop {0}` ends it (or `smolvm rm -f {0}`)",
+                self.id
+            ),
         }
     }
 

@@ -11,7 +11,9 @@ use crate::error::{chain, Error, Result};
 use crate::image::ImageEvent;
 use crate::state::{VmRecord, VmState};
 use crate::supervisor::SupervisorClient;
-use smolvm_proto::supervisor::{ControlRequest, ControlResponse, ReadyInfo, VmRunState};
+use smolvm_proto::supervisor::{
+    ControlError, ControlErrorKind, ControlRequest, ControlResponse, ReadyInfo, VmRunState,
+};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -109,9 +111,12 @@ impl Sandbox {
             };
             qemu::create_overlay(&base, &disk, size)
                 .await
-                .map_err(|e| Error::Vm {
-                    id: id.clone(),
-                    message: chain(&e),
+                .map_err(|e| match e {
+                    qemu::QemuError::Missing(m) => Error::Tool(m),
+                    e => Error::io(
+                        format!("cannot create the disk of VM '{id}'"),
+                        std::io::Error::other(chain(&e)),
+                    ),
                 })
         }
         .await;
@@ -258,8 +263,7 @@ impl Sandbox {
         self.forget_client();
         wait_supervisor_gone(rec.supervisor).await;
         if let Some(v) = rec.vmm.filter(|v| v.is_alive()) {
-            // SAFETY: kill(2) on a pid verified (with its start time) as this VM's VMM.
-            unsafe { libc::kill(v.pid as i32, libc::SIGKILL) };
+            crate::sys::kill(v, libc::SIGKILL);
         }
         let s = store()?;
         s.set_state(&self.id, rec.state, None)?;
@@ -350,9 +354,7 @@ impl Sandbox {
                 // The supervisor is wedged or gone: end this boot so it cannot
                 // come up later behind the error we return.
                 if let Some(sup) = current_supervisor(&self.id).filter(|p| p.is_alive()) {
-                    // SAFETY: kill(2) on a pid verified by start time; the
-                    // VMM dies with it (PDEATHSIG).
-                    unsafe { libc::kill(sup.pid as i32, libc::SIGKILL) };
+                    crate::sys::kill(sup, libc::SIGKILL);
                     wait_supervisor_gone(Some(sup)).await;
                 }
                 self.forget_client();
@@ -374,23 +376,28 @@ impl Sandbox {
                 Ok(())
             }
             other => {
-                let reason = match other {
+                let err = match other {
                     ControlResponse::Error(e) => e,
-                    o => format!("unexpected answer {o:?}"),
+                    o => ControlError::new(
+                        ControlErrorKind::BootFailed,
+                        format!("unexpected answer {o:?}"),
+                    ),
                 };
                 let sup = current_supervisor(&self.id);
                 let _ = client.control(ControlRequest::Kill).await;
                 self.forget_client();
                 wait_supervisor_gone(sup).await;
-                s.set_state(
-                    &self.id,
-                    prior,
-                    Some(reason.lines().next().unwrap_or("boot failed")),
-                )?;
+                s.set_state(&self.id, prior, Some(&err.message))?;
                 let _ = s.set_processes(&self.id, None, None, None);
-                Err(Error::Boot {
-                    id: self.id.clone(),
-                    reason,
+                // Whatever the supervisor said, this start failed to boot.
+                Err(match Error::from_control(&self.id, err) {
+                    Error::Control { id, error } => Error::Boot {
+                        id,
+                        reason: error.message,
+                        console: error.console_tail,
+                        timed_out: false,
+                    },
+                    e => e,
                 })
             }
         }
@@ -406,37 +413,49 @@ impl Sandbox {
             return self.end_interrupted_boot(&rec).await;
         }
         self.step("stopping");
-        let client = self.connect().await?;
-        let r = client
-            .control(ControlRequest::Stop {
-                timeout_ms: timeout.as_millis() as u64,
-            })
-            .await;
+        let r = match self.connect().await {
+            Ok(client) => {
+                client
+                    .control(ControlRequest::Stop {
+                        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                    })
+                    .await
+            }
+            Err(Error::Client { source, .. }) => Err(source),
+            Err(e) => return Err(e),
+        };
         self.forget_client();
+        let mut note = None;
         match r {
             Ok(ControlResponse::Ok) | Err(crate::supervisor::ClientError::Closed) => {}
-            Ok(ControlResponse::Error(e)) => {
-                return Err(Error::Vm {
-                    id: self.id.clone(),
-                    message: e,
-                })
-            }
+            Ok(ControlResponse::Error(e)) => return Err(Error::from_control(&self.id, e)),
             Ok(_) => {}
             Err(source) => {
-                return Err(Error::Client {
-                    id: self.id.clone(),
-                    source,
-                })
+                // The supervisor does not answer (hung, or stopped with
+                // SIGSTOP): a stop must still stop. Kill it and its VMM by
+                // identity; the disk keeps what the guest had flushed.
+                tracing::warn!(vm = %self.id, "supervisor not answering ({source}); killing it");
+                for p in [rec.supervisor, rec.vmm].into_iter().flatten() {
+                    crate::sys::kill(p, libc::SIGKILL);
+                }
+                note = Some(format!(
+                    "stopped by force: its supervisor did not answer ({source})"
+                ));
             }
         }
         wait_supervisor_gone(rec.supervisor).await;
+        if let Some(v) = rec.vmm {
+            crate::sys::wait_exit(v, Duration::from_secs(5)).await;
+        }
+        files::remove_runtime(&self.vm_dir);
         let s = store()?;
         s.transition(
             &self.id,
             &[VmState::Running, VmState::Paused],
             VmState::Stopped,
-            None,
+            note.as_deref(),
         )?;
+        let _ = s.set_processes(&self.id, None, None, None);
         Ok(())
     }
 
@@ -501,8 +520,7 @@ impl Sandbox {
             // Whatever is left of its processes goes too.
             for p in [rec.vmm, rec.supervisor].into_iter().flatten() {
                 if p.is_alive() {
-                    // SAFETY: kill(2) on a pid verified by start time.
-                    unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
+                    crate::sys::kill(p, libc::SIGKILL);
                 }
             }
         }
@@ -548,14 +566,11 @@ impl Sandbox {
         let c = self.connect().await?;
         match c.control(req).await {
             Ok(ControlResponse::Ok) => Ok(()),
-            Ok(ControlResponse::Error(e)) => Err(Error::Vm {
-                id: self.id.clone(),
-                message: e,
-            }),
-            Ok(o) => Err(Error::Vm {
-                id: self.id.clone(),
-                message: format!("unexpected answer {o:?}"),
-            }),
+            Ok(ControlResponse::Error(e)) => Err(Error::from_control(&self.id, e)),
+            Ok(o) => Err(Error::from_control(
+                &self.id,
+                ControlError::new(ControlErrorKind::Other, format!("unexpected answer {o:?}")),
+            )),
             Err(source) => {
                 self.forget_client();
                 Err(Error::Client {

@@ -109,8 +109,7 @@ pub(super) fn refreshed(id: &str) -> Result<VmRecord> {
     // Nothing may outlive a dead supervisor: the VMM dies with it (pdeathsig),
     // but make sure.
     if let Some(v) = rec.vmm.filter(|v| v.is_alive()) {
-        // SAFETY: kill(2) on a pid we verified (with its start time) is our VMM.
-        unsafe { libc::kill(v.pid as i32, libc::SIGKILL) };
+        crate::sys::kill(v, libc::SIGKILL);
     }
     // What a dead supervisor could not clean up.
     files::remove_runtime(&crate::paths::vm_dir(id));
@@ -154,12 +153,7 @@ pub(super) fn current_supervisor(id: &str) -> Option<ProcessId> {
 /// record on the way out) is gone, killing it after 15 s.
 pub(super) async fn wait_supervisor_gone(sup: Option<ProcessId>) {
     let Some(sup) = sup else { return };
-    let start = Instant::now();
-    while sup.is_alive() && start.elapsed() < Duration::from_secs(15) {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    if sup.is_alive() {
-        // SAFETY: kill(2) on a pid verified by start time.
-        unsafe { libc::kill(sup.pid as i32, libc::SIGKILL) };
+    if !crate::sys::wait_exit(sup, Duration::from_secs(15)).await {
+        crate::sys::kill(sup, libc::SIGKILL);
     }
 }

@@ -3,6 +3,7 @@
 
 use super::server::{frame, lock, SharedRef, VmCmd};
 use crate::state::{Store, VmState};
+use smolvm_proto::supervisor::{ControlError, ControlErrorKind};
 use smolvm_proto::supervisor::{ReadyInfo, SupervisorMsg, VmRunState};
 use smolvm_proto::{Decoder, Frame, GuestMsg, HostHello, HostMsg, PROTOCOL_VERSION};
 use std::time::Duration;
@@ -72,7 +73,7 @@ pub(super) async fn agent_reader(
                     {
                         let mut s = lock(&shared);
                         s.violation = Some(msg.clone());
-                        s.fatal = Some(msg);
+                        s.fatal = Some(ControlError::new(ControlErrorKind::BootFailed, msg));
                     }
                     let _ = ready_tx.send(());
                     let (t, _r) = oneshot::channel();
@@ -133,7 +134,7 @@ fn accept_hello(h: smolvm_proto::GuestHello, shared: &SharedRef) -> Option<Optio
             h.version, h.agent_version
         );
         log!("{msg}");
-        s.fatal = Some(msg);
+        s.fatal = Some(ControlError::new(ControlErrorKind::AgentIncompatible, msg));
     } else {
         let ready_ms = s.launched.elapsed().as_millis() as u64;
         log!("agent {} ready after {ready_ms} ms", h.agent_version);
@@ -244,7 +245,9 @@ mod tests {
         handle_guest_frame(hello(PROTOCOL_VERSION + 1), &s, &tx).await;
         let g = lock(&s);
         assert!(g.ready.is_none() && g.hello.is_none());
-        let fatal = g.fatal.clone().unwrap_or_default();
+        let fatal = g.fatal.clone().expect("fatal");
+        assert_eq!(fatal.kind, ControlErrorKind::AgentIncompatible);
+        let fatal = fatal.message;
         assert!(
             fatal.contains(&format!("protocol v{}", PROTOCOL_VERSION + 1))
                 && fatal.contains("smolvm image build"),

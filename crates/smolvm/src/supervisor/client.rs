@@ -33,12 +33,21 @@ pub enum ClientError {
     Agent(String),
     #[error("the supervisor did not answer within {0:?}")]
     Timeout(Duration),
+    /// A command with a timeout had not ended when its host-side deadline
+    /// (the timeout plus a grace period) passed: the guest stopped
+    /// answering (frozen, hung, or its VMM stopped).
+    #[error("the guest did not end the command within {:.1}s (its timeout plus {}s); the guest is not answering", .0.as_secs_f64(), GUEST_GRACE.as_secs())]
+    GuestTimeout(Duration),
 }
+
+/// How long past a command's own timeout the host waits for the guest to
+/// report it ended before giving up on the guest.
+pub const GUEST_GRACE: Duration = Duration::from_secs(5);
 
 /// How long a lifecycle request may take before the supervisor is deemed
 /// wedged (its own deadlines plus a margin).
 fn control_deadline(req: &ControlRequest) -> Duration {
-    let margin = Duration::from_secs(30);
+    let margin = Duration::from_secs(15);
     match req {
         ControlRequest::WaitReady { timeout_ms } | ControlRequest::Stop { timeout_ms } => {
             Duration::from_millis(*timeout_ms).saturating_add(margin)
@@ -245,6 +254,7 @@ impl SupervisorClient {
             stream: id,
             rx,
             done: false,
+            deadline: None,
         })
     }
 }
@@ -268,15 +278,36 @@ pub struct ExecStream {
     stream: u32,
     rx: mpsc::Receiver<SupervisorMsg>,
     done: bool,
+    /// Host-side deadline: (when, how long after the start).
+    deadline: Option<(tokio::time::Instant, Duration)>,
 }
 
 impl ExecStream {
+    /// Gives up on the guest (`ClientError::GuestTimeout`, and the
+    /// process is sent SIGKILL) when it has not ended `after` from now:
+    /// the guest enforces a command's timeout, this holds when the guest
+    /// cannot.
+    pub fn set_host_deadline(&mut self, after: Duration) {
+        self.deadline = Some((tokio::time::Instant::now() + after, after));
+    }
+
     /// The next event; `None` after `Exited`/`Failed`.
     pub async fn next(&mut self) -> Result<Option<ExecEvent>, ClientError> {
         if self.done {
             return Ok(None);
         }
-        let ev = match self.rx.recv().await {
+        let next = match self.deadline {
+            None => self.rx.recv().await,
+            Some((at, after)) => match tokio::time::timeout_at(at, self.rx.recv()).await {
+                Ok(m) => m,
+                Err(_) => {
+                    // Leaves `done` false: the drop sends SIGKILL, in case
+                    // the guest wakes up.
+                    return Err(ClientError::GuestTimeout(after));
+                }
+            },
+        };
+        let ev = match next {
             None => {
                 self.done = true;
                 return Err(ClientError::Closed);

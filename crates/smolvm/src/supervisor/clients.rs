@@ -6,8 +6,8 @@ use super::server::{frame, lock, SharedRef, VmCmd};
 use crate::backend::files;
 use crate::backend::qemu::tail_console;
 use smolvm_proto::supervisor::{
-    ClientMsg, ControlRequest, ControlResponse, SupervisorMsg, SupervisorStatus,
-    SUPERVISOR_PROTOCOL_VERSION,
+    ClientMsg, ControlError, ControlErrorKind, ControlRequest, ControlResponse, SupervisorMsg,
+    SupervisorStatus, SUPERVISOR_PROTOCOL_VERSION,
 };
 use smolvm_proto::{encode_frame, Decoder, ErrorInfo, ErrorKind, Frame, GuestMsg, HostMsg};
 use std::path::PathBuf;
@@ -43,6 +43,19 @@ pub(super) async fn accept_loop(
                 continue;
             }
         };
+        // Only our own user may drive the VM. The socket sits in a private
+        // directory already; this holds even if its mode is loosened.
+        match crate::sys::peer_uid(&stream) {
+            Ok(uid) if uid == crate::sys::euid() => {}
+            other => {
+                refused += 1;
+                if refused <= 10 || refused.is_multiple_of(1000) {
+                    log!("refusing a client of another user ({other:?})");
+                }
+                drop(stream);
+                continue;
+            }
+        }
         // Check and register under one lock: a burst cannot overshoot.
         let (tx, rx) = outbox();
         let client = {
@@ -212,11 +225,11 @@ async fn forward_to_agent(
     let global = {
         let mut s = lock(shared);
         if let Some(f) = &s.fatal {
-            return Err(ErrorInfo::new(ErrorKind::Other, f.clone()));
+            return Err(ErrorInfo::new(ErrorKind::Unavailable, f.message.clone()));
         }
         if s.hello.is_none() {
             return Err(ErrorInfo::new(
-                ErrorKind::Other,
+                ErrorKind::Unavailable,
                 "the guest agent is not ready yet",
             ));
         }
@@ -256,15 +269,21 @@ async fn control(
     mut ready_rx: watch::Receiver<()>,
     vm_dir: &std::path::Path,
 ) -> ControlResponse {
-    let vm_cmd = |make: fn(oneshot::Sender<Result<(), String>>) -> VmCmd| async move {
+    let exited = || {
+        ControlResponse::Error(ControlError::new(
+            ControlErrorKind::VmmExited,
+            "the VMM has exited",
+        ))
+    };
+    let vm_cmd = |make: fn(super::server::Reply) -> VmCmd| async move {
         let (t, r) = oneshot::channel();
         if vm_tx.send(make(t)).await.is_err() {
-            return ControlResponse::Error("the VMM has exited".into());
+            return exited();
         }
         match r.await {
             Ok(Ok(())) => ControlResponse::Ok,
             Ok(Err(e)) => ControlResponse::Error(e),
-            Err(_) => ControlResponse::Error("the VMM has exited".into()),
+            Err(_) => exited(),
         }
     };
     match req {
@@ -285,20 +304,36 @@ async fn control(
                         return ControlResponse::Ready(r.clone());
                     }
                     if let Some(f) = &s.fatal {
-                        return ControlResponse::Error(format!("{f}\n{}", console_tail(vm_dir)));
+                        let kind = match f.kind {
+                            // The VMM dying during the boot is a failed boot.
+                            ControlErrorKind::VmmExited => ControlErrorKind::BootFailed,
+                            k => k,
+                        };
+                        return ControlResponse::Error(
+                            ControlError::new(kind, f.message.clone())
+                                .with_console(console_tail(vm_dir)),
+                        );
                     }
                 }
                 match tokio::time::timeout_at(deadline, ready_rx.changed()).await {
                     Ok(Ok(())) => continue,
                     Ok(Err(_)) => {
-                        return ControlResponse::Error("the supervisor is shutting down".into())
+                        return ControlResponse::Error(ControlError::new(
+                            ControlErrorKind::ShuttingDown,
+                            "the supervisor is shutting down",
+                        ))
                     }
                     Err(_) => {
-                        return ControlResponse::Error(format!(
-                            "the guest agent did not answer within {:.1}s\n{}",
-                            timeout_ms as f64 / 1000.0,
-                            console_tail(vm_dir)
-                        ))
+                        return ControlResponse::Error(
+                            ControlError::new(
+                                ControlErrorKind::BootTimeout,
+                                format!(
+                                    "the guest agent did not answer within {:.1}s",
+                                    timeout_ms as f64 / 1000.0
+                                ),
+                            )
+                            .with_console(console_tail(vm_dir)),
+                        )
                     }
                 }
             }
@@ -319,11 +354,9 @@ async fn control(
     }
 }
 
-fn console_tail(vm_dir: &std::path::Path) -> String {
+/// The guest console's last lines (raw guest text: whoever shows it
+/// escapes it), `None` when the console is empty.
+fn console_tail(vm_dir: &std::path::Path) -> Option<String> {
     let t = tail_console(&vm_dir.join(files::CONSOLE_LOG), 15);
-    if t.is_empty() {
-        "the guest console is empty".to_string()
-    } else {
-        format!("last guest console lines:\n{t}")
-    }
+    (!t.is_empty()).then_some(t)
 }

@@ -22,8 +22,9 @@ pub enum SpawnError {
         #[source]
         source: std::io::Error,
     },
+    /// The supervisor started but could not launch the VM.
     #[error("{0}")]
-    Failed(String),
+    Failed(smolvm_proto::supervisor::ControlError),
 }
 
 /// Starts the supervisor for the VM whose `launch.json` is in `vm_dir`.
@@ -47,12 +48,19 @@ pub fn spawn(vm_dir: &Path) -> Result<(), SpawnError> {
     if out.status.success() {
         return Ok(());
     }
-    let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    Err(SpawnError::Failed(if msg.is_empty() {
-        format!("the supervisor exited with {}", out.status)
-    } else {
-        msg
-    }))
+    use smolvm_proto::supervisor::{ControlError, ControlErrorKind};
+    // The launcher prints the child's error as JSON (see `main_entry`);
+    // anything else is the launcher's own message.
+    let text = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let err = match serde_json::from_str::<ControlError>(&text) {
+        Ok(e) => e,
+        Err(_) if text.is_empty() => ControlError::new(
+            ControlErrorKind::Other,
+            format!("the supervisor exited with {}", out.status),
+        ),
+        Err(_) => ControlError::new(ControlErrorKind::Other, text),
+    };
+    Err(SpawnError::Failed(err))
 }
 
 fn die(msg: &str) -> ! {
@@ -105,6 +113,7 @@ pub fn main_entry() -> ! {
             if buf.first() == Some(&b'R') {
                 std::process::exit(0);
             }
+            // `E` + the error as JSON: passed through to `spawn`.
             let msg = String::from_utf8_lossy(buf.get(1..).unwrap_or_default())
                 .trim()
                 .to_string();
@@ -123,7 +132,7 @@ fn child(spec: LaunchSpec, vm_dir: PathBuf, ready: OwnedFd) -> ! {
     redirect_stdio(&vm_dir.join(files::SUPERVISOR_LOG));
     if let Err(e) = std::env::set_current_dir(&vm_dir) {
         let mut f = std::fs::File::from(ready);
-        let _ = write!(f, "E cannot enter {}: {e}", vm_dir.display());
+        let _ = write!(f, "E{}", start_error(format!("cannot enter {}: {e}", vm_dir.display())));
         std::process::exit(1);
     }
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -133,7 +142,7 @@ fn child(spec: LaunchSpec, vm_dir: PathBuf, ready: OwnedFd) -> ! {
         Ok(rt) => rt,
         Err(e) => {
             let mut f = std::fs::File::from(ready);
-            let _ = write!(f, "E cannot start the async runtime: {e}");
+            let _ = write!(f, "E{}", start_error(format!("cannot start the async runtime: {e}")));
             std::process::exit(1);
         }
     };
@@ -160,4 +169,9 @@ fn redirect_stdio(log: &Path) {
             libc::dup2(l.as_raw_fd(), 2);
         }
     }
+}
+
+fn start_error(msg: String) -> String {
+    use smolvm_proto::supervisor::{ControlError, ControlErrorKind};
+    serde_json::to_string(&ControlError::new(ControlErrorKind::Other, msg)).unwrap_or_default()
 }

@@ -5,7 +5,9 @@ use super::routes::{Routes, SUPERVISOR_CLIENT};
 use crate::backend::qemu::QemuVm;
 use crate::backend::{files, LaunchSpec, Vmm, VmmExit};
 use crate::state::{ProcessId, Store, VmState};
-use smolvm_proto::supervisor::{ReadyInfo, SupervisorMsg, VmRunState};
+use smolvm_proto::supervisor::{
+    ControlError, ControlErrorKind, ReadyInfo, SupervisorMsg, VmRunState,
+};
 use smolvm_proto::{encode_frame, ErrorInfo, ErrorKind, Frame, GuestHello, GuestMsg, HostMsg};
 use std::collections::HashMap;
 use std::io::Write;
@@ -18,11 +20,27 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// Frames queued towards the agent.
 const AGENT_QUEUE: usize = 256;
 
+pub(super) type Reply = oneshot::Sender<Result<(), ControlError>>;
+
 pub(super) enum VmCmd {
-    Pause(oneshot::Sender<Result<(), String>>),
-    Resume(oneshot::Sender<Result<(), String>>),
-    Stop(u64, oneshot::Sender<Result<(), String>>),
-    Kill(oneshot::Sender<Result<(), String>>),
+    Pause(Reply),
+    Resume(Reply),
+    Stop(u64, Reply),
+    Kill(Reply),
+}
+
+fn qemu_failure(what: &str, e: &crate::backend::qemu::QemuError) -> ControlError {
+    ControlError::new(
+        e.control_kind(),
+        format!("{what}: {}", crate::error::chain(e)),
+    )
+}
+
+/// Tells the process that spawned us why the start failed (the first byte
+/// `E`, then the error as JSON; see `daemon::spawn`).
+fn fail_start(ready: &mut std::fs::File, e: ControlError) {
+    let json = serde_json::to_string(&e).unwrap_or_else(|_| "{}".into());
+    let _ = write!(ready, "E{json}");
 }
 
 pub(super) struct Shared {
@@ -33,7 +51,7 @@ pub(super) struct Shared {
     pub(super) hello: Option<GuestHello>,
     pub(super) ready: Option<ReadyInfo>,
     /// Set when the VM can never become ready (VMM gone, bad agent).
-    pub(super) fatal: Option<String>,
+    pub(super) fatal: Option<ControlError>,
     /// Set when the guest broke the protocol; the VM is killed and recorded
     /// as `error` with this reason.
     pub(super) violation: Option<String>,
@@ -84,11 +102,11 @@ pub async fn serve(spec: LaunchSpec, vm_dir: PathBuf, mut ready: std::fs::File) 
     let listener = match super::bind_in_dir(&vm_dir, files::SUPERVISOR_SOCKET) {
         Ok(l) => l,
         Err(e) => {
-            let _ = write!(
-                ready,
-                "E cannot listen on {}: {e}",
+            let msg = format!(
+                "cannot listen on {}: {e}",
                 vm_dir.join(files::SUPERVISOR_SOCKET).display()
             );
+            fail_start(&mut ready, ControlError::new(ControlErrorKind::Other, msg));
             return 1;
         }
     };
@@ -97,7 +115,7 @@ pub async fn serve(spec: LaunchSpec, vm_dir: PathBuf, mut ready: std::fs::File) 
         Ok(vm) => vm,
         Err(e) => {
             log!("launch failed: {e}");
-            let _ = write!(ready, "E {}", crate::error::chain(&e));
+            fail_start(&mut ready, qemu_failure("the VMM failed to start", &e));
             cleanup(&vm_dir);
             return 1;
         }
@@ -116,7 +134,13 @@ pub async fn serve(spec: LaunchSpec, vm_dir: PathBuf, mut ready: std::fs::File) 
         Ok(s) => s,
         Err(e) => {
             vm.kill();
-            let _ = write!(ready, "E cannot connect to the agent channel: {e}");
+            fail_start(
+                &mut ready,
+                ControlError::new(
+                    ControlErrorKind::BootFailed,
+                    format!("cannot connect to the agent channel: {e}"),
+                ),
+            );
             cleanup(&vm_dir);
             return 1;
         }
@@ -132,11 +156,7 @@ pub async fn serve(spec: LaunchSpec, vm_dir: PathBuf, mut ready: std::fs::File) 
     // connected.
     if let Err(e) = vm.resume().await {
         vm.kill();
-        let _ = write!(
-            ready,
-            "E cannot start the vCPUs: {}",
-            crate::error::chain(&e)
-        );
+        fail_start(&mut ready, qemu_failure("cannot start the vCPUs", &e));
         cleanup(&vm_dir);
         return 1;
     }
@@ -195,7 +215,7 @@ async fn vm_loop(
     agent_tx: &mpsc::Sender<Vec<u8>>,
 ) -> (VmmExit, bool) {
     let mut stop_requested = false;
-    let mut stop_replies: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
+    let mut stop_replies: Vec<Reply> = Vec::new();
     loop {
         tokio::select! {
             exit = vm.wait() => {
@@ -206,14 +226,14 @@ async fn vm_loop(
             }
             Some(cmd) = rx.recv() => match cmd {
                 VmCmd::Pause(reply) => {
-                    let r = vm.pause().await.map_err(|e| crate::error::chain(&e));
+                    let r = vm.pause().await.map_err(|e| qemu_failure("cannot pause", &e));
                     if r.is_ok() {
                         lock(shared).run_state = VmRunState::Paused;
                     }
                     let _ = reply.send(r);
                 }
                 VmCmd::Resume(reply) => {
-                    let r = vm.resume().await.map_err(|e| crate::error::chain(&e));
+                    let r = vm.resume().await.map_err(|e| qemu_failure("cannot resume", &e));
                     if r.is_ok() {
                         let mut s = lock(shared);
                         s.run_state = if s.hello.is_some() { VmRunState::Running } else { VmRunState::Booting };
@@ -238,14 +258,16 @@ async fn vm_loop(
                         (paused, s.hello.is_some())
                     };
                     stop_replies.push(reply);
+                    // Each step is bounded by the one deadline: a hung or
+                    // stopped VMM (SIGSTOP) must not keep us from the kill.
                     if paused {
                         // A clean shutdown needs running vCPUs (the guest
                         // flushes its caches to the disk).
-                        let _ = vm.resume().await;
+                        let _ = tokio::time::timeout_at(deadline, vm.resume()).await;
                     }
                     if !agent_up {
                         // Nothing in the guest can act on a shutdown request.
-                        let _ = vm.quit().await;
+                        let _ = tokio::time::timeout_at(deadline, vm.quit()).await;
                     } else {
                         let global = lock(shared).routes.open(SUPERVISOR_CLIENT, 1).ok();
                         if let Some(buf) = global.and_then(|g| frame(g, HostMsg::Shutdown)) {
@@ -310,7 +332,10 @@ async fn finish(
             (VmState::Error, Some(why))
         };
         if s.fatal.is_none() {
-            s.fatal = Some(outcome.1.clone().unwrap_or_else(|| "VM stopped".into()));
+            s.fatal = Some(ControlError::new(
+                ControlErrorKind::VmmExited,
+                outcome.1.clone().unwrap_or_else(|| "the VM stopped".into()),
+            ));
         }
         (
             s.id.clone(),
@@ -326,8 +351,8 @@ async fn finish(
             if let Some(buf) = frame(
                 route.stream,
                 SupervisorMsg::Agent(GuestMsg::Error(ErrorInfo::new(
-                    ErrorKind::Other,
-                    format!("VM stopped: {exit}"),
+                    ErrorKind::Unavailable,
+                    format!("the VM stopped: {exit}"),
                 ))),
             ) {
                 let _ = tx.send_now(buf);

@@ -84,15 +84,68 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// libtest options that take a value as the next argument (which is then
+/// no filter).
+const VALUE_OPTIONS: &[&str] = &["--format", "--logfile", "--test-threads", "--color", "-Z"];
+
+/// The name filters in argv (libtest's options and their values left out).
 pub fn filter() -> Vec<String> {
-    std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect()
+    let mut out = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if VALUE_OPTIONS.contains(&a.as_str()) {
+            args.next();
+        } else if !a.starts_with('-') {
+            out.push(a);
+        }
+    }
+    out
 }
 
+/// Whether case `name` runs: every case without filters; with `--exact`
+/// (as nextest runs one test) only a case named exactly like a filter,
+/// else a case whose name contains one.
 pub fn selected(name: &str, filters: &[String]) -> bool {
-    filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
+    let exact = std::env::args().any(|a| a == "--exact");
+    filters.is_empty()
+        || filters
+            .iter()
+            .any(|f| if exact { name == f } else { name.contains(f.as_str()) })
+}
+
+/// The names of `cases`, for [`list_if_asked`].
+pub fn case_names<'n, T>(cases: &[(&'n str, CaseFn<T>)]) -> Vec<&'n str> {
+    cases.iter().map(|(n, _)| *n).collect()
+}
+
+/// `BINARY --list [--format terse] [--ignored] [FILTER...]`, what cargo and
+/// nextest ask a test binary: prints each selected case as `NAME: test`
+/// (libtest's count line after them unless `--format terse`) and exits 0,
+/// before anything is booted. `--ignored` lists none: no case is ignored.
+/// Returns when argv has no `--list`. Call it first in `main`.
+pub fn list_if_asked(names: &[&str]) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--list") {
+        return;
+    }
+    let ignored = args.iter().any(|a| a == "--ignored");
+    let terse = args
+        .windows(2)
+        .any(|w| w[0] == "--format" && w[1] == "terse")
+        || args.iter().any(|a| a == "--format=terse");
+    let filters = filter();
+    let mut n = 0;
+    if !ignored {
+        for name in names.iter().filter(|name| selected(name, &filters)) {
+            println!("{name}: test");
+            n += 1;
+        }
+    }
+    if !terse {
+        println!();
+        println!("{n} tests, 0 benchmarks");
+    }
+    std::process::exit(0);
 }
 
 /// Runs, in order, the `cases` that `filters` select, each on `fixture` and

@@ -10,7 +10,9 @@ use tokio::net::UnixStream;
 
 /// Longest QMP line we accept.
 const MAX_LINE: usize = 1024 * 1024;
-const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Lifecycle commands (stop, cont, quit, query-status) answer at once; a VMM
+/// that takes longer is hung or stopped (SIGSTOP).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
@@ -91,8 +93,8 @@ impl Qmp {
         }
         let mut bytes = serde_json::to_vec(&msg).map_err(|e| QmpError::Protocol(e.to_string()))?;
         bytes.push(b'\n');
-        self.writer.write_all(&bytes).await?;
         let fut = async {
+            self.writer.write_all(&bytes).await?;
             loop {
                 let m = self.read_message().await?;
                 if m.get("event").is_some() {

@@ -35,6 +35,8 @@ pub enum QemuError {
     EarlyExit { exit: String, stderr: String },
     #[error("QEMU did not open its control socket within {0:?}")]
     QmpTimeout(Duration),
+    #[error("QEMU stopped answering its control socket (hung or stopped)")]
+    Unresponsive,
     #[error(transparent)]
     Qmp(#[from] QmpError),
 }
@@ -160,7 +162,21 @@ impl QemuVm {
     }
 
     fn qmp(&mut self) -> Result<&mut Qmp, QemuError> {
-        self.qmp.as_mut().ok_or(QemuError::Qmp(QmpError::Closed))
+        self.qmp.as_mut().ok_or(QemuError::Unresponsive)
+    }
+
+    /// Runs a QMP command. After a command timed out the connection is
+    /// out of step (a late reply would answer the next command), so it is
+    /// dropped: the VMM counts as unresponsive from then on.
+    async fn command(&mut self, cmd: &str) -> Result<(), QemuError> {
+        match self.qmp()?.execute(cmd, None).await {
+            Ok(_) => Ok(()),
+            Err(QmpError::Timeout(_)) => {
+                self.qmp = None;
+                Err(QemuError::Unresponsive)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The QMP run status ("running", "paused", ...).
@@ -177,21 +193,19 @@ impl Vmm for QemuVm {
     }
 
     async fn pause(&mut self) -> Result<(), QemuError> {
-        self.qmp()?.execute("stop", None).await?;
-        Ok(())
+        self.command("stop").await
     }
 
     async fn resume(&mut self) -> Result<(), QemuError> {
-        self.qmp()?.execute("cont", None).await?;
-        Ok(())
+        self.command("cont").await
     }
 
     async fn quit(&mut self) -> Result<(), QemuError> {
-        let r = self.qmp()?.execute("quit", None).await;
+        let r = self.command("quit").await;
         self.qmp = None;
         match r {
-            Ok(_) | Err(QmpError::Closed) => Ok(()),
-            Err(e) => Err(e.into()),
+            Ok(()) | Err(QemuError::Qmp(QmpError::Closed)) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
@@ -272,4 +286,19 @@ pub async fn create_overlay(base: &Path, disk: &Path, size: Option<u64>) -> Resu
         });
     }
     Ok(())
+}
+
+impl QemuError {
+    /// The kind a client sees for this failure.
+    pub fn control_kind(&self) -> smolvm_proto::supervisor::ControlErrorKind {
+        use smolvm_proto::supervisor::ControlErrorKind as K;
+        match self {
+            QemuError::Missing(_) | QemuError::Net(NetError::Missing(_)) => K::HostToolMissing,
+            QemuError::EarlyExit { .. } | QemuError::Qmp(QmpError::Closed) => K::VmmExited,
+            QemuError::Unresponsive | QemuError::QmpTimeout(_) | QemuError::Qmp(QmpError::Timeout(_)) => {
+                K::VmmUnresponsive
+            }
+            _ => K::Other,
+        }
+    }
 }
