@@ -69,6 +69,8 @@ pub enum ConfigError {
     BadMemory(u32),
     #[error("{0} vCPUs is out of range; use {MIN_CPUS}-{MAX_CPUS}")]
     BadCpus(u32),
+    #[error("disk size {0} MiB is out of range; use at most {MAX_DISK_MIB} MiB (16 TiB)")]
+    BadDiskSize(u64),
     #[error("disk size {size} MiB is smaller than the image '{image}' ({min} MiB)")]
     DiskTooSmall { size: u64, min: u64, image: String },
     #[error("unknown accelerator {0:?}; use auto, kvm or tcg")]
@@ -145,9 +147,16 @@ impl SandboxConfig {
         if !(MIN_CPUS..=MAX_CPUS).contains(&self.cpus) {
             return Err(ConfigError::BadCpus(self.cpus));
         }
+        if let Some(d) = self.disk_size_mib.filter(|d| *d > MAX_DISK_MIB) {
+            return Err(ConfigError::BadDiskSize(d));
+        }
         Ok(())
     }
 }
+
+/// Largest root disk (`--disk-size`), in MiB: 16 TiB, far inside what the
+/// byte arithmetic and qcow2 can hold.
+pub const MAX_DISK_MIB: u64 = 16 * 1024 * 1024;
 
 /// `^[a-z0-9][a-z0-9_-]{0,62}$`
 pub fn validate_name(name: &str) -> Result<(), ConfigError> {
@@ -178,6 +187,17 @@ pub fn parse_env(s: &str) -> Result<(String, String), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_size_is_bounded() {
+        let mut c = SandboxConfig {
+            disk_size_mib: Some(u64::MAX / 1024),
+            ..SandboxConfig::default()
+        };
+        assert_eq!(c.validate(), Err(ConfigError::BadDiskSize(u64::MAX / 1024)));
+        c.disk_size_mib = Some(MAX_DISK_MIB);
+        assert_eq!(c.validate(), Ok(()));
+    }
 
     #[test]
     fn names() {

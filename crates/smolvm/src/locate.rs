@@ -24,19 +24,45 @@ pub enum LocateError {
     SupervisorNotFound { searched: String },
 }
 
+/// Where companion binaries may be: the running executable's own
+/// directory, and — only inside a cargo target directory — the profile
+/// directory above `deps/` (tests run from `target/<profile>/deps`) and the
+/// target directory (where `<triple>/<profile>/` holds the agent). Never
+/// arbitrary parents: from `/tmp/x/smolvm` that would run a planted
+/// `/tmp/smolvm-supervisor`.
 fn exe_dirs() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
-    if let Ok(exe) = std::env::current_exe() {
-        let mut d = exe.parent().map(Path::to_path_buf);
-        // exe dir, then up to two parents (target/debug/deps -> target/debug -> target).
-        for _ in 0..3 {
-            if let Some(dir) = d {
-                dirs.push(dir.clone());
-                d = dir.parent().map(Path::to_path_buf);
-            }
+    let Some(exe_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    else {
+        return dirs;
+    };
+    dirs.push(exe_dir.clone());
+    let mut profile = Some(exe_dir.as_path());
+    if exe_dir.file_name().is_some_and(|n| n == "deps") {
+        profile = exe_dir.parent();
+        if let Some(p) = profile {
+            dirs.push(p.to_path_buf());
+        }
+    }
+    if let Some(target) = profile.and_then(Path::parent) {
+        if target.join("CACHEDIR.TAG").is_file() {
+            dirs.push(target.to_path_buf());
         }
     }
     dirs
+}
+
+/// A companion binary is only run when it is ours: owned by us or root and
+/// writable by nobody else (a file another user can replace would run as us).
+fn trustworthy(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(p) else {
+        return false;
+    };
+    let owner_ok = m.uid() == crate::sys::euid() || m.uid() == 0;
+    m.is_file() && owner_ok && m.mode() & 0o022 == 0
 }
 
 fn path_dirs() -> Vec<PathBuf> {
@@ -96,7 +122,7 @@ pub fn agent_binary() -> Result<PathBuf, LocateError> {
         candidates.push(dir.join("smolvm-agent"));
     }
     for c in &candidates {
-        if c.is_file() && is_static_elf(c) {
+        if trustworthy(c) && is_static_elf(c) {
             return Ok(c.clone());
         }
     }
@@ -117,7 +143,7 @@ pub fn supervisor_binary() -> Result<PathBuf, LocateError> {
     candidates.extend(path_dirs().into_iter().map(|d| d.join("smolvm-supervisor")));
     candidates
         .iter()
-        .find(|c| c.is_file())
+        .find(|c| trustworthy(c))
         .cloned()
         .ok_or_else(|| LocateError::SupervisorNotFound {
             searched: join(&candidates),

@@ -93,7 +93,8 @@ impl Sandbox {
             crate::private::dir_all(&vm_dir)
                 .map_err(|e| Error::io(format!("cannot create {}", vm_dir.display()), e))?;
             let disk = vm_dir.join(files::DISK);
-            let size = config.disk_size_mib.map(|m| m * 1024 * 1024);
+            // Bounded by `validate` (MAX_DISK_MIB): cannot overflow.
+            let size = config.disk_size_mib.map(|m| m.saturating_mul(1024 * 1024));
             // Pin the base: a hard link survives an image rebuild swapping a
             // new rootfs into the cache (files there are never edited in place).
             let base = vm_dir.join(files::BASE_DISK);
@@ -319,9 +320,14 @@ impl Sandbox {
                 )
             })?;
         if let Err(source) = spawned {
-            let e = Error::Supervisor {
-                id: self.id.clone(),
-                source,
+            let e = match source {
+                // The supervisor ran and says why the VM did not start
+                // (its VMM died, a host tool is missing): that, typed.
+                crate::supervisor::SpawnError::Failed(c) => Error::from_control(&self.id, c),
+                source => Error::Supervisor {
+                    id: self.id.clone(),
+                    source,
+                },
             };
             s.set_state(&self.id, prior, Some(&chain(&e)))?;
             return Err(e);
@@ -615,6 +621,9 @@ impl Drop for UndoCreate {
             if let Ok(s) = store() {
                 let _ = s.delete(&id);
             }
+            // Still held by the failed create (dropped after this): unlink
+            // it as `delete` does, so no lock file outlives the VM.
+            let _ = std::fs::remove_file(crate::paths::lock_path(&id));
         }
     }
 }

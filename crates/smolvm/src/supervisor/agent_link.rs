@@ -201,7 +201,9 @@ pub(super) async fn handle_guest_frame(
         if let Some(buf) = frame(route.stream, SupervisorMsg::Agent(f.msg)) {
             // Back-pressure: a slow client slows the guest's output; a
             // stalled one is cut off (see `outbox`).
-            if !tx.send(buf).await {
+            // Logged once per client: frames for a client that is gone are
+            // dropped silently (a chatty guest must not grow our log).
+            if tx.send(buf).await == super::outbox::Sent::CutOff {
                 log!(
                     "client {} stalled with a full queue; disconnected",
                     route.client

@@ -54,29 +54,47 @@ pub fn outbox() -> (Outbox, OutboxRx) {
     )
 }
 
+/// What became of a frame given to [`Outbox::send`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    Queued,
+    /// The client was already gone or cut off (nothing new to report).
+    Gone,
+    /// This send found the client stalled past the limit and cut it off.
+    CutOff,
+}
+
 impl Outbox {
-    /// Queues a frame, waiting while the client is over its budget. Returns
-    /// false when the client is gone or was cut off for stalling.
-    pub async fn send(&self, buf: Vec<u8>) -> bool {
+    /// Queues a frame, waiting while the client is over its budget.
+    pub async fn send(&self, buf: Vec<u8>) -> Sent {
         let n = buf.len();
         let mut last = self.inner.written.load(Ordering::Acquire);
         let mut since = tokio::time::Instant::now();
         loop {
             if self.inner.kicked.load(Ordering::Acquire) || self.tx.is_closed() {
-                return false;
+                return Sent::Gone;
             }
             let queued = self.inner.queued.load(Ordering::Acquire);
             if queued == 0 || queued + n <= CLIENT_BUDGET {
                 self.inner.queued.fetch_add(n, Ordering::AcqRel);
-                return self.tx.send(buf).is_ok();
+                return if self.tx.send(buf).is_ok() {
+                    Sent::Queued
+                } else {
+                    Sent::Gone
+                };
             }
             let written = self.inner.written.load(Ordering::Acquire);
             if written != last {
                 last = written;
                 since = tokio::time::Instant::now();
             } else if since.elapsed() > STALL_LIMIT {
-                self.kick();
-                return false;
+                // Only the send that cuts the client off reports it.
+                return if self.inner.kicked.swap(true, Ordering::AcqRel) {
+                    Sent::Gone
+                } else {
+                    self.inner.kick.notify_one();
+                    Sent::CutOff
+                };
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -133,7 +151,7 @@ mod tests {
         let (tx, mut rx) = outbox();
         let chunk = vec![0u8; 1024 * 1024];
         for _ in 0..16 {
-            assert!(tx.send(chunk.clone()).await);
+            assert_eq!(tx.send(chunk.clone()).await, Sent::Queued);
         }
         // Slow but alive: a reader draining one frame a second keeps it on.
         let slow = tokio::spawn(async move {
@@ -145,21 +163,23 @@ mod tests {
             rx
         });
         for _ in 0..20 {
-            assert!(tx.send(chunk.clone()).await, "a slow reader is not cut off");
+            assert_eq!(tx.send(chunk.clone()).await, Sent::Queued, "a slow reader is not cut off");
         }
         let _rx = slow.await.unwrap();
         // Stalled: nothing drains any more.
         let t = tokio::time::Instant::now();
-        let mut ok = true;
+        let mut last = Sent::Queued;
         for _ in 0..64 {
-            ok = tx.send(chunk.clone()).await;
-            if !ok {
+            last = tx.send(chunk.clone()).await;
+            if last != Sent::Queued {
                 break;
             }
         }
-        assert!(!ok, "a stalled reader is cut off");
+        assert_eq!(last, Sent::CutOff, "a stalled reader is cut off");
         assert!(t.elapsed() >= STALL_LIMIT);
         tx.kicked().await;
         assert!(!tx.send_now(vec![1]));
+        // Later frames for it are dropped without another report.
+        assert_eq!(tx.send(chunk.clone()).await, Sent::Gone);
     }
 }
