@@ -78,6 +78,7 @@ check mkfs.ext4 e2fsprogs mkfs.ext4 -V
 check unshare util-linux unshare --version
 check newuidmap uidmap test -x "$(command -v newuidmap || echo /nonexistent)"
 check passt passt passt --version
+check pasta passt pasta --version
 check ssh openssh-client ssh -V
 if [ $fail -ne 0 ]; then
     echo "setup-host: host set-up is incomplete (see above)" >&2

@@ -269,9 +269,16 @@ mod tests {
     fn control_errors_become_their_own_variants() {
         let boot = Error::from_control(
             "v",
-            ControlError::new(ControlErrorKind::BootTimeout, "slow").with_console(Some("tail".into())),
+            ControlError::new(ControlErrorKind::BootTimeout, "slow")
+                .with_console(Some("tail".into())),
         );
-        assert!(matches!(boot, Error::Boot { timed_out: true, .. }));
+        assert!(matches!(
+            boot,
+            Error::Boot {
+                timed_out: true,
+                ..
+            }
+        ));
         assert_eq!(boot.kind(), ErrorKind::BootFailed);
         assert_eq!(boot.console_tail(), Some("tail"));
         let died = Error::from_control("v", ControlError::new(ControlErrorKind::VmmExited, "x"));

@@ -37,6 +37,11 @@ pub const TOOLS: &[HostTool] = &[
         purpose: "the guest's network (user-mode, no access to the host's loopback)",
     },
     HostTool {
+        name: "pasta",
+        package: "passt",
+        purpose: "links the guest network's private namespace to the host",
+    },
+    HostTool {
         name: "mmdebstrap",
         package: "mmdebstrap",
         purpose: "builds the Debian root filesystem and fetches the kernel",

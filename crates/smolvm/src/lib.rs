@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod doctor;
 pub mod error;
 pub mod hosttools;
 pub mod image;

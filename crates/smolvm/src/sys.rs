@@ -153,7 +153,10 @@ mod tests {
             start_time: me.start_time + 1,
             ..me
         };
-        assert!(!kill(wrong, libc::SIGKILL), "a different process is never signalled");
+        assert!(
+            !kill(wrong, libc::SIGKILL),
+            "a different process is never signalled"
+        );
         assert!(child.try_wait().unwrap().is_none());
         assert!(kill(me, libc::SIGKILL));
         let st = child.wait().unwrap();

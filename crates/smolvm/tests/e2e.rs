@@ -287,11 +287,33 @@ async fn boot_timeout_shows_console(_: &Sandbox) -> Result<(), String> {
     let r = vm.start(Duration::from_millis(300)).await;
     let state = vm.status().await.map_err(|e| e.to_string())?;
     let dir = vm.vm_dir().to_path_buf();
+    let console =
+        std::fs::read_to_string(dir.join(smolvm::backend::files::CONSOLE_LOG)).unwrap_or_default();
     vm.delete().await.map_err(|e| e.to_string())?;
-    match r {
-        Err(Error::Boot { reason, .. }) => {
+    match &r {
+        Err(
+            e @ Error::Boot {
+                reason,
+                timed_out,
+                console: tail,
+                ..
+            },
+        ) => {
             check!(reason.contains("did not answer within"), "reason: {reason}");
-            check!(reason.contains("console"), "reason: {reason}");
+            check!(*timed_out, "a timeout is reported as one");
+            check_eq!(e.kind(), smolvm::error::ErrorKind::BootFailed);
+            // The console's last lines travel apart from the message.
+            check!(!reason.contains("console"), "reason: {reason}");
+            match tail {
+                Some(t) => check!(
+                    t.lines().all(|l| console.contains(l.trim())),
+                    "tail {t:?} is not from the console"
+                ),
+                None => check!(
+                    console.trim().is_empty(),
+                    "console not attached: {console:?}"
+                ),
+            }
         }
         other => return Err(format!("expected a boot timeout, got {other:?}")),
     }

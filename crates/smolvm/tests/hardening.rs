@@ -66,7 +66,11 @@ impl Out {
     }
 }
 
-async fn output(prog: impl AsRef<std::ffi::OsStr>, args: &[&str], limit: Duration) -> Result<Out, String> {
+async fn output(
+    prog: impl AsRef<std::ffi::OsStr>,
+    args: &[&str],
+    limit: Duration,
+) -> Result<Out, String> {
     let prog = prog.as_ref().to_owned();
     let what = format!("{} {}", prog.to_string_lossy(), args.join(" "));
     let what: String = what.chars().take(200).collect();
@@ -120,7 +124,10 @@ fn proc_status(pid: u32, key: &str) -> Result<String, String> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
     s.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")).map(|v| v.trim().to_string()))
+        .find_map(|l| {
+            l.strip_prefix(&format!("{key}:"))
+                .map(|v| v.trim().to_string())
+        })
         .ok_or_else(|| format!("/proc/{pid}/status has no {key}"))
 }
 
@@ -150,7 +157,8 @@ fn children_of(parent: u32) -> Vec<(u32, String)> {
 }
 
 fn ns_of(pid: u32, ns: &str) -> Result<PathBuf, String> {
-    std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).map_err(|e| format!("/proc/{pid}/ns/{ns}: {e}"))
+    std::fs::read_link(format!("/proc/{pid}/ns/{ns}"))
+        .map_err(|e| format!("/proc/{pid}/ns/{ns}: {e}"))
 }
 
 /// Restores the modes it changed when dropped (also when a check fails).
@@ -261,7 +269,13 @@ async fn probe(nobody: bool, ops: &[String]) -> Result<HashMap<String, String>, 
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let o = output(prog, &argv, Duration::from_secs(60)).await?;
     let text = o.text();
-    check!(o.code == Some(0), "probe exited {:?}: {}\n{}", o.code, o.stderr, text);
+    check!(
+        o.code == Some(0),
+        "probe exited {:?}: {}\n{}",
+        o.code,
+        o.stderr,
+        text
+    );
     let mut lines = text.lines();
     let first = lines.next().unwrap_or("");
     let want_uid = if nobody { NOBODY } else { 0 };
@@ -281,7 +295,10 @@ async fn probe(nobody: bool, ops: &[String]) -> Result<HashMap<String, String>, 
     for op in ops {
         let mut it = op.split('|');
         let key = format!("{} {}", it.next().unwrap_or(""), it.next().unwrap_or(""));
-        check!(res.contains_key(&key), "probe gave no result for {key}: {text}");
+        check!(
+            res.contains_key(&key),
+            "probe gave no result for {key}: {text}"
+        );
     }
     Ok(res)
 }
@@ -317,7 +334,12 @@ struct Shared {
 
 /// Entries under `root` (relative) with their problems: group/other bits,
 /// another owner, a symlink (nothing is skipped).
-fn walk(root: &Path, p: &Path, seen: &mut Vec<(String, std::fs::Metadata)>, bad: &mut Vec<String>) -> Result<(), String> {
+fn walk(
+    root: &Path,
+    p: &Path,
+    seen: &mut Vec<(String, std::fs::Metadata)>,
+    bad: &mut Vec<String>,
+) -> Result<(), String> {
     let meta = std::fs::symlink_metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
     let rel = p
         .strip_prefix(root)
@@ -327,7 +349,10 @@ fn walk(root: &Path, p: &Path, seen: &mut Vec<(String, std::fs::Metadata)>, bad:
     let mode = meta.permissions().mode() & 0o7777;
     let ft = meta.file_type();
     if ft.is_symlink() {
-        bad.push(format!("{rel}: a symlink (-> {:?})", std::fs::read_link(p).ok()));
+        bad.push(format!(
+            "{rel}: a symlink (-> {:?})",
+            std::fs::read_link(p).ok()
+        ));
     } else if mode & 0o077 != 0 {
         bad.push(format!("{rel}: mode {mode:04o} ({ft:?})"));
     }
@@ -351,21 +376,31 @@ async fn files_are_private(s: &Shared) -> Result<(), String> {
     let mut seen = Vec::new();
     let mut bad = Vec::new();
     walk(&root, &root, &mut seen, &mut bad)?;
-    check!(bad.is_empty(), "not private ({} of {} entries): {bad:#?}", bad.len(), seen.len());
+    check!(
+        bad.is_empty(),
+        "not private ({} of {} entries): {bad:#?}",
+        bad.len(),
+        seen.len()
+    );
     let vm = format!("vms/{}", s.vm.id());
     let find = |name: &str| seen.iter().find(|(r, _)| r == name).map(|(_, m)| m);
     for d in ["locks".to_string(), "vms".into(), vm.clone()] {
         let m = find(&d).ok_or_else(|| format!("no directory {d} under the data dir"))?;
         check!(m.is_dir(), "{d} is not a directory");
     }
-    for f in ["smolvm.db".to_string()]
-        .into_iter()
-        .chain(["memory", "disk.qcow2", "console.log", "vmm.log", "net.log"].map(|f| format!("{vm}/{f}")))
-    {
+    for f in ["smolvm.db".to_string()].into_iter().chain(
+        ["memory", "disk.qcow2", "console.log", "vmm.log", "net.log"].map(|f| format!("{vm}/{f}")),
+    ) {
         let m = find(&f).ok_or_else(|| format!("no file {f} under the data dir"))?;
         check!(m.is_file(), "{f} is not a regular file");
     }
-    for f in ["agent.sock", "qmp.sock", "console.sock", "net.sock", "sup.sock"] {
+    for f in [
+        "agent.sock",
+        "qmp.sock",
+        "console.sock",
+        "net.sock",
+        "sup.sock",
+    ] {
         let f = format!("{vm}/{f}");
         let m = find(&f).ok_or_else(|| format!("no socket {f} under the data dir"))?;
         check!(m.file_type().is_socket(), "{f} is not a socket");
@@ -384,7 +419,10 @@ async fn other_user_locked_out(s: &Shared) -> Result<(), String> {
         dir.join("console.log"),
         root.join("smolvm.db"),
     ];
-    let mut ops: Vec<String> = secrets.iter().map(|p| format!("read|{}", p.display())).collect();
+    let mut ops: Vec<String> = secrets
+        .iter()
+        .map(|p| format!("read|{}", p.display()))
+        .collect();
     ops.push(format!("connect|{}", sock.display()));
     ops.push(format!("connect|{}", dir.join("agent.sock").display()));
     ops.push(format!("connect|{}", dir.join("qmp.sock").display()));
@@ -420,7 +458,10 @@ async fn other_user_locked_out(s: &Shared) -> Result<(), String> {
     );
     for (k, v) in &r {
         if !k.starts_with("stat ") {
-            check!(v.starts_with("ERR-"), "with the directories opened, uid {NOBODY} could {k}: {v}");
+            check!(
+                v.starts_with("ERR-"),
+                "with the directories opened, uid {NOBODY} could {k}: {v}"
+            );
         }
     }
     drop(modes);
@@ -438,7 +479,10 @@ async fn supervisor_refuses_other_uid(s: &Shared) -> Result<(), String> {
     let r = probe(false, std::slice::from_ref(&op)).await?;
     let mine = result(&r, "hello", &sock).to_string();
     let parts: Vec<&str> = mine.split(' ').collect();
-    check!(parts.first() == Some(&"CONNECTED") && parts.len() == 4, "control: {mine}");
+    check!(
+        parts.first() == Some(&"CONNECTED") && parts.len() == 4,
+        "control: {mine}"
+    );
     let mut dec = Decoder::new();
     dec.push(&unhex(parts[3]));
     match dec.next_frame::<SupervisorMsg>() {
@@ -447,7 +491,11 @@ async fn supervisor_refuses_other_uid(s: &Shared) -> Result<(), String> {
             "control: first frame is not the hello: {:?}",
             f.msg
         ),
-        other => return Err(format!("control: no hello frame from the supervisor ({other:?}; {mine})")),
+        other => {
+            return Err(format!(
+                "control: no hello frame from the supervisor ({other:?}; {mine})"
+            ))
+        }
     }
 
     let log = dir.join("supervisor.log");
@@ -466,7 +514,10 @@ async fn supervisor_refuses_other_uid(s: &Shared) -> Result<(), String> {
     let parts: Vec<&str> = theirs.split(' ').collect();
     // Connected (the mode let it), then closed without a byte, well before
     // the supervisor's 10 s hello timeout.
-    check!(parts.first() == Some(&"CONNECTED"), "uid {NOBODY} could not even connect to the loosened socket: {theirs}");
+    check!(
+        parts.first() == Some(&"CONNECTED"),
+        "uid {NOBODY} could not even connect to the loosened socket: {theirs}"
+    );
     check!(
         parts.get(3) == Some(&"-"),
         "the supervisor sent uid {NOBODY} {} bytes: {theirs}",
@@ -475,14 +526,24 @@ async fn supervisor_refuses_other_uid(s: &Shared) -> Result<(), String> {
     check!(
         matches!(
             parts.get(1),
-            Some(&"EOF") | Some(&"ERR-ECONNRESET") | Some(&"SENDERR-EPIPE") | Some(&"SENDERR-ECONNRESET")
+            Some(&"EOF")
+                | Some(&"ERR-ECONNRESET")
+                | Some(&"SENDERR-EPIPE")
+                | Some(&"SENDERR-ECONNRESET")
         ),
         "connection of uid {NOBODY} not closed by the supervisor: {theirs}"
     );
-    check!(t.elapsed() < Duration::from_secs(8), "took {:?}", t.elapsed());
+    check!(
+        t.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        t.elapsed()
+    );
     let logged = std::fs::read(&log).map_err(|e| format!("{}: {e}", log.display()))?;
     let new = String::from_utf8_lossy(&logged[log_before.min(logged.len())..]).to_string();
-    check!(new.contains("another user"), "supervisor.log says nothing of the refusal: {new:?}");
+    check!(
+        new.contains("another user"),
+        "supervisor.log says nothing of the refusal: {new:?}"
+    );
     // The supervisor still serves us.
     let o = sh(&s.vm, "echo alive").await?;
     check_eq!(o.stdout, b"alive\n".to_vec());
@@ -496,23 +557,54 @@ async fn vmm_confined(s: &Shared) -> Result<(), String> {
     check_eq!(proc_status(vmm, "Seccomp")?, "2");
     check_eq!(proc_status(vmm, "NoNewPrivs")?, "1");
     let kids = children_of(sup);
-    check!(kids.iter().any(|(p, _)| *p == vmm), "QEMU {vmm} is not a child of the supervisor {sup}: {kids:?}");
+    check!(
+        kids.iter().any(|(p, _)| *p == vmm),
+        "QEMU {vmm} is not a child of the supervisor {sup}: {kids:?}"
+    );
+    // Both run the same binary (comm `passt.avx2` for both here): tell
+    // them apart by argv[0].
+    let argv0 = |pid: u32| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .ok()
+            .and_then(|b| {
+                b.split(|&c| c == 0)
+                    .next()
+                    .map(|a| String::from_utf8_lossy(a).to_string())
+            })
+            .map(|a| a.rsplit('/').next().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
     let find = |name: &str| {
-        let found: Vec<u32> = kids.iter().filter(|(_, c)| c.starts_with(name)).map(|(p, _)| *p).collect();
+        let found: Vec<u32> = kids
+            .iter()
+            .map(|(p, _)| *p)
+            .filter(|p| argv0(*p).starts_with(name))
+            .collect();
         match found.as_slice() {
             [p] => Ok(*p),
-            _ => Err(format!("want one {name} child of the supervisor {sup}, found {found:?} among {kids:?}")),
+            _ => Err(format!(
+                "want one {name} child of the supervisor {sup}, found {found:?} among {kids:?}"
+            )),
         }
     };
     let passt = find("passt")?;
     let pasta = find("pasta")?;
     for (name, pid) in [("passt", passt), ("pasta", pasta)] {
-        check!(proc_status(pid, "NoNewPrivs")? == "1", "{name} ({pid}) runs without no_new_privs");
+        check!(
+            proc_status(pid, "NoNewPrivs")? == "1",
+            "{name} ({pid}) runs without no_new_privs"
+        );
     }
     // passt has a network (and user) namespace of its own; pasta sits in
     // the supervisor's, linking the two.
-    check!(ns_of(passt, "net")? != ns_of(sup, "net")?, "passt shares the host's network namespace");
-    check!(ns_of(passt, "user")? != ns_of(sup, "user")?, "passt shares the host's user namespace");
+    check!(
+        ns_of(passt, "net")? != ns_of(sup, "net")?,
+        "passt shares the host's network namespace"
+    );
+    check!(
+        ns_of(passt, "user")? != ns_of(sup, "user")?,
+        "passt shares the host's user namespace"
+    );
     check_eq!(ns_of(pasta, "net")?, ns_of(sup, "net")?);
     Ok(())
 }
@@ -531,12 +623,20 @@ async fn logs_escape_guest_text(s: &Shared) -> Result<(), String> {
         if b.windows(8).any(|w| w == b"HARDEN-B") {
             break;
         }
-        check!(t.elapsed() < Duration::from_secs(30), "the marker never reached console.log");
+        check!(
+            t.elapsed() < Duration::from_secs(30),
+            "the marker never reached console.log"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let cli = cli_bin()?;
     let o = output(&cli, &["logs", s.vm.id()], Duration::from_secs(60)).await?;
-    check!(o.code == Some(0), "smolvm logs: exit {:?}: {}", o.code, o.stderr);
+    check!(
+        o.code == Some(0),
+        "smolvm logs: exit {:?}: {}",
+        o.code,
+        o.stderr
+    );
     let out = &o.stdout;
     let controls: Vec<(usize, u8)> = out
         .iter()
@@ -545,19 +645,33 @@ async fn logs_escape_guest_text(s: &Shared) -> Result<(), String> {
         .map(|(i, &b)| (i, b))
         .take(10)
         .collect();
-    check!(controls.is_empty(), "smolvm logs printed control bytes (offset, byte): {controls:?}");
+    check!(
+        controls.is_empty(),
+        "smolvm logs printed control bytes (offset, byte): {controls:?}"
+    );
     let text = String::from_utf8_lossy(out);
-    let c1: Vec<char> = text.chars().filter(|c| ('\u{80}'..='\u{9f}').contains(c)).take(10).collect();
+    let c1: Vec<char> = text
+        .chars()
+        .filter(|c| ('\u{80}'..='\u{9f}').contains(c))
+        .take(10)
+        .collect();
     check!(c1.is_empty(), "smolvm logs printed C1 controls: {c1:?}");
     let want = r"HARDEN-A\x1b]52;c;cHduZWQ=\x07\x1b[2J";
     check!(
         text.contains(want),
         "escaped sequence missing from `smolvm logs`: {:?}",
-        text.lines().filter(|l| l.contains("HARDEN")).collect::<Vec<_>>()
+        text.lines()
+            .filter(|l| l.contains("HARDEN"))
+            .collect::<Vec<_>>()
     );
     check!(text.contains("HARDEN-B"), "marker B missing");
     let o = output(&cli, &["logs", "--raw", s.vm.id()], Duration::from_secs(60)).await?;
-    check!(o.code == Some(0), "smolvm logs --raw: exit {:?}: {}", o.code, o.stderr);
+    check!(
+        o.code == Some(0),
+        "smolvm logs --raw: exit {:?}: {}",
+        o.code,
+        o.stderr
+    );
     let raw_want: &[u8] = b"HARDEN-A\x1b]52;c;cHduZWQ=\x07\x1b[2J\x9bHARDEN-B";
     check!(
         o.stdout.windows(raw_want.len()).any(|w| w == raw_want),
@@ -633,10 +747,12 @@ tcp = tcp[:16] + struct.pack("!H", csum(ph + tcp)) + tcp[18:]
 ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, 6, 0, src, d)
 ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800)); s.bind(("eth0", 0))
-s.settimeout(0.5)
-for i in range(3): s.send(gwmac + mymac + b"\x08\x00" + ip + tcp)
-end = time.time() + 3; got = "none"
+s.settimeout(0.2)
+# The same SYN once a second (a slow host may lose the first), up to 8 s.
+t0 = time.time(); end = t0 + 8; got = "none"; sent = 0
 while time.time() < end:
+    if time.time() >= t0 + sent:
+        s.send(gwmac + mymac + b"\x08\x00" + ip + tcp); sent += 1
     try: f = s.recv(2000)
     except socket.timeout: continue
     if f[12:14] == b"\x08\x00" and f[23] == 6 and f[26:30] == d:
@@ -645,14 +761,16 @@ while time.time() < end:
         flags = f[14 + ihl + 13]
         got = "synack" if flags & 0x12 == 0x12 else ("rst" if flags & 0x04 else "flags=0x%02x" % flags)
         break
-print("RAW", tag, got, flush=True)
+print("RAW", tag, got, "after %.2fs, %d SYNs" % (time.time() - t0, sent), flush=True)
 "#;
 
 fn b64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for c in data.chunks(3) {
-        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
         for i in 0..4 {
             if i <= c.len() {
                 out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
@@ -687,8 +805,16 @@ impl NetLab {
             outside: format!("smx-{pid}"),
             servers: Vec::new(),
             made_etc_netns: !etc_netns.exists(),
-            data: Some(tempfile::Builder::new().prefix("smolvm-net-").tempdir().map_err(|e| e.to_string())?),
-            logs: tempfile::Builder::new().prefix("smolvm-netlog-").tempdir().map_err(|e| e.to_string())?,
+            data: Some(
+                tempfile::Builder::new()
+                    .prefix("smolvm-net-")
+                    .tempdir()
+                    .map_err(|e| e.to_string())?,
+            ),
+            logs: tempfile::Builder::new()
+                .prefix("smolvm-netlog-")
+                .tempdir()
+                .map_err(|e| e.to_string())?,
         };
         let (h, x) = (lab.host.clone(), lab.outside.clone());
         let (vh, vx) = (format!("vh-{pid}"), format!("vx-{pid}"));
@@ -696,18 +822,51 @@ impl NetLab {
         must("ip", &["netns", "add", &x])?;
         // The veth pair is made inside the host namespace: nothing touches
         // this machine's own network.
-        must("ip", &["-n", &h, "link", "add", &vh, "type", "veth", "peer", "name", &vx, "netns", &x])?;
-        must("ip", &["-n", &h, "addr", "add", &format!("{HOST_ADDR}/24"), "dev", &vh])?;
-        must("ip", &["-n", &x, "addr", "add", &format!("{OUTSIDE_ADDR}/24"), "dev", &vx])?;
+        must(
+            "ip",
+            &[
+                "-n", &h, "link", "add", &vh, "type", "veth", "peer", "name", &vx, "netns", &x,
+            ],
+        )?;
+        must(
+            "ip",
+            &[
+                "-n",
+                &h,
+                "addr",
+                "add",
+                &format!("{HOST_ADDR}/24"),
+                "dev",
+                &vh,
+            ],
+        )?;
+        must(
+            "ip",
+            &[
+                "-n",
+                &x,
+                "addr",
+                "add",
+                &format!("{OUTSIDE_ADDR}/24"),
+                "dev",
+                &vx,
+            ],
+        )?;
         for (ns, dev) in [(&h, &vh), (&x, &vx)] {
             must("ip", &["-n", ns, "link", "set", "lo", "up"])?;
             must("ip", &["-n", ns, "link", "set", dev, "up"])?;
         }
-        must("ip", &["-n", &h, "route", "add", "default", "via", OUTSIDE_ADDR])?;
+        must(
+            "ip",
+            &["-n", &h, "route", "add", "default", "via", OUTSIDE_ADDR],
+        )?;
         // The host namespace's resolver is in the outside namespace too.
         std::fs::create_dir_all(&lab.etc).map_err(|e| format!("{}: {e}", lab.etc.display()))?;
-        std::fs::write(lab.etc.join("resolv.conf"), format!("nameserver {OUTSIDE_ADDR}\n"))
-            .map_err(|e| e.to_string())?;
+        std::fs::write(
+            lab.etc.join("resolv.conf"),
+            format!("nameserver {OUTSIDE_ADDR}\n"),
+        )
+        .map_err(|e| e.to_string())?;
         Ok(lab)
     }
 
@@ -734,7 +893,9 @@ impl NetLab {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        let mut child = c.spawn().map_err(|e| format!("cannot start a server: {e}"))?;
+        let mut child = c
+            .spawn()
+            .map_err(|e| format!("cannot start a server: {e}"))?;
         let stdout = child.stdout.take();
         self.servers.push(child);
         let (tx, rx) = std::sync::mpsc::channel();
@@ -803,7 +964,23 @@ impl Drop for NetLab {
 }
 
 async fn in_ns_curl(ns: &str, url: &str) -> Result<Out, String> {
-    output("ip", &["netns", "exec", ns, "curl", "-s", "--noproxy", "*", "-m", "3", url], Duration::from_secs(20)).await
+    output(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            ns,
+            "curl",
+            "-s",
+            "--noproxy",
+            "*",
+            "-m",
+            "3",
+            url,
+        ],
+        Duration::from_secs(20),
+    )
+    .await
 }
 
 async fn guest_network_no_host_loopback() -> Result<(), String> {
@@ -821,13 +998,31 @@ async fn guest_network_no_host_loopback() -> Result<(), String> {
 
     // Controls: the topology works as meant.
     let o = in_ns_curl(&h, &format!("http://127.0.0.1:{SECRET_PORT}/")).await?;
-    check!(o.text() == "BODY-secret", "control: the host's loopback server: {:?} {}", o.code, o.text());
+    check!(
+        o.text() == "BODY-secret",
+        "control: the host's loopback server: {:?} {}",
+        o.code,
+        o.text()
+    );
     let o = in_ns_curl(&x, &format!("http://{HOST_ADDR}:{ANY_PORT}/")).await?;
-    check!(o.text() == "BODY-any", "control: the host's 0.0.0.0 server from outside: {:?} {}", o.code, o.text());
+    check!(
+        o.text() == "BODY-any",
+        "control: the host's 0.0.0.0 server from outside: {:?} {}",
+        o.code,
+        o.text()
+    );
     let o = in_ns_curl(&x, &format!("http://{HOST_ADDR}:{SECRET_PORT}/")).await?;
-    check!(o.code != Some(0), "control: the loopback server answers from outside");
+    check!(
+        o.code != Some(0),
+        "control: the loopback server answers from outside"
+    );
     let o = in_ns_curl(&h, &format!("http://{OUTSIDE_ADDR}:{OUTSIDE_PORT}/")).await?;
-    check!(o.text() == "BODY-outside", "control: the outside server: {:?} {}", o.code, o.text());
+    check!(
+        o.text() == "BODY-outside",
+        "control: the outside server: {:?} {}",
+        o.code,
+        o.text()
+    );
     let host_before = lab.accepts(&h).len();
     let outside_before = lab.accepts(&x).len();
 
@@ -839,13 +1034,25 @@ async fn guest_network_no_host_loopback() -> Result<(), String> {
         ("self-secret", format!("http://{HOST_ADDR}:{SECRET_PORT}/")),
         ("self-any", format!("http://{HOST_ADDR}:{ANY_PORT}/")),
         // The host's gateway, which pasta must not map to the host's loopback.
-        ("hostgw-secret", format!("http://{OUTSIDE_ADDR}:{SECRET_PORT}/")),
+        (
+            "hostgw-secret",
+            format!("http://{OUTSIDE_ADDR}:{SECRET_PORT}/"),
+        ),
     ];
-    let mut script = String::from("ip -4 addr show dev eth0 | grep -q 'inet 10.0.2.15/24' && echo ADDR ok\n");
-    for (n, u) in must_fail.iter().chain([("outside", format!("http://{OUTSIDE_ADDR}:{OUTSIDE_PORT}/"))].iter()) {
-        script.push_str(&format!("b=$(curl -s --noproxy '*' -m 3 '{u}'); echo \"CURL {n} $? [$b]\"\n"));
+    let outside_url = format!("http://{OUTSIDE_ADDR}:{OUTSIDE_PORT}/");
+    let curl = |n: &str, u: &str, secs: u32| {
+        format!("b=$(curl -s --noproxy '*' -m {secs} '{u}'); echo \"CURL {n} $? [$b]\"\n")
+    };
+    let mut script =
+        String::from("ip -4 addr show dev eth0 | grep -q 'inet 10.0.2.15/24' && echo ADDR ok\n");
+    script.push_str(&curl("outside", &outside_url, 20));
+    for (n, u) in &must_fail {
+        script.push_str(&curl(n, u, 3));
     }
-    script.push_str(&format!("echo {} | base64 -d > /tmp/raw.py\n", b64(RAW_SYN.as_bytes())));
+    script.push_str(&format!(
+        "echo {} | base64 -d > /tmp/raw.py\n",
+        b64(RAW_SYN.as_bytes())
+    ));
     for (tag, dst, port) in [
         ("lo-secret", "127.0.0.1", SECRET_PORT),
         ("lo-any", "127.0.0.1", ANY_PORT),
@@ -853,23 +1060,48 @@ async fn guest_network_no_host_loopback() -> Result<(), String> {
     ] {
         script.push_str(&format!("python3 /tmp/raw.py {tag} {dst} {port}\n"));
     }
+    script.push_str(&curl("outside-after", &outside_url, 20));
     script.push_str("exit 0\n");
 
-    let data = lab.data.as_ref().map(|d| d.path().to_path_buf()).ok_or("no data dir")?;
+    let data = lab
+        .data
+        .as_ref()
+        .map(|d| d.path().to_path_buf())
+        .ok_or("no data dir")?;
     let cli_s = cli.display().to_string();
     let data_s = data.display().to_string();
     let o = output(
         "ip",
         &[
-            "netns", "exec", &h, "env", &format!("SMOLVM_DATA_DIR={data_s}"), &cli_s, "run", "--quiet",
-            "--boot-timeout", "120", "--", "sh", "-c", &script,
+            "netns",
+            "exec",
+            &h,
+            "env",
+            &format!("SMOLVM_DATA_DIR={data_s}"),
+            &cli_s,
+            "run",
+            "--quiet",
+            "--boot-timeout",
+            "120",
+            "--",
+            "sh",
+            "-c",
+            &script,
         ],
         CMD_LIMIT,
     )
     .await?;
     let text = o.text();
-    check!(o.code == Some(0), "smolvm run: exit {:?}\nstdout: {text}\nstderr: {}", o.code, o.stderr);
-    check!(text.lines().any(|l| l == "ADDR ok"), "guest address is not 10.0.2.15/24: {text}");
+    check!(
+        o.code == Some(0),
+        "smolvm run: exit {:?}\nstdout: {text}\nstderr: {}",
+        o.code,
+        o.stderr
+    );
+    check!(
+        text.lines().any(|l| l == "ADDR ok"),
+        "guest address is not 10.0.2.15/24: {text}"
+    );
     let curl: HashMap<&str, (&str, &str)> = text
         .lines()
         .filter_map(|l| l.strip_prefix("CURL "))
@@ -878,10 +1110,14 @@ async fn guest_network_no_host_loopback() -> Result<(), String> {
             Some((it.next()?, (it.next()?, it.next()?)))
         })
         .collect();
+    // RAW TAG RESULT [after ...]
     let raw: HashMap<&str, &str> = text
         .lines()
         .filter_map(|l| l.strip_prefix("RAW "))
-        .filter_map(|l| l.split_once(' '))
+        .filter_map(|l| {
+            let mut it = l.split(' ');
+            Some((it.next()?, it.next()?))
+        })
         .collect();
     let mut problems = Vec::new();
     for (n, u) in &must_fail {
@@ -893,9 +1129,13 @@ async fn guest_network_no_host_loopback() -> Result<(), String> {
             Some(_) => {}
         }
     }
-    match curl.get("outside") {
-        Some(&("0", "[BODY-outside]")) => {}
-        other => problems.push(format!("outside server not reached: {other:?}")),
+    for n in ["outside", "outside-after"] {
+        match curl.get(n) {
+            Some(&("0", "[BODY-outside]")) => {}
+            other => problems.push(format!(
+                "control: {n}: the outside server not reached: {other:?}"
+            )),
+        }
     }
     for tag in ["lo-secret", "lo-any"] {
         match raw.get(tag) {
@@ -905,17 +1145,28 @@ async fn guest_network_no_host_loopback() -> Result<(), String> {
         }
     }
     if raw.get("outside") != Some(&"synack") {
-        problems.push(format!("control: raw SYN to the outside server: {:?}", raw.get("outside")));
+        problems.push(format!(
+            "control: raw SYN to the outside server: {:?}",
+            raw.get("outside")
+        ));
     }
     let host_new: Vec<String> = lab.accepts(&h).into_iter().skip(host_before).collect();
     if !host_new.is_empty() {
-        problems.push(format!("the host namespace's servers accepted: {host_new:?}"));
+        problems.push(format!(
+            "the host namespace's servers accepted: {host_new:?}"
+        ));
     }
     let outside_new = lab.accepts(&x).len() - outside_before;
-    if outside_new < 2 {
-        problems.push(format!("control: the outside server saw {outside_new} connections (want curl + raw SYN)"));
+    if outside_new < 3 {
+        problems.push(format!(
+            "control: the outside server saw {outside_new} connections (want 2 curls + a raw SYN)"
+        ));
     }
-    check!(problems.is_empty(), "{problems:#?}\nguest output:\n{text}\nstderr: {}", o.stderr);
+    check!(
+        problems.is_empty(),
+        "{problems:#?}\nguest output:\n{text}\nstderr: {}",
+        o.stderr
+    );
     no_processes_in(&data).await?;
     lab.teardown()?;
     Ok(())
@@ -950,7 +1201,9 @@ fn main() {
                     failed.push("setup".to_string());
                 }
                 Ok(shared) => {
-                    let (p, f) = run_cases(&vm_cases, &shared, &filters, Some(CASE_LIMIT), || async {}).await;
+                    let (p, f) =
+                        run_cases(&vm_cases, &shared, &filters, Some(CASE_LIMIT), || async {})
+                            .await;
                     passed += p;
                     failed.extend(f);
                     if let Err(e) = shared.vm.delete().await {

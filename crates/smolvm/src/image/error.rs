@@ -81,7 +81,10 @@ pub enum ImageError {
 impl ImageError {
     /// True when the image does not exist (unknown name, or not built).
     pub fn is_not_found(&self) -> bool {
-        matches!(self, ImageError::UnknownImage { .. } | ImageError::NotBuilt { .. })
+        matches!(
+            self,
+            ImageError::UnknownImage { .. } | ImageError::NotBuilt { .. }
+        )
     }
 
     /// Wraps an I/O error with a short description of what was attempted.

@@ -1,6 +1,7 @@
 //! Running commands: options and collected results.
 
-use super::record::{hint_for, invalid, refresh};
+use super::record::refresh;
+use super::transitions::{plan, Op};
 use super::Sandbox;
 use crate::error::{Error, Result};
 use crate::state::VmState;
@@ -54,17 +55,7 @@ impl ExecOutput {
 impl Sandbox {
     async fn require_running(&self) -> Result<SupervisorClient> {
         let rec = refresh(&self.id).await?;
-        if rec.state != VmState::Running {
-            let hint = match rec.state {
-                VmState::Error => format!(
-                    "{}; remove it with `smolvm rm {}`",
-                    rec.last_error.as_deref().unwrap_or("its VMM failed"),
-                    self.id
-                ),
-                s => hint_for(&self.id, s),
-            };
-            return Err(invalid(&self.id, rec.state, hint));
-        }
+        plan(Op::Exec, &self.id, rec.state, rec.last_error.as_deref())?;
         self.connect().await
     }
 

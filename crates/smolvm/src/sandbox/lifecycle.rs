@@ -2,9 +2,9 @@
 
 use super::lock::VmLock;
 use super::record::{
-    config_of, current_supervisor, hint_for, info_of, invalid, refresh, store,
-    wait_supervisor_gone, VmInfo,
+    config_of, current_supervisor, info_of, refresh, store, wait_supervisor_gone, VmInfo,
 };
+use super::transitions::{plan, Action, Op};
 use crate::backend::{files, qemu, LaunchSpec, ResolvedAccel};
 use crate::config::SandboxConfig;
 use crate::error::{chain, Error, Result};
@@ -207,19 +207,10 @@ impl Sandbox {
     pub async fn start(&self, boot_timeout: Duration) -> Result<()> {
         let _lock = VmLock::acquire(&self.id).await?;
         let rec = refresh(&self.id).await?;
-        match rec.state {
-            VmState::Running => Ok(()),
-            VmState::Paused => self.resume_locked().await,
-            VmState::Error => Err(invalid(
-                &self.id,
-                rec.state,
-                format!(
-                    "{}; remove it with `smolvm rm {}`",
-                    rec.last_error.as_deref().unwrap_or("its VMM failed"),
-                    self.id
-                ),
-            )),
-            VmState::Created | VmState::Stopped => {
+        match plan(Op::Start, &self.id, rec.state, rec.last_error.as_deref())? {
+            Action::Nothing | Action::Proceed => Ok(()),
+            Action::Resume => self.resume_locked().await,
+            Action::Boot => {
                 if self.adopt_interrupted_boot(&rec, boot_timeout).await? {
                     return Ok(());
                 }
@@ -414,7 +405,7 @@ impl Sandbox {
     pub async fn stop(&self, timeout: Duration) -> Result<()> {
         let _lock = VmLock::acquire(&self.id).await?;
         let rec = refresh(&self.id).await?;
-        if !rec.state.is_live() {
+        if plan(Op::Stop, &self.id, rec.state, rec.last_error.as_deref())? == Action::Nothing {
             // Nothing runs, unless a start was interrupted mid-boot.
             return self.end_interrupted_boot(&rec).await;
         }
@@ -469,16 +460,7 @@ impl Sandbox {
     pub async fn pause(&self) -> Result<()> {
         let _lock = VmLock::acquire(&self.id).await?;
         let rec = refresh(&self.id).await?;
-        if rec.state != VmState::Running {
-            let hint = match rec.state {
-                VmState::Paused => format!(
-                    "it is already paused; `smolvm resume {}` continues it",
-                    self.id
-                ),
-                s => hint_for(&self.id, s),
-            };
-            return Err(invalid(&self.id, rec.state, hint));
-        }
+        plan(Op::Pause, &self.id, rec.state, rec.last_error.as_deref())?;
         self.control_ok(ControlRequest::Pause).await?;
         store()?.set_state(&self.id, VmState::Paused, None)?;
         Ok(())
@@ -492,16 +474,7 @@ impl Sandbox {
 
     async fn resume_locked(&self) -> Result<()> {
         let rec = refresh(&self.id).await?;
-        if rec.state != VmState::Paused {
-            let hint = match rec.state {
-                VmState::Running => format!(
-                    "it is not paused (nothing to resume); `smolvm pause {}` pauses it",
-                    self.id
-                ),
-                s => hint_for(&self.id, s),
-            };
-            return Err(invalid(&self.id, rec.state, hint));
-        }
+        plan(Op::Resume, &self.id, rec.state, rec.last_error.as_deref())?;
         self.control_ok(ControlRequest::Resume).await?;
         store()?.set_state(&self.id, VmState::Running, None)?;
         Ok(())

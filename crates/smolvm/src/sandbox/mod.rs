@@ -5,6 +5,7 @@ mod lifecycle;
 mod lock;
 mod prune;
 mod record;
+pub mod transitions;
 
 pub use crate::state::VmState;
 pub use exec::{ExecOptions, ExecOutput};

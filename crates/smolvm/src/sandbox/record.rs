@@ -132,15 +132,6 @@ pub(super) fn invalid(id: &str, state: VmState, hint: impl Into<String>) -> Erro
     }
 }
 
-pub(super) fn hint_for(id: &str, state: VmState) -> String {
-    match state {
-        VmState::Created | VmState::Stopped => format!("run `smolvm start {id}` first"),
-        VmState::Paused => format!("run `smolvm resume {id}` first"),
-        VmState::Running => "it is already running".to_string(),
-        VmState::Error => format!("it cannot be used any more; remove it with `smolvm rm {id}`"),
-    }
-}
-
 /// The supervisor recorded for `id` right now.
 pub(super) fn current_supervisor(id: &str) -> Option<ProcessId> {
     store()

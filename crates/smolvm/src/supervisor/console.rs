@@ -11,22 +11,48 @@ use tokio::net::UnixStream;
 /// twice this is kept on disk).
 pub const MAX_CONSOLE_LOG: u64 = 4 * 1024 * 1024;
 
-/// Copies console output to the log until the VMM closes the socket.
+/// Copies console output to the log until the VMM closes the socket. The
+/// file writes happen on a thread of their own (a slow disk must not stall
+/// the supervisor's event loop); the socket is read only as fast as they
+/// complete, so nothing is buffered without bound.
 pub async fn pump(mut stream: UnixStream, vm_dir: PathBuf) {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+    let writer = std::thread::spawn(move || write_log(&vm_dir, rx));
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = buf[..n].to_vec();
+        match tx.try_send(chunk) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::TrySendError::Full(chunk)) => {
+                // The disk is behind: wait for it off the event loop.
+                let tx2 = tx.clone();
+                let sent = tokio::task::spawn_blocking(move || tx2.send(chunk).is_ok()).await;
+                if !matches!(sent, Ok(true)) {
+                    break;
+                }
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => break,
+        }
+    }
+    drop(tx);
+    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+}
+
+fn write_log(vm_dir: &Path, rx: std::sync::mpsc::Receiver<Vec<u8>>) {
     let path = vm_dir.join(files::CONSOLE_LOG);
     let _ = std::fs::remove_file(vm_dir.join(files::CONSOLE_LOG_OLD));
     let Ok(mut log) = crate::private::create(&path) else {
         return;
     };
     let mut written = 0u64;
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if written + n as u64 > MAX_CONSOLE_LOG {
-            match rotate(&vm_dir, &path) {
+    for chunk in rx {
+        let n = chunk.len() as u64;
+        if written + n > MAX_CONSOLE_LOG {
+            match rotate(vm_dir, &path) {
                 Some(f) => {
                     log = f;
                     written = 0;
@@ -34,10 +60,10 @@ pub async fn pump(mut stream: UnixStream, vm_dir: PathBuf) {
                 None => return,
             }
         }
-        if log.write_all(&buf[..n]).is_err() {
+        if log.write_all(&chunk).is_err() {
             return;
         }
-        written += n as u64;
+        written += n;
     }
 }
 

@@ -132,7 +132,11 @@ fn child(spec: LaunchSpec, vm_dir: PathBuf, ready: OwnedFd) -> ! {
     redirect_stdio(&vm_dir.join(files::SUPERVISOR_LOG));
     if let Err(e) = std::env::set_current_dir(&vm_dir) {
         let mut f = std::fs::File::from(ready);
-        let _ = write!(f, "E{}", start_error(format!("cannot enter {}: {e}", vm_dir.display())));
+        let _ = write!(
+            f,
+            "E{}",
+            start_error(format!("cannot enter {}: {e}", vm_dir.display()))
+        );
         std::process::exit(1);
     }
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -142,7 +146,11 @@ fn child(spec: LaunchSpec, vm_dir: PathBuf, ready: OwnedFd) -> ! {
         Ok(rt) => rt,
         Err(e) => {
             let mut f = std::fs::File::from(ready);
-            let _ = write!(f, "E{}", start_error(format!("cannot start the async runtime: {e}")));
+            let _ = write!(
+                f,
+                "E{}",
+                start_error(format!("cannot start the async runtime: {e}"))
+            );
             std::process::exit(1);
         }
     };

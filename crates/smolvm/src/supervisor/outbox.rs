@@ -163,7 +163,11 @@ mod tests {
             rx
         });
         for _ in 0..20 {
-            assert_eq!(tx.send(chunk.clone()).await, Sent::Queued, "a slow reader is not cut off");
+            assert_eq!(
+                tx.send(chunk.clone()).await,
+                Sent::Queued,
+                "a slow reader is not cut off"
+            );
         }
         let _rx = slow.await.unwrap();
         // Stalled: nothing drains any more.

@@ -122,14 +122,19 @@ pub async fn serve(spec: LaunchSpec, vm_dir: PathBuf, mut ready: std::fs::File) 
     };
     let vmm_start_ms = launched.elapsed().as_millis() as u64;
     log!("VMM pid {} up in {vmm_start_ms} ms", vm.pid());
-    if let Ok(store) = Store::open() {
-        let _ = store.set_processes(
-            &id,
-            ProcessId::of(std::process::id()),
-            ProcessId::of(vm.pid()),
-            Some(&spec.accel.to_string()),
-        );
-    }
+    // SQLite may wait on a lock (busy timeout): never on the event loop.
+    let (rid, vmm_pid, accel) = (id.clone(), vm.pid(), spec.accel.to_string());
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Ok(store) = Store::open() {
+            let _ = store.set_processes(
+                &rid,
+                ProcessId::of(std::process::id()),
+                ProcessId::of(vmm_pid),
+                Some(&accel),
+            );
+        }
+    })
+    .await;
     let agent = match super::connect_in_dir(&vm_dir, files::AGENT_SOCKET).await {
         Ok(s) => s,
         Err(e) => {
@@ -364,6 +369,11 @@ async fn finish(
     cleanup(vm_dir);
     // Record last, with the sockets gone: a new start may bind them as soon
     // as the state is no longer live.
+    let _ = tokio::task::spawn_blocking(move || record_exit(&id, outcome)).await;
+}
+
+/// Records how the VM ended (blocking: SQLite).
+fn record_exit(id: &str, outcome: (VmState, Option<String>)) {
     if let Ok(store) = Store::open() {
         let (state, err) = outcome;
         // A VM being deleted has no row any more; a stop/start in another

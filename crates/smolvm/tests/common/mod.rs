@@ -108,9 +108,13 @@ pub fn filter() -> Vec<String> {
 pub fn selected(name: &str, filters: &[String]) -> bool {
     let exact = std::env::args().any(|a| a == "--exact");
     filters.is_empty()
-        || filters
-            .iter()
-            .any(|f| if exact { name == f } else { name.contains(f.as_str()) })
+        || filters.iter().any(|f| {
+            if exact {
+                name == f
+            } else {
+                name.contains(f.as_str())
+            }
+        })
 }
 
 /// The names of `cases`, for [`list_if_asked`].

@@ -247,7 +247,10 @@ mod tests {
         assert!(a.contains("name=smolvm.agent"));
         assert!(a.contains("virtio-net-device"));
         assert!(a.contains("-netdev stream,id=net0,server=off,addr.type=unix,addr.path=net.sock"));
-        assert!(!a.contains("user,id="), "never QEMU user networking (gateway = host loopback)");
+        assert!(
+            !a.contains("user,id="),
+            "never QEMU user networking (gateway = host loopback)"
+        );
         assert!(a.contains(&format!("-sandbox {SANDBOX}")));
         assert!(a.contains("tsc=reliable"));
         assert!(a.contains("-no-reboot"));

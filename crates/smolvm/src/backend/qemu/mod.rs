@@ -6,7 +6,9 @@ mod probe;
 mod qmp;
 mod vm;
 
-pub use args::{check_paths, host_tsc_khz, launch_args, opt_value, probe_args, QEMU_BINARY, SANDBOX};
+pub use args::{
+    check_paths, host_tsc_khz, launch_args, opt_value, probe_args, QEMU_BINARY, SANDBOX,
+};
 pub use net::{GuestNet, NetError};
 pub use probe::{forget_cached_verdict, resolve_accel, AccelVerdict};
 pub use qmp::{Qmp, QmpError};
@@ -34,12 +36,23 @@ pub(crate) fn confine_child(cmd: &mut std::process::Command) {
 /// `Err` says why not. Runs an empty machine for an instant.
 pub fn seccomp_check() -> Result<(), String> {
     let mut cmd = crate::hosttools::command(QEMU_BINARY).map_err(|e| e.to_string())?;
-    cmd.args(["-M", "none", "-nodefaults", "-display", "none", "-S", "-sandbox", SANDBOX])
-        .args(["-qmp", "stdio"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start {QEMU_BINARY}: {e}"))?;
+    cmd.args([
+        "-M",
+        "none",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-S",
+        "-sandbox",
+        SANDBOX,
+    ])
+    .args(["-qmp", "stdio"])
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {QEMU_BINARY}: {e}"))?;
     if let Some(mut stdin) = child.stdin.take() {
         use std::io::Write as _;
         let _ = stdin.write_all(br#"{"execute":"qmp_capabilities"}{"execute":"quit"}"#);

@@ -202,26 +202,28 @@ impl GuestNet {
         };
         let mut net = GuestNet { passt, pasta };
         let start = Instant::now();
-        let wait = |net: &mut GuestNet, done: &dyn Fn() -> bool, what: &str| {
-            loop {
-                for (name, c) in [("pasta", &mut net.pasta), ("passt", &mut net.passt)] {
-                    if let Ok(Some(st)) = c.try_wait() {
-                        return Err(NetError::EarlyExit {
-                            status: format!("{name} {st}"),
-                            log: super::tail_file(&log_path, 1000),
-                        });
-                    }
+        let wait = |net: &mut GuestNet, done: &dyn Fn() -> bool, what: &str| loop {
+            for (name, c) in [("pasta", &mut net.pasta), ("passt", &mut net.passt)] {
+                if let Ok(Some(st)) = c.try_wait() {
+                    return Err(NetError::EarlyExit {
+                        status: format!("{name} {st}"),
+                        log: super::tail_file(&log_path, 1000),
+                    });
                 }
-                if done() {
-                    return Ok(());
-                }
-                if start.elapsed() > READY_DEADLINE {
-                    return Err(NetError::Timeout(READY_DEADLINE, what.to_string()));
-                }
-                std::thread::sleep(Duration::from_millis(5));
             }
+            if done() {
+                return Ok(());
+            }
+            if start.elapsed() > READY_DEADLINE {
+                return Err(NetError::Timeout(READY_DEADLINE, what.to_string()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
         };
-        wait(&mut net, &|| pidfile.metadata().is_ok_and(|m| m.len() > 0), "pasta")?;
+        wait(
+            &mut net,
+            &|| pidfile.metadata().is_ok_and(|m| m.len() > 0),
+            "pasta",
+        )?;
         // 3. Open the gate: the holder becomes passt, inside the namespace.
         if let Some(mut gate) = net.passt.stdin.take() {
             use std::io::Write as _;

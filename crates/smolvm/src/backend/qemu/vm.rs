@@ -1,7 +1,9 @@
 //! A running QEMU process and its QMP connection.
 
 use super::super::{files, LaunchSpec, Vmm, VmmExit};
-use super::{check_paths, confine_child, launch_args, GuestNet, NetError, Qmp, QmpError, QEMU_BINARY};
+use super::{
+    check_paths, confine_child, launch_args, GuestNet, NetError, Qmp, QmpError, QEMU_BINARY,
+};
 use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 use std::path::Path;
 use std::process::Stdio;
@@ -295,9 +297,9 @@ impl QemuError {
         match self {
             QemuError::Missing(_) | QemuError::Net(NetError::Missing(_)) => K::HostToolMissing,
             QemuError::EarlyExit { .. } | QemuError::Qmp(QmpError::Closed) => K::VmmExited,
-            QemuError::Unresponsive | QemuError::QmpTimeout(_) | QemuError::Qmp(QmpError::Timeout(_)) => {
-                K::VmmUnresponsive
-            }
+            QemuError::Unresponsive
+            | QemuError::QmpTimeout(_)
+            | QemuError::Qmp(QmpError::Timeout(_)) => K::VmmUnresponsive,
             _ => K::Other,
         }
     }
