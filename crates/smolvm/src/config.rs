@@ -103,9 +103,13 @@ pub struct SandboxConfig {
     /// Accelerator (default auto, or `SMOLVM_ACCEL`).
     #[serde(default)]
     pub accel: Accel,
-    /// Guest network (QEMU user networking, internet on). Default true.
+    /// Guest network (outbound access; never the host's own services, see
+    /// docs/network.md). Default true.
     #[serde(default = "default_true")]
     pub network: bool,
+    /// The VMM implementation (default QEMU).
+    #[serde(default)]
+    pub backend: crate::backend::BackendKind,
 }
 
 fn default_image() -> String {
@@ -131,6 +135,7 @@ impl Default for SandboxConfig {
             disk_size_mib: None,
             accel: Accel::Auto,
             network: true,
+            backend: crate::backend::BackendKind::default(),
         }
     }
 }

@@ -99,29 +99,30 @@ fn network_checks(checks: &mut Vec<Check>) {
     });
 }
 
-fn seccomp_check(checks: &mut Vec<Check>) {
-    if crate::hosttools::find(crate::backend::qemu::QEMU_BINARY).is_none() {
-        return; // reported as missing above
+/// What the default backend needs of the host (QEMU: its seccomp sandbox).
+fn backend_checks(checks: &mut Vec<Check>) {
+    let backend = crate::backend::get(crate::backend::BackendKind::default());
+    for (name, r) in backend.host_checks() {
+        checks.push(match r {
+            Ok(detail) => Check {
+                name: name.into(),
+                ok: true,
+                status: Status::Ok,
+                detail,
+                fix: None,
+            },
+            Err(detail) => Check {
+                name: name.into(),
+                ok: false,
+                status: Status::Missing,
+                detail,
+                fix: Some(format!(
+                    "install a {} built with seccomp support: `sudo apt-get install qemu-system-x86`",
+                    backend.kind()
+                )),
+            },
+        });
     }
-    checks.push(match crate::backend::qemu::seccomp_check() {
-        Ok(()) => Check {
-            name: "QEMU seccomp".into(),
-            ok: true,
-            status: Status::Ok,
-            detail: "the VMM runs under `-sandbox on` (seccomp) with no_new_privs".into(),
-            fix: None,
-        },
-        Err(e) => Check {
-            name: "QEMU seccomp".into(),
-            ok: false,
-            status: Status::Missing,
-            detail: e,
-            fix: Some(
-                "install a QEMU built with seccomp support: `sudo apt-get install qemu-system-x86`"
-                    .into(),
-            ),
-        },
-    });
 }
 
 /// Checks every host requirement. Blocking (it may run QEMU and the KVM
@@ -209,8 +210,8 @@ pub fn diagnose() -> Vec<Check> {
             match img {
                 Ok(img) => {
                     let requested = crate::Accel::from_env().unwrap_or(crate::Accel::Auto);
-                    let v =
-                        crate::backend::qemu::resolve_accel(requested, &img.kernel, &img.initramfs);
+                    let v = crate::backend::get(crate::backend::BackendKind::default())
+                        .resolve_accel(requested, &img.kernel, &img.initramfs);
                     checks.push(Check {
                         name: "accelerator".into(),
                         ok: true,
@@ -272,7 +273,7 @@ pub fn diagnose() -> Vec<Check> {
             }),
         });
     }
-    seccomp_check(&mut checks);
+    backend_checks(&mut checks);
     network_checks(&mut checks);
     checks
 }

@@ -131,13 +131,17 @@ pub enum Error {
         source: crate::supervisor::ClientError,
     },
     /// The supervisor refused a lifecycle request.
-    #[error("VM '{id}': {}", .error.message)]
-    Control { id: String, error: ControlError },
+    #[error("VM '{id}': {message}")]
+    Control {
+        id: String,
+        kind: ErrorKind,
+        message: String,
+    },
     /// The guest agent refused a request.
     #[error("VM '{id}': the guest refused the command: {message}")]
     Exec {
         id: String,
-        kind: smolvm_proto::ErrorKind,
+        kind: ErrorKind,
         message: String,
     },
     #[error("{context}")]
@@ -183,16 +187,8 @@ impl Error {
                 crate::supervisor::ClientError::Timeout(_) => ErrorKind::Timeout,
                 _ => ErrorKind::AgentUnavailable,
             },
-            Error::Control { error, .. } => control_kind(error.kind),
-            Error::Exec { kind, .. } => match kind {
-                smolvm_proto::ErrorKind::NotFound
-                | smolvm_proto::ErrorKind::PermissionDenied
-                | smolvm_proto::ErrorKind::InvalidRequest
-                | smolvm_proto::ErrorKind::Unsupported => ErrorKind::InvalidInput,
-                smolvm_proto::ErrorKind::Busy => ErrorKind::Busy,
-                smolvm_proto::ErrorKind::Unavailable => ErrorKind::AgentUnavailable,
-                smolvm_proto::ErrorKind::Other => ErrorKind::Io,
-            },
+            Error::Control { kind, .. } => *kind,
+            Error::Exec { kind, .. } => *kind,
             Error::Io { .. } => ErrorKind::Io,
         }
     }
@@ -201,7 +197,6 @@ impl Error {
     pub fn console_tail(&self) -> Option<&str> {
         match self {
             Error::Boot { console, .. } => console.as_deref(),
-            Error::Control { error, .. } => error.console_tail.as_deref(),
             Error::Supervisor {
                 source: crate::supervisor::SpawnError::Failed(e),
                 ..
@@ -228,7 +223,11 @@ impl Error {
                 id,
                 message: e.message,
             },
-            _ => Error::Control { id, error: e },
+            k => Error::Control {
+                id,
+                kind: control_kind(k),
+                message: e.message,
+            },
         }
     }
 }

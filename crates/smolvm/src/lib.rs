@@ -14,10 +14,16 @@ pub mod paths;
 pub mod private;
 pub mod sandbox;
 pub mod state;
-pub mod supervisor;
+pub(crate) mod supervisor;
 pub mod sys;
 pub mod text;
 
 pub use config::{Accel, SandboxConfig};
+pub use error::ErrorKind;
 pub use error::{Error, Result};
-pub use sandbox::{ExecOptions, ExecOutput, Sandbox, VmState};
+pub use sandbox::{Command, ExecOptions, ExecOutput, Sandbox, VmState};
+
+/// Entry point of the `smolvm-supervisor` binary (started by the library;
+/// not for direct use).
+#[doc(hidden)]
+pub use supervisor::main_entry as supervisor_main;

@@ -7,6 +7,7 @@
 //! of it.
 
 use std::fmt::Write as _;
+use std::path::Path;
 
 /// True for characters a terminal may act on: C0 and C1 controls, DEL, and
 /// the Unicode bidirectional overrides and isolates (which reorder what is
@@ -94,6 +95,34 @@ impl StreamEscaper {
         self.pending.clear();
         out
     }
+}
+
+/// Last `max` bytes of a file, lossily decoded (for error messages). Reads
+/// only the tail, however large the file.
+pub fn tail_file(path: &Path, max: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(max as u64);
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut b = Vec::with_capacity(max.min(len as usize));
+    let _ = f.take(max as u64).read_to_end(&mut b);
+    String::from_utf8_lossy(&b).trim().to_string()
+}
+
+/// Last `lines` non-empty lines of a text file (the guest console log).
+pub fn tail_lines(path: &Path, lines: usize) -> String {
+    let t = tail_file(path, 16 * 1024);
+    let v: Vec<&str> = t
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@ mod common;
 
 use common::*;
 use sha2::{Digest, Sha256};
+use smolvm::Command;
 use smolvm::{Error, ExecOptions, Sandbox, SandboxConfig, VmState};
-use smolvm_proto::Command;
 use std::time::{Duration, Instant};
 
 const BOOT: Duration = Duration::from_secs(120);
@@ -357,18 +357,11 @@ async fn vmm_death_is_reported(_: &Sandbox) -> Result<(), String> {
 }
 
 async fn stalled_client_does_not_block_others(vm: &Sandbox) -> Result<(), String> {
-    // A client that starts a firehose and never reads its output.
-    let stalled = smolvm::supervisor::SupervisorClient::connect(vm.vm_dir())
-        .await
-        .map_err(|e| e.to_string())?;
+    // A client that starts a firehose and never reads its output: another
+    // handle on the VM has a connection of its own.
+    let stalled = Sandbox::from_id(vm.id()).await.map_err(|e| e.to_string())?;
     let firehose = stalled
-        .exec(smolvm_proto::ExecRequest {
-            command: sh("exec yes smolvm-firehose"),
-            env: vec![],
-            workdir: None,
-            timeout_ms: None,
-            stdin: false,
-        })
+        .exec_stream(sh("exec yes smolvm-firehose"), &ExecOptions::default())
         .await
         .map_err(|e| e.to_string())?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -519,7 +512,6 @@ async fn guest_poweroff_is_a_restartable_stop(_: &Sandbox) -> Result<(), String>
 }
 
 fn main() {
-    let data = isolated_data_dir("smolvm-test-");
     let filters = filter();
     let cases = cases![Sandbox:
         stdout_stderr_apart,
@@ -540,6 +532,8 @@ fn main() {
         guest_poweroff_is_a_restartable_stop,
         disk_size_grows_the_root_fs,
     ];
+    list_if_asked(&case_names(&cases));
+    let data = isolated_data_dir("smolvm-test-");
     let rt = runtime();
     let code = rt.block_on(async {
         let vm = match Sandbox::create(SandboxConfig::default()).await {

@@ -198,7 +198,7 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
         if let Some(b) = vm.last_boot() {
             r.boot_vmm_start_ms.push(b.vmm_start_ms as f64);
             r.boot_kernel_to_agent_ms
-                .push(b.hello.agent_start_ms as f64);
+                .push(b.guest_agent_start_ms as f64);
             r.boot_agent_ready_ms.push(b.ready_ms as f64);
         }
         r.accel = vm.info().await?.accel.unwrap_or_default();
@@ -211,7 +211,7 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
     vm.start(Duration::from_secs(120)).await?;
     let mut rtt = Vec::with_capacity(a.iterations);
     let mut ping = Vec::with_capacity(a.iterations);
-    let argv = smolvm_proto::Command::Argv(vec!["true".into()]);
+    let argv = smolvm::Command::Argv(vec!["true".into()]);
     for _ in 0..a.iterations.min(10) {
         vm.exec(argv.clone(), &ExecOptions::default()).await?;
     }

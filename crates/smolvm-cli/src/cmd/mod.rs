@@ -150,9 +150,9 @@ impl VmFlags {
 /// is marked, and the status is 124 as for a timeout.
 pub async fn stream_to_stdio(
     sbx: &smolvm::Sandbox,
-    mut s: smolvm::supervisor::ExecStream,
+    mut s: smolvm::sandbox::ExecStream,
 ) -> anyhow::Result<u8> {
-    use smolvm::supervisor::{ClientError, ExecEvent};
+    use smolvm::sandbox::{ClientError, ExecEvent};
     use tokio::io::AsyncWriteExt;
     let mut out = tokio::io::stdout();
     let mut err = tokio::io::stderr();
@@ -200,14 +200,14 @@ pub async fn stream_to_stdio(
 
 /// The command to run: one argument is still argv (no shell) unless
 /// `--shell` is given.
-pub fn guest_command(argv: Vec<String>, shell: bool) -> anyhow::Result<smolvm_proto::Command> {
+pub fn guest_command(argv: Vec<String>, shell: bool) -> anyhow::Result<smolvm::Command> {
     if argv.is_empty() {
         anyhow::bail!("no command given; usage: smolvm run [OPTIONS] -- CMD [ARG...]");
     }
     Ok(if shell {
-        smolvm_proto::Command::Shell(argv.join(" "))
+        smolvm::Command::Shell(argv.join(" "))
     } else {
-        smolvm_proto::Command::Argv(argv)
+        smolvm::Command::Argv(argv)
     })
 }
 

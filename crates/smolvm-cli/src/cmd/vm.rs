@@ -313,7 +313,7 @@ pub async fn exec(a: ExecArgs) -> anyhow::Result<u8> {
 
 pub async fn logs(a: LogsArgs) -> anyhow::Result<u8> {
     let sbx = Sandbox::from_id(&a.id).await?;
-    let path = sbx.vm_dir().join(smolvm::backend::files::CONSOLE_LOG);
+    let path = sbx.vm_dir().console_log();
     let mut f = match std::fs::File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

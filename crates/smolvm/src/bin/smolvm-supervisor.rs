@@ -2,5 +2,5 @@
 //! direct use).
 
 fn main() {
-    smolvm::supervisor::main_entry()
+    smolvm::supervisor_main()
 }

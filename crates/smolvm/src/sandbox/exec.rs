@@ -2,11 +2,12 @@
 
 use super::record::refresh;
 use super::transitions::{plan, Op};
+use super::Command;
 use super::Sandbox;
 use crate::error::{Error, Result};
 use crate::state::VmState;
 use crate::supervisor::{ExecEvent, ExecStream, SupervisorClient};
-use smolvm_proto::{Command, ExecRequest};
+use smolvm_proto::ExecRequest;
 use std::time::{Duration, Instant};
 
 /// Most output `exec` collects per stream; past it the rest is dropped and
@@ -63,7 +64,7 @@ impl Sandbox {
     pub async fn exec_stream(&self, command: Command, opts: &ExecOptions) -> Result<ExecStream> {
         let client = self.require_running().await?;
         let req = ExecRequest {
-            command,
+            command: command.into(),
             env: opts.env.clone(),
             workdir: opts.workdir.clone(),
             timeout_ms: opts.timeout.map(|t| t.as_millis() as u64),
@@ -129,7 +130,7 @@ impl Sandbox {
                 }
                 Some(ExecEvent::Failed(e)) => {
                     return Err(match e.kind {
-                        smolvm_proto::ErrorKind::Unavailable => Error::AgentUnavailable {
+                        crate::error::ErrorKind::AgentUnavailable => Error::AgentUnavailable {
                             id: self.id.clone(),
                             message: e.message,
                         },

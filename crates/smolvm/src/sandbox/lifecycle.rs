@@ -5,14 +5,14 @@ use super::record::{
     config_of, current_supervisor, info_of, refresh, store, wait_supervisor_gone, VmInfo,
 };
 use super::transitions::{plan, Action, Op};
-use crate::backend::{files, qemu, LaunchSpec, ResolvedAccel};
+use crate::backend::{LaunchSpec, ResolvedAccel, VmDir};
 use crate::config::SandboxConfig;
 use crate::error::{chain, Error, Result};
 use crate::image::ImageEvent;
 use crate::state::{VmRecord, VmState};
 use crate::supervisor::SupervisorClient;
 use smolvm_proto::supervisor::{
-    ControlError, ControlErrorKind, ControlRequest, ControlResponse, ReadyInfo, VmRunState,
+    ControlError, ControlErrorKind, ControlRequest, ControlResponse, VmRunState,
 };
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -33,11 +33,11 @@ type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
 /// A handle on one VM. Dropping or `close`-ing it leaves the VM as it is.
 pub struct Sandbox {
     pub(super) id: String,
-    vm_dir: PathBuf,
+    vm_dir: VmDir,
     config: SandboxConfig,
     client: Mutex<Option<SupervisorClient>>,
     progress: Option<ProgressFn>,
-    last_boot: Mutex<Option<ReadyInfo>>,
+    last_boot: Mutex<Option<super::BootTimings>>,
 }
 
 impl Sandbox {
@@ -82,22 +82,23 @@ impl Sandbox {
                 Err(e) => return Err(e.into()),
             }
         };
-        let vm_dir = crate::paths::vm_dir(&id);
+        let vm_dir = VmDir::of(&id);
         // Undoes the row and directory if this future fails or is dropped
         // (a caller's timeout, Ctrl-C) before the VM is complete.
         let mut undo = UndoCreate {
             id: Some(id.clone()),
-            dir: vm_dir.clone(),
+            dir: vm_dir.path().to_path_buf(),
         };
+        let backend = crate::backend::get(config.backend);
         let made = async {
             crate::private::dir_all(&vm_dir)
                 .map_err(|e| Error::io(format!("cannot create {}", vm_dir.display()), e))?;
-            let disk = vm_dir.join(files::DISK);
+            let disk = vm_dir.disk();
             // Bounded by `validate` (MAX_DISK_MIB): cannot overflow.
             let size = config.disk_size_mib.map(|m| m.saturating_mul(1024 * 1024));
             // Pin the base: a hard link survives an image rebuild swapping a
             // new rootfs into the cache (files there are never edited in place).
-            let base = vm_dir.join(files::BASE_DISK);
+            let base = vm_dir.base_disk();
             let base = match std::fs::hard_link(&image.rootfs, &base) {
                 Ok(()) => {
                     // Caches made before images were private: tighten the
@@ -110,13 +111,14 @@ impl Sandbox {
                     image.rootfs.clone()
                 }
             };
-            qemu::create_overlay(&base, &disk, size)
+            backend
+                .create_disk(&base, &disk, size)
                 .await
-                .map_err(|e| match e {
-                    qemu::QemuError::Missing(m) => Error::Tool(m),
-                    e => Error::io(
-                        format!("cannot create the disk of VM '{id}'"),
-                        std::io::Error::other(chain(&e)),
+                .map_err(|e| match e.missing_tool {
+                    Some(m) => Error::Tool(m),
+                    None => Error::io(
+                        format!("VM '{id}'"),
+                        std::io::Error::other(e.message),
                     ),
                 })
         }
@@ -139,7 +141,7 @@ impl Sandbox {
         let config = config_of(&rec)?;
         Ok(Sandbox {
             id: rec.id.clone(),
-            vm_dir: crate::paths::vm_dir(&rec.id),
+            vm_dir: VmDir::of(&rec.id),
             config,
             client: Mutex::new(None),
             progress: None,
@@ -173,12 +175,12 @@ impl Sandbox {
         &self.config
     }
 
-    pub fn vm_dir(&self) -> &std::path::Path {
+    pub fn vm_dir(&self) -> &VmDir {
         &self.vm_dir
     }
 
     /// Timings of the last boot done through this handle.
-    pub fn last_boot(&self) -> Option<ReadyInfo> {
+    pub fn last_boot(&self) -> Option<super::BootTimings> {
         self.last_boot.lock().ok().and_then(|g| g.clone())
     }
 
@@ -271,37 +273,40 @@ impl Sandbox {
             self.config.accel
         };
         let (kernel, initrd) = (image.kernel.clone(), image.initramfs.clone());
+        let backend = self.config.backend;
         self.step("choosing the accelerator");
-        let verdict =
-            tokio::task::spawn_blocking(move || qemu::resolve_accel(requested, &kernel, &initrd))
-                .await
-                .map_err(|e| {
-                    Error::io(
-                        "accelerator probe failed",
-                        std::io::Error::other(e.to_string()),
-                    )
-                })?;
+        let verdict = tokio::task::spawn_blocking(move || {
+            crate::backend::get(backend).resolve_accel(requested, &kernel, &initrd)
+        })
+        .await
+        .map_err(|e| {
+            Error::io(
+                "accelerator probe failed",
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
         tracing::info!(vm = %self.id, accel = %verdict.accel, reason = %verdict.reason, "accelerator");
         let spec = LaunchSpec {
             id: self.id.clone(),
-            vm_dir: self.vm_dir.clone(),
+            vm_dir: self.vm_dir.path().to_path_buf(),
             kernel: image.kernel.clone(),
             initramfs: image.initramfs.clone(),
-            disk: self.vm_dir.join(files::DISK),
+            disk: self.vm_dir.disk(),
             memory_mib: self.config.memory_mib,
             cpus: self.config.cpus,
             accel: verdict.accel,
+            backend,
             network: self.config.network,
             grow_root: self.config.disk_size_mib.is_some(),
         };
-        let spec_path = self.vm_dir.join(files::LAUNCH_SPEC);
+        let spec_path = self.vm_dir.launch_spec();
         let bytes = serde_json::to_vec_pretty(&spec)
             .map_err(|e| Error::io("cannot encode the launch spec", e.into()))?;
         write_atomic(&spec_path, &bytes)?;
         let s = store()?;
         s.begin_boot(&self.id)?;
         self.step(format!("booting ({} accelerator)", verdict.accel));
-        let dir = self.vm_dir.clone();
+        let dir = self.vm_dir.path().to_path_buf();
         let spawned = tokio::task::spawn_blocking(move || crate::supervisor::spawn(&dir))
             .await
             .map_err(|e| {
@@ -368,7 +373,7 @@ impl Sandbox {
             ControlResponse::Ready(info) => {
                 s.set_state(&self.id, VmState::Running, None)?;
                 if let Ok(mut g) = self.last_boot.lock() {
-                    *g = Some(info);
+                    *g = Some(info.into());
                 }
                 Ok(())
             }
@@ -387,14 +392,14 @@ impl Sandbox {
                 s.set_state(&self.id, prior, Some(&err.message))?;
                 let _ = s.set_processes(&self.id, None, None, None);
                 // Whatever the supervisor said, this start failed to boot.
-                Err(match Error::from_control(&self.id, err) {
-                    Error::Control { id, error } => Error::Boot {
-                        id,
-                        reason: error.message,
-                        console: error.console_tail,
-                        timed_out: false,
+                Err(match err.kind {
+                    ControlErrorKind::AgentIncompatible => Error::from_control(&self.id, err),
+                    _ => Error::Boot {
+                        id: self.id.clone(),
+                        timed_out: err.kind == ControlErrorKind::BootTimeout,
+                        reason: err.message,
+                        console: err.console_tail,
                     },
-                    e => e,
                 })
             }
         }
@@ -444,7 +449,7 @@ impl Sandbox {
         if let Some(v) = rec.vmm {
             crate::sys::wait_exit(v, Duration::from_secs(5)).await;
         }
-        files::remove_runtime(&self.vm_dir);
+        self.vm_dir.remove_runtime();
         let s = store()?;
         s.transition(
             &self.id,
@@ -529,6 +534,14 @@ impl Sandbox {
                 id: self.id.clone(),
                 source,
             })?;
+        if c.vm_id != self.id {
+            // A socket in our VM's directory served by another VM's
+            // supervisor: never talk to it.
+            return Err(Error::Client {
+                id: self.id.clone(),
+                source: crate::supervisor::ClientError::Unexpected,
+            });
+        }
         if let Ok(mut g) = self.client.lock() {
             *g = Some(c.clone());
         }

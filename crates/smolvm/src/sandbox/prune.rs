@@ -54,12 +54,12 @@ pub async fn prune(dry_run: bool, errors: bool) -> Result<Vec<PruneItem>> {
         // A `create` killed between inserting the row and making the disk
         // (nobody holds its lock any more, so it is not in progress).
         for r in recs.iter().filter(|r| r.state == VmState::Created) {
-            let dir = crate::paths::vm_dir(&r.id);
-            if !dir.join(crate::backend::files::DISK).exists() && !super::VmLock::is_held(&r.id) {
+            let dir = crate::backend::VmDir::of(&r.id);
+            if !dir.disk().exists() && !super::VmLock::is_held(&r.id) {
                 items.push(PruneItem {
                     kind: "broken VM (no disk)".into(),
                     id: r.id.clone(),
-                    path: Some(dir),
+                    path: Some(dir.path().to_path_buf()),
                 });
             }
         }

@@ -4,9 +4,7 @@ use crate::backend::files;
 use smolvm_proto::supervisor::{
     ClientMsg, ControlRequest, ControlResponse, SupervisorMsg, SUPERVISOR_PROTOCOL_VERSION,
 };
-use smolvm_proto::{
-    encode_frame, Bytes, Decoder, ErrorInfo, ExecRequest, ExitStatus, Frame, GuestMsg, HostMsg,
-};
+use smolvm_proto::{encode_frame, Bytes, Decoder, ExecRequest, Frame, GuestMsg, HostMsg};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -267,9 +265,9 @@ pub enum ExecEvent {
     },
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
-    Exited(ExitStatus),
+    Exited(crate::sandbox::ExitStatus),
     /// The request failed; no `Exited` follows.
-    Failed(ErrorInfo),
+    Failed(crate::sandbox::GuestError),
 }
 
 /// A process running in the guest.
@@ -316,9 +314,10 @@ impl ExecStream {
                 GuestMsg::Started { pid } => ExecEvent::Started { pid },
                 GuestMsg::Stdout(Bytes(b)) => ExecEvent::Stdout(b),
                 GuestMsg::Stderr(Bytes(b)) => ExecEvent::Stderr(b),
-                GuestMsg::Exited(s) => ExecEvent::Exited(s),
-                // Received errors skipped `ErrorInfo::new`: bound them here.
-                GuestMsg::Error(e) => ExecEvent::Failed(e.bounded()),
+                GuestMsg::Exited(s) => ExecEvent::Exited(s.into()),
+                // Received errors skipped `ErrorInfo::new`: the conversion
+                // bounds them.
+                GuestMsg::Error(e) => ExecEvent::Failed(e.into()),
                 _ => return Err(ClientError::Unexpected),
             },
             Some(_) => return Err(ClientError::Unexpected),

@@ -3,14 +3,13 @@
 
 use super::outbox::outbox;
 use super::server::{frame, lock, SharedRef, VmCmd};
-use crate::backend::files;
-use crate::backend::qemu::tail_console;
+use crate::backend::VmDir;
+use crate::text::tail_lines;
 use smolvm_proto::supervisor::{
     ClientMsg, ControlError, ControlErrorKind, ControlRequest, ControlResponse, SupervisorMsg,
     SupervisorStatus, SUPERVISOR_PROTOCOL_VERSION,
 };
 use smolvm_proto::{encode_frame, Decoder, ErrorInfo, ErrorKind, Frame, GuestMsg, HostMsg};
-use std::path::PathBuf;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -30,7 +29,7 @@ pub(super) async fn accept_loop(
     agent_tx: mpsc::Sender<Vec<u8>>,
     vm_tx: mpsc::Sender<VmCmd>,
     ready_rx: watch::Receiver<()>,
-    vm_dir: PathBuf,
+    vm_dir: VmDir,
 ) {
     let mut refused = 0u64;
     loop {
@@ -101,7 +100,7 @@ async fn client_conn(
     agent_tx: mpsc::Sender<Vec<u8>>,
     vm_tx: mpsc::Sender<VmCmd>,
     ready_rx: watch::Receiver<()>,
-    vm_dir: PathBuf,
+    vm_dir: VmDir,
 ) {
     let (mut r, mut w) = stream.into_split();
     let writer = tokio::spawn(async move {
@@ -267,7 +266,7 @@ async fn control(
     shared: &SharedRef,
     vm_tx: &mpsc::Sender<VmCmd>,
     mut ready_rx: watch::Receiver<()>,
-    vm_dir: &std::path::Path,
+    vm_dir: &VmDir,
 ) -> ControlResponse {
     let exited = || {
         ControlResponse::Error(ControlError::new(
@@ -356,7 +355,7 @@ async fn control(
 
 /// The guest console's last lines (raw guest text: whoever shows it
 /// escapes it), `None` when the console is empty.
-fn console_tail(vm_dir: &std::path::Path) -> Option<String> {
-    let t = tail_console(&vm_dir.join(files::CONSOLE_LOG), 15);
+fn console_tail(vm_dir: &VmDir) -> Option<String> {
+    let t = tail_lines(&vm_dir.console_log(), 15);
     (!t.is_empty()).then_some(t)
 }

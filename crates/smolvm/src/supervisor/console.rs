@@ -1,9 +1,9 @@
 //! The guest console: read from the VMM's serial socket into `console.log`,
 //! rotated at a cap so a hostile or chatty guest cannot fill the host disk.
 
-use crate::backend::files;
+use crate::backend::VmDir;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 
@@ -15,7 +15,7 @@ pub const MAX_CONSOLE_LOG: u64 = 4 * 1024 * 1024;
 /// file writes happen on a thread of their own (a slow disk must not stall
 /// the supervisor's event loop); the socket is read only as fast as they
 /// complete, so nothing is buffered without bound.
-pub async fn pump(mut stream: UnixStream, vm_dir: PathBuf) {
+pub async fn pump(mut stream: UnixStream, vm_dir: VmDir) {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
     let writer = std::thread::spawn(move || write_log(&vm_dir, rx));
     let mut buf = vec![0u8; 16 * 1024];
@@ -42,9 +42,9 @@ pub async fn pump(mut stream: UnixStream, vm_dir: PathBuf) {
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
 }
 
-fn write_log(vm_dir: &Path, rx: std::sync::mpsc::Receiver<Vec<u8>>) {
-    let path = vm_dir.join(files::CONSOLE_LOG);
-    let _ = std::fs::remove_file(vm_dir.join(files::CONSOLE_LOG_OLD));
+fn write_log(vm_dir: &VmDir, rx: std::sync::mpsc::Receiver<Vec<u8>>) {
+    let path = vm_dir.console_log();
+    let _ = std::fs::remove_file(vm_dir.console_log_old());
     let Ok(mut log) = crate::private::create(&path) else {
         return;
     };
@@ -67,7 +67,7 @@ fn write_log(vm_dir: &Path, rx: std::sync::mpsc::Receiver<Vec<u8>>) {
     }
 }
 
-fn rotate(vm_dir: &Path, path: &Path) -> Option<std::fs::File> {
-    std::fs::rename(path, vm_dir.join(files::CONSOLE_LOG_OLD)).ok()?;
+fn rotate(vm_dir: &VmDir, path: &Path) -> Option<std::fs::File> {
+    std::fs::rename(path, vm_dir.console_log_old()).ok()?;
     crate::private::create(path).ok()
 }

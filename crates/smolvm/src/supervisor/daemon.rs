@@ -6,7 +6,7 @@
 //! exits with the outcome. So `spawn` returns only when the supervisor is
 //! reachable, and no zombie is left with the creator.
 
-use crate::backend::{files, LaunchSpec};
+use crate::backend::{LaunchSpec, VmDir};
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -76,17 +76,17 @@ pub fn main_entry() -> ! {
     unsafe { libc::umask(crate::private::CHILD_UMASK) };
     let args: Vec<String> = std::env::args().collect();
     let vm_dir = match args.as_slice() {
-        [_, flag, dir] if flag == "--vm-dir" => PathBuf::from(dir),
+        [_, flag, dir] if flag == "--vm-dir" => VmDir::at(dir),
         _ => die("usage: smolvm-supervisor --vm-dir DIR (started by smolvm; not for direct use)"),
     };
-    let spec: LaunchSpec = match std::fs::read(vm_dir.join(files::LAUNCH_SPEC))
+    let spec: LaunchSpec = match std::fs::read(vm_dir.launch_spec())
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
     {
         Ok(s) => s,
         Err(e) => die(&format!(
             "cannot read {}: {e}",
-            vm_dir.join(files::LAUNCH_SPEC).display()
+            vm_dir.launch_spec().display()
         )),
     };
 
@@ -126,10 +126,10 @@ pub fn main_entry() -> ! {
     }
 }
 
-fn child(spec: LaunchSpec, vm_dir: PathBuf, ready: OwnedFd) -> ! {
+fn child(spec: LaunchSpec, vm_dir: VmDir, ready: OwnedFd) -> ! {
     // SAFETY: setsid has no memory-safety preconditions.
     unsafe { libc::setsid() };
-    redirect_stdio(&vm_dir.join(files::SUPERVISOR_LOG));
+    redirect_stdio(&vm_dir.supervisor_log());
     if let Err(e) = std::env::set_current_dir(&vm_dir) {
         let mut f = std::fs::File::from(ready);
         let _ = write!(

@@ -2,8 +2,7 @@
 
 use super::outbox::Outbox;
 use super::routes::{Routes, SUPERVISOR_CLIENT};
-use crate::backend::qemu::QemuVm;
-use crate::backend::{files, LaunchSpec, Vmm, VmmExit};
+use crate::backend::{files, LaunchSpec, VmDir, Vmm, VmmError, VmmExit};
 use crate::state::{ProcessId, Store, VmState};
 use smolvm_proto::supervisor::{
     ControlError, ControlErrorKind, ReadyInfo, SupervisorMsg, VmRunState,
@@ -11,7 +10,6 @@ use smolvm_proto::supervisor::{
 use smolvm_proto::{encode_frame, ErrorInfo, ErrorKind, Frame, GuestHello, GuestMsg, HostMsg};
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
@@ -29,11 +27,8 @@ pub(super) enum VmCmd {
     Kill(Reply),
 }
 
-fn qemu_failure(what: &str, e: &crate::backend::qemu::QemuError) -> ControlError {
-    ControlError::new(
-        e.control_kind(),
-        format!("{what}: {}", crate::error::chain(e)),
-    )
+fn vmm_failure(e: VmmError) -> ControlError {
+    ControlError::new(e.kind, e.message)
 }
 
 /// Tells the process that spawned us why the start failed (the first byte
@@ -96,7 +91,7 @@ pub(super) fn frame<M: serde::Serialize>(stream: u32, msg: M) -> Option<Vec<u8>>
 }
 
 /// Runs the supervisor until the VMM exits. Returns the process exit code.
-pub async fn serve(spec: LaunchSpec, vm_dir: PathBuf, mut ready: std::fs::File) -> i32 {
+pub async fn serve(spec: LaunchSpec, vm_dir: VmDir, mut ready: std::fs::File) -> i32 {
     let id = spec.id.clone();
     log!("supervisor for {id} starting (pid {})", std::process::id());
     let listener = match super::bind_in_dir(&vm_dir, files::SUPERVISOR_SOCKET) {
@@ -104,18 +99,19 @@ pub async fn serve(spec: LaunchSpec, vm_dir: PathBuf, mut ready: std::fs::File) 
         Err(e) => {
             let msg = format!(
                 "cannot listen on {}: {e}",
-                vm_dir.join(files::SUPERVISOR_SOCKET).display()
+                vm_dir.supervisor_socket().display()
             );
             fail_start(&mut ready, ControlError::new(ControlErrorKind::Other, msg));
             return 1;
         }
     };
     let launched = Instant::now();
-    let mut vm = match QemuVm::launch(&spec).await {
+    let backend = crate::backend::get(spec.backend);
+    let mut vm = match backend.launch(&spec).await {
         Ok(vm) => vm,
         Err(e) => {
             log!("launch failed: {e}");
-            fail_start(&mut ready, qemu_failure("the VMM failed to start", &e));
+            fail_start(&mut ready, vmm_failure(e));
             cleanup(&vm_dir);
             return 1;
         }
@@ -161,7 +157,7 @@ pub async fn serve(spec: LaunchSpec, vm_dir: PathBuf, mut ready: std::fs::File) 
     // connected.
     if let Err(e) = vm.resume().await {
         vm.kill();
-        fail_start(&mut ready, qemu_failure("cannot start the vCPUs", &e));
+        fail_start(&mut ready, vmm_failure(e));
         cleanup(&vm_dir);
         return 1;
     }
@@ -214,7 +210,7 @@ pub async fn serve(spec: LaunchSpec, vm_dir: PathBuf, mut ready: std::fs::File) 
 
 /// Owns the VMM: serves lifecycle commands until it exits.
 async fn vm_loop(
-    vm: &mut QemuVm,
+    vm: &mut Box<dyn Vmm>,
     mut rx: mpsc::Receiver<VmCmd>,
     shared: &SharedRef,
     agent_tx: &mpsc::Sender<Vec<u8>>,
@@ -231,14 +227,14 @@ async fn vm_loop(
             }
             Some(cmd) = rx.recv() => match cmd {
                 VmCmd::Pause(reply) => {
-                    let r = vm.pause().await.map_err(|e| qemu_failure("cannot pause", &e));
+                    let r = vm.pause().await.map_err(vmm_failure);
                     if r.is_ok() {
                         lock(shared).run_state = VmRunState::Paused;
                     }
                     let _ = reply.send(r);
                 }
                 VmCmd::Resume(reply) => {
-                    let r = vm.resume().await.map_err(|e| qemu_failure("cannot resume", &e));
+                    let r = vm.resume().await.map_err(vmm_failure);
                     if r.is_ok() {
                         let mut s = lock(shared);
                         s.run_state = if s.hello.is_some() { VmRunState::Running } else { VmRunState::Booting };
@@ -307,7 +303,7 @@ async fn vm_loop(
 /// Records the outcome, fails everything still open, removes sockets.
 async fn finish(
     shared: &SharedRef,
-    vm_dir: &std::path::Path,
+    vm_dir: &VmDir,
     exit: &VmmExit,
     stop_requested: bool,
     ready_tx: &watch::Sender<()>,
@@ -328,7 +324,7 @@ async fn finish(
         } else if exit.code == Some(0) {
             guest_stopped(&s.id, vm_dir)
         } else {
-            let stderr = tail_file_lines(&vm_dir.join(files::VMM_LOG), 5);
+            let stderr = tail_file_lines(&vm_dir.vmm_log(), 5);
             let why = if stderr.is_empty() {
                 exit.to_string()
             } else {
@@ -394,13 +390,13 @@ fn record_exit(id: &str, outcome: (VmState, Option<String>)) {
     }
 }
 
-fn cleanup(vm_dir: &std::path::Path) {
-    files::remove_runtime(vm_dir);
+fn cleanup(vm_dir: &VmDir) {
+    vm_dir.remove_runtime();
 }
 
 /// The last `n` non-empty lines of a log, on one line.
 fn tail_file_lines(path: &std::path::Path, n: usize) -> String {
-    crate::backend::qemu::tail_console(path, n)
+    crate::text::tail_lines(path, n)
         .lines()
         .collect::<Vec<_>>()
         .join(" | ")
@@ -410,9 +406,9 @@ fn tail_file_lines(path: &std::path::Path, n: usize) -> String {
 /// the guest reset itself (the VMM runs -no-reboot). After a kernel panic
 /// (our kernel reboots on panic) the VM is `error`; after a clean shutdown
 /// from inside the guest it is `stopped`, with a note.
-fn guest_stopped(id: &str, vm_dir: &std::path::Path) -> (VmState, Option<String>) {
+fn guest_stopped(id: &str, vm_dir: &VmDir) -> (VmState, Option<String>) {
     // The panic line comes before its stack trace: look well back.
-    let console = crate::backend::qemu::tail_file(&vm_dir.join(files::CONSOLE_LOG), 64 * 1024);
+    let console = crate::text::tail_file(&vm_dir.console_log(), 64 * 1024);
     let panic = console
         .lines()
         .rev()

@@ -232,6 +232,7 @@ mod tests {
             memory_mib: 512,
             cpus: 2,
             accel,
+            backend: crate::backend::BackendKind::Qemu,
             network,
             grow_root: false,
         }

@@ -15,7 +15,6 @@
 
 use super::super::files;
 use std::os::unix::process::CommandExt as _;
-use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -148,12 +147,12 @@ fn pdeathsig(cmd: &mut std::process::Command) {
 impl GuestNet {
     /// Starts the guest network of the VM in `vm_dir` and waits until
     /// passt's socket is bound.
-    pub fn start(vm_dir: &Path) -> Result<GuestNet, NetError> {
-        let sock = vm_dir.join(files::NET_SOCKET);
-        let pidfile = vm_dir.join(files::NET_PASTA_PID);
+    pub fn start(vm_dir: &super::super::VmDir) -> Result<GuestNet, NetError> {
+        let sock = vm_dir.net_socket();
+        let pidfile = vm_dir.pasta_pid();
         let _ = std::fs::remove_file(&sock);
         let _ = std::fs::remove_file(&pidfile);
-        let log_path = vm_dir.join(files::NET_LOG);
+        let log_path = vm_dir.net_log();
         let log = crate::private::create(&log_path).map_err(NetError::Spawn)?;
         let clone_log = || log.try_clone().map_err(NetError::Spawn);
         let passt_bin = crate::hosttools::require(PASST)?;
@@ -169,7 +168,7 @@ impl GuestNet {
             .arg(GATE)
             .arg(&passt_bin)
             .args(passt_args())
-            .current_dir(vm_dir)
+            .current_dir(vm_dir.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::from(clone_log()?))
             .stderr(Stdio::from(clone_log()?));
@@ -187,7 +186,7 @@ impl GuestNet {
         let mut pasta_cmd = std::process::Command::new(&pasta_bin);
         pasta_cmd
             .args(pasta_args(uid, passt.id()))
-            .current_dir(vm_dir)
+            .current_dir(vm_dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::from(clone_log()?))
             .stderr(Stdio::from(clone_log()?));
@@ -207,7 +206,7 @@ impl GuestNet {
                 if let Ok(Some(st)) = c.try_wait() {
                     return Err(NetError::EarlyExit {
                         status: format!("{name} {st}"),
-                        log: super::tail_file(&log_path, 1000),
+                        log: crate::text::tail_file(&log_path, 1000),
                     });
                 }
             }

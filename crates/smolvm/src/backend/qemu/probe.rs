@@ -4,7 +4,7 @@
 //! deadline and looks for the init's marker on the console. The verdict is
 //! cached per (QEMU version, host kernel, kernel image).
 
-use super::super::ResolvedAccel;
+use super::super::{AccelVerdict, ResolvedAccel};
 use super::{probe_args, QEMU_BINARY};
 use crate::config::Accel;
 use serde::{Deserialize, Serialize};
@@ -17,16 +17,6 @@ use std::time::{Duration, Instant};
 const PROBE_DEADLINE: Duration = Duration::from_secs(8);
 const PROBE_MARKER: &str = "SMOLVM-PROBE-OK";
 const VERDICT_FILE: &str = "accel.json";
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AccelVerdict {
-    pub accel: ResolvedAccel,
-    /// Why, in one line (shown by `smolvm doctor` and in logs).
-    pub reason: String,
-    /// True when this verdict came from the cache.
-    #[serde(default)]
-    pub cached: bool,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct CachedVerdict {

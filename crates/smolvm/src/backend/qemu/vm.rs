@@ -1,6 +1,6 @@
 //! A running QEMU process and its QMP connection.
 
-use super::super::{files, LaunchSpec, Vmm, VmmExit};
+use super::super::{files, BoxFuture, LaunchSpec, Vmm, VmmError, VmmExit};
 use super::{
     check_paths, confine_child, launch_args, GuestNet, NetError, Qmp, QmpError, QEMU_BINARY,
 };
@@ -52,23 +52,6 @@ pub struct QemuVm {
     exit: Option<VmmExit>,
 }
 
-/// Last `max` bytes of a file, lossily decoded (for error messages). Reads
-/// only the tail, however large the file.
-pub fn tail_file(path: &Path, max: usize) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = len.saturating_sub(max as u64);
-    if f.seek(SeekFrom::Start(start)).is_err() {
-        return String::new();
-    }
-    let mut b = Vec::with_capacity(max.min(len as usize));
-    let _ = f.take(max as u64).read_to_end(&mut b);
-    String::from_utf8_lossy(&b).trim().to_string()
-}
-
 fn to_exit(st: std::process::ExitStatus) -> VmmExit {
     VmmExit {
         code: st.code(),
@@ -81,7 +64,7 @@ impl QemuVm {
     /// from a thread that lives as long as the VM (the VMM gets SIGKILL when
     /// the thread that spawned it exits: `PR_SET_PDEATHSIG`).
     pub async fn launch(spec: &LaunchSpec) -> Result<QemuVm, QemuError> {
-        let dir = &spec.vm_dir;
+        let dir = &spec.dir();
         check_paths(spec).map_err(QemuError::Invalid)?;
         // Nothing of an earlier run is reused: not its sockets, and above
         // all not a RAM file an interrupted start left (QEMU would map the
@@ -94,7 +77,7 @@ impl QemuVm {
         } else {
             None
         };
-        let log_path = dir.join(files::VMM_LOG);
+        let log_path = dir.vmm_log();
         let log = crate::private::create(&log_path).map_err(|source| QemuError::Log {
             path: log_path.display().to_string(),
             source,
@@ -130,7 +113,7 @@ impl QemuVm {
             })?;
         let pid = child.id().unwrap_or(0);
         let start = Instant::now();
-        let qmp_path = dir.join(files::QMP_SOCKET);
+        let qmp_path = dir.qmp_socket();
         let qmp = loop {
             if let Some(st) = child.try_wait().map_err(|source| QemuError::Spawn {
                 binary: QEMU_BINARY.into(),
@@ -138,7 +121,7 @@ impl QemuVm {
             })? {
                 return Err(QemuError::EarlyExit {
                     exit: to_exit(st).to_string(),
-                    stderr: tail_file(&log_path, 2000),
+                    stderr: crate::text::tail_file(&log_path, 2000),
                 });
             }
             if qmp_path.exists() {
@@ -187,35 +170,8 @@ impl QemuVm {
     }
 }
 
-impl Vmm for QemuVm {
-    type Error = QemuError;
-
-    fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    async fn pause(&mut self) -> Result<(), QemuError> {
-        self.command("stop").await
-    }
-
-    async fn resume(&mut self) -> Result<(), QemuError> {
-        self.command("cont").await
-    }
-
-    async fn quit(&mut self) -> Result<(), QemuError> {
-        let r = self.command("quit").await;
-        self.qmp = None;
-        match r {
-            Ok(()) | Err(QemuError::Qmp(QmpError::Closed)) => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.start_kill();
-    }
-
-    async fn wait(&mut self) -> VmmExit {
+impl QemuVm {
+    async fn wait_exit(&mut self) -> VmmExit {
         if let Some(e) = &self.exit {
             return e.clone();
         }
@@ -228,6 +184,47 @@ impl Vmm for QemuVm {
         };
         self.exit = Some(e.clone());
         e
+    }
+}
+
+fn boundary(what: &'static str) -> impl Fn(QemuError) -> VmmError {
+    move |e| e.into_vmm_error(what)
+}
+
+impl Vmm for QemuVm {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn pause(&mut self) -> BoxFuture<'_, Result<(), VmmError>> {
+        Box::pin(async move { self.command("stop").await.map_err(boundary("cannot pause")) })
+    }
+
+    fn resume(&mut self) -> BoxFuture<'_, Result<(), VmmError>> {
+        Box::pin(async move {
+            self.command("cont")
+                .await
+                .map_err(boundary("cannot resume"))
+        })
+    }
+
+    fn quit(&mut self) -> BoxFuture<'_, Result<(), VmmError>> {
+        Box::pin(async move {
+            let r = self.command("quit").await;
+            self.qmp = None;
+            match r {
+                Ok(()) | Err(QemuError::Qmp(QmpError::Closed)) => Ok(()),
+                Err(e) => Err(e.into_vmm_error("cannot quit")),
+            }
+        })
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.start_kill();
+    }
+
+    fn wait(&mut self) -> BoxFuture<'_, VmmExit> {
+        Box::pin(self.wait_exit())
     }
 
     fn is_alive(&mut self) -> bool {
@@ -243,17 +240,6 @@ impl Vmm for QemuVm {
             Err(_) => false,
         }
     }
-}
-
-/// Last `lines` non-empty lines of the guest console log.
-pub fn tail_console(path: &Path, lines: usize) -> String {
-    let t = tail_file(path, 16 * 1024);
-    let v: Vec<&str> = t
-        .lines()
-        .map(|l| l.trim_end_matches('\r'))
-        .filter(|l| !l.trim().is_empty())
-        .collect();
-    v[v.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Creates the VM's root disk: a qcow2 overlay backed by the image's ext4

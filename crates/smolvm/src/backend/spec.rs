@@ -1,0 +1,87 @@
+//! What a backend is told to boot, and what it reports back.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::PathBuf;
+
+/// The accelerator actually used for a VM (after `auto` was resolved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResolvedAccel {
+    Kvm,
+    Tcg,
+}
+
+impl fmt::Display for ResolvedAccel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ResolvedAccel::Kvm => "kvm",
+            ResolvedAccel::Tcg => "tcg",
+        })
+    }
+}
+
+/// Everything a backend needs to boot one VM. Written by the library as
+/// `launch.json` in the VM's directory and read by its supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchSpec {
+    pub id: String,
+    pub vm_dir: PathBuf,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// The VM's writable root disk (qcow2 overlay over the image's ext4).
+    pub disk: PathBuf,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub accel: ResolvedAccel,
+    /// Which backend boots it.
+    #[serde(default)]
+    pub backend: BackendKind,
+    pub network: bool,
+    /// Grow the guest's root filesystem to fill `disk` at boot (the disk
+    /// was made larger than the image).
+    #[serde(default)]
+    pub grow_root: bool,
+}
+
+impl LaunchSpec {
+    /// The VM's directory.
+    pub fn dir(&self) -> super::VmDir {
+        super::VmDir::at(&self.vm_dir)
+    }
+}
+
+/// How the VMM process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmExit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl fmt::Display for VmmExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.code, self.signal) {
+            (_, Some(s)) => write!(f, "VMM exited with signal {s}"),
+            (Some(c), None) => write!(f, "VMM exited with status {c}"),
+            (None, None) => write!(f, "VMM exited"),
+        }
+    }
+}
+
+/// The VMM implementations smolvm has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// QEMU `microvm` (the default on Linux).
+    #[default]
+    Qemu,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Qemu => "qemu",
+        })
+    }
+}
