@@ -117,11 +117,16 @@ impl Execs {
         let (mut child, status) =
             reaper::spawn(|| cmd.spawn()).map_err(|e| spawn_error(&program, &e))?;
         // Linux pids are positive and fit in pid_t.
-        let pid = child.id() as libc::pid_t;
+        let pid = child.id().cast_signed();
         let (stdin, stdout, stderr) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take());
         drop(child); // never wait on it: the reaper owns that
-        out.send(stream, GuestMsg::Started { pid: pid as u32 });
+        out.send(
+            stream,
+            GuestMsg::Started {
+                pid: pid.cast_unsigned(),
+            },
+        );
 
         let stdin = stdin.and_then(|pipe| match start_stdin(stream, pipe) {
             Ok(tx) => Some(tx),
@@ -405,7 +410,7 @@ impl Io {
         };
         let duration_ms = match raw {
             Some(_) => reaped_ms.saturating_sub(self.started_ms),
-            None => self.started.elapsed().as_millis() as u64,
+            None => u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
         };
         self.out.send(
             self.stream,

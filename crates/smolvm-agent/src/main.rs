@@ -2,6 +2,16 @@
 //! `smolvm.agent` virtio-serial port. With `--stdio` (not as PID 1) it serves
 //! the protocol on stdin/stdout instead, for tests on the host.
 
+// Tests may cast freely (small, known values); the code itself may not.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        clippy::cast_sign_loss
+    )
+)]
+
 #[macro_use]
 mod log;
 mod channel;

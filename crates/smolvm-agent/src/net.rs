@@ -53,7 +53,8 @@ fn socket() -> io::Result<OwnedFd> {
 
 fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr {
     let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
+        // AF_INET (2) fits sa_family_t.
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap_or_default(),
         sin_port: 0,
         sin_addr: libc::in_addr {
             s_addr: u32::from(ip).to_be(),
@@ -73,7 +74,7 @@ fn ifreq(name: &str) -> libc::ifreq {
         .iter_mut()
         .zip(name.bytes().take(libc::IFNAMSIZ - 1))
     {
-        *dst = src as libc::c_char;
+        *dst = src.cast_signed();
     }
     req
 }
@@ -98,7 +99,9 @@ fn set_up(sock: &OwnedFd, dev: &str) -> io::Result<()> {
     ioctl(sock, libc::SIOCGIFFLAGS, &mut req)?;
     // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
     let flags = unsafe { req.ifr_ifru.ifru_flags };
-    req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    // IFF_UP | IFF_RUNNING (0x41) fits the short flags field.
+    let up = libc::c_short::try_from(libc::IFF_UP | libc::IFF_RUNNING).unwrap_or(0x41);
+    req.ifr_ifru.ifru_flags = flags | up;
     ioctl(sock, libc::SIOCSIFFLAGS, &mut req)
 }
 

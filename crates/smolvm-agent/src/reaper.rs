@@ -65,7 +65,7 @@ pub fn spawn(spawn: impl FnOnce() -> io::Result<Child>) -> io::Result<(Child, Ow
     let mut st = lock();
     let child = spawn()?;
     // Pids are positive and fit in pid_t on Linux.
-    st.waiters.insert(child.id() as libc::pid_t, tx);
+    st.waiters.insert(child.id().cast_signed(), tx);
     st.idle = false;
     COND.notify_all();
     Ok((child, rx))

@@ -17,7 +17,12 @@ pub fn boottime_ms() -> u64 {
     if r != 0 {
         return 0;
     }
-    (ts.tv_sec as u64).saturating_mul(1000) + (ts.tv_nsec as u64) / 1_000_000
+    // CLOCK_BOOTTIME is never negative.
+    let (sec, nsec) = (
+        ts.tv_sec.max(0).cast_unsigned(),
+        ts.tv_nsec.max(0).cast_unsigned(),
+    );
+    sec.saturating_mul(1000) + nsec / 1_000_000
 }
 
 /// Maps a `-1` return to the current `errno`.
@@ -76,7 +81,7 @@ pub fn readable_now(fd: BorrowedFd<'_>) -> bool {
 pub fn poll_timeout(d: Option<Duration>) -> libc::c_int {
     match d {
         None => -1,
-        Some(d) => d.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int,
+        Some(d) => libc::c_int::try_from(d.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX),
     }
 }
 

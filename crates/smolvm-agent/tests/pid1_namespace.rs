@@ -9,6 +9,12 @@
 //! Everything it changes lives in those namespaces and that tmpfs. It needs
 //! root and unshare(1) and is skipped, saying so, without them.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 mod common;
 
 use common::{argv, shell, Conn, WAIT};

@@ -1,6 +1,12 @@
 //! The agent's protocol handling, end to end on the host: spawn the agent
 //! binary with `--stdio` and speak the real protocol to it.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 mod common;
 
 use common::{argv, is_terminal, noise, process_gone, scratch, shell, Conn, WAIT};

@@ -44,13 +44,16 @@ pub fn encode_frame<M: Serialize>(frame: &Frame<M>) -> Result<Vec<u8>, CodecErro
     let mut out = postcard::to_extend(frame, vec![0u8; HEADER_LEN])
         .map_err(|e| CodecError::Malformed(e.to_string()))?;
     let len = out.len() - HEADER_LEN;
-    if len > MAX_FRAME_LEN {
-        return Err(CodecError::MessageTooLarge {
-            len,
-            max: MAX_FRAME_LEN,
-        });
-    }
-    out[..HEADER_LEN].copy_from_slice(&(len as u32).to_le_bytes());
+    let header = match u32::try_from(len) {
+        Ok(h) if len <= MAX_FRAME_LEN => h,
+        _ => {
+            return Err(CodecError::MessageTooLarge {
+                len,
+                max: MAX_FRAME_LEN,
+            })
+        }
+    };
+    out[..HEADER_LEN].copy_from_slice(&header.to_le_bytes());
     Ok(out)
 }
 

@@ -14,6 +14,16 @@
 //!
 //! No I/O lives here.
 
+// Tests may cast freely (small, known values); the code itself may not.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        clippy::cast_sign_loss
+    )
+)]
+
 pub mod bytes;
 pub mod cmdline;
 pub mod codec;

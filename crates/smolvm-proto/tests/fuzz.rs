@@ -2,6 +2,12 @@
 //! panics and never buffers past the frame limit; every message survives a
 //! round trip however the stream is split.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 use proptest::prelude::*;
 use smolvm_proto::supervisor::{ClientMsg, SupervisorMsg};
 use smolvm_proto::*;

@@ -3,6 +3,16 @@
 //! The entry point is [`Sandbox`]. Module roots stay thin; logic lives in
 //! files named after what they do.
 
+// Tests may cast freely (small, known values); the code itself may not.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        clippy::cast_sign_loss
+    )
+)]
+
 pub mod backend;
 pub mod config;
 pub mod doctor;

@@ -84,7 +84,7 @@ pub fn is_static_elf(path: &Path) -> bool {
     let Some(phoff) = data.get(32..40).map(|b| {
         let mut a = [0u8; 8];
         a.copy_from_slice(b);
-        u64::from_le_bytes(a) as usize
+        usize::try_from(u64::from_le_bytes(a)).unwrap_or(usize::MAX)
     }) else {
         return false;
     };

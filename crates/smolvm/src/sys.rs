@@ -25,6 +25,11 @@ pub fn pidfd_of(p: ProcessId) -> Option<OwnedFd> {
     p.is_alive().then_some(fd)
 }
 
+/// `d` in whole milliseconds (saturating: no silent truncation).
+pub fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Sends `signal` to the process `p` (pid + start time). Returns false when
 /// it no longer exists (nothing was signalled).
 pub fn kill(p: ProcessId, signal: i32) -> bool {
@@ -73,7 +78,8 @@ pub fn peer_uid(sock: &impl AsRawFd) -> std::io::Result<u32> {
         uid: 0,
         gid: 0,
     };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // A ucred is 12 bytes.
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).unwrap_or(12);
     // SAFETY: getsockopt writes at most `len` bytes into `cred`, which we own.
     let r = unsafe {
         libc::getsockopt(

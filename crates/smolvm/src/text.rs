@@ -105,12 +105,13 @@ pub fn tail_file(path: &Path, max: usize) -> String {
         return String::new();
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = len.saturating_sub(max as u64);
+    let max = u64::try_from(max).unwrap_or(u64::MAX);
+    let start = len.saturating_sub(max);
     if f.seek(SeekFrom::Start(start)).is_err() {
         return String::new();
     }
-    let mut b = Vec::with_capacity(max.min(len as usize));
-    let _ = f.take(max as u64).read_to_end(&mut b);
+    let mut b = Vec::with_capacity(usize::try_from(max.min(len)).unwrap_or(0));
+    let _ = f.take(max).read_to_end(&mut b);
     String::from_utf8_lossy(&b).trim().to_string()
 }
 

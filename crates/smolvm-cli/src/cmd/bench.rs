@@ -132,7 +132,18 @@ fn stats(mut v: Vec<f64>) -> Stats {
         return Stats::default();
     }
     v.sort_by(|a, b| a.total_cmp(b));
-    let pick = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    // The index of quantile q (0..=1) among n sorted samples.
+    let pick = |q: f64| {
+        let last = v.len() - 1;
+        let i = (0..=last)
+            .min_by(|a, b| {
+                let da = (*a as f64 - last as f64 * q).abs();
+                let db = (*b as f64 - last as f64 * q).abs();
+                da.total_cmp(&db)
+            })
+            .unwrap_or(last);
+        v[i]
+    };
     Stats {
         n: v.len(),
         median: pick(0.5),

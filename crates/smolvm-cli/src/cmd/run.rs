@@ -89,9 +89,9 @@ impl Signals {
     /// Waits for one; returns the shell-style exit status (128 + signal).
     async fn recv(&mut self) -> u8 {
         tokio::select! {
-            _ = self.int.recv() => 128 + libc::SIGINT as u8,
-            _ = self.term.recv() => 128 + libc::SIGTERM as u8,
-            _ = self.hup.recv() => 128 + libc::SIGHUP as u8,
+            _ = self.int.recv() => 128 + 2,   // SIGINT
+            _ = self.term.recv() => 128 + 15, // SIGTERM
+            _ = self.hup.recv() => 128 + 1,   // SIGHUP
         }
     }
 }

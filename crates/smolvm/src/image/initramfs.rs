@@ -117,7 +117,7 @@ impl<W: Write> CpioWriter<W> {
             0,
             rdev.0,
             rdev.1,
-            namesize as u32,
+            u32::try_from(namesize).unwrap_or(u32::MAX),
             0,
         ];
         let mut header = String::with_capacity(110);

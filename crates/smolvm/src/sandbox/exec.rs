@@ -67,7 +67,7 @@ impl Sandbox {
             command: command.into(),
             env: opts.env.clone(),
             workdir: opts.workdir.clone(),
-            timeout_ms: opts.timeout.map(|t| t.as_millis() as u64),
+            timeout_ms: opts.timeout.map(crate::sys::millis),
             stdin: opts.stdin.is_some(),
         };
         let mut stream = match client.exec(req).await {
@@ -183,7 +183,7 @@ impl Sandbox {
         let client = self.require_running().await?;
         let t = Instant::now();
         client
-            .ping(t.elapsed().as_nanos() as u64 ^ 0x5eed)
+            .ping(crate::state::now_ms().cast_unsigned() ^ 0x5eed)
             .await
             .map_err(|source| {
                 self.forget_client();

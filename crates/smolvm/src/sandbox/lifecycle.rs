@@ -347,7 +347,7 @@ impl Sandbox {
         let s = store()?;
         let resp = match client
             .control(ControlRequest::WaitReady {
-                timeout_ms: boot_timeout.as_millis() as u64,
+                timeout_ms: crate::sys::millis(boot_timeout),
             })
             .await
         {
@@ -419,7 +419,7 @@ impl Sandbox {
             Ok(client) => {
                 client
                     .control(ControlRequest::Stop {
-                        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                        timeout_ms: crate::sys::millis(timeout),
                     })
                     .await
             }

@@ -122,7 +122,7 @@ pub struct VmRecord {
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 
@@ -162,7 +162,7 @@ impl Store {
     }
 
     fn migrate(&mut self, path: &Path) -> Result<(), StoreError> {
-        let known = MIGRATIONS.len() as i64;
+        let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
         let version: i64 = self
             .conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -182,9 +182,15 @@ impl Store {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        // 0 <= version < known here.
+        let done = usize::try_from(version).unwrap_or(0);
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(done) {
             tx.execute_batch(m)?;
-            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.pragma_update(
+                None,
+                "user_version",
+                i64::try_from(i + 1).unwrap_or(i64::MAX),
+            )?;
         }
         tx.commit()?;
         Ok(())
@@ -301,9 +307,10 @@ impl Store {
             params![
                 id,
                 supervisor.map(|p| p.pid),
-                supervisor.map(|p| p.start_time as i64),
+                // Start times are clock ticks since boot: far below i64::MAX.
+                supervisor.map(|p| p.start_time.cast_signed()),
                 vmm.map(|p| p.pid),
-                vmm.map(|p| p.start_time as i64),
+                vmm.map(|p| p.start_time.cast_signed()),
                 accel,
                 now_ms()
             ],
@@ -371,7 +378,7 @@ fn into_record(r: RawRow) -> Result<VmRecord, StoreError> {
     let pid = |p: Option<u32>, s: Option<i64>| match (p, s) {
         (Some(pid), Some(start)) => Some(ProcessId {
             pid,
-            start_time: start as u64,
+            start_time: start.cast_unsigned(),
         }),
         _ => None,
     };
@@ -397,8 +404,8 @@ fn is_constraint(e: &rusqlite::Error) -> bool {
 pub fn random_id() -> String {
     let mut b = [0u8; 4];
     if getrandom::fill(&mut b).is_err() {
-        let n = now_ms() as u64 ^ ((std::process::id() as u64) << 20);
-        b.copy_from_slice(&(n as u32).to_le_bytes());
+        let n = now_ms().cast_unsigned() ^ (u64::from(std::process::id()) << 20);
+        b.copy_from_slice(&n.to_le_bytes()[..4]);
     }
     format!("sbx-{:02x}{:02x}{:02x}{:02x}", b[0], b[1], b[2], b[3])
 }

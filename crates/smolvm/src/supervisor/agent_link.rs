@@ -136,7 +136,7 @@ fn accept_hello(h: smolvm_proto::GuestHello, shared: &SharedRef) -> Option<Optio
         log!("{msg}");
         s.fatal = Some(ControlError::new(ControlErrorKind::AgentIncompatible, msg));
     } else {
-        let ready_ms = s.launched.elapsed().as_millis() as u64;
+        let ready_ms = crate::sys::millis(s.launched.elapsed());
         log!("agent {} ready after {ready_ms} ms", h.agent_version);
         s.ready = Some(ReadyInfo {
             hello: h.clone(),

@@ -116,7 +116,7 @@ pub async fn serve(spec: LaunchSpec, vm_dir: VmDir, mut ready: std::fs::File) ->
             return 1;
         }
     };
-    let vmm_start_ms = launched.elapsed().as_millis() as u64;
+    let vmm_start_ms = crate::sys::millis(launched.elapsed());
     log!("VMM pid {} up in {vmm_start_ms} ms", vm.pid());
     // SQLite may wait on a lock (busy timeout): never on the event loop.
     let (rid, vmm_pid, accel) = (id.clone(), vm.pid(), spec.accel.to_string());
@@ -376,7 +376,7 @@ fn record_exit(id: &str, outcome: (VmState, Option<String>)) {
         // process owns the state while it holds the VM lock, so only move
         // from the states this supervisor was responsible for.
         let _ = store.transition(
-            &id,
+            id,
             &[
                 VmState::Running,
                 VmState::Paused,
@@ -386,7 +386,7 @@ fn record_exit(id: &str, outcome: (VmState, Option<String>)) {
             state,
             err.as_deref(),
         );
-        let _ = store.set_processes(&id, None, None, None);
+        let _ = store.set_processes(id, None, None, None);
     }
 }
 

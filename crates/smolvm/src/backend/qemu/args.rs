@@ -27,7 +27,13 @@ pub fn host_tsc_khz() -> Option<u64> {
             v.trim()
                 .parse::<f64>()
                 .ok()
-                .map(|mhz| (mhz * 1000.0) as u64)
+                .filter(|mhz| mhz.is_finite() && *mhz > 0.0 && *mhz < 1.0e6)
+                // In range (checked above): the cast cannot wrap or lose a sign.
+                .map(|mhz| {
+                    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                    let khz = (mhz * 1000.0).round() as u64;
+                    khz
+                })
         } else {
             None
         }
