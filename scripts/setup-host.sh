@@ -11,7 +11,7 @@
 set -euo pipefail
 
 PKGS=(mmdebstrap debian-archive-keyring busybox-static lz4 cpio e2fsprogs
-      openssh-client uidmap ca-certificates passt util-linux)
+      openssh-client uidmap ca-certificates passt util-linux iproute2)
 QEMU_PKGS=(qemu-system-x86 qemu-utils)
 
 SUDO=""
@@ -79,6 +79,7 @@ check unshare util-linux unshare --version
 check newuidmap uidmap test -x "$(command -v newuidmap || echo /nonexistent)"
 check passt passt passt --version
 check pasta passt pasta --version
+check ip iproute2 ip -V
 check ssh openssh-client ssh -V
 if [ $fail -ne 0 ]; then
     echo "setup-host: host set-up is incomplete (see above)" >&2

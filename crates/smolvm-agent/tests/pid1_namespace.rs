@@ -117,7 +117,9 @@ fn raw_pty() -> (File, String, OwnedFd) {
 fn agent_as_pid1_in_namespaces() {
     // Runs for real or fails: the test suite (scripts/test.sh) runs as root.
     if let Some(why) = skip_reason() {
-        panic!("this test needs root and unshare(1) ({why}); run the suite as root (scripts/test.sh)");
+        panic!(
+            "this test needs root and unshare(1) ({why}); run the suite as root (scripts/test.sh)"
+        );
     }
     let root = common::scratch("pid1-root");
     let (master, port, _slave) = raw_pty();

@@ -7,6 +7,12 @@
 //! Every case removes the VMs it made, even when it fails (a sweep runs after
 //! each case); the last case checks that no file and no process is left.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 #[path = "../../smolvm/tests/common/mod.rs"]
 mod common;
 
@@ -746,7 +752,6 @@ async fn sweep_in(dir: Option<&Path>) {
 }
 
 fn main() {
-    let data = isolated_data_dir("smolvm-cli-test-");
     let filters = filter();
     let cases = cases![
         own_errors_exit_125,
@@ -759,6 +764,8 @@ fn main() {
         run_interrupted_cleans_up,
         nothing_leaked,
     ];
+    list_if_asked(&case_names(&cases));
+    let data = isolated_data_dir("smolvm-cli-test-");
     let rt = runtime();
     let started = Instant::now();
     let code = rt.block_on(async {

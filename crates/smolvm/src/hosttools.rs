@@ -42,6 +42,11 @@ pub const TOOLS: &[HostTool] = &[
         purpose: "links the guest network's private namespace to the host",
     },
     HostTool {
+        name: "ip",
+        package: "iproute2",
+        purpose: "closes the guest's own subnet inside its network namespace",
+    },
+    HostTool {
         name: "mmdebstrap",
         package: "mmdebstrap",
         purpose: "builds the Debian root filesystem and fetches the kernel",

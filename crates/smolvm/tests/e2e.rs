@@ -2,6 +2,12 @@
 //! real image (TCG here). One VM is shared by the exec cases; cases that
 //! need their own VM boot one.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 mod common;
 
 use common::*;

@@ -14,12 +14,18 @@
 //! Runs as root (namespaces, `setpriv` to uid 65534). Uses the CLI next to
 //! the test binary (`scripts/build.sh dev`; or `SMOLVM_CLI_BIN`).
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 mod common;
 
 use common::*;
-use smolvm::{ExecOptions, Sandbox, SandboxConfig};
+use smolvm::{Command, ExecOptions, Sandbox, SandboxConfig};
 use smolvm_proto::supervisor::{ClientMsg, SupervisorMsg, SUPERVISOR_PROTOCOL_VERSION};
-use smolvm_proto::{encode_frame, Command, Decoder, Frame};
+use smolvm_proto::{encode_frame, Decoder, Frame};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -113,6 +119,11 @@ async fn sh(vm: &Sandbox, s: &str) -> Result<smolvm::ExecOutput, String> {
     vm.exec(Command::Shell(s.to_string()), &ExecOptions::default())
         .await
         .map_err(|e| smolvm::error::chain(&e))
+}
+
+/// The VM's directory, from the documented layout (`DATA/vms/ID`).
+fn vm_dir(vm: &Sandbox) -> PathBuf {
+    data_dir().join("vms").join(vm.id())
 }
 
 fn data_dir() -> PathBuf {
@@ -251,15 +262,12 @@ for arg in sys.argv[1:]:
 async fn probe(nobody: bool, ops: &[String]) -> Result<HashMap<String, String>, String> {
     let mut args: Vec<String> = Vec::new();
     let prog = if nobody {
-        args.extend(
-            [
-                format!("--reuid={NOBODY}"),
-                format!("--regid={NOBODY}"),
-                "--clear-groups".into(),
-                PYTHON.into(),
-            ]
-            .into_iter(),
-        );
+        args.extend([
+            format!("--reuid={NOBODY}"),
+            format!("--regid={NOBODY}"),
+            "--clear-groups".into(),
+            PYTHON.into(),
+        ]);
         "setpriv"
     } else {
         PYTHON
@@ -356,7 +364,8 @@ fn walk(
     } else if mode & 0o077 != 0 {
         bad.push(format!("{rel}: mode {mode:04o} ({ft:?})"));
     }
-    if meta.uid() != smolvm::sys::euid() {
+    // SAFETY: geteuid has no preconditions.
+    if meta.uid() != unsafe { libc::geteuid() } {
         bad.push(format!("{rel}: owned by uid {}", meta.uid()));
     }
     let is_dir = ft.is_dir();
@@ -410,7 +419,7 @@ async fn files_are_private(s: &Shared) -> Result<(), String> {
 
 async fn other_user_locked_out(s: &Shared) -> Result<(), String> {
     let root = data_dir();
-    let dir = s.vm.vm_dir().to_path_buf();
+    let dir = vm_dir(&s.vm);
     let memory = dir.join("memory");
     let sock = dir.join("sup.sock");
     let secrets = [
@@ -470,10 +479,10 @@ async fn other_user_locked_out(s: &Shared) -> Result<(), String> {
 
 async fn supervisor_refuses_other_uid(s: &Shared) -> Result<(), String> {
     let root = data_dir();
-    let dir = s.vm.vm_dir().to_path_buf();
+    let dir = vm_dir(&s.vm);
     let sock = dir.join("sup.sock");
     let hello = client_hello_hex();
-    let op = format!("hello|{}|{hello}|4", sock.display());
+    let op = format!("hello|{}|{hello}|2", sock.display());
 
     // Control: our own uid gets the supervisor's hello for these bytes.
     let r = probe(false, std::slice::from_ref(&op)).await?;
@@ -616,7 +625,7 @@ async fn logs_escape_guest_text(s: &Shared) -> Result<(), String> {
     )
     .await?;
     check!(o.ok(), "printf to the console failed: {o:?}");
-    let console = s.vm.vm_dir().join("console.log");
+    let console = vm_dir(&s.vm).join("console.log");
     let t = Instant::now();
     loop {
         let b = std::fs::read(&console).unwrap_or_default();
@@ -687,6 +696,11 @@ const OUTSIDE_ADDR: &str = "198.51.100.2";
 const SECRET_PORT: u16 = 18001; // 127.0.0.1 of the host namespace
 const ANY_PORT: u16 = 18002; // 0.0.0.0 of the host namespace
 const OUTSIDE_PORT: u16 = 18003; // the outside namespace's address
+/// A "LAN machine" in the outside namespace that owns the guest's gateway
+/// and resolver addresses (10.0.2.2, 10.0.2.3): a connection from the guest
+/// to them must be refused inside the guest network's namespace, never
+/// leave the host for whoever has that address on its network.
+const LAN_PORT: u16 = 18004;
 
 /// TCP listeners: each accept is logged (`accept TAG PEER`) and answered
 /// `BODY-TAG`. Prints `ready` once all are bound.
@@ -860,6 +874,9 @@ impl NetLab {
             "ip",
             &["-n", &h, "route", "add", "default", "via", OUTSIDE_ADDR],
         )?;
+        for a in ["10.0.2.2/32", "10.0.2.3/32"] {
+            must("ip", &["-n", &x, "addr", "add", a, "dev", &vx])?;
+        }
         // The host namespace's resolver is in the outside namespace too.
         std::fs::create_dir_all(&lab.etc).map_err(|e| format!("{}: {e}", lab.etc.display()))?;
         std::fs::write(
@@ -994,7 +1011,13 @@ async fn guest_network_no_host_loopback() -> Result<(), String> {
             format!("0.0.0.0:{ANY_PORT}:any"),
         ],
     )?;
-    lab.serve(&x, &[format!("{OUTSIDE_ADDR}:{OUTSIDE_PORT}:outside")])?;
+    lab.serve(
+        &x,
+        &[
+            format!("{OUTSIDE_ADDR}:{OUTSIDE_PORT}:outside"),
+            format!("0.0.0.0:{LAN_PORT}:lan"),
+        ],
+    )?;
 
     // Controls: the topology works as meant.
     let o = in_ns_curl(&h, &format!("http://127.0.0.1:{SECRET_PORT}/")).await?;
@@ -1031,6 +1054,8 @@ async fn guest_network_no_host_loopback() -> Result<(), String> {
         ("gw-any", format!("http://10.0.2.2:{ANY_PORT}/")),
         ("dns-secret", format!("http://10.0.2.3:{SECRET_PORT}/")),
         ("dns-any", format!("http://10.0.2.3:{ANY_PORT}/")),
+        ("gw-lan", format!("http://10.0.2.2:{LAN_PORT}/")),
+        ("dns-lan", format!("http://10.0.2.3:{LAN_PORT}/")),
         ("self-secret", format!("http://{HOST_ADDR}:{SECRET_PORT}/")),
         ("self-any", format!("http://{HOST_ADDR}:{ANY_PORT}/")),
         // The host's gateway, which pasta must not map to the host's loopback.
@@ -1154,6 +1179,16 @@ async fn guest_network_no_host_loopback() -> Result<(), String> {
     if !host_new.is_empty() {
         problems.push(format!(
             "the host namespace's servers accepted: {host_new:?}"
+        ));
+    }
+    let lan: Vec<String> = lab
+        .accepts(&x)
+        .into_iter()
+        .filter(|l| l.starts_with("accept lan "))
+        .collect();
+    if !lan.is_empty() {
+        problems.push(format!(
+            "connections to the guest's gateway/resolver addresses left the host: {lan:?}"
         ));
     }
     let outside_new = lab.accepts(&x).len() - outside_before;

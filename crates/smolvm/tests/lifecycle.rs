@@ -10,6 +10,12 @@
 //! "walk" are deleted (so a failing case leaves nothing behind), and the last
 //! case checks that no file and no process outlived them.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 mod common;
 
 use common::*;
@@ -755,7 +761,6 @@ async fn prune_finds_a_vm_without_disk() -> Result<(), String> {
 }
 
 fn main() {
-    let data = isolated_data_dir("smolvm-test-");
     let filters = filter();
     let cases = cases![
         bad_names_refused,
@@ -777,6 +782,8 @@ fn main() {
         prune_finds_a_vm_without_disk,
         nothing_leaked,
     ];
+    list_if_asked(&case_names(&cases));
+    let data = isolated_data_dir("smolvm-test-");
     let rt = runtime();
     let started = Instant::now();
     let code = rt.block_on(async {

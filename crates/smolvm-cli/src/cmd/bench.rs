@@ -22,6 +22,85 @@ pub struct BenchArgs {
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench/results.json")]
     out: std::path::PathBuf,
+    /// The floor script (bare QEMU boot, raw virtio-serial echo), run in
+    /// the same run so ratios compare like with like. Default:
+    /// `$SMOLVM_FLOOR`, else `../shared/tools/floor/floor.sh` when present.
+    #[arg(long)]
+    floor: Option<std::path::PathBuf>,
+}
+
+/// The floors smolvm's figures are judged against, measured on this host
+/// in this run.
+#[derive(Serialize, Default, Clone)]
+struct Floors {
+    /// Bare QEMU (same machine type, TCG) booting our kernel to an init
+    /// that powers off at once, median ms.
+    boot_ms: Option<f64>,
+    /// Round trip of 24 bytes through a raw virtio-serial port to a static
+    /// C echo server in the guest, median / p99 ms.
+    channel_median_ms: Option<f64>,
+    channel_p99_ms: Option<f64>,
+    /// Why they are missing, when they are.
+    note: Option<String>,
+}
+
+fn floor_script(arg: Option<std::path::PathBuf>) -> Option<std::path::PathBuf> {
+    arg.or_else(|| std::env::var_os("SMOLVM_FLOOR").map(Into::into))
+        .or_else(|| {
+            let p = std::path::PathBuf::from("../shared/tools/floor/floor.sh");
+            p.is_file().then_some(p)
+        })
+}
+
+/// The number after `word` in `line` (`median 12.3 ms` -> 12.3).
+fn number_after(line: &str, word: &str) -> Option<f64> {
+    let mut it = line.split_whitespace();
+    it.find(|w| *w == word)?;
+    it.next()?.parse().ok()
+}
+
+async fn measure_floors(script: Option<std::path::PathBuf>) -> Floors {
+    let Some(script) = script else {
+        return Floors {
+            note: Some("floor script not found (pass --floor PATH)".into()),
+            ..Floors::default()
+        };
+    };
+    let out = tokio::process::Command::new("bash")
+        .arg(&script)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await;
+    let out = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Ok(o) => {
+            return Floors {
+                note: Some(format!(
+                    "{} failed ({}): {}",
+                    script.display(),
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                )),
+                ..Floors::default()
+            }
+        }
+        Err(e) => {
+            return Floors {
+                note: Some(format!("cannot run {}: {e}", script.display())),
+                ..Floors::default()
+            }
+        }
+    };
+    let mut f = Floors::default();
+    for line in out.lines() {
+        if line.starts_with("boot floor") {
+            f.boot_ms = number_after(line, "median");
+        } else if line.starts_with("channel floor") {
+            f.channel_median_ms = number_after(line, "median");
+            f.channel_p99_ms = number_after(line, "p99");
+        }
+    }
+    f
 }
 
 #[derive(Serialize, Default)]
@@ -41,6 +120,7 @@ struct Results {
     stop_ms: Stats,
     start_stopped_ms: Stats,
     parallel: Vec<Parallel>,
+    floors: Floors,
 }
 
 #[derive(Serialize, Default, Clone)]
@@ -169,6 +249,7 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
         ..Default::default()
     };
     let name = smolvm::config::DEFAULT_IMAGE.to_string();
+    let floor = floor_script(a.floor.clone());
     if a.cold {
         eprintln!("bench: cold image build ...");
         let n = name.clone();
@@ -194,6 +275,8 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
     })
     .await??;
     r.image_build_cached_s = t.elapsed().as_secs_f64();
+    eprintln!("bench: floors (bare QEMU boot, raw virtio-serial echo) ...");
+    r.floors = measure_floors(floor).await;
 
     eprintln!(
         "bench: {} x create -> start -> first output of `true` ...",
@@ -347,6 +430,43 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
             r.exec_true_rtt_ms.median / r.ping_rtt_ms.median.max(1e-6)
         ),
     );
+    match (r.floors.boot_ms, r.floors.channel_median_ms) {
+        (Some(boot), Some(chan)) => {
+            row(
+                "floor: bare QEMU boot to init (ms, median)",
+                format!("{boot:.0}"),
+            );
+            row(
+                "floor: raw virtio-serial echo (ms, median / p99)",
+                format!(
+                    "{chan:.2} / {:.2}",
+                    r.floors.channel_p99_ms.unwrap_or(f64::NAN)
+                ),
+            );
+            row(
+                "create -> first output / boot floor",
+                format!(
+                    "{:.2}x",
+                    median(&r.create_to_first_output_ms) / boot.max(1e-6)
+                ),
+            );
+            row(
+                "agent ping / channel floor (medians)",
+                format!("{:.2}x", r.ping_rtt_ms.median / chan.max(1e-6)),
+            );
+            row(
+                "exec `true` / channel floor (medians)",
+                format!("{:.1}x", r.exec_true_rtt_ms.median / chan.max(1e-6)),
+            );
+        }
+        _ => row(
+            "floors",
+            r.floors
+                .note
+                .clone()
+                .unwrap_or_else(|| "not measured".into()),
+        ),
+    }
     if let Some(d) = a.out.parent() {
         std::fs::create_dir_all(d)?;
     }

@@ -69,7 +69,8 @@ fn builds_and_probes_debian_12() {
         .iter()
         .any(|i| i.name == img.name && i.problem.is_none()));
 
-    let qemu = hosttools::require("qemu-system-x86_64").expect("scripts/setup-host.sh installs QEMU");
+    let qemu =
+        hosttools::require("qemu-system-x86_64").expect("scripts/setup-host.sh installs QEMU");
     let mut child = Command::new(qemu)
         .args([
             "-M",

@@ -128,8 +128,23 @@ pub fn pasta_args(uid: u32, pid: u32) -> Vec<String> {
 }
 
 /// The shell gate the namespace holder runs: it waits until pasta has
-/// configured the namespace, then becomes passt.
-const GATE: &str = r#"read -r _ || exit 1; exec "$0" "$@" </dev/null"#;
+/// configured the namespace, closes the guest's own subnet there, then
+/// becomes passt.
+///
+/// Without the rules, a guest connecting to its gateway (10.0.2.2) or to
+/// any port but 53 of its resolver (10.0.2.3) would send a real packet to
+/// that address on the host's network (passt does not map the gateway).
+/// With them, such connections are refused inside the namespace at once;
+/// only DNS to the resolver address goes on, to pasta, which answers it.
+const GATE: &str = r#"read -r _ || exit 1
+"$SMOLVM_IP" route add prohibit "$SMOLVM_SUBNET" table 100 &&
+"$SMOLVM_IP" rule add to "$SMOLVM_DNS/32" ipproto udp dport 53 lookup main priority 100 &&
+"$SMOLVM_IP" rule add to "$SMOLVM_DNS/32" ipproto tcp dport 53 lookup main priority 101 &&
+"$SMOLVM_IP" rule add to "$SMOLVM_SUBNET" lookup 100 priority 200 || exit 1
+exec "$0" "$@" </dev/null"#;
+
+/// The guest's subnet, in CIDR form.
+const SUBNET: &str = "10.0.2.0/24";
 
 fn pdeathsig(cmd: &mut std::process::Command) {
     // SAFETY: prctl is async-signal-safe; it only sets this child's
@@ -156,6 +171,7 @@ impl GuestNet {
         let log = crate::private::create(&log_path).map_err(NetError::Spawn)?;
         let clone_log = || log.try_clone().map_err(NetError::Spawn);
         let passt_bin = crate::hosttools::require(PASST)?;
+        let ip_bin = crate::hosttools::require("ip")?;
         let pasta_bin = crate::hosttools::require(PASTA)?;
         // SAFETY: getuid/getgid have no preconditions.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
@@ -168,6 +184,9 @@ impl GuestNet {
             .arg(GATE)
             .arg(&passt_bin)
             .args(passt_args())
+            .env("SMOLVM_IP", &ip_bin)
+            .env("SMOLVM_SUBNET", SUBNET)
+            .env("SMOLVM_DNS", DNS)
             .current_dir(vm_dir.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::from(clone_log()?))
