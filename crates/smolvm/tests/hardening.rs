@@ -1207,6 +1207,161 @@ async fn guest_network_no_host_loopback() -> Result<(), String> {
     Ok(())
 }
 
+// ------------------------------------------------- host-side deadlines
+
+/// With its VMM stopped (SIGSTOP) the guest cannot answer: a timed exec
+/// still returns (a Timeout, soon after its timeout), the VM is marked,
+/// and a stop still stops it (the VMM killed), all within bounds.
+async fn frozen_vmm_has_host_deadlines() -> Result<(), String> {
+    let vm = Sandbox::create(SandboxConfig {
+        name: Some("frozen".into()),
+        ..SandboxConfig::default()
+    })
+    .await
+    .map_err(|e| smolvm::error::chain(&e))?;
+    let r = async {
+        vm.start(BOOT).await.map_err(|e| smolvm::error::chain(&e))?;
+        let pid = vm
+            .info()
+            .await
+            .map_err(|e| e.to_string())?
+            .vmm_pid
+            .ok_or("no VMM pid")?;
+        // SAFETY: kill(2) of the VMM this test started (its pid from the store).
+        check_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+        let t = Instant::now();
+        let r = vm
+            .exec(
+                Command::shell("sleep 100"),
+                &ExecOptions {
+                    timeout: Some(Duration::from_secs(2)),
+                    ..ExecOptions::default()
+                },
+            )
+            .await;
+        let took = t.elapsed();
+        match &r {
+            Err(e @ smolvm::Error::Timeout { .. }) => {
+                check_eq!(e.kind(), smolvm::ErrorKind::Timeout);
+                check!(
+                    e.to_string().contains("smolvm stop frozen"),
+                    "no fix in: {e}"
+                );
+            }
+            other => return Err(format!("a frozen guest's timed exec gave {other:?}")),
+        }
+        // 2 s timeout + the 5 s grace, with slack for a loaded host.
+        check!(
+            took < Duration::from_secs(20),
+            "the timed exec took {took:?}"
+        );
+        let info = vm.info().await.map_err(|e| e.to_string())?;
+        check!(
+            info.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("stopped answering")),
+            "the VM is not marked: {:?}",
+            info.last_error
+        );
+        let t = Instant::now();
+        vm.stop(Duration::from_secs(3))
+            .await
+            .map_err(|e| smolvm::error::chain(&e))?;
+        let took = t.elapsed();
+        check!(took < Duration::from_secs(30), "stop took {took:?}");
+        check_eq!(
+            vm.status().await.map_err(|e| e.to_string())?,
+            smolvm::VmState::Stopped
+        );
+        check!(
+            wait_pid_gone(pid, Duration::from_secs(10)).await,
+            "the frozen VMM {pid} still exists"
+        );
+        Ok(())
+    }
+    .await;
+    let _ = vm.delete().await;
+    r
+}
+
+// ---------------------------------------------------------- error kinds
+
+/// Each kind of failure comes out of the library as its own variant and
+/// kind, without parsing text.
+async fn errors_have_kinds() -> Result<(), String> {
+    use smolvm::{Error, ErrorKind};
+    let kind = |r: Result<(), Error>| r.err().map(|e| (e.kind(), e));
+    // not found
+    match Sandbox::from_id("no-such-vm").await {
+        Err(e @ Error::NotFound(_)) => check_eq!(e.kind(), ErrorKind::NotFound),
+        Err(e) => return Err(format!("from_id of nothing: {e:?}")),
+        Ok(_) => return Err("from_id of nothing succeeded".into()),
+    }
+    // invalid input
+    let bad = Sandbox::create(SandboxConfig {
+        memory_mib: 1,
+        ..SandboxConfig::default()
+    })
+    .await;
+    match bad {
+        Err(e) => check_eq!(e.kind(), ErrorKind::InvalidInput),
+        Ok(_) => return Err("1 MiB of memory was accepted".into()),
+    }
+    let vm = Sandbox::create(SandboxConfig {
+        name: Some("kinds".into()),
+        ..SandboxConfig::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let r = async {
+        // already exists
+        let dup = Sandbox::create(SandboxConfig {
+            name: Some("kinds".into()),
+            ..SandboxConfig::default()
+        })
+        .await;
+        match dup {
+            Err(e) => check_eq!(e.kind(), ErrorKind::AlreadyExists),
+            Ok(_) => return Err("a second VM of the same name".into()),
+        }
+        // invalid state, naming the state
+        match vm.run("true").await {
+            Err(
+                e @ Error::InvalidState {
+                    state: smolvm::VmState::Created,
+                    ..
+                },
+            ) => {
+                check_eq!(e.kind(), ErrorKind::InvalidState);
+                check!(e.to_string().contains("smolvm start kinds"), "{e}");
+            }
+            other => return Err(format!("exec on a created VM: {other:?}")),
+        }
+        match kind(vm.pause().await) {
+            Some((ErrorKind::InvalidState, _)) => {}
+            other => return Err(format!("pause of a created VM: {other:?}")),
+        }
+        // the VMM dies at start (its disk is garbage): VmmDied, not
+        // "cannot start the supervisor"
+        std::fs::write(vm.vm_dir().disk(), b"not a qcow2 image").map_err(|e| e.to_string())?;
+        match vm.start(BOOT).await {
+            Err(e @ Error::VmmDied { .. }) => {
+                check_eq!(e.kind(), ErrorKind::VmmDied);
+                check!(!e.to_string().contains("supervisor"), "{e}");
+            }
+            other => return Err(format!("start with a garbage disk: {other:?}")),
+        }
+        check_eq!(
+            vm.status().await.map_err(|e| e.to_string())?,
+            smolvm::VmState::Created
+        );
+        Ok(())
+    }
+    .await;
+    let _ = vm.delete().await;
+    r
+}
+
 // ------------------------------------------------------------------ main
 
 fn main() {
@@ -1217,7 +1372,11 @@ fn main() {
         vmm_confined,
         logs_escape_guest_text,
     ];
-    let own_cases = cases![guest_network_no_host_loopback];
+    let own_cases = cases![
+        guest_network_no_host_loopback,
+        frozen_vmm_has_host_deadlines,
+        errors_have_kinds,
+    ];
     let mut names = case_names(&vm_cases);
     names.extend(case_names(&own_cases));
     list_if_asked(&names);
