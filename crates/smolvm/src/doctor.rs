@@ -78,12 +78,15 @@ fn network_checks(checks: &mut Vec<Check>) {
             ),
         },
     });
-    let userns = std::process::Command::new("unshare")
-        .args(["--user", "--net", "--map-root-user", "true"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
+    let userns = crate::hosttools::command("unshare")
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|mut c| {
+            c.args(["--user", "--net", "--map-root-user", "true"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+        })
         .map(|s| s.success())
         .unwrap_or(false);
     checks.push(Check {

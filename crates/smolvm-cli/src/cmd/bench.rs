@@ -128,7 +128,7 @@ struct Parallel {
     vms: usize,
     /// Wall time for all VMs to be created, started and answer a command.
     wall_ms: f64,
-    /// Per-VM host memory of supervisor + VMM (mean), in MiB.
+    /// Per-VM host memory of supervisor + VMM + network helpers (mean), in MiB.
     rss_mib: f64,
     pss_mib: f64,
 }
@@ -144,6 +144,25 @@ fn mem_kib(pid: u32) -> (u64, u64) {
             .unwrap_or(0)
     };
     (field("Rss:"), field("Pss:"))
+}
+
+/// The pids whose parent is `parent`.
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = &s[s.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
 }
 
 async fn parallel_boot(n: usize) -> anyhow::Result<Parallel> {
@@ -178,7 +197,20 @@ async fn parallel_boot(n: usize) -> anyhow::Result<Parallel> {
     let (mut rss, mut pss) = (0u64, 0u64);
     for vm in &vms {
         let info = vm.info().await?;
-        for pid in [info.vmm_pid, info.supervisor_pid].into_iter().flatten() {
+        // The supervisor, the VMM and the network helpers (the
+        // supervisor's other children: passt, pasta).
+        let mut pids: Vec<u32> = [info.vmm_pid, info.supervisor_pid]
+            .into_iter()
+            .flatten()
+            .collect();
+        if let Some(sup) = info.supervisor_pid {
+            pids.extend(
+                children_of(sup)
+                    .into_iter()
+                    .filter(|p| Some(*p) != info.vmm_pid),
+            );
+        }
+        for pid in pids {
             let (r, p) = mem_kib(pid);
             rss += r;
             pss += p;

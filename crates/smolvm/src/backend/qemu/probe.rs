@@ -9,7 +9,7 @@ use super::{probe_args, QEMU_BINARY};
 use crate::config::Accel;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// A real KVM boots kernel → init in well under a second; a broken nested
@@ -37,9 +37,9 @@ fn kvm_usable_device() -> Result<(), String> {
 }
 
 fn cache_key(kernel: &Path) -> String {
-    let qemu = Command::new(QEMU_BINARY)
-        .arg("--version")
-        .output()
+    let qemu = crate::hosttools::command(QEMU_BINARY)
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|mut c| c.arg("--version").output())
         .map(|o| {
             String::from_utf8_lossy(&o.stdout)
                 .lines()
@@ -64,11 +64,13 @@ fn run_probe(kernel: &Path, initramfs: &Path) -> Result<Duration, String> {
     let dir = tempfile_dir().map_err(|e| format!("cannot create a probe directory: {e}"))?;
     let console = dir.path().join("console.log");
     let start = Instant::now();
-    let mut child = Command::new(QEMU_BINARY)
-        .args(probe_args(ResolvedAccel::Kvm, kernel, initramfs, &console))
+    let mut cmd = crate::hosttools::command(QEMU_BINARY).map_err(|e| e.to_string())?;
+    cmd.args(probe_args(ResolvedAccel::Kvm, kernel, initramfs, &console))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::piped());
+    super::confine_child(&mut cmd);
+    let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {QEMU_BINARY}: {e}"))?;
     let result = loop {
