@@ -7,7 +7,9 @@
 # qemu-utils (a backport) whose `Breaks: qemu-system-common (<< 8.0)` makes
 # apt *remove* it when only qemu-system-x86 is asked for. So the QEMU
 # packages are always installed together, pinned to the emulator's
-# candidate version (downgrading qemu-utils when needed).
+# candidate version (downgrading qemu-utils when needed, upgrading the
+# emulator when the archive has moved on).
+export LC_ALL=C
 set -euo pipefail
 
 PKGS=(mmdebstrap debian-archive-keyring busybox-static lz4 cpio e2fsprogs
@@ -38,10 +40,7 @@ if [ ${#missing[@]} -gt 0 ] || [ $qemu_ok -eq 0 ]; then
     $SUDO apt-get update -q
     install=("${missing[@]}")
     if [ $qemu_ok -eq 0 ]; then
-        want="$qemu_sys"
-        if [ -z "$want" ]; then
-            want="$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')"
-        fi
+        want="$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')"
         if [ -z "$want" ] || [ "$want" = "(none)" ]; then
             echo "setup-host: no installable qemu-system-x86 in the configured apt sources" >&2
             exit 1
@@ -50,7 +49,7 @@ if [ ${#missing[@]} -gt 0 ] || [ $qemu_ok -eq 0 ]; then
         echo "setup-host: QEMU packages pinned to $want (qemu-utils was ${qemu_utils:-absent})"
     fi
     echo "setup-host: installing ${install[*]}"
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
         --allow-downgrades "${install[@]}"
 fi
 

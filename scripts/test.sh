@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-host.sh
 scripts/build.sh dev
+./target/debug/smolvm doctor
 echo "test: cargo fmt --check"
 cargo fmt --all --check
 echo "test: cargo clippy"

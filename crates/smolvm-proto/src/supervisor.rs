@@ -111,6 +111,9 @@ pub enum ControlErrorKind {
     /// The supervisor is shutting down.
     ShuttingDown,
     Other,
+    /// The host lacks something the VM needs that is not a program (a
+    /// default route for the guest network, user namespaces, /dev/net/tun).
+    HostUnsupported,
 }
 
 /// Boot timings, host and guest side.

@@ -50,9 +50,26 @@ fn free_bytes(path: &std::path::Path) -> Option<u64> {
     Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
-/// The guest network needs a user namespace (passt's private namespace)
-/// and `/dev/net/tun` (pasta's link into it).
+/// The guest network needs a user namespace (passt's private namespace),
+/// `/dev/net/tun` (pasta's link into it), a default route (what pasta
+/// links to), and — where AppArmor confines passt — a data dir its profile
+/// allows.
 fn network_checks(checks: &mut Vec<Check>) {
+    let route = crate::backend::has_default_route();
+    checks.push(Check {
+        name: "default route".into(),
+        ok: true,
+        status: if route { Status::Ok } else { Status::Warn },
+        detail: if route {
+            "the host has an IPv4 default route (the guest network links to it)".into()
+        } else {
+            "no IPv4 default route: VMs with a network cannot start".into()
+        },
+        fix: (!route).then(|| "connect the host, or create VMs with `--network off`".into()),
+    });
+    if let Some(c) = apparmor_check() {
+        checks.push(c);
+    }
     let tun = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -73,7 +90,7 @@ fn network_checks(checks: &mut Vec<Check>) {
                 "cannot be opened ({e}); VMs with a network cannot start (`--network off` works)"
             ),
             fix: Some(
-                "sudo modprobe tun; and make /dev/net/tun usable (mode 0666 is the Debian default)"
+                "sudo modprobe tun && sudo chmod 0666 /dev/net/tun (the Debian default; keep it with a udev rule: KERNEL==\"tun\", MODE=\"0666\")"
                     .into(),
             ),
         },
@@ -98,11 +115,44 @@ fn network_checks(checks: &mut Vec<Check>) {
         } else {
             "cannot create a user+network namespace; VMs with a network cannot start".into()
         },
-        fix: (!userns).then(|| "sudo sysctl -w kernel.unprivileged_userns_clone=1 (and user.max_user_namespaces > 0)".into()),
+        fix: (!userns).then(|| {
+            "sudo sysctl -w user.max_user_namespaces=15000 (Debian/Ubuntu also: kernel.unprivileged_userns_clone=1; Ubuntu 24.04: kernel.apparmor_restrict_unprivileged_userns=0)".into()
+        }),
     });
 }
 
 /// What the default backend needs of the host (QEMU: its seccomp sandbox).
+/// Debian's passt package ships an AppArmor profile that lets passt and
+/// pasta write only under `/tmp` and the user's home: a data dir elsewhere
+/// breaks the guest network where AppArmor is on.
+fn apparmor_check() -> Option<Check> {
+    let enabled = std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
+        .is_ok_and(|s| s.trim() == "Y");
+    let profile = std::path::Path::new("/etc/apparmor.d/usr.bin.passt").exists();
+    if !(enabled && profile) {
+        return None;
+    }
+    let data = crate::paths::data_dir();
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    let allowed = data.starts_with("/tmp") || home.is_some_and(|h| data.starts_with(h));
+    Some(Check {
+        name: "AppArmor (passt)".into(),
+        ok: allowed,
+        status: if allowed { Status::Ok } else { Status::Missing },
+        detail: if allowed {
+            format!("passt's profile allows the data dir {}", data.display())
+        } else {
+            format!(
+                "passt's AppArmor profile only allows /tmp and your home; the data dir {} is outside both, so the guest network cannot start",
+                data.display()
+            )
+        },
+        fix: (!allowed).then(|| {
+            "set SMOLVM_DATA_DIR under your home, or allow the path in /etc/apparmor.d/local/usr.bin.passt".into()
+        }),
+    })
+}
+
 fn backend_checks(checks: &mut Vec<Check>) {
     let backend = crate::backend::get(crate::backend::BackendKind::default());
     for (name, r) in backend.host_checks() {

@@ -41,6 +41,11 @@ pub enum ErrorKind {
     Busy,
     /// A host program or companion binary is missing.
     HostToolMissing,
+    /// The host lacks something else smolvm needs (a default route for
+    /// the guest network, user namespaces, /dev/net/tun, a seccomp QEMU).
+    HostUnsupported,
+    /// The guest agent failed a request for a reason of its own.
+    Guest,
     /// An image could not be built or used.
     Image,
     /// A host I/O or state store failure.
@@ -62,6 +67,8 @@ impl ErrorKind {
             ErrorKind::AgentUnavailable => "agent_unavailable",
             ErrorKind::Busy => "busy",
             ErrorKind::HostToolMissing => "host_tool_missing",
+            ErrorKind::HostUnsupported => "host_unsupported",
+            ErrorKind::Guest => "guest",
             ErrorKind::Image => "image",
             ErrorKind::Io => "io",
         }
@@ -95,7 +102,7 @@ pub enum Error {
         hint: String,
     },
     /// A host-side deadline passed.
-    #[error("VM '{id}': {what} did not finish within {:.1}s; {hint}", after.as_secs_f64())]
+    #[error("VM '{id}': {what} (no answer within {:.1}s); {hint}", after.as_secs_f64())]
     Timeout {
         id: String,
         what: String,
@@ -118,6 +125,9 @@ pub enum Error {
     AgentIncompatible { id: String, message: String },
     #[error("VM '{id}': the guest agent is unavailable: {message}")]
     AgentUnavailable { id: String, message: String },
+    /// Another operation holds the VM (its lock), or the guest is full.
+    #[error("VM '{id}' is busy: {message}")]
+    Busy { id: String, message: String },
     #[error("VM '{id}': cannot start its supervisor")]
     Supervisor {
         id: String,
@@ -178,6 +188,7 @@ impl Error {
             Error::VmmDied { .. } => ErrorKind::VmmDied,
             Error::AgentIncompatible { .. } => ErrorKind::AgentIncompatible,
             Error::AgentUnavailable { .. } => ErrorKind::AgentUnavailable,
+            Error::Busy { .. } => ErrorKind::Busy,
             Error::Supervisor { source, .. } => match source {
                 crate::supervisor::SpawnError::Locate(_) => ErrorKind::HostToolMissing,
                 crate::supervisor::SpawnError::Failed(e) => control_kind(e.kind),
@@ -223,6 +234,15 @@ impl Error {
                 id,
                 message: e.message,
             },
+            // A VMM that stopped answering: say what ends it.
+            ControlErrorKind::VmmUnresponsive => Error::Timeout {
+                hint: format!(
+                    "the VMM is not answering (hung, or stopped); `smolvm stop {id}` ends it"
+                ),
+                id,
+                what: e.message,
+                after: crate::backend::QMP_REPLY_TIMEOUT,
+            },
             k => Error::Control {
                 id,
                 kind: control_kind(k),
@@ -241,6 +261,7 @@ fn control_kind(k: ControlErrorKind) -> ErrorKind {
         ControlErrorKind::HostToolMissing => ErrorKind::HostToolMissing,
         ControlErrorKind::InvalidState => ErrorKind::InvalidState,
         ControlErrorKind::ShuttingDown => ErrorKind::AgentUnavailable,
+        ControlErrorKind::HostUnsupported => ErrorKind::HostUnsupported,
         ControlErrorKind::Other => ErrorKind::Io,
     }
 }

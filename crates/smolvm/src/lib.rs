@@ -21,11 +21,11 @@ pub mod hosttools;
 pub mod image;
 pub mod locate;
 pub mod paths;
-pub mod private;
+pub(crate) mod private;
 pub mod sandbox;
 pub mod state;
 pub(crate) mod supervisor;
-pub mod sys;
+pub(crate) mod sys;
 pub mod text;
 
 pub use config::{Accel, SandboxConfig};

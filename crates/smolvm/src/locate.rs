@@ -47,22 +47,33 @@ fn exe_dirs() -> Vec<PathBuf> {
         }
     }
     if let Some(target) = profile.and_then(Path::parent) {
-        if target.join("CACHEDIR.TAG").is_file() {
+        // A cargo target dir is ours: a `CACHEDIR.TAG` in a directory
+        // anyone can write (`/tmp`) proves nothing.
+        if target.join("CACHEDIR.TAG").is_file() && owned_and_closed(target) {
             dirs.push(target.to_path_buf());
         }
     }
+    dirs.retain(|d| owned_and_closed(d));
     dirs
 }
 
-/// A companion binary is only run when it is ours: owned by us or root and
-/// writable by nobody else (a file another user can replace would run as us).
-fn trustworthy(p: &Path) -> bool {
+/// Owned by us or root and writable by nobody else (no symlink followed).
+fn owned_and_closed(p: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let Ok(m) = std::fs::metadata(p) else {
+    let Ok(m) = std::fs::symlink_metadata(p) else {
         return false;
     };
     let owner_ok = m.uid() == crate::sys::euid() || m.uid() == 0;
-    m.is_file() && owner_ok && m.mode() & 0o022 == 0
+    !m.file_type().is_symlink() && owner_ok && m.mode() & 0o022 == 0
+}
+
+/// A companion binary is only run when it is ours: a regular file (not a
+/// symlink another user could re-point) owned by us or root, writable by
+/// nobody else, in a directory nobody else can write (where no one can swap
+/// it between the check and the exec).
+pub(crate) fn trustworthy(p: &Path) -> bool {
+    let file_ok = std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file()) && owned_and_closed(p);
+    file_ok && p.parent().is_some_and(owned_and_closed)
 }
 
 fn path_dirs() -> Vec<PathBuf> {

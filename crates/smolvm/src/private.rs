@@ -23,9 +23,18 @@ pub fn dir_all(path: &Path) -> std::io::Result<()> {
     tighten(path, DIR_MODE)
 }
 
-/// Makes `path` no more permissive than `mode` (owner bits kept).
+/// Makes `path` no more permissive than `mode` (owner bits kept). A
+/// symlink (say, a data dir the user moved to another disk) is judged and
+/// changed as its target, and only when the target is ours.
 pub fn tighten(path: &Path, mode: u32) -> std::io::Result<()> {
-    let meta = std::fs::symlink_metadata(path)?;
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)?;
+    if meta.uid() != crate::sys::euid() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{} belongs to another user", path.display()),
+        ));
+    }
     let cur = meta.permissions().mode() & 0o7777;
     if cur & !mode != 0 {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(cur & mode))?;
@@ -36,8 +45,9 @@ pub fn tighten(path: &Path, mode: u32) -> std::io::Result<()> {
 /// Removes group and other access from `root` and everything under it
 /// (symlinks are not followed).
 pub fn tighten_tree(root: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::symlink_metadata(root)?;
-    if meta.file_type().is_symlink() {
+    if meta.file_type().is_symlink() || meta.uid() != crate::sys::euid() {
         return Ok(());
     }
     tighten(root, 0o7700)?;
@@ -77,8 +87,10 @@ pub fn append(path: &Path) -> std::io::Result<File> {
 /// same directory, synced, then renamed over `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = path.with_file_name(format!(
-        ".{}.tmp.{}",
+        ".{}.tmp.{}.{seq}",
         name.unwrap_or_default(),
         std::process::id()
     ));
@@ -92,6 +104,79 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     r
+}
+
+/// A log a child process writes through a pipe, kept by a thread of ours
+/// and capped: past `cap` bytes the rest is read and dropped (so the child
+/// never blocks on a full pipe) and one line says so. A guest that makes
+/// its VMM print forever cannot fill the host's disk.
+pub struct CappedLog {
+    writer: Option<std::io::PipeWriter>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CappedLog {
+    /// Creates `path` (private) and the thread that fills it.
+    pub fn create(path: &Path, cap: u64) -> std::io::Result<CappedLog> {
+        let mut file = create(path)?;
+        let (mut r, w) = std::io::pipe()?;
+        let thread = std::thread::Builder::new()
+            .name("capped-log".into())
+            .spawn(move || {
+                use std::io::Read as _;
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut written = 0u64;
+                let mut capped = false;
+                loop {
+                    let n = match r.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if capped {
+                        continue;
+                    }
+                    let room = usize::try_from(cap.saturating_sub(written)).unwrap_or(usize::MAX);
+                    let take = n.min(room);
+                    if file.write_all(&buf[..take]).is_err() {
+                        return;
+                    }
+                    written += take as u64;
+                    if take < n {
+                        capped = true;
+                        let _ = writeln!(
+                            file,
+                            "\n[smolvm: this log is capped at {cap} bytes; the rest was dropped]"
+                        );
+                    }
+                }
+            })?;
+        Ok(CappedLog {
+            writer: Some(w),
+            thread: Some(thread),
+        })
+    }
+
+    /// A write end for a child's stdout or stderr.
+    pub fn stdio(&self) -> std::io::Result<std::process::Stdio> {
+        match &self.writer {
+            Some(w) => Ok(w.try_clone()?.into()),
+            None => Err(std::io::Error::other("log already closed")),
+        }
+    }
+
+    /// Drops our write end (once every child holding one is spawned), so
+    /// the thread ends when the children do.
+    pub fn close_writer(&mut self) {
+        self.writer = None;
+    }
+
+    /// Waits until the children closed the pipe and the log is complete.
+    pub fn finish(&mut self) {
+        self.writer = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// The umask for child processes that create files of ours.

@@ -255,9 +255,14 @@ async fn pid1_is_the_agent(vm: &Sandbox) -> Result<(), String> {
 
 async fn accelerator_probe_decides(vm: &Sandbox) -> Result<(), String> {
     let img = smolvm::image::ensure("debian-12", &mut |_| {}).map_err(|e| e.to_string())?;
-    smolvm::backend::qemu::forget_cached_verdict();
+    smolvm::backend::forget_cached_verdict();
     let t = Instant::now();
-    let v = smolvm::backend::qemu::resolve_accel(smolvm::Accel::Auto, &img.kernel, &img.initramfs);
+    let v = smolvm::backend::resolve_accel(
+        smolvm::backend::BackendKind::Qemu,
+        smolvm::Accel::Auto,
+        &img.kernel,
+        &img.initramfs,
+    );
     check!(
         t.elapsed() < Duration::from_secs(30),
         "probe took {:?}",
@@ -276,8 +281,12 @@ async fn accelerator_probe_decides(vm: &Sandbox) -> Result<(), String> {
             v.reason
         );
     }
-    let again =
-        smolvm::backend::qemu::resolve_accel(smolvm::Accel::Auto, &img.kernel, &img.initramfs);
+    let again = smolvm::backend::resolve_accel(
+        smolvm::backend::BackendKind::Qemu,
+        smolvm::Accel::Auto,
+        &img.kernel,
+        &img.initramfs,
+    );
     check!(again.cached || !std::path::Path::new("/dev/kvm").exists());
     check_eq!(again.accel, v.accel);
     Ok(())

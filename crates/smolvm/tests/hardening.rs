@@ -142,31 +142,6 @@ fn proc_status(pid: u32, key: &str) -> Result<String, String> {
         .ok_or_else(|| format!("/proc/{pid}/status has no {key}"))
 }
 
-/// Live children of `parent`: (pid, comm).
-fn children_of(parent: u32) -> Vec<(u32, String)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let comm = stat[open + 1..close].to_string();
-        let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        // rest[0] = state, rest[1] = ppid
-        if rest.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent)
-            && !matches!(rest.first(), Some(&"Z") | Some(&"X"))
-        {
-            out.push((pid, comm));
-        }
-    }
-    out
-}
-
 fn ns_of(pid: u32, ns: &str) -> Result<PathBuf, String> {
     std::fs::read_link(format!("/proc/{pid}/ns/{ns}"))
         .map_err(|e| format!("/proc/{pid}/ns/{ns}: {e}"))

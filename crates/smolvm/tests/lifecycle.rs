@@ -622,14 +622,30 @@ async fn supervisor_kill_is_error() -> Result<(), String> {
     let info = vm.info().await.map_err(e2s)?;
     let vmm = info.vmm_pid.ok_or("no VMM pid")?;
     let sup = info.supervisor_pid.ok_or("no supervisor pid")?;
+    // Its other children: the guest network's passt and pasta.
+    let helpers: Vec<u32> = children_of(sup)
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| *p != vmm)
+        .collect();
+    check!(
+        helpers.len() >= 2,
+        "no network helpers under the supervisor: {helpers:?}"
+    );
     // SAFETY: kill(2) of the supervisor pid we just read for our own VM.
     unsafe { libc::kill(sup as i32, libc::SIGKILL) };
-    // The VMM dies with its supervisor (parent-death signal), before any
-    // smolvm call could clean it up.
+    // The VMM and the network helpers die with their supervisor
+    // (parent-death signal), before any smolvm call could clean them up.
     check!(
         wait_pid_gone(vmm, Duration::from_secs(5)).await,
         "VMM pid {vmm} outlived its supervisor"
     );
+    for h in &helpers {
+        check!(
+            wait_pid_gone(*h, Duration::from_secs(5)).await,
+            "network helper pid {h} outlived its supervisor"
+        );
+    }
     let info = vm.info().await.map_err(e2s)?;
     check_eq!(info.state, VmState::Error);
     let why = info.last_error.clone().unwrap_or_default();

@@ -24,7 +24,9 @@ pub struct BenchArgs {
     out: std::path::PathBuf,
     /// The floor script (bare QEMU boot, raw virtio-serial echo), run in
     /// the same run so ratios compare like with like. Default:
-    /// `$SMOLVM_FLOOR`, else `../shared/tools/floor/floor.sh` when present.
+    /// `$SMOLVM_FLOOR`, else `shared/tools/floor/floor.sh` beside the
+    /// repository this binary was built in (found from its own path, never
+    /// from the current directory).
     #[arg(long)]
     floor: Option<std::path::PathBuf>,
 }
@@ -47,8 +49,16 @@ struct Floors {
 fn floor_script(arg: Option<std::path::PathBuf>) -> Option<std::path::PathBuf> {
     arg.or_else(|| std::env::var_os("SMOLVM_FLOOR").map(Into::into))
         .or_else(|| {
-            let p = std::path::PathBuf::from("../shared/tools/floor/floor.sh");
-            p.is_file().then_some(p)
+            // <repo>/target/<profile>/smolvm -> <repo>/../shared/...
+            let exe = std::env::current_exe().ok()?;
+            let repo = exe.parent()?.parent()?.parent()?;
+            let p = repo.parent()?.join("shared/tools/floor/floor.sh");
+            use std::os::unix::fs::MetadataExt;
+            // Only a script of ours or root's that nobody else can change.
+            let m = std::fs::symlink_metadata(&p).ok()?;
+            let me = std::fs::metadata(&exe).ok()?.uid();
+            let trusted = m.is_file() && (m.uid() == me || m.uid() == 0) && m.mode() & 0o022 == 0;
+            trusted.then_some(p)
         })
 }
 

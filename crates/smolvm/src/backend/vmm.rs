@@ -25,16 +25,6 @@ pub struct VmmError {
     pub missing_tool: Option<crate::hosttools::MissingTool>,
 }
 
-impl VmmError {
-    pub fn new(kind: ControlErrorKind, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-            missing_tool: None,
-        }
-    }
-}
-
 /// The accelerator chosen for a VM, and why.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AccelVerdict {

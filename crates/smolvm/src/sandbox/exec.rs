@@ -47,7 +47,8 @@ impl ExecOutput {
     pub fn shell_status(&self) -> i32 {
         match (self.exit_code, self.signal) {
             (Some(c), _) => c,
-            (None, Some(s)) => s.saturating_add(128),
+            // A status, as a shell has it: 0-255 (the signal is the guest's).
+            (None, Some(s)) => s.saturating_add(128).clamp(0, 255),
             _ => 255,
         }
     }
@@ -80,8 +81,11 @@ impl Sandbox {
                 });
             }
         };
-        if let Some(t) = opts.timeout {
-            stream.set_host_deadline(t.saturating_add(crate::supervisor::GUEST_GRACE));
+        let host_deadline = opts
+            .timeout
+            .map(|t| t.saturating_add(crate::supervisor::GUEST_GRACE));
+        if let Some(d) = host_deadline {
+            stream.set_host_deadline(d);
         }
         if let Some(data) = &opts.stdin {
             let id = self.id.clone();
@@ -89,7 +93,16 @@ impl Sandbox {
                 stream.write_stdin(data).await?;
                 stream.close_stdin().await
             };
-            w.await.map_err(|source| Error::Client { id, source })?;
+            // A guest that stops reading its channel must not hold a timed
+            // command's stdin write forever either.
+            let written = match host_deadline {
+                Some(d) => match tokio::time::timeout(d, w).await {
+                    Ok(r) => r,
+                    Err(_) => return Err(self.guest_unresponsive(d).await),
+                },
+                None => w.await,
+            };
+            written.map_err(|source| Error::Client { id, source })?;
         }
         Ok(stream)
     }
@@ -163,7 +176,7 @@ impl Sandbox {
         .await;
         Error::Timeout {
             id: self.id.clone(),
-            what: "the command".into(),
+            what: "its command did not end".into(),
             after,
             hint: format!(
                 "the guest is not answering (hung, or its VMM is stopped); `smolvm stop {0}` ends it (or `smolvm rm -f {0}`)",

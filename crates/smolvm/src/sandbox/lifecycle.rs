@@ -74,12 +74,21 @@ impl Sandbox {
         let (id, _lock) = loop {
             let candidate = config.name.clone().unwrap_or_else(crate::state::random_id);
             let lock = VmLock::acquire(&candidate).await?;
-            match store()?.insert_new(Some(&candidate), &json) {
+            match store().and_then(|s| Ok(s.insert_new(Some(&candidate), &json)?)) {
                 Ok(id) => break (id, lock),
-                Err(crate::state::StoreError::AlreadyExists(_)) if config.name.is_none() => {
+                // The lock file is the existing VM's: it stays.
+                Err(Error::Store(crate::state::StoreError::AlreadyExists(_)))
+                    if config.name.is_none() =>
+                {
                     continue
                 }
-                Err(e) => return Err(e.into()),
+                Err(e @ Error::Store(crate::state::StoreError::AlreadyExists(_))) => return Err(e),
+                Err(e) => {
+                    // No VM of that id exists: no lock file may stay either
+                    // (unlinked while held, as `delete` does).
+                    let _ = std::fs::remove_file(crate::paths::lock_path(&candidate));
+                    return Err(e);
+                }
             }
         };
         let vm_dir = VmDir::of(&id);
@@ -232,7 +241,7 @@ impl Sandbox {
             return Ok(false);
         }
         tracing::info!(vm = %self.id, "a start was interrupted; waiting for its boot");
-        if let Ok(client) = self.connect().await {
+        if let Ok(client) = self.open_connection().await {
             if let Ok(ControlResponse::Status(st)) = client.control(ControlRequest::Status).await {
                 if matches!(st.state, VmRunState::Booting | VmRunState::Running) {
                     self.step("waiting for the boot of an interrupted start");
@@ -251,7 +260,7 @@ impl Sandbox {
         if !rec.supervisor.is_some_and(|p| p.is_alive()) {
             return Ok(());
         }
-        if let Ok(c) = self.connect().await {
+        if let Ok(c) = self.open_connection().await {
             let _ = c.control(ControlRequest::Kill).await;
         }
         self.forget_client();
@@ -415,7 +424,7 @@ impl Sandbox {
             return self.end_interrupted_boot(&rec).await;
         }
         self.step("stopping");
-        let r = match self.connect().await {
+        let r = match self.open_connection().await {
             Ok(client) => {
                 client
                     .control(ControlRequest::Stop {
@@ -495,7 +504,7 @@ impl Sandbox {
         };
         if let Some(rec) = &rec {
             if rec.state.is_live() {
-                if let Ok(c) = self.connect().await {
+                if let Ok(c) = self.open_connection().await {
                     let _ = c.control(ControlRequest::Kill).await;
                 }
                 self.forget_client();
@@ -520,6 +529,7 @@ impl Sandbox {
     /// Releases this handle; the VM keeps its state.
     pub fn close(self) {}
 
+    /// The handle's shared connection (commands, pings): cached.
     pub(super) async fn connect(&self) -> Result<SupervisorClient> {
         // A connection to a supervisor that has since exited (the VM was
         // stopped and started again, maybe by another process) is useless.
@@ -528,6 +538,16 @@ impl Sandbox {
                 return Ok(c);
             }
         }
+        let c = self.open_connection().await?;
+        if let Ok(mut g) = self.client.lock() {
+            *g = Some(c.clone());
+        }
+        Ok(c)
+    }
+
+    /// A connection of its own, for lifecycle requests: an `ExecStream`
+    /// of this handle that nobody drains must not hold up a stop.
+    async fn open_connection(&self) -> Result<SupervisorClient> {
         let c = SupervisorClient::connect(&self.vm_dir)
             .await
             .map_err(|source| Error::Client {
@@ -542,9 +562,6 @@ impl Sandbox {
                 source: crate::supervisor::ClientError::Unexpected,
             });
         }
-        if let Ok(mut g) = self.client.lock() {
-            *g = Some(c.clone());
-        }
         Ok(c)
     }
 
@@ -555,7 +572,7 @@ impl Sandbox {
     }
 
     async fn control_ok(&self, req: ControlRequest) -> Result<()> {
-        let c = self.connect().await?;
+        let c = self.open_connection().await?;
         match c.control(req).await {
             Ok(ControlResponse::Ok) => Ok(()),
             Ok(ControlResponse::Error(e)) => Err(Error::from_control(&self.id, e)),

@@ -21,10 +21,32 @@ impl VmLock {
         r != 0
     }
 
-    /// Blocks (on a blocking thread) until the lock of `id` is held.
+    /// Waits (on a blocking thread) until the lock of `id` is held, at
+    /// most [`LOCK_WAIT`]: a lifecycle operation of another process that
+    /// hangs (or was stopped) is reported as `Busy`, naming it.
     pub async fn acquire(id: &str) -> Result<VmLock> {
         let path = crate::paths::lock_path(id);
-        tokio::task::spawn_blocking(move || {
+        let p2 = path.clone();
+        let wait = tokio::task::spawn_blocking(move || Self::acquire_blocking(p2));
+        match tokio::time::timeout(LOCK_WAIT, wait).await {
+            Ok(r) => r.map_err(|e| Error::io("lock task failed", std::io::Error::other(e.to_string())))?,
+            // The blocking thread may still get the lock later; it then
+            // drops it at once (its result has nobody to go to).
+            Err(_) => Err(Error::Busy {
+                id: id.to_string(),
+                message: format!(
+                    "another smolvm operation on it has held its lock for {}s{}; wait for it, or end that process",
+                    LOCK_WAIT.as_secs(),
+                    holder_of(&path)
+                        .map(|(pid, cmd)| format!(" (pid {pid}: {cmd})"))
+                        .unwrap_or_default()
+                ),
+            }),
+        }
+    }
+
+    fn acquire_blocking(path: std::path::PathBuf) -> Result<VmLock> {
+        {
             if let Some(d) = path.parent() {
                 crate::private::dir_all(d)
                     .map_err(|e| Error::io(format!("cannot create {}", d.display()), e))?;
@@ -63,8 +85,37 @@ impl VmLock {
                     return Err(Error::io(format!("cannot lock {}", path.display()), e));
                 }
             }
-        })
-        .await
-        .map_err(|e| Error::io("lock task failed", std::io::Error::other(e.to_string())))?
+        }
     }
+}
+
+/// How long a lifecycle operation waits for another one on the same VM.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The process holding the flock on `path`, from `/proc/locks`, with its
+/// command line (for the error message; escaped, it is another process's).
+fn holder_of(path: &std::path::Path) -> Option<(u32, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(path).ok()?.ino();
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let pid = locks.lines().find_map(|l| {
+        // "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let node = f.get(5)?;
+        (f.get(1) == Some(&"FLOCK") && node.rsplit(':').next()?.parse::<u64>().ok()? == ino)
+            .then(|| f.get(4)?.parse::<u32>().ok())
+            .flatten()
+    })?;
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .replace('\0', " ")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default();
+    Some((
+        pid,
+        crate::text::escape_line(&cmd.chars().take(120).collect::<String>()),
+    ))
 }

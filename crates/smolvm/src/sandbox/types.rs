@@ -82,7 +82,7 @@ impl From<smolvm_proto::ErrorInfo> for GuestError {
             }
             P::Busy => K::Busy,
             P::Unavailable => K::AgentUnavailable,
-            P::Other => K::Io,
+            P::Other => K::Guest,
         };
         GuestError {
             kind,

@@ -253,6 +253,7 @@ impl SupervisorClient {
             rx,
             done: false,
             deadline: None,
+            last_frame: tokio::time::Instant::now(),
         })
     }
 }
@@ -278,7 +279,13 @@ pub struct ExecStream {
     done: bool,
     /// Host-side deadline: (when, how long after the start).
     deadline: Option<(tokio::time::Instant, Duration)>,
+    /// When the last frame arrived (output past the deadline extends it a
+    /// little: a command killed at its timeout may still be draining).
+    last_frame: tokio::time::Instant,
 }
+
+/// The most a command's output may extend its host deadline.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 impl ExecStream {
     /// Gives up on the guest (`ClientError::GuestTimeout`, and the
@@ -296,15 +303,22 @@ impl ExecStream {
         }
         let next = match self.deadline {
             None => self.rx.recv().await,
-            Some((at, after)) => match tokio::time::timeout_at(at, self.rx.recv()).await {
-                Ok(m) => m,
-                Err(_) => {
-                    // Leaves `done` false: the drop sends SIGKILL, in case
-                    // the guest wakes up.
-                    return Err(ClientError::GuestTimeout(after));
+            Some((at, after)) => {
+                // Past the deadline, output still arriving keeps the stream
+                // alive for a grace period after each frame (up to a limit):
+                // only a guest that went quiet is given up on.
+                let idle = (self.last_frame + GUEST_GRACE).min(at + DRAIN_LIMIT);
+                match tokio::time::timeout_at(at.max(idle), self.rx.recv()).await {
+                    Ok(m) => m,
+                    Err(_) => {
+                        // Leaves `done` false: the drop sends SIGKILL, in
+                        // case the guest wakes up.
+                        return Err(ClientError::GuestTimeout(after));
+                    }
                 }
-            },
+            }
         };
+        self.last_frame = tokio::time::Instant::now();
         let ev = match next {
             None => {
                 self.done = true;

@@ -231,6 +231,31 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// Live children of `parent`: (pid, comm).
+pub fn children_of(parent: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = stat[open + 1..close].to_string();
+        let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // rest[0] = state, rest[1] = ppid
+        if rest.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent)
+            && !matches!(rest.first(), Some(&"Z") | Some(&"X"))
+        {
+            out.push((pid, comm));
+        }
+    }
+    out
+}
+
 /// Waits up to `limit` for `pid` to die; false when it is still alive.
 pub async fn wait_pid_gone(pid: u32, limit: Duration) -> bool {
     let t = Instant::now();

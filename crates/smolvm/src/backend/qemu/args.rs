@@ -216,7 +216,7 @@ pub fn probe_args(
         "-append".into(),
         kernel_cmdline(accel, &format!("{}=1", smolvm_proto::cmdline::PROBE)),
         "-chardev".into(),
-        format!("file,id=con,path={}", s(console)),
+        format!("file,id=con,path={}", opt_value(&s(console))),
         "-serial".into(),
         "chardev:con".into(),
     ]);

@@ -28,6 +28,8 @@ pub const DNS: &str = "10.0.2.3";
 
 const PASST: &str = "passt";
 const PASTA: &str = "pasta";
+/// Most of passt's and pasta's output kept in `net.log`.
+const MAX_NET_LOG: u64 = 256 * 1024;
 /// How long passt gets to bind its socket.
 const READY_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -35,8 +37,14 @@ const READY_DEADLINE: Duration = Duration::from_secs(10);
 pub enum NetError {
     #[error(transparent)]
     Missing(#[from] crate::hosttools::MissingTool),
-    #[error("cannot start passt")]
+    #[error("cannot start the guest network helpers (passt, pasta)")]
     Spawn(#[source] std::io::Error),
+    /// pasta needs a default IPv4 route to link the guest to.
+    #[error(
+        "the host has no IPv4 default route, so the guest network has nothing to connect to; \
+         create the VM with `--network off` (commands still work), or connect the host"
+    )]
+    NoRoute,
     #[error("the network helper exited during start-up ({status}): {log}")]
     EarlyExit { status: String, log: String },
     #[error("{1} did not get ready within {0:?}")]
@@ -128,18 +136,27 @@ pub fn pasta_args(uid: u32, pid: u32) -> Vec<String> {
 }
 
 /// The shell gate the namespace holder runs: it waits until pasta has
-/// configured the namespace, closes the guest's own subnet there, then
-/// becomes passt.
+/// configured the namespace, closes what the guest must not reach, then
+/// becomes passt. Inside the namespace (policy routing, table 100 of
+/// `prohibit` routes; a refused connection fails at once):
 ///
-/// Without the rules, a guest connecting to its gateway (10.0.2.2) or to
-/// any port but 53 of its resolver (10.0.2.3) would send a real packet to
-/// that address on the host's network (passt does not map the gateway).
-/// With them, such connections are refused inside the namespace at once;
-/// only DNS to the resolver address goes on, to pasta, which answers it.
+/// - the host's own addresses (`SMOLVM_HOST_ADDRS`: every local IPv4
+///   address of the host when the VM starts — a docker bridge, a second
+///   interface, a VPN): through pasta they would reach services the host
+///   binds to 0.0.0.0;
+/// - the guest's own subnet: a guest connecting to its gateway (10.0.2.2)
+///   or its resolver address (10.0.2.3) would otherwise send a real packet
+///   to that address on the host's network (passt does not map the
+///   gateway). Only UDP to port 53 of the resolver address goes on, to
+///   pasta, which answers it with the host's resolver (pasta forwards UDP
+///   DNS only, so TCP DNS is refused too).
 const GATE: &str = r#"read -r _ || exit 1
+for a in $SMOLVM_HOST_ADDRS; do
+    "$SMOLVM_IP" route add prohibit "$a/32" table 100 &&
+    "$SMOLVM_IP" rule add to "$a/32" lookup 100 priority 150 || exit 1
+done
 "$SMOLVM_IP" route add prohibit "$SMOLVM_SUBNET" table 100 &&
 "$SMOLVM_IP" rule add to "$SMOLVM_DNS/32" ipproto udp dport 53 lookup main priority 100 &&
-"$SMOLVM_IP" rule add to "$SMOLVM_DNS/32" ipproto tcp dport 53 lookup main priority 101 &&
 "$SMOLVM_IP" rule add to "$SMOLVM_SUBNET" lookup 100 priority 200 || exit 1
 exec "$0" "$@" </dev/null"#;
 
@@ -163,13 +180,19 @@ impl GuestNet {
     /// Starts the guest network of the VM in `vm_dir` and waits until
     /// passt's socket is bound.
     pub fn start(vm_dir: &super::super::VmDir) -> Result<GuestNet, NetError> {
+        if !has_default_route() {
+            return Err(NetError::NoRoute);
+        }
         let sock = vm_dir.net_socket();
         let pidfile = vm_dir.pasta_pid();
         let _ = std::fs::remove_file(&sock);
         let _ = std::fs::remove_file(&pidfile);
         let log_path = vm_dir.net_log();
-        let log = crate::private::create(&log_path).map_err(NetError::Spawn)?;
-        let clone_log = || log.try_clone().map_err(NetError::Spawn);
+        // passt and pasta log little (--quiet), but a capped log holds
+        // whatever they print.
+        let log =
+            crate::private::CappedLog::create(&log_path, MAX_NET_LOG).map_err(NetError::Spawn)?;
+        let clone_log = || log.stdio().map_err(NetError::Spawn);
         let passt_bin = crate::hosttools::require(PASST)?;
         let ip_bin = crate::hosttools::require("ip")?;
         let pasta_bin = crate::hosttools::require(PASTA)?;
@@ -187,10 +210,18 @@ impl GuestNet {
             .env("SMOLVM_IP", &ip_bin)
             .env("SMOLVM_SUBNET", SUBNET)
             .env("SMOLVM_DNS", DNS)
+            .env(
+                "SMOLVM_HOST_ADDRS",
+                host_addresses()
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            )
             .current_dir(vm_dir.path())
             .stdin(Stdio::piped())
-            .stdout(Stdio::from(clone_log()?))
-            .stderr(Stdio::from(clone_log()?));
+            .stdout(clone_log()?)
+            .stderr(clone_log()?);
         super::confine_child(&mut holder);
         pdeathsig(&mut holder);
         crate::sys::enter_private_netns(&mut holder, uid, gid);
@@ -207,8 +238,8 @@ impl GuestNet {
             .args(pasta_args(uid, passt.id()))
             .current_dir(vm_dir.path())
             .stdin(Stdio::null())
-            .stdout(Stdio::from(clone_log()?))
-            .stderr(Stdio::from(clone_log()?));
+            .stdout(clone_log()?)
+            .stderr(clone_log()?);
         super::confine_child(&mut pasta_cmd);
         pdeathsig(&mut pasta_cmd);
         let pasta = match pasta_cmd.spawn() {
@@ -218,36 +249,48 @@ impl GuestNet {
                 return Err(NetError::Spawn(e));
             }
         };
+        let mut log = log;
+        log.close_writer();
         let mut net = GuestNet { passt, pasta };
         let start = Instant::now();
-        let wait = |net: &mut GuestNet, done: &dyn Fn() -> bool, what: &str| loop {
+        // Err(Some(status)): a helper exited; Err(None): the deadline passed.
+        let wait = |net: &mut GuestNet, done: &dyn Fn() -> bool| loop {
             for (name, c) in [("pasta", &mut net.pasta), ("passt", &mut net.passt)] {
                 if let Ok(Some(st)) = c.try_wait() {
-                    return Err(NetError::EarlyExit {
-                        status: format!("{name} {st}"),
-                        log: crate::text::tail_file(&log_path, 1000),
-                    });
+                    return Err(Some(format!("{name} {st}")));
                 }
             }
             if done() {
                 return Ok(());
             }
             if start.elapsed() > READY_DEADLINE {
-                return Err(NetError::Timeout(READY_DEADLINE, what.to_string()));
+                return Err(None);
             }
             std::thread::sleep(Duration::from_millis(5));
         };
-        wait(
-            &mut net,
-            &|| pidfile.metadata().is_ok_and(|m| m.len() > 0),
-            "pasta",
-        )?;
+        let fail =
+            |net: GuestNet, mut log: crate::private::CappedLog, why: Option<String>, what: &str| {
+                drop(net); // both helpers killed: the log is complete
+                log.finish();
+                match why {
+                    Some(status) => NetError::EarlyExit {
+                        status,
+                        log: crate::text::tail_file(&log_path, 1000),
+                    },
+                    None => NetError::Timeout(READY_DEADLINE, what.to_string()),
+                }
+            };
+        if let Err(why) = wait(&mut net, &|| pidfile.metadata().is_ok_and(|m| m.len() > 0)) {
+            return Err(fail(net, log, why, "pasta"));
+        }
         // 3. Open the gate: the holder becomes passt, inside the namespace.
         if let Some(mut gate) = net.passt.stdin.take() {
             use std::io::Write as _;
             let _ = gate.write_all(b"go\n");
         }
-        wait(&mut net, &|| sock.exists(), "passt")?;
+        if let Err(why) = wait(&mut net, &|| sock.exists()) {
+            return Err(fail(net, log, why, "passt"));
+        }
         Ok(net)
     }
 }
@@ -259,6 +302,43 @@ impl Drop for GuestNet {
             let _ = c.wait();
         }
     }
+}
+
+/// True when the host has an IPv4 default route (`/proc/net/route`: a
+/// destination and mask of 0).
+pub fn has_default_route() -> bool {
+    std::fs::read_to_string("/proc/net/route")
+        .map(|t| {
+            t.lines().skip(1).any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.get(1) == Some(&"00000000") && f.get(7) == Some(&"00000000")
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// The host's own IPv4 addresses, from `/proc/net/fib_trie`'s `/32 host
+/// LOCAL` entries (every local address of every interface), loopback
+/// excluded (the namespace has its own).
+pub fn host_addresses() -> Vec<std::net::Ipv4Addr> {
+    let Ok(t) = std::fs::read_to_string("/proc/net/fib_trie") else {
+        return Vec::new();
+    };
+    let mut out: Vec<std::net::Ipv4Addr> = Vec::new();
+    let mut last: Option<std::net::Ipv4Addr> = None;
+    for l in t.lines() {
+        let l = l.trim();
+        if let Some(a) = l.strip_prefix("|-- ") {
+            last = a.parse().ok();
+        } else if l.contains("/32 host LOCAL") {
+            if let Some(a) = last.filter(|a| !a.is_loopback()) {
+                if !out.contains(&a) {
+                    out.push(a);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The kernel command line keys that give the guest its address plan.

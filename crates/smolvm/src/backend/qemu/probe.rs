@@ -70,6 +70,19 @@ fn run_probe(kernel: &Path, initramfs: &Path) -> Result<Duration, String> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     super::confine_child(&mut cmd);
+    // The probe ends with this thread's caller: never a QEMU left behind
+    // (a KVM internal error pauses QEMU instead of ending it).
+    // SAFETY: prctl is async-signal-safe and only sets this child's
+    // parent-death signal.
+    unsafe {
+        use std::os::unix::process::CommandExt as _;
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {QEMU_BINARY}: {e}"))?;

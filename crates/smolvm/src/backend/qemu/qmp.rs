@@ -12,7 +12,7 @@ use tokio::net::UnixStream;
 const MAX_LINE: usize = 1024 * 1024;
 /// Lifecycle commands (stop, cont, quit, query-status) answer at once; a VMM
 /// that takes longer is hung or stopped (SIGSTOP).
-const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
@@ -41,6 +41,8 @@ pub struct Qmp {
 impl Qmp {
     /// Connects to a QMP socket (relative paths are fine), reads the greeting
     /// and negotiates capabilities.
+    /// Bounded: a VMM that accepts but never greets (stopped with SIGSTOP:
+    /// its listening socket still accepts) is a timeout, not a hang.
     pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
         let stream = UnixStream::connect(path).await?;
         let (r, w) = stream.into_split();
@@ -49,7 +51,9 @@ impl Qmp {
             writer: w,
             events: Vec::new(),
         };
-        let greeting = qmp.read_message().await?;
+        let greeting = tokio::time::timeout(REPLY_TIMEOUT, qmp.read_message())
+            .await
+            .map_err(|_| QmpError::Timeout("greeting".into()))??;
         if greeting.get("QMP").is_none() {
             return Err(QmpError::Protocol(format!(
                 "unexpected greeting: {greeting}"
@@ -127,19 +131,5 @@ impl Qmp {
         tokio::time::timeout(REPLY_TIMEOUT, fut)
             .await
             .map_err(|_| QmpError::Timeout(command.to_string()))?
-    }
-
-    /// Events received so far.
-    pub fn take_events(&mut self) -> Vec<Value> {
-        std::mem::take(&mut self.events)
-    }
-
-    /// `query-status`'s `status` (e.g. "running", "paused").
-    pub async fn status(&mut self) -> Result<String, QmpError> {
-        let r = self.execute("query-status", None).await?;
-        r.get("status")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .ok_or_else(|| QmpError::Protocol(format!("query-status: {r}")))
     }
 }

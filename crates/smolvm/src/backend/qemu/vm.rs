@@ -10,6 +10,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
+/// Most of QEMU's own output kept in `vmm.log`.
+const MAX_VMM_LOG: u64 = 1024 * 1024;
+
 /// How long QEMU gets to open its QMP socket.
 const QMP_DEADLINE: Duration = Duration::from_secs(20);
 
@@ -49,6 +52,8 @@ pub struct QemuVm {
     _net: Option<GuestNet>,
     pid: u32,
     qmp: Option<Qmp>,
+    /// Where to reconnect after a QMP timeout.
+    qmp_path: std::path::PathBuf,
     exit: Option<VmmExit>,
 }
 
@@ -78,20 +83,17 @@ impl QemuVm {
             None
         };
         let log_path = dir.vmm_log();
-        let log = crate::private::create(&log_path).map_err(|source| QemuError::Log {
+        let log_err = |source| QemuError::Log {
             path: log_path.display().to_string(),
             source,
-        })?;
-        let log2 = log.try_clone().map_err(|source| QemuError::Log {
-            path: log_path.display().to_string(),
-            source,
-        })?;
+        };
+        let mut log = crate::private::CappedLog::create(&log_path, MAX_VMM_LOG).map_err(log_err)?;
         let mut cmd = crate::hosttools::command(QEMU_BINARY)?;
         cmd.args(launch_args(spec))
             .current_dir(dir)
             .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2));
+            .stdout(log.stdio().map_err(log_err)?)
+            .stderr(log.stdio().map_err(log_err)?);
         confine_child(&mut cmd);
         // SAFETY: prctl is async-signal-safe and touches no memory of the
         // parent; it only sets this child's parent-death signal so the VMM
@@ -111,6 +113,8 @@ impl QemuVm {
                 binary: QEMU_BINARY.into(),
                 source,
             })?;
+        // `cmd` (holding write ends) is consumed: only QEMU writes now.
+        log.close_writer();
         let pid = child.id().unwrap_or(0);
         let start = Instant::now();
         let qmp_path = dir.qmp_socket();
@@ -119,6 +123,7 @@ impl QemuVm {
                 binary: QEMU_BINARY.into(),
                 source,
             })? {
+                log.finish();
                 return Err(QemuError::EarlyExit {
                     exit: to_exit(st).to_string(),
                     stderr: crate::text::tail_file(&log_path, 2000),
@@ -142,19 +147,32 @@ impl QemuVm {
             _net: net,
             pid,
             qmp: Some(qmp),
+            qmp_path: dir.qmp_socket(),
             exit: None,
         })
     }
 
-    fn qmp(&mut self) -> Result<&mut Qmp, QemuError> {
+    /// The QMP connection, reconnecting when an earlier command timed out
+    /// (a VMM that was stopped for a while answers again once continued).
+    async fn qmp(&mut self) -> Result<&mut Qmp, QemuError> {
+        if self.qmp.is_none() {
+            if !self.is_alive() {
+                return Err(QemuError::Qmp(QmpError::Closed));
+            }
+            match Qmp::connect(&self.qmp_path).await {
+                Ok(q) => self.qmp = Some(q),
+                Err(QmpError::Timeout(_)) => return Err(QemuError::Unresponsive),
+                Err(e) => return Err(e.into()),
+            }
+        }
         self.qmp.as_mut().ok_or(QemuError::Unresponsive)
     }
 
     /// Runs a QMP command. After a command timed out the connection is
     /// out of step (a late reply would answer the next command), so it is
-    /// dropped: the VMM counts as unresponsive from then on.
+    /// dropped and the next command reconnects.
     async fn command(&mut self, cmd: &str) -> Result<(), QemuError> {
-        match self.qmp()?.execute(cmd, None).await {
+        match self.qmp().await?.execute(cmd, None).await {
             Ok(_) => Ok(()),
             Err(QmpError::Timeout(_)) => {
                 self.qmp = None;
@@ -162,11 +180,6 @@ impl QemuVm {
             }
             Err(e) => Err(e.into()),
         }
-    }
-
-    /// The QMP run status ("running", "paused", ...).
-    pub async fn run_status(&mut self) -> Result<String, QemuError> {
-        Ok(self.qmp()?.status().await?)
     }
 }
 
@@ -282,6 +295,7 @@ impl QemuError {
         use smolvm_proto::supervisor::ControlErrorKind as K;
         match self {
             QemuError::Missing(_) | QemuError::Net(NetError::Missing(_)) => K::HostToolMissing,
+            QemuError::Net(NetError::NoRoute) => K::HostUnsupported,
             QemuError::EarlyExit { .. } | QemuError::Qmp(QmpError::Closed) => K::VmmExited,
             QemuError::Unresponsive
             | QemuError::QmpTimeout(_)
