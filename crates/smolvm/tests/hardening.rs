@@ -676,6 +676,8 @@ const OUTSIDE_PORT: u16 = 18003; // the outside namespace's address
 /// to them must be refused inside the guest network's namespace, never
 /// leave the host for whoever has that address on its network.
 const LAN_PORT: u16 = 18004;
+/// Another address of the host namespace (on a dummy interface).
+const OTHER_HOST_ADDR: &str = "203.0.113.7";
 
 /// TCP listeners: each accept is logged (`accept TAG PEER`) and answered
 /// `BODY-TAG`. Prints `ready` once all are bound.
@@ -852,6 +854,22 @@ impl NetLab {
         for a in ["10.0.2.2/32", "10.0.2.3/32"] {
             must("ip", &["-n", &x, "addr", "add", a, "dev", &vx])?;
         }
+        // A second address of the host (a docker bridge, a VPN): pasta does
+        // not copy it, so only the gate keeps the guest from it.
+        must("ip", &["-n", &h, "link", "add", "smd0", "type", "dummy"])?;
+        must(
+            "ip",
+            &[
+                "-n",
+                &h,
+                "addr",
+                "add",
+                &format!("{OTHER_HOST_ADDR}/32"),
+                "dev",
+                "smd0",
+            ],
+        )?;
+        must("ip", &["-n", &h, "link", "set", "smd0", "up"])?;
         // The host namespace's resolver is in the outside namespace too.
         std::fs::create_dir_all(&lab.etc).map_err(|e| format!("{}: {e}", lab.etc.display()))?;
         std::fs::write(
@@ -991,6 +1009,9 @@ async fn guest_network_no_host_loopback() -> Result<(), String> {
         &[
             format!("{OUTSIDE_ADDR}:{OUTSIDE_PORT}:outside"),
             format!("0.0.0.0:{LAN_PORT}:lan"),
+            // TCP to the resolver address's port 53 (pasta forwards only
+            // UDP DNS): must be refused in the namespace, not leave.
+            "0.0.0.0:53:lan".to_string(),
         ],
     )?;
 
@@ -1031,8 +1052,14 @@ async fn guest_network_no_host_loopback() -> Result<(), String> {
         ("dns-any", format!("http://10.0.2.3:{ANY_PORT}/")),
         ("gw-lan", format!("http://10.0.2.2:{LAN_PORT}/")),
         ("dns-lan", format!("http://10.0.2.3:{LAN_PORT}/")),
+        ("dns-tcp53", "http://10.0.2.3:53/".to_string()),
         ("self-secret", format!("http://{HOST_ADDR}:{SECRET_PORT}/")),
         ("self-any", format!("http://{HOST_ADDR}:{ANY_PORT}/")),
+        ("other-any", format!("http://{OTHER_HOST_ADDR}:{ANY_PORT}/")),
+        (
+            "other-secret",
+            format!("http://{OTHER_HOST_ADDR}:{SECRET_PORT}/"),
+        ),
         // The host's gateway, which pasta must not map to the host's loopback.
         (
             "hostgw-secret",
@@ -1238,6 +1265,32 @@ async fn frozen_vmm_has_host_deadlines() -> Result<(), String> {
             "the VM is not marked: {:?}",
             info.last_error
         );
+        // Pause of a stopped VMM: a timeout that says what ends it.
+        let t = Instant::now();
+        match vm.pause().await {
+            Err(e) => {
+                check_eq!(e.kind(), smolvm::ErrorKind::Timeout);
+                check!(
+                    e.to_string().contains("smolvm stop frozen"),
+                    "no fix in: {e}"
+                );
+            }
+            Ok(()) => return Err("pause of a stopped VMM succeeded".into()),
+        }
+        check!(
+            t.elapsed() < Duration::from_secs(20),
+            "pause took {:?}",
+            t.elapsed()
+        );
+        // Continued, the VMM answers again (the control connection is made
+        // anew after the timeout) and the guest is back.
+        // SAFETY: kill(2) of the VMM this test started.
+        check_eq!(unsafe { libc::kill(pid as i32, libc::SIGCONT) }, 0);
+        vm.pause().await.map_err(|e| smolvm::error::chain(&e))?;
+        vm.resume().await.map_err(|e| smolvm::error::chain(&e))?;
+        check_eq!(sh(&vm, "echo back").await?.stdout, b"back\n".to_vec());
+        // SAFETY: as above.
+        check_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
         let t = Instant::now();
         vm.stop(Duration::from_secs(3))
             .await

@@ -1,5 +1,6 @@
 //! The `Sandbox` lifecycle API.
 
+mod boot;
 mod exec;
 mod lifecycle;
 mod lock;

@@ -54,6 +54,9 @@ pub struct QemuVm {
     qmp: Option<Qmp>,
     /// Where to reconnect after a QMP timeout.
     qmp_path: std::path::PathBuf,
+    /// Whether the vCPUs should be running, as of the last command that
+    /// succeeded (the VMM starts stopped: `-S`).
+    want_running: bool,
     exit: Option<VmmExit>,
 }
 
@@ -148,6 +151,7 @@ impl QemuVm {
             pid,
             qmp: Some(qmp),
             qmp_path: dir.qmp_socket(),
+            want_running: false,
             exit: None,
         })
     }
@@ -159,11 +163,20 @@ impl QemuVm {
             if !self.is_alive() {
                 return Err(QemuError::Qmp(QmpError::Closed));
             }
-            match Qmp::connect(&self.qmp_path).await {
-                Ok(q) => self.qmp = Some(q),
+            let mut q = match Qmp::connect(&self.qmp_path).await {
+                Ok(q) => q,
                 Err(QmpError::Timeout(_)) => return Err(QemuError::Unresponsive),
                 Err(e) => return Err(e.into()),
+            };
+            // The command that timed out may have run late (QEMU reads it
+            // once continued): put the vCPUs back as they were meant to be.
+            let status = q.execute("query-status", None).await?;
+            let running = status.get("running").and_then(serde_json::Value::as_bool);
+            if running.is_some_and(|r| r != self.want_running) {
+                q.execute(if self.want_running { "cont" } else { "stop" }, None)
+                    .await?;
             }
+            self.qmp = Some(q);
         }
         self.qmp.as_mut().ok_or(QemuError::Unresponsive)
     }
@@ -173,7 +186,14 @@ impl QemuVm {
     /// dropped and the next command reconnects.
     async fn command(&mut self, cmd: &str) -> Result<(), QemuError> {
         match self.qmp().await?.execute(cmd, None).await {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                match cmd {
+                    "cont" => self.want_running = true,
+                    "stop" => self.want_running = false,
+                    _ => {}
+                }
+                Ok(())
+            }
             Err(QmpError::Timeout(_)) => {
                 self.qmp = None;
                 Err(QemuError::Unresponsive)
