@@ -1,6 +1,6 @@
 //! The small safe layer over the raw syscalls the host side needs (as
 //! crosvm's `base`): killing a process by its identity through a pidfd,
-//! the peer of a unix socket, namespaces for child processes. Everything
+//! namespaces for child processes. Everything
 //! `unsafe` about processes lives here.
 
 use crate::state::ProcessId;
@@ -69,31 +69,6 @@ pub async fn wait_exit(p: ProcessId, limit: std::time::Duration) -> bool {
         Ok(Err(_)) => !p.is_alive(),
         Err(_) => !p.is_alive(),
     }
-}
-
-/// The uid of the process at the other end of a unix stream socket.
-pub fn peer_uid(sock: &impl AsRawFd) -> std::io::Result<u32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    // A ucred is 12 bytes.
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).unwrap_or(12);
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which we own.
-    let r = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(cred.uid)
 }
 
 /// This process's effective uid.
@@ -169,11 +144,5 @@ mod tests {
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(st.signal(), Some(libc::SIGKILL));
         assert!(!kill(me, libc::SIGKILL), "gone");
-    }
-
-    #[test]
-    fn peer_of_a_socketpair_is_us() {
-        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        assert_eq!(peer_uid(&a).unwrap(), euid());
     }
 }

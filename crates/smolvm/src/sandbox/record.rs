@@ -1,7 +1,6 @@
 //! A VM's row as the truth: crash detection (a live state whose processes
 //! died becomes `error`), info, and the messages that say what to run.
 
-use crate::backend::files;
 use crate::config::SandboxConfig;
 use crate::error::{Error, Result};
 use crate::state::{ProcessId, Store, VmRecord, VmState};
@@ -112,7 +111,7 @@ pub(super) fn refreshed(id: &str) -> Result<VmRecord> {
         crate::sys::kill(v, libc::SIGKILL);
     }
     // What a dead supervisor could not clean up.
-    files::remove_runtime(&crate::paths::vm_dir(id));
+    crate::backend::VmDir::of(id).remove_runtime();
     let _ = s.set_processes(id, None, None, None);
     s.get(id)?.ok_or_else(|| Error::NotFound(id.to_string()))
 }

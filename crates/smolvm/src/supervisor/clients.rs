@@ -44,7 +44,7 @@ pub(super) async fn accept_loop(
         };
         // Only our own user may drive the VM. The socket sits in a private
         // directory already; this holds even if its mode is loosened.
-        match crate::sys::peer_uid(&stream) {
+        match stream.peer_cred().map(|c| c.uid()) {
             Ok(uid) if uid == crate::sys::euid() => {}
             other => {
                 refused += 1;

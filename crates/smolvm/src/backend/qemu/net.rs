@@ -45,7 +45,7 @@ pub enum NetError {
          create the VM with `--network off` (commands still work), or connect the host"
     )]
     NoRoute,
-    #[error("the network helper exited during start-up ({status}): {log}")]
+    #[error("the network helper exited during start-up ({status}): {log}; `smolvm doctor` checks what it needs")]
     EarlyExit { status: String, log: String },
     #[error("{1} did not get ready within {0:?}")]
     Timeout(Duration, String),

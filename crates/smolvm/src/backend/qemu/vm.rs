@@ -80,6 +80,10 @@ impl QemuVm {
         for f in files::VMM_RUNTIME {
             let _ = std::fs::remove_file(dir.join(f));
         }
+        // Blocking for at most a few seconds, on purpose on this thread:
+        // the helpers' parent-death signal follows the thread that spawns
+        // them (a blocking-pool thread would end and take them along). No
+        // client is served before the launch anyway.
         let net = if spec.network {
             Some(GuestNet::start(dir)?)
         } else {
@@ -315,7 +319,9 @@ impl QemuError {
         use smolvm_proto::supervisor::ControlErrorKind as K;
         match self {
             QemuError::Missing(_) | QemuError::Net(NetError::Missing(_)) => K::HostToolMissing,
-            QemuError::Net(NetError::NoRoute) => K::HostUnsupported,
+            // The helpers fail at start for what the host lacks (tun, user
+            // namespaces, AppArmor, a route): `smolvm doctor` names it.
+            QemuError::Net(_) => K::HostUnsupported,
             QemuError::EarlyExit { .. } | QemuError::Qmp(QmpError::Closed) => K::VmmExited,
             QemuError::Unresponsive
             | QemuError::QmpTimeout(_)
