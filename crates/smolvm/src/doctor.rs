@@ -65,7 +65,7 @@ fn network_checks(checks: &mut Vec<Check>) {
         } else {
             "no IPv4 default route: VMs with a network cannot start".into()
         },
-        fix: (!route).then(|| "connect the host, or create VMs with `--network off`".into()),
+        fix: (!route).then(|| "connect the host, or create VMs with `--no-network`".into()),
     });
     if let Some(c) = apparmor_check() {
         checks.push(c);
@@ -87,7 +87,7 @@ fn network_checks(checks: &mut Vec<Check>) {
             ok: false,
             status: Status::Missing,
             detail: format!(
-                "cannot be opened ({e}); VMs with a network cannot start (`--network off` works)"
+                "cannot be opened ({e}); VMs with a network cannot start (`--no-network` works)"
             ),
             fix: Some(
                 "sudo modprobe tun && sudo chmod 0666 /dev/net/tun (the Debian default; keep it with a udev rule: KERNEL==\"tun\", MODE=\"0666\")"

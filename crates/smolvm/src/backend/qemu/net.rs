@@ -42,7 +42,7 @@ pub enum NetError {
     /// pasta needs a default IPv4 route to link the guest to.
     #[error(
         "the host has no IPv4 default route, so the guest network has nothing to connect to; \
-         create the VM with `--network off` (commands still work), or connect the host"
+         create the VM with `--no-network` (commands still work), or connect the host"
     )]
     NoRoute,
     #[error("the network helper exited during start-up ({status}): {log}; `smolvm doctor` checks what it needs")]
