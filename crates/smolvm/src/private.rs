@@ -112,17 +112,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// its VMM print forever cannot fill the host's disk.
 pub struct CappedLog {
     writer: Option<std::io::PipeWriter>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Says when the copying thread has seen the end of the pipe.
+    done: Option<std::sync::mpsc::Receiver<()>>,
 }
+
+/// How long [`CappedLog::finish`] waits for the log to be complete.
+const FINISH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl CappedLog {
     /// Creates `path` (private) and the thread that fills it.
     pub fn create(path: &Path, cap: u64) -> std::io::Result<CappedLog> {
         let mut file = create(path)?;
         let (mut r, w) = std::io::pipe()?;
-        let thread = std::thread::Builder::new()
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
             .name("capped-log".into())
             .spawn(move || {
+                // Sent when this thread ends, however it ends.
+                let _done = DropSignal(done_tx);
                 use std::io::Read as _;
                 let mut buf = vec![0u8; 16 * 1024];
                 let mut written = 0u64;
@@ -152,7 +159,7 @@ impl CappedLog {
             })?;
         Ok(CappedLog {
             writer: Some(w),
-            thread: Some(thread),
+            done: Some(done),
         })
     }
 
@@ -170,12 +177,22 @@ impl CappedLog {
         self.writer = None;
     }
 
-    /// Waits until the children closed the pipe and the log is complete.
+    /// Waits (a bounded while) until the children closed the pipe and the
+    /// log is complete. Bounded: a grandchild still holding the pipe must
+    /// not keep the caller waiting.
     pub fn finish(&mut self) {
         self.writer = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some(d) = self.done.take() {
+            let _ = d.recv_timeout(FINISH_WAIT);
         }
+    }
+}
+
+struct DropSignal(std::sync::mpsc::Sender<()>);
+
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
     }
 }
 

@@ -131,6 +131,20 @@ struct Results {
     start_stopped_ms: Stats,
     parallel: Vec<Parallel>,
     floors: Floors,
+    load: Option<Load>,
+}
+
+/// Starts under load: `idle` VMs running, then as many more started at
+/// once with the default boot timeout.
+#[derive(Serialize, Default, Clone)]
+struct Load {
+    idle: usize,
+    /// CPU of one idle VM (VMM + network helpers), % of one core.
+    idle_cpu_pct_per_vm: f64,
+    /// Wall time for the second batch to be created, started and answer.
+    wall_ms: f64,
+    /// How many of the second batch failed (missed the boot timeout).
+    failed: usize,
 }
 
 #[derive(Serialize, Default, Clone)]
@@ -154,6 +168,89 @@ fn mem_kib(pid: u32) -> (u64, u64) {
             .unwrap_or(0)
     };
     (field("Rss:"), field("Pss:"))
+}
+
+/// CPU ticks (user + system) used so far by `pid`.
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest: Vec<&str> = s[s.rfind(')')? + 1..].split_whitespace().collect();
+            // rest[0] is field 3 (state): utime is field 14, stime 15.
+            Some(rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+async fn under_load(n: usize) -> anyhow::Result<Load> {
+    let config = || SandboxConfig {
+        memory_mib: 256,
+        ..SandboxConfig::default()
+    };
+    let mut idle = Vec::new();
+    let r = async {
+        let mut starts = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let vm = Sandbox::create(config()).await?;
+            starts.spawn(async move {
+                let r = vm.start(Duration::from_secs(600)).await;
+                (vm, r)
+            });
+        }
+        while let Some(j) = starts.join_next().await {
+            let (vm, r) = j?;
+            idle.push(vm);
+            r?;
+        }
+        // Settle, then measure what idle VMs cost.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let mut pids = Vec::new();
+        for vm in &idle {
+            let info = vm.info().await?;
+            if let Some(sup) = info.supervisor_pid {
+                pids.extend(children_of(sup));
+            }
+        }
+        let before: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+        let t = Instant::now();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let used: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum::<u64>() - before;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let idle_cpu_pct_per_vm = used as f64 / hz / t.elapsed().as_secs_f64() * 100.0 / n as f64;
+        // The second batch, with the default boot timeout.
+        let t = Instant::now();
+        let mut batch = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            batch.spawn(async move {
+                let vm = Sandbox::create(config()).await?;
+                let ok = async {
+                    vm.start(smolvm::sandbox::DEFAULT_BOOT_TIMEOUT).await?;
+                    Ok::<_, smolvm::Error>(vm.run("true").await?.ok())
+                }
+                .await;
+                vm.delete().await?;
+                Ok::<_, smolvm::Error>(ok.unwrap_or(false))
+            });
+        }
+        let mut failed = 0;
+        while let Some(j) = batch.join_next().await {
+            if !j?? {
+                failed += 1;
+            }
+        }
+        Ok::<_, anyhow::Error>(Load {
+            idle: n,
+            idle_cpu_pct_per_vm,
+            wall_ms: ms(t.elapsed()),
+            failed,
+        })
+    }
+    .await;
+    for vm in idle {
+        vm.delete().await?;
+    }
+    r
 }
 
 /// The pids whose parent is `parent`.
@@ -387,6 +484,10 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
         eprintln!("bench: {n} VM(s) in parallel ...");
         r.parallel.push(parallel_boot(n).await?);
     }
+    if let Some(n) = a.parallel.iter().copied().max().filter(|n| *n > 1) {
+        eprintln!("bench: {n} idle VMs, then {n} more at once ...");
+        r.load = Some(under_load(n).await?);
+    }
 
     println!(
         "smolvm benchmark (accelerator: {}, host cpus: {})",
@@ -472,6 +573,20 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
             r.exec_true_rtt_ms.median / r.ping_rtt_ms.median.max(1e-6)
         ),
     );
+    if let Some(l) = &r.load {
+        row(
+            &format!("{} more VMs at once with {} idle (wall ms)", l.idle, l.idle),
+            format!("{:.0}", l.wall_ms),
+        );
+        row(
+            "  of them missed the default boot timeout",
+            format!("{} of {}", l.failed, l.idle),
+        );
+        row(
+            "idle VM CPU (VMM + network, % of a core)",
+            format!("{:.2}", l.idle_cpu_pct_per_vm),
+        );
+    }
     match (r.floors.boot_ms, r.floors.channel_median_ms) {
         (Some(boot), Some(chan)) => {
             row(

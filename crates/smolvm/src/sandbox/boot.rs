@@ -105,14 +105,7 @@ impl Sandbox {
         s.begin_boot(&self.id)?;
         self.step(format!("booting ({} accelerator)", verdict.accel));
         let dir = self.vm_dir.path().to_path_buf();
-        let spawned = tokio::task::spawn_blocking(move || crate::supervisor::spawn(&dir))
-            .await
-            .map_err(|e| {
-                Error::io(
-                    "supervisor start failed",
-                    std::io::Error::other(e.to_string()),
-                )
-            })?;
+        let spawned = crate::supervisor::spawn(&dir).await;
         if let Err(source) = spawned {
             let e = match source {
                 // The supervisor ran and says why the VM did not start

@@ -10,7 +10,7 @@ use crate::backend::{LaunchSpec, VmDir};
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -28,10 +28,13 @@ pub enum SpawnError {
 }
 
 /// Starts the supervisor for the VM whose `launch.json` is in `vm_dir`.
-/// Returns once it serves, with the VMM launched.
-pub fn spawn(vm_dir: &Path) -> Result<(), SpawnError> {
+/// Returns once it serves, with the VMM launched. Cancel-safe: dropping
+/// the future kills the launcher (the daemon it forked then finds its VM
+/// gone, or is ended by whoever dropped us).
+pub async fn spawn(vm_dir: &Path) -> Result<(), SpawnError> {
     let bin = crate::locate::supervisor_binary()?;
-    let out = Command::new(&bin)
+    let out = tokio::process::Command::new(&bin)
+        .kill_on_drop(true)
         .arg("--vm-dir")
         .arg(vm_dir)
         // Absolute roots: the supervisor works in the VM directory.
@@ -41,6 +44,7 @@ pub fn spawn(vm_dir: &Path) -> Result<(), SpawnError> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .output()
+        .await
         .map_err(|source| SpawnError::Exec {
             path: bin.clone(),
             source,

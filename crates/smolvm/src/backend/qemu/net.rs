@@ -225,7 +225,10 @@ impl GuestNet {
         super::confine_child(&mut holder);
         pdeathsig(&mut holder);
         crate::sys::enter_private_netns(&mut holder, uid, gid);
-        let mut passt = holder.spawn().map_err(NetError::Spawn)?;
+        let spawned = holder.spawn();
+        // The command holds write ends of the log pipe: gone with it.
+        drop(holder);
+        let mut passt = spawned.map_err(NetError::Spawn)?;
         let kill = |c: &mut Child| {
             let _ = c.kill();
             let _ = c.wait();
@@ -242,7 +245,9 @@ impl GuestNet {
             .stderr(clone_log()?);
         super::confine_child(&mut pasta_cmd);
         pdeathsig(&mut pasta_cmd);
-        let pasta = match pasta_cmd.spawn() {
+        let spawned = pasta_cmd.spawn();
+        drop(pasta_cmd);
+        let pasta = match spawned {
             Ok(p) => p,
             Err(e) => {
                 kill(&mut passt);
