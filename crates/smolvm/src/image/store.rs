@@ -45,10 +45,12 @@ impl ImageLock {
         waiting: &mut dyn FnMut(),
     ) -> Result<Self, ImageError> {
         let path = images.join(format!(".{name}.lock"));
+        use std::os::unix::fs::OpenOptionsExt as _;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(crate::private::FILE_MODE)
             .open(&path)
             .map_err(ImageError::io(format!("cannot open {}", path.display())))?;
         match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
