@@ -53,6 +53,8 @@ impl ImageLock {
             .mode(crate::private::FILE_MODE)
             .open(&path)
             .map_err(ImageError::io(format!("cannot open {}", path.display())))?;
+        // One an older smolvm created wider.
+        let _ = crate::private::tighten(&path, crate::private::FILE_MODE);
         match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
