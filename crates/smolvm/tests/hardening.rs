@@ -704,8 +704,28 @@ def serve(ls, tag):
         with lock:
             log.write("accept %s %s:%d\n" % (tag, peer[0], peer[1]))
         threading.Thread(target=conn, args=(c, tag), daemon=True).start()
+def dns(us):
+    # Answers every query with one A record 198.51.100.77 (the name echoed).
+    while True:
+        q, peer = us.recvfrom(512)
+        if len(q) < 12:
+            continue
+        i = 12
+        while i < len(q) and q[i] != 0:
+            i += q[i] + 1
+        question = q[12:i + 5]
+        with lock:
+            log.write("dns %s\n" % peer[0])
+        r = q[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00" + question
+        r += b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + bytes([198, 51, 100, 77])
+        us.sendto(r, peer)
 for spec in sys.argv[2:]:
     addr, port, tag = spec.split(":")
+    if tag == "dns":
+        us = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        us.bind((addr, int(port)))
+        threading.Thread(target=dns, args=(us,), daemon=True).start()
+        continue
     ls = socket.socket()
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind((addr, int(port)))
@@ -1007,6 +1027,8 @@ async fn guest_network_no_host_loopback() -> Result<(), String> {
         &x,
         &[
             format!("{OUTSIDE_ADDR}:{OUTSIDE_PORT}:outside"),
+            // The host namespace's resolver (its /etc/netns resolv.conf).
+            format!("{OUTSIDE_ADDR}:53:dns"),
             format!("0.0.0.0:{LAN_PORT}:lan"),
             // TCP to the resolver address's port 53 (pasta forwards only
             // UDP DNS): must be refused in the namespace, not leave.
@@ -1072,6 +1094,8 @@ async fn guest_network_no_host_loopback() -> Result<(), String> {
     let mut script =
         String::from("ip -4 addr show dev eth0 | grep -q 'inet 10.0.2.15/24' && echo ADDR ok\n");
     script.push_str(&curl("outside", &outside_url, 20));
+    // DNS works: the guest's resolver (10.0.2.3) reaches the host's one.
+    script.push_str("echo \"DNS [$(getent hosts smolvm-test.example)]\"\n");
     for (n, u) in &must_fail {
         script.push_str(&curl(n, u, 3));
     }
@@ -1146,6 +1170,10 @@ async fn guest_network_no_host_loopback() -> Result<(), String> {
         })
         .collect();
     let mut problems = Vec::new();
+    match text.lines().find(|l| l.starts_with("DNS [")) {
+        Some(l) if l.contains("198.51.100.77") && l.contains("smolvm-test.example") => {}
+        other => problems.push(format!("DNS through 10.0.2.3 did not resolve: {other:?}")),
+    }
     for (n, u) in &must_fail {
         match curl.get(n) {
             None => problems.push(format!("{n}: no result")),
