@@ -9,7 +9,11 @@
 //!   supervisor refuses another uid's connection even on a loosened socket;
 //! - QEMU runs under seccomp with no_new_privs, passt and pasta with
 //!   no_new_privs, passt in a network namespace of its own;
-//! - `smolvm logs` shows guest escape sequences escaped (`--raw` as sent).
+//! - `smolvm logs` shows guest escape sequences escaped (`--raw` as sent);
+//! - a frozen VMM (SIGSTOP) gets host deadlines: a timed exec and a pause
+//!   are timeouts that say what to run, the VM is marked, a stop stops it,
+//!   and once continued the VMM answers again;
+//! - each kind of failure comes out of the library as its own kind.
 //!
 //! Runs as root (namespaces, `setpriv` to uid 65534). Uses the CLI next to
 //! the test binary (`scripts/build.sh dev`; or `SMOLVM_CLI_BIN`).
