@@ -136,8 +136,10 @@ impl CappedLog {
                 let mut capped = false;
                 loop {
                     let n = match r.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
+                        Ok(0) => return,
                         Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(_) => return,
                     };
                     if capped {
                         continue;
@@ -145,7 +147,10 @@ impl CappedLog {
                     let room = usize::try_from(cap.saturating_sub(written)).unwrap_or(usize::MAX);
                     let take = n.min(room);
                     if file.write_all(&buf[..take]).is_err() {
-                        return;
+                        // Disk full, say: keep draining, so the child's
+                        // own output never fails because of our log.
+                        capped = true;
+                        continue;
                     }
                     written += take as u64;
                     if take < n {

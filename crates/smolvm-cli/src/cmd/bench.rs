@@ -197,10 +197,23 @@ async fn under_load(n: usize) -> anyhow::Result<Load> {
                 (vm, r)
             });
         }
+        // Every VM is kept for the delete below, whatever failed.
+        let mut first_err = None;
         while let Some(j) = starts.join_next().await {
-            let (vm, r) = j?;
-            idle.push(vm);
-            r?;
+            match j {
+                Ok((vm, r)) => {
+                    idle.push(vm);
+                    if let Err(e) = r {
+                        first_err.get_or_insert(anyhow::Error::from(e));
+                    }
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e.into());
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
         }
         // Settle, then measure what idle VMs cost.
         tokio::time::sleep(Duration::from_secs(10)).await;
@@ -233,9 +246,10 @@ async fn under_load(n: usize) -> anyhow::Result<Load> {
                 Ok::<_, smolvm::Error>(ok.unwrap_or(false))
             });
         }
+        // Each task deletes its own VM; a task that fails counts as a miss.
         let mut failed = 0;
         while let Some(j) = batch.join_next().await {
-            if !j?? {
+            if !matches!(j, Ok(Ok(true))) {
                 failed += 1;
             }
         }
@@ -247,10 +261,17 @@ async fn under_load(n: usize) -> anyhow::Result<Load> {
         })
     }
     .await;
+    let mut del_err = None;
     for vm in idle {
-        vm.delete().await?;
+        if let Err(e) = vm.delete().await {
+            del_err.get_or_insert(e);
+        }
     }
-    r
+    let load = r?;
+    match del_err {
+        Some(e) => Err(e.into()),
+        None => Ok(load),
+    }
 }
 
 /// The pids whose parent is `parent`.

@@ -31,6 +31,8 @@ vm_files! {
     net_log => NET_LOG,
     net_socket => NET_SOCKET,
     pasta_pid => NET_PASTA_PID,
+    /// The network gate's `ip -batch` rules.
+    net_rules => NET_RULES,
     qmp_socket => QMP_SOCKET,
     supervisor_socket => SUPERVISOR_SOCKET,
     /// Guest RAM (a memory-backend file).
@@ -94,6 +96,7 @@ pub mod files {
     pub const NET_SOCKET: &str = "net.sock";
     pub const NET_LOG: &str = "net.log";
     pub const NET_PASTA_PID: &str = "pasta.pid";
+    pub const NET_RULES: &str = "net.rules";
     pub const DISK: &str = "disk.qcow2";
     /// Hard link to the image's root filesystem that backs `DISK`.
     pub const BASE_DISK: &str = "base.ext4";
@@ -107,6 +110,7 @@ pub mod files {
         CONSOLE_SOCKET,
         NET_SOCKET,
         NET_PASTA_PID,
+        NET_RULES,
         MEMORY_FILE,
     ];
 
@@ -118,6 +122,7 @@ pub mod files {
         CONSOLE_SOCKET,
         NET_SOCKET,
         NET_PASTA_PID,
+        NET_RULES,
         MEMORY_FILE,
     ];
 

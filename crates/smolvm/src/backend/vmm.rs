@@ -70,6 +70,11 @@ pub trait Vmm: Send {
     fn pause(&mut self) -> BoxFuture<'_, Result<(), VmmError>>;
     /// Continues the vCPUs.
     fn resume(&mut self) -> BoxFuture<'_, Result<(), VmmError>>;
+    /// After a control request timed out (a VMM stopped or hung for a
+    /// while): reconnects when it answers again and puts the vCPUs back as
+    /// the last successful request left them (a timed-out request may have
+    /// run late). `Ok` once done.
+    fn reconcile(&mut self) -> BoxFuture<'_, Result<(), VmmError>>;
     /// Asks the VMM to exit now (no guest cooperation).
     fn quit(&mut self) -> BoxFuture<'_, Result<(), VmmError>>;
     /// Kills the VMM process.

@@ -98,7 +98,15 @@ impl Sandbox {
             let written = match host_deadline {
                 Some(d) => match tokio::time::timeout(d, w).await {
                     Ok(r) => r,
-                    Err(_) => return Err(self.guest_unresponsive(d).await),
+                    // The command may just not read its stdin: no mark on
+                    // the VM, but no wait past the deadline either.
+                    Err(_) => return Err(Error::Timeout {
+                        id: self.id.clone(),
+                        what: "its command did not take its stdin".into(),
+                        after: d,
+                        hint: "the command does not read its input (or the guest is not answering)"
+                            .into(),
+                    }),
                 },
                 None => w.await,
             };

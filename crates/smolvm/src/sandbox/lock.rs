@@ -21,73 +21,75 @@ impl VmLock {
         r != 0
     }
 
-    /// Waits (on a blocking thread) until the lock of `id` is held, at
-    /// most [`LOCK_WAIT`]: a lifecycle operation of another process that
-    /// hangs (or was stopped) is reported as `Busy`, naming it.
+    /// Waits until the lock of `id` is held, at most [`LOCK_WAIT`]: a
+    /// lifecycle operation of another process that hangs (or was stopped)
+    /// is reported as `Busy`, naming it.
+    ///
+    /// `flock` has no way to wait with a deadline or to be woken by an
+    /// event, and a thread blocked in it cannot be abandoned (a runtime
+    /// waits for its blocking threads on shutdown): so this tries without
+    /// blocking and sleeps between tries.
     pub async fn acquire(id: &str) -> Result<VmLock> {
         let path = crate::paths::lock_path(id);
-        let p2 = path.clone();
-        let wait = tokio::task::spawn_blocking(move || Self::acquire_blocking(p2));
-        match tokio::time::timeout(LOCK_WAIT, wait).await {
-            Ok(r) => r.map_err(|e| Error::io("lock task failed", std::io::Error::other(e.to_string())))?,
-            // The blocking thread may still get the lock later; it then
-            // drops it at once (its result has nobody to go to).
-            Err(_) => Err(Error::Busy {
-                id: id.to_string(),
-                message: format!(
-                    "another smolvm operation on it has held its lock for {}s{}; wait for it, or end that process",
-                    LOCK_WAIT.as_secs(),
-                    holder_of(&path)
-                        .map(|(pid, cmd)| format!(" (pid {pid}: {cmd})"))
-                        .unwrap_or_default()
-                ),
-            }),
+        if let Some(d) = path.parent() {
+            crate::private::dir_all(d)
+                .map_err(|e| Error::io(format!("cannot create {}", d.display()), e))?;
         }
-    }
-
-    fn acquire_blocking(path: std::path::PathBuf) -> Result<VmLock> {
-        {
-            if let Some(d) = path.parent() {
-                crate::private::dir_all(d)
-                    .map_err(|e| Error::io(format!("cannot create {}", d.display()), e))?;
-            }
-            let open = || {
-                use std::os::unix::fs::OpenOptionsExt as _;
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .mode(crate::private::FILE_MODE)
-                    .open(&path)
-                    .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))
-            };
-            let mut file = open()?;
-            loop {
-                // SAFETY: flock on an fd we own; no memory is involved.
-                let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-                if r == 0 {
-                    // `delete` unlinks the lock file while holding it: if
-                    // ours was unlinked meanwhile, lock the new one instead
-                    // (two holders of two files would not exclude each other).
-                    use std::os::unix::fs::MetadataExt;
-                    let same = match (file.metadata(), std::fs::metadata(&path)) {
-                        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
-                        _ => false,
-                    };
-                    if same {
-                        return Ok(VmLock { _file: file });
-                    }
-                    file = open()?;
-                    continue;
+        let open = || {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(crate::private::FILE_MODE)
+                .open(&path)
+                .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))
+        };
+        let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+        let mut file = open()?;
+        loop {
+            // SAFETY: flock on an fd we own; no memory is involved.
+            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if r == 0 {
+                // `delete` unlinks the lock file while holding it: if ours
+                // was unlinked meanwhile, lock the new one instead (two
+                // holders of two files would not exclude each other).
+                use std::os::unix::fs::MetadataExt;
+                let same = match (file.metadata(), std::fs::metadata(&path)) {
+                    (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+                    _ => false,
+                };
+                if same {
+                    return Ok(VmLock { _file: file });
                 }
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(Error::io(format!("cannot lock {}", path.display()), e));
-                }
+                file = open()?;
+                continue;
             }
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => {}
+                _ => return Err(Error::io(format!("cannot lock {}", path.display()), e)),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Busy {
+                    id: id.to_string(),
+                    message: format!(
+                        "another smolvm operation on it still holds its lock after {}s of waiting{}; \
+                         wait for it, or end that process",
+                        LOCK_WAIT.as_secs(),
+                        holder_of(&path)
+                            .map(|(pid, cmd)| format!(" (pid {pid}: {cmd})"))
+                            .unwrap_or_default()
+                    ),
+                });
+            }
+            tokio::time::sleep(LOCK_RETRY).await;
         }
     }
 }
+
+/// How often a waiting operation tries the lock again.
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// How long a lifecycle operation waits for another one on the same VM.
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(300);

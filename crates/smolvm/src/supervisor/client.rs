@@ -34,7 +34,7 @@ pub enum ClientError {
     /// A command with a timeout had not ended when its host-side deadline
     /// (the timeout plus a grace period) passed: the guest stopped
     /// answering (frozen, hung, or its VMM stopped).
-    #[error("the guest did not end the command within {:.1}s (its timeout plus {}s); the guest is not answering", .0.as_secs_f64(), GUEST_GRACE.as_secs())]
+    #[error("the guest did not end the command within {:.1}s (its timeout plus {}s, and more while output still came); the guest is not answering", .0.as_secs_f64(), GUEST_GRACE.as_secs())]
     GuestTimeout(Duration),
 }
 

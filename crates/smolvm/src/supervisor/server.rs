@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// How often a VMM that stopped answering is tried again.
+const RECONCILE_EVERY: Duration = Duration::from_secs(2);
+
 /// Frames queued towards the agent.
 const AGENT_QUEUE: usize = 256;
 
@@ -217,8 +220,18 @@ async fn vm_loop(
 ) -> (VmmExit, bool) {
     let mut stop_requested = false;
     let mut stop_replies: Vec<Reply> = Vec::new();
+    // Set when a control request timed out: the VMM's vCPUs may not be as
+    // recorded until it answers again and is reconciled.
+    let mut reconcile = false;
+    let unresponsive = |r: &Result<(), ControlError>| matches!(r, Err(e) if e.kind == ControlErrorKind::VmmUnresponsive);
     loop {
         tokio::select! {
+            _ = tokio::time::sleep(RECONCILE_EVERY), if reconcile => {
+                if vm.reconcile().await.is_ok() {
+                    log!("the VMM answers again; vCPUs put back as recorded");
+                    reconcile = false;
+                }
+            }
             exit = vm.wait() => {
                 for r in stop_replies.drain(..) {
                     let _ = r.send(Ok(()));
@@ -228,6 +241,7 @@ async fn vm_loop(
             Some(cmd) = rx.recv() => match cmd {
                 VmCmd::Pause(reply) => {
                     let r = vm.pause().await.map_err(vmm_failure);
+                    reconcile |= unresponsive(&r);
                     if r.is_ok() {
                         lock(shared).run_state = VmRunState::Paused;
                     }
@@ -235,6 +249,7 @@ async fn vm_loop(
                 }
                 VmCmd::Resume(reply) => {
                     let r = vm.resume().await.map_err(vmm_failure);
+                    reconcile |= unresponsive(&r);
                     if r.is_ok() {
                         let mut s = lock(shared);
                         s.run_state = if s.hello.is_some() { VmRunState::Running } else { VmRunState::Booting };

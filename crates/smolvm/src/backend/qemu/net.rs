@@ -45,6 +45,8 @@ pub enum NetError {
          create the VM with `--no-network` (commands still work), or connect the host"
     )]
     NoRoute,
+    #[error("cannot read the host's addresses (to keep the guest from them): {0}")]
+    HostAddresses(String),
     #[error("the network helper exited during start-up ({status}): {log}; `smolvm doctor` checks what it needs")]
     EarlyExit { status: String, log: String },
     #[error("{1} did not get ready within {0:?}")]
@@ -138,7 +140,9 @@ pub fn pasta_args(uid: u32, pid: u32) -> Vec<String> {
 /// The shell gate the namespace holder runs: it waits until pasta has
 /// configured the namespace, closes what the guest must not reach, then
 /// becomes passt. Inside the namespace (policy routing, table 100 of
-/// `prohibit` routes; a refused connection fails at once):
+/// `prohibit` routes: such a connection fails inside the namespace and
+/// never leaves it; the guest sees it fail, as a time-out with passt
+/// 2023-03):
 ///
 /// - the host's own addresses (`SMOLVM_HOST_ADDRS`: every local IPv4
 ///   address of the host when the VM starts — a docker bridge, a second
@@ -151,14 +155,24 @@ pub fn pasta_args(uid: u32, pid: u32) -> Vec<String> {
 ///   pasta, which answers it with the host's resolver (pasta forwards UDP
 ///   DNS only, so TCP DNS is refused too).
 const GATE: &str = r#"read -r _ || exit 1
-for a in $SMOLVM_HOST_ADDRS; do
-    "$SMOLVM_IP" route add prohibit "$a/32" table 100 &&
-    "$SMOLVM_IP" rule add to "$a/32" lookup 100 priority 150 || exit 1
-done
-"$SMOLVM_IP" route add prohibit "$SMOLVM_SUBNET" table 100 &&
-"$SMOLVM_IP" rule add to "$SMOLVM_DNS/32" ipproto udp dport 53 lookup main priority 100 &&
-"$SMOLVM_IP" rule add to "$SMOLVM_SUBNET" lookup 100 priority 200 || exit 1
+"$SMOLVM_IP" -batch "$SMOLVM_RULES" || exit 1
 exec "$0" "$@" </dev/null"#;
+
+/// The gate's rules, as one `ip -batch` file (one process, however many
+/// addresses the host has).
+fn gate_rules(host_addrs: &[std::net::Ipv4Addr]) -> String {
+    let mut r = String::new();
+    for a in host_addrs {
+        r.push_str(&format!("route add prohibit {a}/32 table 100\n"));
+        r.push_str(&format!("rule add to {a}/32 lookup 100 priority 150\n"));
+    }
+    r.push_str(&format!("route add prohibit {SUBNET} table 100\n"));
+    r.push_str(&format!(
+        "rule add to {DNS}/32 ipproto udp dport 53 lookup main priority 100\n"
+    ));
+    r.push_str(&format!("rule add to {SUBNET} lookup 100 priority 200\n"));
+    r
+}
 
 /// The guest's subnet, in CIDR form.
 const SUBNET: &str = "10.0.2.0/24";
@@ -183,6 +197,10 @@ impl GuestNet {
         if !has_default_route() {
             return Err(NetError::NoRoute);
         }
+        // Fail closed: without the host's addresses the gate cannot close them.
+        let addrs = host_addresses().map_err(NetError::HostAddresses)?;
+        crate::private::write_atomic(&vm_dir.net_rules(), gate_rules(&addrs).as_bytes())
+            .map_err(NetError::Spawn)?;
         let sock = vm_dir.net_socket();
         let pidfile = vm_dir.pasta_pid();
         let _ = std::fs::remove_file(&sock);
@@ -208,16 +226,7 @@ impl GuestNet {
             .arg(&passt_bin)
             .args(passt_args())
             .env("SMOLVM_IP", &ip_bin)
-            .env("SMOLVM_SUBNET", SUBNET)
-            .env("SMOLVM_DNS", DNS)
-            .env(
-                "SMOLVM_HOST_ADDRS",
-                host_addresses()
-                    .iter()
-                    .map(|a| a.to_string())
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            )
+            .env("SMOLVM_RULES", files::NET_RULES)
             .current_dir(vm_dir.path())
             .stdin(Stdio::piped())
             .stdout(clone_log()?)
@@ -325,10 +334,9 @@ pub fn has_default_route() -> bool {
 /// The host's own IPv4 addresses, from `/proc/net/fib_trie`'s `/32 host
 /// LOCAL` entries (every local address of every interface), loopback
 /// excluded (the namespace has its own).
-pub fn host_addresses() -> Vec<std::net::Ipv4Addr> {
-    let Ok(t) = std::fs::read_to_string("/proc/net/fib_trie") else {
-        return Vec::new();
-    };
+pub fn host_addresses() -> Result<Vec<std::net::Ipv4Addr>, String> {
+    let t = std::fs::read_to_string("/proc/net/fib_trie")
+        .map_err(|e| format!("/proc/net/fib_trie: {e}"))?;
     let mut out: Vec<std::net::Ipv4Addr> = Vec::new();
     let mut last: Option<std::net::Ipv4Addr> = None;
     for l in t.lines() {
@@ -343,7 +351,7 @@ pub fn host_addresses() -> Vec<std::net::Ipv4Addr> {
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// The kernel command line keys that give the guest its address plan.

@@ -44,6 +44,12 @@ impl Qmp {
     /// Bounded: a VMM that accepts but never greets (stopped with SIGSTOP:
     /// its listening socket still accepts) is a timeout, not a hang.
     pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
+        Self::connect_within(path, REPLY_TIMEOUT).await
+    }
+
+    /// [`Qmp::connect`] with the greeting given `greeting` to arrive (a
+    /// QEMU still initialising greets only once its main loop runs).
+    pub async fn connect_within(path: &Path, greeting: Duration) -> Result<Qmp, QmpError> {
         let stream = UnixStream::connect(path).await?;
         let (r, w) = stream.into_split();
         let mut qmp = Qmp {
@@ -51,7 +57,7 @@ impl Qmp {
             writer: w,
             events: Vec::new(),
         };
-        let greeting = tokio::time::timeout(REPLY_TIMEOUT, qmp.read_message())
+        let greeting = tokio::time::timeout(greeting, qmp.read_message())
             .await
             .map_err(|_| QmpError::Timeout("greeting".into()))??;
         if greeting.get("QMP").is_none() {

@@ -137,7 +137,12 @@ impl QemuVm {
                 });
             }
             if qmp_path.exists() {
-                match Qmp::connect(&qmp_path).await {
+                // The greeting may take the rest of the start-up deadline
+                // (a loaded TCG host initialises slowly).
+                let left = QMP_DEADLINE
+                    .saturating_sub(start.elapsed())
+                    .max(Duration::from_secs(1));
+                match Qmp::connect_within(&qmp_path, left).await {
                     Ok(q) => break q,
                     Err(QmpError::Io(_)) => {}
                     Err(e) => return Err(e.into()),
@@ -242,6 +247,15 @@ impl Vmm for QemuVm {
             self.command("cont")
                 .await
                 .map_err(boundary("cannot resume"))
+        })
+    }
+
+    fn reconcile(&mut self) -> BoxFuture<'_, Result<(), VmmError>> {
+        Box::pin(async move {
+            self.qmp()
+                .await
+                .map(|_| ())
+                .map_err(boundary("the VMM is still not answering"))
         })
     }
 
