@@ -71,6 +71,42 @@ pub async fn wait_exit(p: ProcessId, limit: std::time::Duration) -> bool {
     }
 }
 
+/// Sets the firewall mark of `sock` (`SO_MARK`; needs CAP_NET_ADMIN in the
+/// socket's network namespace's user namespace).
+pub fn set_mark(sock: &impl AsRawFd, mark: u32) -> std::io::Result<()> {
+    let len = libc::socklen_t::try_from(std::mem::size_of::<u32>()).unwrap_or(4);
+    // SAFETY: setsockopt reads `len` bytes from `mark`, which lives across the call.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&mark as *const u32).cast(),
+            len,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The child started by `cmd` gets SIGKILL when the thread that starts it
+/// ends (`PR_SET_PDEATHSIG`): it never outlives its parent.
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    // SAFETY: prctl is async-signal-safe; it only sets this child's
+    // parent-death signal.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// This process's effective uid.
 pub fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions.

@@ -562,7 +562,8 @@ async fn vmm_confined(s: &Shared) -> Result<(), String> {
             .map(|a| a.rsplit('/').next().unwrap_or("").to_string())
             .unwrap_or_default()
     };
-    let find = |name: &str| {
+    let find = |parent: u32, name: &str| {
+        let kids = children_of(parent);
         let found: Vec<u32> = kids
             .iter()
             .map(|(p, _)| *p)
@@ -571,13 +572,20 @@ async fn vmm_confined(s: &Shared) -> Result<(), String> {
         match found.as_slice() {
             [p] => Ok(*p),
             _ => Err(format!(
-                "want one {name} child of the supervisor {sup}, found {found:?} among {kids:?}"
+                "want one {name} child of {parent}, found {found:?} among {kids:?}"
             )),
         }
     };
-    let passt = find("passt")?;
-    let pasta = find("pasta")?;
-    for (name, pid) in [("passt", passt), ("pasta", pasta)] {
+    // The supervisor's children: QEMU, pasta and the namespace holder (our
+    // binary, which relays DNS); passt is the holder's child.
+    let holder = find(sup, "smolvm-supervisor")?;
+    let passt = find(holder, "passt")?;
+    let pasta = find(sup, "pasta")?;
+    check!(
+        ns_of(holder, "net")? == ns_of(passt, "net")?,
+        "the holder is not in passt's namespace"
+    );
+    for (name, pid) in [("passt", passt), ("pasta", pasta), ("holder", holder)] {
         check!(
             proc_status(pid, "NoNewPrivs")? == "1",
             "{name} ({pid}) runs without no_new_privs"
@@ -712,6 +720,8 @@ def dns(us):
     # Answers every query with one A record 198.51.100.77 (the name echoed).
     while True:
         q, peer = us.recvfrom(512)
+        with lock:
+            log.write("udp %s %s\n" % (peer[0], q.hex()))
         if len(q) < 12:
             continue
         i = 12
@@ -1100,6 +1110,12 @@ async fn guest_network_no_host_loopback() -> Result<(), String> {
     script.push_str(&curl("outside", &outside_url, 20));
     // DNS works: the guest's resolver (10.0.2.3) reaches the host's one.
     script.push_str("echo \"DNS [$(getent hosts smolvm-test.example)]\"\n");
+    // Not a DNS query: to the resolver address, and straight to the relay's
+    // upstream address. Neither may reach the host's resolver.
+    script.push_str(
+        "python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+         [s.sendto(b\"ARBITRARY-UDP-PAYLOAD-XYZ\", (a, 53)) for a in (\"10.0.2.3\", \"10.0.3.53\")]'\n",
+    );
     for (n, u) in &must_fail {
         script.push_str(&curl(n, u, 3));
     }
@@ -1212,6 +1228,20 @@ async fn guest_network_no_host_loopback() -> Result<(), String> {
     if !host_new.is_empty() {
         problems.push(format!(
             "the host namespace's servers accepted: {host_new:?}"
+        ));
+    }
+    let garbage = b"-UDP-PAYLOAD"
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    let leaked: Vec<String> = lab
+        .accepts(&x)
+        .into_iter()
+        .filter(|l| l.starts_with("udp ") && l.contains(&garbage))
+        .collect();
+    if !leaked.is_empty() {
+        problems.push(format!(
+            "non-DNS datagrams reached the host's resolver: {leaked:?}"
         ));
     }
     let lan: Vec<String> = lab

@@ -79,6 +79,9 @@ pub fn main_entry() -> ! {
     // SAFETY: umask only sets this process's file-creation mask.
     unsafe { libc::umask(crate::private::CHILD_UMASK) };
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--net-holder") {
+        crate::backend::qemu::dns::holder_main(&args[2..]);
+    }
     let vm_dir = match args.as_slice() {
         [_, flag, dir] if flag == "--vm-dir" => VmDir::at(dir),
         _ => die("usage: smolvm-supervisor --vm-dir DIR (started by smolvm; not for direct use)"),

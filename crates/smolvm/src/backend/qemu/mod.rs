@@ -2,6 +2,7 @@
 
 mod args;
 mod backend;
+pub(crate) mod dns;
 mod net;
 mod probe;
 mod qmp;

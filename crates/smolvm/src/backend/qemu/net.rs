@@ -14,7 +14,6 @@
 //! the host's resolver.
 
 use super::super::files;
-use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -125,7 +124,7 @@ pub fn pasta_args(uid: u32, pid: u32) -> Vec<String> {
         "--udp-ns",
         "none",
         "--dns-forward",
-        DNS,
+        super::dns::UPSTREAM,
         // As root pasta would switch to `nobody` (and lose the parent-death
         // signal); it stays the invoking user.
         "--runas",
@@ -137,58 +136,46 @@ pub fn pasta_args(uid: u32, pid: u32) -> Vec<String> {
     .collect()
 }
 
-/// The shell gate the namespace holder runs: it waits until pasta has
-/// configured the namespace, closes what the guest must not reach, then
-/// becomes passt. Inside the namespace (policy routing, table 100 of
-/// `prohibit` routes: such a connection fails inside the namespace and
-/// never leaves it; the guest sees it fail, as a time-out with passt
-/// 2023-03):
+/// What the namespace holder (`dns::holder_main`) applies at the gate,
+/// once pasta has configured the namespace, before it starts passt. Inside
+/// the namespace, policy routing sends to a table of `prohibit` routes
+/// (such a connection fails inside the namespace and never leaves it; the
+/// guest sees it fail, as a time-out with passt 2023-03):
 ///
-/// - the host's own addresses (`SMOLVM_HOST_ADDRS`: every local IPv4
-///   address of the host when the VM starts — a docker bridge, a second
-///   interface, a VPN): through pasta they would reach services the host
-///   binds to 0.0.0.0;
+/// - the host's own addresses (every local IPv4 address of the host when
+///   the VM starts — a docker bridge, a second interface, a VPN): through
+///   pasta they would reach services the host binds to 0.0.0.0;
 /// - the guest's own subnet: a guest connecting to its gateway (10.0.2.2)
-///   or its resolver address (10.0.2.3) would otherwise send a real packet
-///   to that address on the host's network (passt does not map the
-///   gateway). Only UDP to port 53 of the resolver address goes on, to
-///   pasta, which answers it with the host's resolver (pasta forwards UDP
-///   DNS only, so TCP DNS is refused too).
-const GATE: &str = r#"read -r _ || exit 1
-"$SMOLVM_IP" -batch "$SMOLVM_RULES" || exit 1
-exec "$0" "$@" </dev/null"#;
-
-/// The gate's rules, as one `ip -batch` file (one process, however many
-/// addresses the host has).
+///   would otherwise send a real packet to that address on the host's
+///   network (passt does not map the gateway). The resolver address
+///   10.0.2.3 is made local to the namespace, where the DNS relay answers;
+/// - the relay's upstream address, except for the relay's own (marked)
+///   packets: only sanitized queries reach the host's resolver.
+///
+/// As one `ip -batch` file (one process, however many addresses the host
+/// has).
 fn gate_rules(host_addrs: &[std::net::Ipv4Addr]) -> String {
+    use super::dns::{UPSTREAM, UPSTREAM_MARK};
     let mut r = String::new();
+    r.push_str(&format!("addr add {DNS}/32 dev lo\n"));
+    r.push_str(&format!("route add prohibit {UPSTREAM}/32 table 100\n"));
+    r.push_str(&format!(
+        "rule add fwmark {UPSTREAM_MARK:#x} to {UPSTREAM}/32 lookup main priority 90\n"
+    ));
+    r.push_str(&format!(
+        "rule add to {UPSTREAM}/32 lookup 100 priority 95\n"
+    ));
     for a in host_addrs {
         r.push_str(&format!("route add prohibit {a}/32 table 100\n"));
         r.push_str(&format!("rule add to {a}/32 lookup 100 priority 150\n"));
     }
     r.push_str(&format!("route add prohibit {SUBNET} table 100\n"));
-    r.push_str(&format!(
-        "rule add to {DNS}/32 ipproto udp dport 53 lookup main priority 100\n"
-    ));
     r.push_str(&format!("rule add to {SUBNET} lookup 100 priority 200\n"));
     r
 }
 
 /// The guest's subnet, in CIDR form.
 const SUBNET: &str = "10.0.2.0/24";
-
-fn pdeathsig(cmd: &mut std::process::Command) {
-    // SAFETY: prctl is async-signal-safe; it only sets this child's
-    // parent-death signal (SIGKILL when the supervisor's thread exits).
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
 
 impl GuestNet {
     /// Starts the guest network of the VM in `vm_dir` and waits until
@@ -219,20 +206,23 @@ impl GuestNet {
 
         // 1. The namespace holder: a private user+network namespace (only
         //    our uid mapped, as its root), waiting at the gate.
-        let mut holder = std::process::Command::new("/bin/sh");
+        // It is our own binary: it applies the gate's rules, relays DNS and
+        // runs passt as its child (see `dns::holder_main`).
+        let holder_bin = crate::locate::supervisor_binary()
+            .map_err(|e| NetError::Spawn(std::io::Error::other(e.to_string())))?;
+        let mut holder = std::process::Command::new(&holder_bin);
         holder
-            .arg("-c")
-            .arg(GATE)
+            .arg("--net-holder")
+            .arg(files::NET_RULES)
+            .arg(&ip_bin)
             .arg(&passt_bin)
             .args(passt_args())
-            .env("SMOLVM_IP", &ip_bin)
-            .env("SMOLVM_RULES", files::NET_RULES)
             .current_dir(vm_dir.path())
             .stdin(Stdio::piped())
             .stdout(clone_log()?)
             .stderr(clone_log()?);
         super::confine_child(&mut holder);
-        pdeathsig(&mut holder);
+        crate::sys::die_with_parent(&mut holder);
         crate::sys::enter_private_netns(&mut holder, uid, gid);
         let spawned = holder.spawn();
         // The command holds write ends of the log pipe: gone with it.
@@ -253,7 +243,7 @@ impl GuestNet {
             .stdout(clone_log()?)
             .stderr(clone_log()?);
         super::confine_child(&mut pasta_cmd);
-        pdeathsig(&mut pasta_cmd);
+        crate::sys::die_with_parent(&mut pasta_cmd);
         let spawned = pasta_cmd.spawn();
         drop(pasta_cmd);
         let pasta = match spawned {
@@ -297,7 +287,8 @@ impl GuestNet {
         if let Err(why) = wait(&mut net, &|| pidfile.metadata().is_ok_and(|m| m.len() > 0)) {
             return Err(fail(net, log, why, "pasta"));
         }
-        // 3. Open the gate: the holder becomes passt, inside the namespace.
+        // 3. Open the gate: the holder closes what must be closed, starts
+        //    passt and relays DNS, inside the namespace.
         if let Some(mut gate) = net.passt.stdin.take() {
             use std::io::Write as _;
             let _ = gate.write_all(b"go\n");
