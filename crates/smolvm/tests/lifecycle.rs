@@ -623,14 +623,20 @@ async fn supervisor_kill_is_error() -> Result<(), String> {
     let vmm = info.vmm_pid.ok_or("no VMM pid")?;
     let sup = info.supervisor_pid.ok_or("no supervisor pid")?;
     // Its other children: the guest network's passt and pasta.
-    let helpers: Vec<u32> = children_of(sup)
+    // (the namespace holder and pasta, and passt under the holder).
+    let mut helpers: Vec<u32> = children_of(sup)
         .into_iter()
         .map(|(p, _)| p)
         .filter(|p| *p != vmm)
         .collect();
+    let grandchildren: Vec<u32> = helpers
+        .iter()
+        .flat_map(|h| children_of(*h).into_iter().map(|(p, _)| p))
+        .collect();
+    helpers.extend(grandchildren);
     check!(
-        helpers.len() >= 2,
-        "no network helpers under the supervisor: {helpers:?}"
+        helpers.len() >= 3,
+        "network helpers missing under the supervisor: {helpers:?}"
     );
     // SAFETY: kill(2) of the supervisor pid we just read for our own VM.
     unsafe { libc::kill(sup as i32, libc::SIGKILL) };
