@@ -133,7 +133,36 @@ pub fn main_entry() -> ! {
     }
 }
 
+/// The launcher's pid, seen by the forked supervisor.
+static LAUNCHER: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// Until it is ready, the supervisor lives only as long as the launcher
+/// that waits for it: a start that was cancelled (the launcher killed)
+/// takes the half-started VM with it (QEMU and the network helpers die
+/// with the supervisor in turn).
+fn tie_to_launcher() {
+    let launcher = std::os::unix::process::parent_id();
+    let _ = LAUNCHER.set(launcher);
+    // SAFETY: prctl only sets this process's parent-death signal.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    if std::os::unix::process::parent_id() != launcher {
+        std::process::exit(1); // it died before the signal was armed
+    }
+}
+
+/// Once ready: from now on the supervisor outlives the launcher (which
+/// exits as soon as it reads the readiness byte). False when the launcher
+/// is already gone: nobody will ever be told this VM started.
+pub(super) fn detach_from_launcher() -> bool {
+    // SAFETY: prctl only clears this process's parent-death signal.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0) };
+    LAUNCHER
+        .get()
+        .is_none_or(|l| std::os::unix::process::parent_id() == *l)
+}
+
 fn child(spec: LaunchSpec, vm_dir: VmDir, ready: OwnedFd) -> ! {
+    tie_to_launcher();
     // SAFETY: setsid has no memory-safety preconditions.
     unsafe { libc::setsid() };
     redirect_stdio(&vm_dir.supervisor_log());

@@ -164,6 +164,13 @@ pub async fn serve(spec: LaunchSpec, vm_dir: VmDir, mut ready: std::fs::File) ->
         cleanup(&vm_dir);
         return 1;
     }
+    if !super::daemon::detach_from_launcher() {
+        // The start was cancelled as we got ready: end the VM.
+        log!("the start was cancelled; ending the VM");
+        vm.kill();
+        cleanup(&vm_dir);
+        return 1;
+    }
     let _ = ready.write_all(b"R");
     drop(ready);
 
