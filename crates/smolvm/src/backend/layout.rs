@@ -101,21 +101,10 @@ pub mod files {
     /// Hard link to the image's root filesystem that backs `DISK`.
     pub const BASE_DISK: &str = "base.ext4";
 
-    /// What only exists while the VM runs: sockets and the guest RAM file
-    /// (as large as the guest's memory). The disk and logs stay.
-    pub const RUNTIME: &[&str] = &[
-        SUPERVISOR_SOCKET,
-        QMP_SOCKET,
-        AGENT_SOCKET,
-        CONSOLE_SOCKET,
-        NET_SOCKET,
-        NET_PASTA_PID,
-        NET_RULES,
-        MEMORY_FILE,
-    ];
-
-    /// The runtime files the VMM and its network create (all of
-    /// [`RUNTIME`] but the supervisor's own socket).
+    /// What the VMM and its network create while the VM runs: sockets and
+    /// the guest RAM file (as large as the guest's memory). Together with
+    /// the supervisor's socket, all that exists only while the VM runs; the
+    /// disk and logs stay.
     pub const VMM_RUNTIME: &[&str] = &[
         QMP_SOCKET,
         AGENT_SOCKET,
@@ -128,7 +117,7 @@ pub mod files {
 
     /// Removes the runtime files of the VM in `vm_dir` (best effort).
     pub fn remove_runtime(vm_dir: &std::path::Path) {
-        for f in RUNTIME {
+        for f in VMM_RUNTIME.iter().chain([&SUPERVISOR_SOCKET]) {
             let _ = std::fs::remove_file(vm_dir.join(f));
         }
     }

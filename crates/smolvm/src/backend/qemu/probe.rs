@@ -72,17 +72,7 @@ fn run_probe(kernel: &Path, initramfs: &Path) -> Result<Duration, String> {
     super::confine_child(&mut cmd);
     // The probe ends with this thread's caller: never a QEMU left behind
     // (a KVM internal error pauses QEMU instead of ending it).
-    // SAFETY: prctl is async-signal-safe and only sets this child's
-    // parent-death signal.
-    unsafe {
-        use std::os::unix::process::CommandExt as _;
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    crate::sys::die_with_parent(&mut cmd);
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {QEMU_BINARY}: {e}"))?;

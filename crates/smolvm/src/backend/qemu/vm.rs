@@ -4,7 +4,7 @@ use super::super::{files, BoxFuture, LaunchSpec, Vmm, VmmError, VmmExit};
 use super::{
     check_paths, confine_child, launch_args, GuestNet, NetError, Qmp, QmpError, QEMU_BINARY,
 };
-use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
+use std::os::unix::process::ExitStatusExt as _;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -102,17 +102,8 @@ impl QemuVm {
             .stdout(log.stdio().map_err(log_err)?)
             .stderr(log.stdio().map_err(log_err)?);
         confine_child(&mut cmd);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the
-        // parent; it only sets this child's parent-death signal so the VMM
-        // never outlives its supervisor.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // The VMM never outlives its supervisor.
+        crate::sys::die_with_parent(&mut cmd);
         let mut child = Command::from(cmd)
             .kill_on_drop(true)
             .spawn()
