@@ -2,6 +2,7 @@
 //! allocated.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -73,12 +74,19 @@ pub enum ConfigError {
     BadDiskSize(u64),
     #[error("disk size {size} MiB is smaller than the image '{image}' ({min} MiB)")]
     DiskTooSmall { size: u64, min: u64, image: String },
+    #[error("unknown backend {0:?}; use auto or qemu")]
+    BadBackend(String),
     #[error("unknown accelerator {0:?}; use auto, kvm or tcg")]
     BadAccel(String),
     #[error(
         "invalid environment variable {0:?}: expected KEY=VALUE with a non-empty KEY without '='"
     )]
     BadEnv(String),
+    #[error(
+        "{vars} environment variables of {bytes} bytes are too many; a VM takes at most \
+         {MAX_ENV_VARS} variables and {MAX_ENV_BYTES} bytes"
+    )]
+    EnvTooLarge { vars: usize, bytes: usize },
 }
 
 /// How a sandbox is built. Unknown fields are rejected.
@@ -110,6 +118,10 @@ pub struct SandboxConfig {
     /// The VMM implementation (default QEMU).
     #[serde(default)]
     pub backend: crate::backend::BackendKind,
+    /// Environment for every command run in this VM (a command's own
+    /// variables win over these).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
 }
 
 fn default_image() -> String {
@@ -136,6 +148,7 @@ impl Default for SandboxConfig {
             accel: Accel::Auto,
             network: true,
             backend: crate::backend::BackendKind::default(),
+            env: BTreeMap::new(),
         }
     }
 }
@@ -155,8 +168,31 @@ impl SandboxConfig {
         if let Some(d) = self.disk_size_mib.filter(|d| *d > MAX_DISK_MIB) {
             return Err(ConfigError::BadDiskSize(d));
         }
-        Ok(())
+        validate_env(&self.env)
     }
+}
+
+/// Most VM-wide environment variables, and their bytes in all: they travel
+/// with every command (one protocol frame).
+pub const MAX_ENV_VARS: usize = 256;
+pub const MAX_ENV_BYTES: usize = 64 * 1024;
+
+/// Keys are non-empty and hold no `=` or NUL; values hold no NUL.
+pub fn validate_env(env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    for (k, v) in env {
+        parse_env(&format!("{k}={v}"))?;
+        if k.contains('=') {
+            return Err(ConfigError::BadEnv(format!("{k}={v}")));
+        }
+    }
+    let bytes: usize = env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    if env.len() > MAX_ENV_VARS || bytes > MAX_ENV_BYTES {
+        return Err(ConfigError::EnvTooLarge {
+            vars: env.len(),
+            bytes,
+        });
+    }
+    Ok(())
 }
 
 /// Largest root disk (`--disk-size`), in MiB: 16 TiB, far inside what the
@@ -250,6 +286,24 @@ mod tests {
         let c: SandboxConfig = serde_json::from_str(r#"{"cpus": 2}"#).unwrap();
         assert_eq!(c.cpus, 2);
         assert_eq!(c.memory_mib, DEFAULT_MEMORY_MIB);
+    }
+
+    #[test]
+    fn vm_env_is_bounded() {
+        let mut c = SandboxConfig::default();
+        c.env.insert("PATH".into(), "/x".into());
+        assert!(c.validate().is_ok());
+        c.env.insert("A=B".into(), "c".into());
+        assert!(matches!(c.validate(), Err(ConfigError::BadEnv(_))));
+        c.env.clear();
+        c.env.insert("K".into(), "a\0b".into());
+        assert!(matches!(c.validate(), Err(ConfigError::BadEnv(_))));
+        c.env.clear();
+        c.env.insert("BIG".into(), "x".repeat(MAX_ENV_BYTES));
+        assert!(matches!(c.validate(), Err(ConfigError::EnvTooLarge { .. })));
+        // An old config without the field still reads.
+        let old: SandboxConfig = serde_json::from_str(r#"{"cpus": 1}"#).unwrap();
+        assert!(old.env.is_empty());
     }
 
     #[test]

@@ -154,6 +154,9 @@ pub enum Error {
         kind: ErrorKind,
         message: String,
     },
+    /// The host cannot do what was asked (a backend not available here).
+    #[error("{0}")]
+    HostUnsupported(String),
     #[error("{context}")]
     Io {
         context: String,
@@ -200,6 +203,7 @@ impl Error {
             },
             Error::Control { kind, .. } => *kind,
             Error::Exec { kind, .. } => *kind,
+            Error::HostUnsupported(_) => ErrorKind::HostUnsupported,
             Error::Io { .. } => ErrorKind::Io,
         }
     }

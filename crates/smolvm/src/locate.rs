@@ -1,11 +1,35 @@
 //! Finding smolvm's companion binaries: the static guest agent and the
 //! per-VM supervisor.
 //!
-//! Search order for each: an environment override, then next to the running
-//! executable, then the cargo target layout around it (so `cargo run`,
-//! `cargo test` and installed copies all work), then `PATH`.
+//! Search order for each: an environment override, then the directory an
+//! embedding program named (the Python SDK names the one its wheel ships),
+//! then next to the running executable, then the cargo target layout around
+//! it (so `cargo run`, `cargo test` and installed copies all work), then
+//! `PATH`.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+static COMPANION_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// Names the directory that holds this program's own companion binaries
+/// (`smolvm-supervisor`, `smolvm-agent`), searched before anything but the
+/// environment overrides. For programs that embed the library without being
+/// installed beside those binaries (the Python SDK's extension module: its
+/// executable is the Python interpreter). Only the first call counts; the
+/// directory is still only used when it is trustworthy (see [`trustworthy`]).
+pub fn set_companion_dir(dir: impl Into<PathBuf>) {
+    let _ = COMPANION_DIR.set(dir.into());
+}
+
+fn companion_dirs() -> Vec<PathBuf> {
+    COMPANION_DIR
+        .get()
+        .filter(|d| owned_and_closed(d))
+        .cloned()
+        .into_iter()
+        .collect()
+}
 
 /// Target triple the guest agent is built for.
 pub const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
@@ -122,7 +146,10 @@ pub fn agent_binary() -> Result<PathBuf, LocateError> {
         }
         return Ok(p);
     }
-    let mut candidates = Vec::new();
+    let mut candidates: Vec<PathBuf> = companion_dirs()
+        .into_iter()
+        .map(|d| d.join("smolvm-agent"))
+        .collect();
     for dir in exe_dirs() {
         candidates.push(dir.join("smolvm-agent"));
         for profile in ["release-agent", "release"] {
@@ -147,8 +174,9 @@ pub fn supervisor_binary() -> Result<PathBuf, LocateError> {
     if let Some(p) = std::env::var_os("SMOLVM_SUPERVISOR_BIN").filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(p));
     }
-    let mut candidates: Vec<PathBuf> = exe_dirs()
+    let mut candidates: Vec<PathBuf> = companion_dirs()
         .into_iter()
+        .chain(exe_dirs())
         .map(|d| d.join("smolvm-supervisor"))
         .collect();
     candidates.extend(path_dirs().into_iter().map(|d| d.join("smolvm-supervisor")));

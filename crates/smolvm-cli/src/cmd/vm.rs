@@ -23,6 +23,10 @@ pub struct CreateArgs {
     // cpus), and "cpus" sorts before "disk-size" at the same place.
     #[arg(long, value_name = "MIB", display_order = 3)]
     disk_size: Option<u64>,
+    /// Environment variable for every command run in the VM (repeatable; a
+    /// command's own `-e` wins).
+    #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = super::parse_env)]
+    env: Vec<(String, String)>,
     /// Print the VM as JSON.
     #[arg(long)]
     json: bool,
@@ -124,6 +128,7 @@ pub async fn create(a: CreateArgs) -> anyhow::Result<u8> {
     let config = SandboxConfig {
         name: a.name,
         disk_size_mib: a.disk_size,
+        env: a.env.into_iter().collect(),
         ..a.vm.config(|| Ok(smolvm::Accel::default()))?
     };
     let reporter = Reporter::new(a.quiet || a.json);

@@ -78,6 +78,26 @@ pub enum BackendKind {
     Qemu,
 }
 
+impl BackendKind {
+    /// A backend by name: `auto` (the best one this host has) and `qemu`.
+    /// VMMs smolvm knows of but that cannot run here are a `HostUnsupported`
+    /// error saying so; other names are invalid input.
+    pub fn parse(name: &str) -> crate::Result<BackendKind> {
+        match name {
+            "auto" | "qemu" => Ok(BackendKind::Qemu),
+            "firecracker" | "cloud-hypervisor" | "libkrun" => {
+                Err(crate::Error::HostUnsupported(format!(
+                    "the {name} backend is not available in this smolvm build on this host; \
+                     use backend \"qemu\" (or \"auto\")"
+                )))
+            }
+            other => Err(crate::Error::Config(crate::config::ConfigError::BadBackend(
+                other.to_string(),
+            ))),
+        }
+    }
+}
+
 impl fmt::Display for BackendKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -64,9 +64,18 @@ impl Sandbox {
     /// Starts a command and returns its event stream (output as it comes).
     pub async fn exec_stream(&self, command: Command, opts: &ExecOptions) -> Result<ExecStream> {
         let client = self.require_running().await?;
+        // The VM's own environment first; the command's variables win.
+        let mut env: Vec<(String, String)> = self
+            .config
+            .env
+            .iter()
+            .filter(|(k, _)| !opts.env.iter().any(|(ck, _)| ck == *k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        env.extend(opts.env.iter().cloned());
         let req = ExecRequest {
             command: command.into(),
-            env: opts.env.clone(),
+            env,
             workdir: opts.workdir.clone(),
             timeout_ms: opts.timeout.map(crate::sys::millis),
             stdin: opts.stdin.is_some(),
@@ -197,6 +206,42 @@ impl Sandbox {
     pub async fn run(&self, cmd: &str) -> Result<ExecOutput> {
         self.exec(Command::Shell(cmd.to_string()), &ExecOptions::default())
             .await
+    }
+
+    /// Waits until the guest agent answers, at most `timeout`: for a VM
+    /// that is running, or that another process is starting right now (it
+    /// holds the VM's lock). A VM that is not running and that nobody is
+    /// starting is an `InvalidState` error at once, naming the fix.
+    pub async fn wait_until_ready(&self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let left = timeout.saturating_sub(start.elapsed());
+            let rec = refresh(&self.id).await?;
+            let booting = matches!(rec.state, VmState::Created | VmState::Stopped)
+                && super::lock::VmLock::is_held(&self.id);
+            if rec.state == VmState::Running {
+                let try_for = left.min(Duration::from_secs(1));
+                match tokio::time::timeout(try_for, self.ping()).await {
+                    Ok(Ok(_)) => return Ok(()),
+                    // Not there yet, or the connection just went away.
+                    Ok(Err(e)) if matches!(e.kind(), crate::ErrorKind::AgentUnavailable) => {}
+                    Ok(Err(e)) if matches!(e.kind(), crate::ErrorKind::InvalidState) => {}
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {}
+                }
+            } else if !booting {
+                plan(Op::Exec, &self.id, rec.state, rec.last_error.as_deref())?;
+            }
+            if start.elapsed() >= timeout {
+                return Err(Error::Timeout {
+                    id: self.id.clone(),
+                    what: "its guest agent did not become ready".into(),
+                    after: timeout,
+                    hint: format!("`smolvm logs {}` shows its console", self.id),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50).min(left)).await;
+        }
     }
 
     /// Agent round trip.

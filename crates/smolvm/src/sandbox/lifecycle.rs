@@ -308,7 +308,8 @@ impl Sandbox {
     }
 
     /// Removes the VM and everything it has on disk (stopping it first).
-    pub async fn delete(self) -> Result<()> {
+    /// The handle stays, but every later operation on it is `NotFound`.
+    pub async fn delete(&self) -> Result<()> {
         let _lock = VmLock::acquire(&self.id).await?;
         let rec = match refresh(&self.id).await {
             Ok(r) => Some(r),

@@ -20,6 +20,12 @@ pub struct VmInfo {
     pub memory_mib: u32,
     pub cpus: u32,
     pub network: bool,
+    /// Root disk size asked for at create (the image's size when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_size_mib: Option<u64>,
+    /// Environment for every command in this VM.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
     pub accel: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
@@ -52,6 +58,8 @@ pub(super) fn info_of(rec: &VmRecord) -> VmInfo {
         memory_mib: cfg.memory_mib,
         cpus: cfg.cpus,
         network: cfg.network,
+        disk_size_mib: cfg.disk_size_mib,
+        env: cfg.env,
         accel: rec.accel.clone(),
         created_at: rec.created_at,
         updated_at: rec.updated_at,
