@@ -91,9 +91,9 @@ impl BackendKind {
                      use backend \"qemu\" (or \"auto\")"
                 )))
             }
-            other => Err(crate::Error::Config(crate::config::ConfigError::BadBackend(
-                other.to_string(),
-            ))),
+            other => Err(crate::Error::Config(
+                crate::config::ConfigError::BadBackend(other.to_string()),
+            )),
         }
     }
 }

@@ -25,7 +25,7 @@ pub enum Progress {
     Step(String),
 }
 
-pub(super) type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
+pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
 
 /// A handle on one VM. Dropping or `close`-ing it leaves the VM as it is.
 pub struct Sandbox {

@@ -1,0 +1,154 @@
+//! Library values and errors as Python objects.
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
+use smolvm::image::ImageEvent;
+use smolvm::sandbox::Progress;
+
+/// What an operation gives back, before it is turned into Python.
+pub enum Out {
+    None,
+    Sandbox(Box<smolvm::Sandbox>),
+    Info(Box<smolvm::sandbox::VmInfo>),
+    List(Vec<smolvm::sandbox::VmInfo>),
+    Exec(smolvm::ExecOutput),
+    Seconds(f64),
+}
+
+impl Out {
+    pub fn into_py(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        Ok(match self {
+            Out::None => py.None(),
+            Out::Sandbox(sb) => Py::new(py, crate::Sandbox::new(*sb))?.into_any(),
+            Out::Info(info) => info_dict(py, &info)?.unbind(),
+            Out::List(infos) => {
+                let items = infos
+                    .iter()
+                    .map(|i| info_dict(py, i))
+                    .collect::<PyResult<Vec<_>>>()?;
+                pyo3::types::PyList::new(py, items)?.into_any().unbind()
+            }
+            Out::Exec(o) => {
+                let fields: Vec<Bound<'_, PyAny>> = vec![
+                    o.exit_code.into_pyobject(py)?.into_any(),
+                    o.signal.into_pyobject(py)?.into_any(),
+                    pyo3::types::PyBool::new(py, o.timed_out)
+                        .to_owned()
+                        .into_any(),
+                    PyBytes::new(py, &o.stdout).into_any(),
+                    PyBytes::new(py, &o.stderr).into_any(),
+                    pyo3::types::PyBool::new(py, o.truncated)
+                        .to_owned()
+                        .into_any(),
+                    o.duration_ms.into_pyobject(py)?.into_any(),
+                ];
+                PyTuple::new(py, fields)?.into_any().unbind()
+            }
+            Out::Seconds(s) => s.into_pyobject(py)?.into_any().unbind(),
+        })
+    }
+}
+
+/// A VM's info as a dict, through its JSON form (the same fields as
+/// `smolvm info --json`).
+fn info_dict<'py>(py: Python<'py>, info: &smolvm::sandbox::VmInfo) -> PyResult<Bound<'py, PyAny>> {
+    let mut v = serde_json::to_value(info).map_err(|e| {
+        raise(
+            "io",
+            &format!("cannot encode VM info: {e}"),
+            Some(&info.id),
+            None,
+            "info",
+        )
+    })?;
+    // The recorded reason may quote the guest (a panic line): escaped.
+    if let Some(serde_json::Value::String(s)) = v.get_mut("last_error") {
+        *s = smolvm::text::escape_line(s);
+    }
+    let text = v.to_string();
+    py.import("json")?.call_method1("loads", (text,))
+}
+
+/// `(kind, text)` of a progress event, for the Python callback. Tool
+/// output is escaped: it may be shown on a terminal.
+pub fn progress_text(p: &Progress) -> (&'static str, String) {
+    match p {
+        Progress::Image(ImageEvent::Step {
+            index,
+            total,
+            label,
+        }) => ("image", format!("image step {index}/{total}: {label}")),
+        Progress::Image(ImageEvent::Log(line)) => ("log", smolvm::text::escape_line(line)),
+        Progress::Image(ImageEvent::Done { elapsed, .. }) => (
+            "image",
+            format!("image ready in {:.1}s", elapsed.as_secs_f64()),
+        ),
+        Progress::Step(s) => ("step", smolvm::text::escape_line(s)),
+    }
+}
+
+/// Details an exception carries besides its message.
+fn details<'py>(py: Python<'py>, e: &smolvm::Error) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    match e {
+        smolvm::Error::InvalidState { state, .. } => d.set_item("state", state.as_str())?,
+        smolvm::Error::Timeout { after, what, .. } => {
+            d.set_item("timeout_seconds", after.as_secs_f64())?;
+            d.set_item("what", smolvm::text::escape_line(what))?;
+        }
+        smolvm::Error::Boot { timed_out, .. } => d.set_item("timed_out", *timed_out)?,
+        _ => {}
+    }
+    Ok(d)
+}
+
+/// The `smolvm.exceptions` instance for a library error.
+pub fn error_value<'py>(
+    py: Python<'py>,
+    e: &smolvm::Error,
+    op: &str,
+    vm_id: Option<&str>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let message = smolvm::text::escape_line(&smolvm::error::chain(e));
+    build(
+        py,
+        e.kind().as_str(),
+        &message,
+        vm_id,
+        e.console_tail(),
+        op,
+        details(py, e)?,
+    )
+}
+
+fn build<'py>(
+    py: Python<'py>,
+    kind: &str,
+    message: &str,
+    vm_id: Option<&str>,
+    console_tail: Option<&str>,
+    op: &str,
+    details: Bound<'py, PyDict>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let make = py.import("smolvm.exceptions")?.getattr("_from_native")?;
+    make.call1((kind, message, vm_id, console_tail, op, details))
+}
+
+/// A `smolvm.exceptions` error of `kind` made here (bad arguments and the
+/// like), as a `PyErr`.
+pub fn raise(
+    kind: &str,
+    message: &str,
+    vm_id: Option<&str>,
+    console_tail: Option<&str>,
+    op: &str,
+) -> PyErr {
+    Python::attach(|py| {
+        let value = PyDict::new(py);
+        match build(py, kind, message, vm_id, console_tail, op, value) {
+            Ok(v) => PyErr::from_value(v),
+            // Without the Python package (the module loaded on its own).
+            Err(_) => pyo3::exceptions::PyRuntimeError::new_err(format!("{kind}: {message}")),
+        }
+    })
+}

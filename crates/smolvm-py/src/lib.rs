@@ -1,0 +1,348 @@
+//! `smolvm._native`: the Python SDK's native half, thin over the `smolvm`
+//! library (no second implementation, no CLI underneath).
+//!
+//! Every operation is a future of the library run on one tokio runtime per
+//! process. Each method takes an optional `done` callback:
+//! - without it the call blocks, with the GIL released, and comes back
+//!   early with `KeyboardInterrupt` (the operation cancelled: the library's
+//!   futures are cancel-safe) when the main thread gets a signal;
+//! - with it the call returns a [`Task`] at once and calls
+//!   `done(ok, value)` from a runtime thread when the operation ends: the
+//!   Python side turns that into an asyncio future (`smolvm._aio`), and
+//!   cancelling that future cancels the task.
+//!
+//! Errors cross as instances of `smolvm.exceptions` classes, chosen by the
+//! library's error kind (docs/errors.md).
+
+mod convert;
+mod runtime;
+
+use convert::{raise, Out};
+use pyo3::prelude::*;
+use runtime::{run_op, Task};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Seconds from Python as a `Duration`, refusing what is not one.
+fn seconds(what: &str, s: f64) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(s).map_err(|_| {
+        raise(
+            "invalid_input",
+            &format!("{what} must be a non-negative number of seconds, not {s}"),
+            None,
+            None,
+            what,
+        )
+    })
+}
+
+fn progress_fn(cb: Option<Py<PyAny>>) -> Option<smolvm::sandbox::ProgressFn> {
+    let cb = cb?;
+    Some(Arc::new(move |p: &smolvm::sandbox::Progress| {
+        let (kind, text) = convert::progress_text(p);
+        Python::attach(|py| {
+            // A failing progress callback must not fail the operation.
+            if let Err(e) = cb.call1(py, (kind, text)) {
+                e.print(py);
+            }
+        });
+    }))
+}
+
+/// A handle on one VM. Thread-safe: share it between threads freely.
+#[pyclass(frozen, module = "smolvm._native")]
+pub(crate) struct Sandbox {
+    inner: Arc<smolvm::Sandbox>,
+    /// The process that made the handle: its runtime's connections do not
+    /// survive a fork.
+    pid: u32,
+}
+
+impl Sandbox {
+    pub(crate) fn new(inner: smolvm::Sandbox) -> Sandbox {
+        Sandbox {
+            inner: Arc::new(inner),
+            pid: std::process::id(),
+        }
+    }
+
+    fn handle(&self) -> PyResult<Arc<smolvm::Sandbox>> {
+        if self.pid != std::process::id() {
+            return Err(raise(
+                "invalid_state",
+                &format!(
+                    "this handle on VM '{}' was made in process {} before a fork; \
+                     in this process use SmolVM.from_id({:?})",
+                    self.inner.id(),
+                    self.pid,
+                    self.inner.id()
+                ),
+                Some(self.inner.id()),
+                None,
+                "handle",
+            ));
+        }
+        Ok(self.inner.clone())
+    }
+
+    fn id_owned(&self) -> Option<String> {
+        Some(self.inner.id().to_string())
+    }
+}
+
+#[pymethods]
+impl Sandbox {
+    /// Creates a VM from a `SandboxConfig` as JSON (building its image
+    /// when missing; `progress(kind, text)` hears about it).
+    #[staticmethod]
+    #[pyo3(signature = (config_json, progress=None, done=None))]
+    fn create(
+        py: Python<'_>,
+        config_json: &str,
+        progress: Option<Py<PyAny>>,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let config: smolvm::SandboxConfig = serde_json::from_str(config_json).map_err(|e| {
+            raise(
+                "invalid_input",
+                &format!("invalid VM config: {e}"),
+                None,
+                None,
+                "create",
+            )
+        })?;
+        let progress = progress_fn(progress);
+        run_op(py, "create", None, done, async move {
+            let sb = smolvm::Sandbox::create_with_progress(config, progress).await?;
+            Ok(Out::Sandbox(Box::new(sb)))
+        })
+    }
+
+    /// A handle on an existing VM by id (name), from any process.
+    #[staticmethod]
+    #[pyo3(signature = (vm_id, progress=None, done=None))]
+    fn from_id(
+        py: Python<'_>,
+        vm_id: String,
+        progress: Option<Py<PyAny>>,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let progress = progress_fn(progress);
+        let id = Some(vm_id.clone());
+        run_op(py, "from_id", id, done, async move {
+            let mut sb = smolvm::Sandbox::from_id(&vm_id).await?;
+            sb.set_progress(progress);
+            Ok(Out::Sandbox(Box::new(sb)))
+        })
+    }
+
+    /// Every VM in the inventory, as dicts.
+    #[staticmethod]
+    #[pyo3(signature = (done=None))]
+    fn list(py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+        run_op(py, "list", None, done, async move {
+            Ok(Out::List(smolvm::Sandbox::list().await?))
+        })
+    }
+
+    #[getter]
+    fn vm_id(&self) -> &str {
+        self.inner.id()
+    }
+
+    /// The VM's config as JSON.
+    fn config_json(&self) -> PyResult<String> {
+        serde_json::to_string(self.inner.config()).map_err(|e| {
+            raise(
+                "io",
+                &format!("cannot encode the config: {e}"),
+                self.id_owned().as_deref(),
+                None,
+                "config",
+            )
+        })
+    }
+
+    #[pyo3(signature = (done=None))]
+    fn info(&self, py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+        let sb = self.handle()?;
+        run_op(py, "info", self.id_owned(), done, async move {
+            Ok(Out::Info(Box::new(sb.info().await?)))
+        })
+    }
+
+    #[pyo3(signature = (boot_timeout, done=None))]
+    fn start(
+        &self,
+        py: Python<'_>,
+        boot_timeout: f64,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let t = seconds("boot_timeout", boot_timeout)?;
+        let sb = self.handle()?;
+        run_op(py, "start", self.id_owned(), done, async move {
+            sb.start(t).await?;
+            Ok(Out::None)
+        })
+    }
+
+    #[pyo3(signature = (timeout, done=None))]
+    fn stop(&self, py: Python<'_>, timeout: f64, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+        let t = seconds("timeout", timeout)?;
+        let sb = self.handle()?;
+        run_op(py, "stop", self.id_owned(), done, async move {
+            sb.stop(t).await?;
+            Ok(Out::None)
+        })
+    }
+
+    #[pyo3(signature = (done=None))]
+    fn pause(&self, py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+        let sb = self.handle()?;
+        run_op(py, "pause", self.id_owned(), done, async move {
+            sb.pause().await?;
+            Ok(Out::None)
+        })
+    }
+
+    #[pyo3(signature = (done=None))]
+    fn resume(&self, py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+        let sb = self.handle()?;
+        run_op(py, "resume", self.id_owned(), done, async move {
+            sb.resume().await?;
+            Ok(Out::None)
+        })
+    }
+
+    #[pyo3(signature = (done=None))]
+    fn delete(&self, py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+        let sb = self.handle()?;
+        run_op(py, "delete", self.id_owned(), done, async move {
+            sb.delete().await?;
+            Ok(Out::None)
+        })
+    }
+
+    #[pyo3(signature = (timeout, done=None))]
+    fn wait_until_ready(
+        &self,
+        py: Python<'_>,
+        timeout: f64,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let t = seconds("timeout", timeout)?;
+        let sb = self.handle()?;
+        run_op(py, "wait_for_ready", self.id_owned(), done, async move {
+            sb.wait_until_ready(t).await?;
+            Ok(Out::None)
+        })
+    }
+
+    /// One agent round trip; seconds.
+    #[pyo3(signature = (done=None))]
+    fn ping(&self, py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+        let sb = self.handle()?;
+        run_op(py, "ping", self.id_owned(), done, async move {
+            Ok(Out::Seconds(sb.ping().await?.as_secs_f64()))
+        })
+    }
+
+    /// Runs `argv` (or `/bin/sh -c shell`) to completion. Returns
+    /// `(exit_code, signal, timed_out, stdout, stderr, truncated,
+    /// duration_ms)`; a guest-side timeout is `timed_out`, not an error.
+    #[pyo3(signature = (argv, env, cwd=None, timeout=None, stdin=None, done=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn exec(
+        &self,
+        py: Python<'_>,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        timeout: Option<f64>,
+        stdin: Option<Vec<u8>>,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        if argv.is_empty() {
+            return Err(raise(
+                "invalid_input",
+                "the command is empty",
+                self.id_owned().as_deref(),
+                None,
+                "run",
+            ));
+        }
+        for (k, v) in &env {
+            smolvm::config::parse_env(&format!("{k}={v}"))
+                .ok()
+                .filter(|_| !k.contains('='))
+                .ok_or_else(|| {
+                    raise(
+                        "invalid_input",
+                        &format!("invalid environment variable {k:?}: keys are non-empty without '=' or NUL, values without NUL"),
+                        self.id_owned().as_deref(),
+                        None,
+                        "run",
+                    )
+                })?;
+        }
+        let timeout = timeout.map(|t| seconds("timeout", t)).transpose()?;
+        let opts = smolvm::ExecOptions {
+            env,
+            workdir: cwd,
+            timeout,
+            stdin,
+        };
+        let sb = self.handle()?;
+        run_op(py, "run", self.id_owned(), done, async move {
+            let out = sb.exec(smolvm::Command::Argv(argv), &opts).await?;
+            Ok(Out::Exec(out))
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<smolvm._native.Sandbox {:?}>", self.inner.id())
+    }
+}
+
+/// Where the wheel's companion binaries (supervisor, guest agent) are.
+#[pyfunction]
+fn set_companion_dir(dir: std::path::PathBuf) {
+    smolvm::locate::set_companion_dir(dir);
+}
+
+/// Raises unless `name` is a backend that can run here (`auto`, `qemu`).
+#[pyfunction]
+fn check_backend(name: &str) -> PyResult<()> {
+    smolvm::backend::BackendKind::parse(name)
+        .map(|_| ())
+        .map_err(|e| {
+            Python::attach(|py| match convert::error_value(py, &e, "create", None) {
+                Ok(v) => PyErr::from_value(v),
+                Err(e) => e,
+            })
+        })
+}
+
+/// Where VMs and the inventory live (`SMOLVM_DATA_DIR`, as for the CLI).
+#[pyfunction]
+fn data_dir() -> std::path::PathBuf {
+    smolvm::paths::data_dir()
+}
+
+/// Guest text made safe to show on a terminal (control characters escaped).
+#[pyfunction]
+fn escape_text(s: &str) -> String {
+    smolvm::text::escape_multiline(s)
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<Sandbox>()?;
+    m.add_class::<Task>()?;
+    m.add_function(wrap_pyfunction!(set_companion_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(data_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(check_backend, m)?)?;
+    m.add_function(wrap_pyfunction!(escape_text, m)?)?;
+    Ok(())
+}

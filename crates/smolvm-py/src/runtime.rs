@@ -1,0 +1,163 @@
+//! One tokio runtime per process, and running the library's futures on it
+//! for Python: blocking (GIL released, interruptible) or with a callback.
+
+use crate::convert::{error_value, raise, Out};
+use pyo3::prelude::*;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::runtime::Runtime;
+
+/// How often a blocked call looks for a pending signal (Ctrl-C).
+const SIGNAL_CHECK: Duration = Duration::from_millis(100);
+
+/// The runtime and the process it was made in: after a `fork` the child
+/// has none of its threads, so it gets a runtime of its own.
+static RUNTIME: Mutex<Option<(u32, Arc<Runtime>)>> = Mutex::new(None);
+
+fn runtime() -> PyResult<Arc<Runtime>> {
+    let mut g = RUNTIME.lock().unwrap_or_else(|p| p.into_inner());
+    let pid = std::process::id();
+    if let Some((p, rt)) = g.as_ref() {
+        if *p == pid {
+            return Ok(rt.clone());
+        }
+    }
+    if let Some((_, parents)) = g.take() {
+        // Its worker threads exist only in the parent: dropping it here
+        // would wait for them forever.
+        std::mem::forget(parents);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("smolvm-rt")
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            raise(
+                "io",
+                &format!("cannot start smolvm's async runtime: {e}"),
+                None,
+                None,
+                "runtime",
+            )
+        })?;
+    let rt = Arc::new(rt);
+    *g = Some((pid, rt.clone()));
+    Ok(rt)
+}
+
+/// A running operation started with a `done` callback.
+#[pyclass(frozen, module = "smolvm._native")]
+pub struct Task {
+    abort: tokio::task::AbortHandle,
+}
+
+#[pymethods]
+impl Task {
+    /// Cancels the operation (its `done` is then never called). What it
+    /// had started is undone as when a blocking call is interrupted.
+    fn cancel(&self) {
+        self.abort.abort();
+    }
+
+    /// True once the operation has ended (or was cancelled).
+    fn done(&self) -> bool {
+        self.abort.is_finished()
+    }
+}
+
+/// Runs `fut` for operation `op` on VM `vm_id`: blocking when `done` is
+/// None, else in the background, calling `done(ok, value)` at the end.
+pub fn run_op<F>(
+    py: Python<'_>,
+    op: &'static str,
+    vm_id: Option<String>,
+    done: Option<Py<PyAny>>,
+    fut: F,
+) -> PyResult<Py<PyAny>>
+where
+    F: Future<Output = smolvm::Result<Out>> + Send + 'static,
+{
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return Err(raise(
+            "invalid_state",
+            "a smolvm call was made from inside a smolvm callback (progress or an async \
+             completion); call it from your own thread or task instead",
+            vm_id.as_deref(),
+            None,
+            op,
+        ));
+    }
+    let rt = runtime()?;
+    match done {
+        None => {
+            let mut task = rt.spawn(fut);
+            loop {
+                let waited = py.detach(|| {
+                    rt.block_on(async { tokio::time::timeout(SIGNAL_CHECK, &mut task).await })
+                });
+                match waited {
+                    Ok(Ok(Ok(out))) => return out.into_py(py),
+                    Ok(Ok(Err(e))) => {
+                        return Err(PyErr::from_value(error_value(
+                            py,
+                            &e,
+                            op,
+                            vm_id.as_deref(),
+                        )?))
+                    }
+                    Ok(Err(join)) => return Err(panicked(op, &join)),
+                    Err(_) => {
+                        if let Err(interrupted) = py.check_signals() {
+                            // Dropping the operation undoes what it began
+                            // (a create's row, a boot's processes).
+                            task.abort();
+                            let rt2 = rt.clone();
+                            py.detach(move || {
+                                rt2.block_on(async {
+                                    let _ =
+                                        tokio::time::timeout(Duration::from_secs(10), task).await;
+                                })
+                            });
+                            return Err(interrupted);
+                        }
+                    }
+                }
+            }
+        }
+        Some(done) => {
+            let handle = rt.spawn(async move {
+                let r = fut.await;
+                Python::attach(|py| {
+                    let (ok, value) = match r.map(|out| out.into_py(py)) {
+                        Ok(Ok(v)) => (true, v),
+                        Ok(Err(e)) => (false, e.value(py).clone().into_any().unbind()),
+                        Err(e) => match error_value(py, &e, op, vm_id.as_deref()) {
+                            Ok(v) => (false, v.unbind()),
+                            Err(e) => (false, e.value(py).clone().into_any().unbind()),
+                        },
+                    };
+                    // The loop may be closed by now: nobody is waiting.
+                    if let Err(e) = done.call1(py, (ok, value)) {
+                        e.print(py);
+                    }
+                });
+            });
+            let task = Task {
+                abort: handle.abort_handle(),
+            };
+            Ok(Py::new(py, task)?.into_any())
+        }
+    }
+}
+
+fn panicked(op: &str, e: &tokio::task::JoinError) -> PyErr {
+    raise(
+        "io",
+        &format!("smolvm {op} failed inside the library ({e}); this is a bug, please report it"),
+        None,
+        None,
+        op,
+    )
+}
