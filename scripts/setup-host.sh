@@ -29,6 +29,11 @@ for p in "${PKGS[@]}"; do
     [ -n "$(installed_version "$p")" ] || missing+=("$p")
 done
 
+# The Python SDK is built and used in a virtualenv: python3 (3.9 or newer)
+# with venv and ensurepip (Debian splits those into python3-venv).
+py_ok() { python3 -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 9))' 2>/dev/null; }
+py_ok || missing+=(python3 python3-venv)
+
 # The QEMU set is consistent when both are installed at one version.
 qemu_sys="$(installed_version qemu-system-x86)"
 qemu_utils="$(installed_version qemu-utils)"
@@ -80,6 +85,7 @@ check passt passt passt --version
 check pasta passt pasta --version
 check ip iproute2 ip -V
 check ssh openssh-client ssh -V
+check python3 python3-venv py_ok
 if [ $fail -ne 0 ]; then
     echo "setup-host: host set-up is incomplete (see above)" >&2
     exit 1

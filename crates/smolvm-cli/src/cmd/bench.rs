@@ -29,6 +29,123 @@ pub struct BenchArgs {
     /// from the current directory).
     #[arg(long)]
     floor: Option<std::path::PathBuf>,
+    /// A Python with the SDK installed, for the binding's figures. Default:
+    /// `$SMOLVM_PYTHON`, else `python3` (skipped, with the reason, when it
+    /// cannot import smolvm).
+    #[arg(long)]
+    python: Option<std::path::PathBuf>,
+}
+
+/// The Python SDK next to the library, measured in the same run.
+#[derive(Serialize, Default, Clone)]
+struct PyBench {
+    /// `vm.run(["true"], timeout=None)` round trip through the SDK, on the
+    /// VM the library's `exec_true_rtt_ms` was measured on.
+    run_true_rtt_ms: Stats,
+    /// The library's figure again, measured right after the SDK's (the two
+    /// library passes bracket it).
+    library_rtt_after_ms: Stats,
+    /// `python -c 'with SmolVM() as vm: vm.run("true")'`, whole process.
+    with_run_true_ms: Vec<f64>,
+    /// `smolvm run -- true`, whole process.
+    cli_run_true_ms: Vec<f64>,
+    note: Option<String>,
+}
+
+const PY_RTT: &str = r#"
+import json, sys, time
+from smolvm import SmolVM
+vm = SmolVM.from_id(sys.argv[1])
+n = int(sys.argv[2])
+for _ in range(min(n, 10)):
+    vm.run(["true"], timeout=None)
+out = []
+for _ in range(n):
+    t = time.perf_counter()
+    r = vm.run(["true"], timeout=None)
+    out.append((time.perf_counter() - t) * 1000)
+    assert r.ok
+vm.close()
+print(json.dumps(out))
+"#;
+
+const PY_WITH: &str = r#"
+from smolvm import SmolVM
+with SmolVM() as vm:
+    assert vm.run("true").ok
+"#;
+
+fn python_for(arg: Option<std::path::PathBuf>) -> std::path::PathBuf {
+    arg.or_else(|| std::env::var_os("SMOLVM_PYTHON").map(Into::into))
+        .unwrap_or_else(|| "python3".into())
+}
+
+async fn wall_of(cmd: &mut tokio::process::Command) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .await?;
+    let took = ms(t.elapsed());
+    anyhow::ensure!(
+        out.status.success(),
+        "{:?} failed: {}",
+        cmd.as_std().get_program(),
+        smolvm::text::escape_multiline(String::from_utf8_lossy(&out.stderr).trim())
+    );
+    Ok(took)
+}
+
+async fn python_bench(
+    py: &std::path::Path,
+    vm: &Sandbox,
+    iterations: usize,
+    boots: usize,
+) -> anyhow::Result<PyBench> {
+    let mut b = PyBench::default();
+    let probe = tokio::process::Command::new(py)
+        .args(["-c", "import smolvm"])
+        .output()
+        .await;
+    match probe {
+        Ok(o) if o.status.success() => {}
+        Ok(_) | Err(_) => {
+            b.note = Some(format!(
+                "{} cannot import smolvm (scripts/python-sdk.sh installs it into .venv; pass --python .venv/bin/python)",
+                py.display()
+            ));
+            return Ok(b);
+        }
+    }
+    let out = tokio::process::Command::new(py)
+        .args(["-c", PY_RTT, vm.id(), &iterations.to_string()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the Python round-trip script failed: {}",
+        smolvm::text::escape_multiline(String::from_utf8_lossy(&out.stderr).trim())
+    );
+    b.run_true_rtt_ms = stats(serde_json::from_slice(&out.stdout)?);
+    let argv = smolvm::Command::Argv(vec!["true".into()]);
+    let mut again = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let t = Instant::now();
+        vm.exec(argv.clone(), &ExecOptions::default()).await?;
+        again.push(ms(t.elapsed()));
+    }
+    b.library_rtt_after_ms = stats(again);
+    let cli = std::env::current_exe()?;
+    for _ in 0..boots.max(1) {
+        b.with_run_true_ms
+            .push(wall_of(tokio::process::Command::new(py).args(["-c", PY_WITH])).await?);
+        b.cli_run_true_ms
+            .push(wall_of(tokio::process::Command::new(&cli).args(["run", "--", "true"])).await?);
+    }
+    Ok(b)
 }
 
 /// The floors smolvm's figures are judged against, measured on this host
@@ -132,6 +249,7 @@ struct Results {
     parallel: Vec<Parallel>,
     floors: Floors,
     load: Option<Load>,
+    python: Option<PyBench>,
 }
 
 /// Starts under load: `idle` VMs running, then as many more started at
@@ -478,6 +596,13 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
     r.exec_true_rtt_ms = stats(rtt);
     r.ping_rtt_ms = stats(ping);
 
+    let py = python_for(a.python.clone());
+    eprintln!(
+        "bench: the Python SDK ({}) on the same VM, and `with SmolVM()` vs `smolvm run` ...",
+        py.display()
+    );
+    r.python = Some(python_bench(&py, &vm, a.iterations, a.boots).await?);
+
     eprintln!("bench: pause/resume and stop/start ...");
     let (mut pause, mut resume, mut stop, mut start) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -607,6 +732,43 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
             "idle VM CPU (VMM + network, % of a core)",
             format!("{:.2}", l.idle_cpu_pct_per_vm),
         );
+    }
+    match &r.python {
+        Some(p) if p.note.is_none() => {
+            let lib = (r.exec_true_rtt_ms.median + p.library_rtt_after_ms.median) / 2.0;
+            row(
+                "python vm.run(['true']) round trip (ms, median)",
+                format!("{:.2}", p.run_true_rtt_ms.median),
+            );
+            row(
+                "  library exec, before / after it (ms, median)",
+                format!(
+                    "{:.2} / {:.2}",
+                    r.exec_true_rtt_ms.median, p.library_rtt_after_ms.median
+                ),
+            );
+            row(
+                "  python / library (ratio of medians)",
+                format!("{:.3}x", p.run_true_rtt_ms.median / lib.max(1e-6)),
+            );
+            row(
+                "python `with SmolVM(): run(\"true\")` (ms, median)",
+                format!("{:.0}", median(&p.with_run_true_ms)),
+            );
+            row(
+                "`smolvm run -- true` (ms, median)",
+                format!("{:.0}", median(&p.cli_run_true_ms)),
+            );
+            row(
+                "  python with-block / CLI run (ratio)",
+                format!(
+                    "{:.2}x",
+                    median(&p.with_run_true_ms) / median(&p.cli_run_true_ms).max(1e-6)
+                ),
+            );
+        }
+        Some(p) => row("python", p.note.clone().unwrap_or_default()),
+        None => {}
     }
     match (r.floors.boot_ms, r.floors.channel_median_ms) {
         (Some(boot), Some(chan)) => {
