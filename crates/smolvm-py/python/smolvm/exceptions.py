@@ -205,6 +205,15 @@ _BY_KIND: dict[str, type[SmolVMError]] = {
     "host_unsupported": HostError,
 }
 
+# What to call, from Python, on a VM in each state (the library's messages
+# name the CLI command).
+_PYTHON_FIX = {
+    "created": "call vm.start()",
+    "stopped": "call vm.start()",
+    "paused": "call vm.resume()",
+    "error": "vm.delete() it and make a new one",
+}
+
 # Operations during which a dying VMM means the boot failed.
 _BOOTING = frozenset({"start", "create", "async_start"})
 
@@ -229,6 +238,9 @@ def _from_native(
     if vm_id is not None:
         info["vm_id"] = vm_id
     info.update(details or {})
+    fix = _PYTHON_FIX.get(info.get("state", "")) if kind == "invalid_state" else None
+    if fix:
+        message = f"{message} (in Python: {fix})"
     SmolVMError.__init__(exc, message, info)
     exc.kind = kind
     if cls is BootError:
