@@ -19,21 +19,28 @@ mod runtime;
 
 use convert::{raise, Out};
 use pyo3::prelude::*;
-use runtime::{run_op, Task};
+use runtime::{run_op, run_op_with, OpOpts, Task};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Seconds from Python as a `Duration`, refusing what is not one.
-fn seconds(what: &str, s: f64) -> PyResult<Duration> {
+fn seconds(op: &str, what: &str, s: f64) -> PyResult<Duration> {
     Duration::try_from_secs_f64(s).map_err(|_| {
         raise(
             "invalid_input",
             &format!("{what} must be a non-negative number of seconds, not {s}"),
             None,
             None,
-            what,
+            op,
         )
     })
+}
+
+/// A warning on stderr (the library logs through `tracing`, which the
+/// SDK does not set up).
+fn warn(msg: &str) {
+    eprintln!("smolvm: warning: {}", smolvm::text::escape_line(msg));
 }
 
 fn progress_fn(cb: Option<Py<PyAny>>) -> Option<smolvm::sandbox::ProgressFn> {
@@ -112,7 +119,8 @@ impl Sandbox {
             )
         })?;
         let progress = progress_fn(progress);
-        run_op(py, "create", None, done, async move {
+        let name = config.name.clone();
+        run_op(py, "create", name, done, async move {
             let sb = smolvm::Sandbox::create_with_progress(config, progress).await?;
             Ok(Out::Sandbox(Box::new(sb)))
         })
@@ -171,6 +179,9 @@ impl Sandbox {
         })
     }
 
+    /// Boots (or resumes) the VM. Cancelled (Ctrl-C, `Task.cancel`)
+    /// before the guest is ready, the boot is ended: the VM is left as it
+    /// was, not booting on behind the caller's back.
     #[pyo3(signature = (boot_timeout, done=None))]
     fn start(
         &self,
@@ -178,17 +189,32 @@ impl Sandbox {
         boot_timeout: f64,
         done: Option<Py<PyAny>>,
     ) -> PyResult<Py<PyAny>> {
-        let t = seconds("boot_timeout", boot_timeout)?;
+        let t = seconds("start", "boot_timeout", boot_timeout)?;
         let sb = self.handle()?;
-        run_op(py, "start", self.id_owned(), done, async move {
+        let finished = Arc::new(AtomicBool::new(false));
+        let (sb2, finished2) = (sb.clone(), finished.clone());
+        let on_cancel: runtime::Cleanup = Box::pin(async move {
+            if !finished2.load(Ordering::SeqCst) {
+                // A stop of a VM whose boot is under way ends that boot.
+                if let Err(e) = sb2.stop(Duration::ZERO).await {
+                    warn(&format!("ending the cancelled boot of {}: {e}", sb2.id()));
+                }
+            }
+        });
+        let opts = OpOpts {
+            on_cancel: Some(on_cancel),
+            ..OpOpts::default()
+        };
+        run_op_with(py, "start", self.id_owned(), done, opts, async move {
             sb.start(t).await?;
+            finished.store(true, Ordering::SeqCst);
             Ok(Out::None)
         })
     }
 
     #[pyo3(signature = (timeout, done=None))]
     fn stop(&self, py: Python<'_>, timeout: f64, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
-        let t = seconds("timeout", timeout)?;
+        let t = seconds("stop", "timeout", timeout)?;
         let sb = self.handle()?;
         run_op(py, "stop", self.id_owned(), done, async move {
             sb.stop(t).await?;
@@ -214,10 +240,16 @@ impl Sandbox {
         })
     }
 
+    /// Removes the VM. Not interrupted by Ctrl-C (a delete half done
+    /// would leave a VM behind): the signal is raised once it is done.
     #[pyo3(signature = (done=None))]
     fn delete(&self, py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
         let sb = self.handle()?;
-        run_op(py, "delete", self.id_owned(), done, async move {
+        let opts = OpOpts {
+            uninterruptible: true,
+            ..OpOpts::default()
+        };
+        run_op_with(py, "delete", self.id_owned(), done, opts, async move {
             sb.delete().await?;
             Ok(Out::None)
         })
@@ -230,7 +262,7 @@ impl Sandbox {
         timeout: f64,
         done: Option<Py<PyAny>>,
     ) -> PyResult<Py<PyAny>> {
-        let t = seconds("timeout", timeout)?;
+        let t = seconds("wait_for_ready", "timeout", timeout)?;
         let sb = self.handle()?;
         run_op(py, "wait_for_ready", self.id_owned(), done, async move {
             sb.wait_until_ready(t).await?;
@@ -285,7 +317,7 @@ impl Sandbox {
                     )
                 })?;
         }
-        let timeout = timeout.map(|t| seconds("timeout", t)).transpose()?;
+        let timeout = timeout.map(|t| seconds("run", "timeout", t)).transpose()?;
         let opts = smolvm::ExecOptions {
             env,
             workdir: cwd,

@@ -4,6 +4,7 @@
 use crate::convert::{error_value, raise, Out};
 use pyo3::prelude::*;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::runtime::Runtime;
@@ -47,10 +48,29 @@ fn runtime() -> PyResult<Arc<Runtime>> {
     Ok(rt)
 }
 
+/// Work that undoes a cancelled operation (a boot still under way).
+pub type Cleanup = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// How an operation behaves when it is interrupted.
+#[derive(Default)]
+pub struct OpOpts {
+    /// False: Ctrl-C waits for it to finish (a delete half done would leave
+    /// a VM behind); the signal is handled right after.
+    pub uninterruptible: bool,
+    /// Run after the operation was cancelled (it decides itself whether
+    /// there is anything to undo).
+    pub on_cancel: Option<Cleanup>,
+}
+
+/// How long a cancelled operation's undoing may take.
+const CLEANUP_WAIT: Duration = Duration::from_secs(30);
+
 /// A running operation started with a `done` callback.
 #[pyclass(frozen, module = "smolvm._native")]
 pub struct Task {
     abort: tokio::task::AbortHandle,
+    rt: Arc<Runtime>,
+    on_cancel: Mutex<Option<Cleanup>>,
 }
 
 #[pymethods]
@@ -58,7 +78,25 @@ impl Task {
     /// Cancels the operation (its `done` is then never called). What it
     /// had started is undone as when a blocking call is interrupted.
     fn cancel(&self) {
+        if self.abort.is_finished() {
+            return;
+        }
         self.abort.abort();
+        let cleanup = self
+            .on_cancel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(c) = cleanup {
+            let abort = self.abort.clone();
+            self.rt.spawn(async move {
+                // Only once the operation is gone: it may be mid-step.
+                while !abort.is_finished() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let _ = tokio::time::timeout(CLEANUP_WAIT, c).await;
+            });
+        }
     }
 
     /// True once the operation has ended (or was cancelled).
@@ -74,6 +112,21 @@ pub fn run_op<F>(
     op: &'static str,
     vm_id: Option<String>,
     done: Option<Py<PyAny>>,
+    fut: F,
+) -> PyResult<Py<PyAny>>
+where
+    F: Future<Output = smolvm::Result<Out>> + Send + 'static,
+{
+    run_op_with(py, op, vm_id, done, OpOpts::default(), fut)
+}
+
+/// [`run_op`] with a say in how interruption is handled.
+pub fn run_op_with<F>(
+    py: Python<'_>,
+    op: &'static str,
+    vm_id: Option<String>,
+    done: Option<Py<PyAny>>,
+    opts: OpOpts,
     fut: F,
 ) -> PyResult<Py<PyAny>>
 where
@@ -108,16 +161,21 @@ where
                         )?))
                     }
                     Ok(Err(join)) => return Err(panicked(op, &join)),
+                    Err(_) if opts.uninterruptible => {}
                     Err(_) => {
                         if let Err(interrupted) = py.check_signals() {
                             // Dropping the operation undoes what it began
-                            // (a create's row, a boot's processes).
+                            // (a create's row and directory, a command),
+                            // and `on_cancel` the rest (a boot under way).
                             task.abort();
                             let rt2 = rt.clone();
+                            let cleanup = opts.on_cancel;
                             py.detach(move || {
                                 rt2.block_on(async {
-                                    let _ =
-                                        tokio::time::timeout(Duration::from_secs(10), task).await;
+                                    let _ = tokio::time::timeout(CLEANUP_WAIT, task).await;
+                                    if let Some(c) = cleanup {
+                                        let _ = tokio::time::timeout(CLEANUP_WAIT, c).await;
+                                    }
                                 })
                             });
                             return Err(interrupted);
@@ -146,6 +204,8 @@ where
             });
             let task = Task {
                 abort: handle.abort_handle(),
+                rt: rt.clone(),
+                on_cancel: Mutex::new(opts.on_cancel),
             };
             Ok(Py::new(py, task)?.into_any())
         }

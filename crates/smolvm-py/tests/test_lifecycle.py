@@ -190,3 +190,60 @@ def test_states_are_str_enum_members():
     assert VMState("paused") is VMState.PAUSED
     assert isinstance(VMState.STOPPED, str)
     assert issubclass(InvalidStateError, SmolVMError)
+
+
+def _interrupt_after(seconds):
+    """SIGINT to this process after `seconds` (Python raises it as
+    KeyboardInterrupt in the main thread, as a Ctrl-C would)."""
+    import os
+    import signal
+    import threading
+
+    t = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
+    t.start()
+    return t
+
+
+def _processes_of(info):
+    import os
+
+    return [p for p in (info.pid, info.supervisor_pid) if p and os.path.exists(f"/proc/{p}")]
+
+
+def test_ctrl_c_during_start_ends_the_boot(make_vm):
+    vm = make_vm()
+    timer = _interrupt_after(1.0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            vm.start(boot_timeout=60)
+    finally:
+        timer.cancel()
+    # The boot was ended, not left to finish behind the caller's back.
+    info = vm.info
+    assert info.status == VMState.CREATED, info
+    assert info.pid is None and info.supervisor_pid is None, info
+    time.sleep(3)
+    assert vm.status == VMState.CREATED, "the interrupted boot came up anyway"
+    # And the VM still boots when asked again.
+    vm.start()
+    assert vm.run("echo back", shell="raw").output == "back"
+
+
+def test_failed_start_in_a_with_block_leaves_no_vm(new_name, vm_ids):
+    name = new_name("enter")
+    timer = _interrupt_after(1.0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with SmolVM(name=name):
+                pytest.fail("the block ran although start was interrupted")
+    finally:
+        timer.cancel()
+    assert name not in vm_ids(), "a VM whose start failed on __enter__ was left behind"
+
+
+def test_a_closed_handle_refuses_with_invalid_state(make_vm):
+    vm = make_vm()
+    vm.close()
+    with pytest.raises(InvalidStateError) as ei:
+        vm.start()
+    assert "closed" in ei.value.message and "from_id" in ei.value.message

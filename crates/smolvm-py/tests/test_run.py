@@ -120,3 +120,12 @@ def test_vm_env_and_per_run_override(make_vm):
     assert vm.run("echo $FOO-$KEEP", env={"FOO": "baz"}).output == "baz-k"
     # The override was for that command only.
     assert vm.run("echo $FOO").output == "bar"
+
+
+def test_a_timed_out_command_keeps_what_it_printed(running_vm):
+    with pytest.raises(OperationTimeoutError) as ei:
+        running_vm.run("echo partial; echo err >&2; sleep 300", timeout=2, shell="raw")
+    assert ei.value.stdout == "partial\n"
+    assert ei.value.stderr == "err\n"
+    assert ei.value.details["timeout_seconds"] == 2
+    assert ei.value.vm_id == running_vm.vm_id

@@ -26,6 +26,7 @@ start)
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 __all__ = [
@@ -205,14 +206,23 @@ _BY_KIND: dict[str, type[SmolVMError]] = {
     "host_unsupported": HostError,
 }
 
-# What to call, from Python, on a VM in each state (the library's messages
-# name the CLI command).
-_PYTHON_FIX = {
-    "created": "call vm.start()",
-    "stopped": "call vm.start()",
-    "paused": "call vm.resume()",
-    "error": "vm.delete() it and make a new one",
-}
+# The library's messages name CLI commands as the fix; from Python the fix
+# is a method. Each pattern is one the library writes (error.rs,
+# transitions.rs, record.rs).
+_CLI_TO_PYTHON = [
+    (re.compile(r"remove it with `smolvm rm ([^`]*)`"), r"reach it with SmolVM.from_id('\1') (and .delete() it)"),
+    (re.compile(r"run `smolvm (start|resume|pause) [^`]*` first"), r"call vm.\1() first"),
+    (re.compile(r"`smolvm (start|resume|pause|stop) [^`]*`"), r"vm.\1()"),
+    (re.compile(r"`smolvm rm(?: -f)? [^`]*`"), "vm.delete()"),
+    (re.compile(r"`smolvm ls(?: --all)?`"), "SmolVM.list()"),
+]
+
+
+def _python_terms(message: str) -> str:
+    for pattern, repl in _CLI_TO_PYTHON:
+        message = pattern.sub(repl, message)
+    return message
+
 
 # Operations during which a dying VMM means the boot failed.
 _BOOTING = frozenset({"start", "create", "async_start"})
@@ -230,7 +240,7 @@ def _from_native(
     cls = _BY_KIND.get(kind, SmolVMError)
     if kind == "vmm_died" and op in _BOOTING:
         cls = BootError
-    if kind == "not_found" and vm_id is None:
+    if kind == "not_found" and (vm_id is None or op == "create"):
         # An image, not a VM.
         cls = ImageError
     exc = cls.__new__(cls)
@@ -238,10 +248,7 @@ def _from_native(
     if vm_id is not None:
         info["vm_id"] = vm_id
     info.update(details or {})
-    fix = _PYTHON_FIX.get(info.get("state", "")) if kind == "invalid_state" else None
-    if fix:
-        message = f"{message} (in Python: {fix})"
-    SmolVMError.__init__(exc, message, info)
+    SmolVMError.__init__(exc, _python_terms(message), info)
     exc.kind = kind
     if cls is BootError:
         exc.console_tail = console_tail

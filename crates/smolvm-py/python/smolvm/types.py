@@ -162,6 +162,7 @@ class VMInfo:
             disk_size_mib=d.get("disk_size_mib"),
             env_vars=dict(d.get("env") or {}),
             image=d["image"],
+            guest_os="debian" if d["image"].startswith("debian") else None,
             backend="qemu",
             comm_channel="vsock",
             network=d["network"],

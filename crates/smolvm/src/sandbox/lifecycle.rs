@@ -143,6 +143,8 @@ impl Sandbox {
 
     /// A handle on an existing VM, from any process.
     pub async fn from_id(id: &str) -> Result<Sandbox> {
+        // Not a name any VM can have: say so, rather than "not found".
+        crate::config::validate_name(id)?;
         let rec = refresh(id).await?;
         let config = config_of(&rec)?;
         Ok(Sandbox {
