@@ -3,6 +3,7 @@
 # static guest agent inside it) and installs it, with pytest, into .venv.
 # Prints the wheel's path on stdout (everything else on stderr).
 set -euo pipefail
+umask 022  # the wheel's binaries must not be group-writable (the library refuses those)
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then

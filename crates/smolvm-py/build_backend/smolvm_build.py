@@ -69,8 +69,16 @@ def build_editable(wheel_directory, config_settings=None, metadata_directory=Non
 
 get_requires_for_build_wheel = maturin.get_requires_for_build_wheel
 prepare_metadata_for_build_wheel = maturin.prepare_metadata_for_build_wheel
-get_requires_for_build_sdist = maturin.get_requires_for_build_sdist
-build_sdist = maturin.build_sdist
+
+
+def build_sdist(sdist_directory, config_settings=None):
+    # The wheel is built from the whole smolvm workspace (the agent and the
+    # supervisor are crates beside this one): an sdist of this directory
+    # alone could not build it.
+    raise RuntimeError(
+        "smolvm-sdk has no source distribution: build or install it from the smolvm "
+        "repository (pip install ./crates/smolvm-py, or pip wheel ./crates/smolvm-py)"
+    )
 # Hooks that only some maturin versions have: defined only when present.
 for _hook in ("get_requires_for_build_editable", "prepare_metadata_for_build_editable"):
     if hasattr(maturin, _hook):

@@ -90,6 +90,9 @@ pub fn progress_text(p: &Progress) -> (&'static str, String) {
 /// Details an exception carries besides its message.
 fn details<'py>(py: Python<'py>, e: &smolvm::Error) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
+    if matches!(e, smolvm::Error::Image(_)) {
+        d.set_item("subject", "image")?;
+    }
     match e {
         smolvm::Error::InvalidState { state, .. } => d.set_item("state", state.as_str())?,
         smolvm::Error::Timeout { after, what, .. } => {

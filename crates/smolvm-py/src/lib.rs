@@ -246,7 +246,7 @@ impl Sandbox {
     fn delete(&self, py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
         let sb = self.handle()?;
         let opts = OpOpts {
-            uninterruptible: true,
+            uninterruptible_for: Duration::from_secs(10),
             ..OpOpts::default()
         };
         run_op_with(py, "delete", self.id_owned(), done, opts, async move {
@@ -282,7 +282,7 @@ impl Sandbox {
     /// Runs `argv` (or `/bin/sh -c shell`) to completion. Returns
     /// `(exit_code, signal, timed_out, stdout, stderr, truncated,
     /// duration_ms)`; a guest-side timeout is `timed_out`, not an error.
-    #[pyo3(signature = (argv, env, cwd=None, timeout=None, stdin=None, done=None))]
+    #[pyo3(signature = (argv, env, cwd=None, timeout=None, stdin=None, max_output=None, done=None))]
     #[allow(clippy::too_many_arguments)]
     fn exec(
         &self,
@@ -292,6 +292,7 @@ impl Sandbox {
         cwd: Option<String>,
         timeout: Option<f64>,
         stdin: Option<Vec<u8>>,
+        max_output: Option<usize>,
         done: Option<Py<PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         if argv.is_empty() {
@@ -323,6 +324,7 @@ impl Sandbox {
             workdir: cwd,
             timeout,
             stdin,
+            max_output,
         };
         let sb = self.handle()?;
         run_op(py, "run", self.id_owned(), done, async move {

@@ -12,6 +12,11 @@ use tokio::runtime::Runtime;
 /// How often a blocked call looks for a pending signal (Ctrl-C).
 const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 
+thread_local! {
+    /// True on the runtime's own threads.
+    static OURS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// The runtime and the process it was made in: after a `fork` the child
 /// has none of its threads, so it gets a runtime of its own.
 static RUNTIME: Mutex<Option<(u32, Arc<Runtime>)>> = Mutex::new(None);
@@ -32,6 +37,7 @@ fn runtime() -> PyResult<Arc<Runtime>> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("smolvm-rt")
+        .on_thread_start(|| OURS.with(|o| o.set(true)))
         .enable_all()
         .build()
         .map_err(|e| {
@@ -54,9 +60,9 @@ pub type Cleanup = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// How an operation behaves when it is interrupted.
 #[derive(Default)]
 pub struct OpOpts {
-    /// False: Ctrl-C waits for it to finish (a delete half done would leave
-    /// a VM behind); the signal is handled right after.
-    pub uninterruptible: bool,
+    /// For this long Ctrl-C waits for it to finish (a delete half done
+    /// would leave a VM behind); the signal is handled right after.
+    pub uninterruptible_for: Duration,
     /// Run after the operation was cancelled (it decides itself whether
     /// there is anything to undo).
     pub on_cancel: Option<Cleanup>,
@@ -132,7 +138,7 @@ pub fn run_op_with<F>(
 where
     F: Future<Output = smolvm::Result<Out>> + Send + 'static,
 {
-    if tokio::runtime::Handle::try_current().is_ok() {
+    if done.is_none() && OURS.with(|o| o.get()) {
         return Err(raise(
             "invalid_state",
             "a smolvm call was made from inside a smolvm callback (progress or an async \
@@ -145,14 +151,21 @@ where
     let rt = runtime()?;
     match done {
         None => {
-            let mut task = rt.spawn(fut);
+            // The result comes back over a channel, so the waiting thread
+            // needs no runtime of its own (it may belong to another
+            // program's tokio runtime).
+            let (tx, mut rx) = std::sync::mpsc::sync_channel(1);
+            let task = rt.spawn(async move {
+                let _ = tx.send(fut.await);
+            });
+            let started = std::time::Instant::now();
             loop {
-                let waited = py.detach(|| {
-                    rt.block_on(async { tokio::time::timeout(SIGNAL_CHECK, &mut task).await })
-                });
+                // `&mut`: a `Receiver` is `Send` but not `Sync`.
+                let r = &mut rx;
+                let waited = py.detach(move || r.recv_timeout(SIGNAL_CHECK));
                 match waited {
-                    Ok(Ok(Ok(out))) => return out.into_py(py),
-                    Ok(Ok(Err(e))) => {
+                    Ok(Ok(out)) => return out.into_py(py),
+                    Ok(Err(e)) => {
                         return Err(PyErr::from_value(error_value(
                             py,
                             &e,
@@ -160,9 +173,12 @@ where
                             vm_id.as_deref(),
                         )?))
                     }
-                    Ok(Err(join)) => return Err(panicked(op, &join)),
-                    Err(_) if opts.uninterruptible => {}
-                    Err(_) => {
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        return Err(panicked(op));
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                        if started.elapsed() < opts.uninterruptible_for => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                         if let Err(interrupted) = py.check_signals() {
                             // Dropping the operation undoes what it began
                             // (a create's row and directory, a command),
@@ -171,8 +187,14 @@ where
                             let rt2 = rt.clone();
                             let cleanup = opts.on_cancel;
                             py.detach(move || {
+                                let late = rx.recv_timeout(CLEANUP_WAIT);
                                 rt2.block_on(async {
-                                    let _ = tokio::time::timeout(CLEANUP_WAIT, task).await;
+                                    // It finished just before the abort: a
+                                    // VM it made is nobody's now.
+                                    if let Ok(Ok(Out::Sandbox(sb))) = late {
+                                        let _ =
+                                            tokio::time::timeout(CLEANUP_WAIT, sb.delete()).await;
+                                    }
                                     if let Some(c) = cleanup {
                                         let _ = tokio::time::timeout(CLEANUP_WAIT, c).await;
                                     }
@@ -212,10 +234,12 @@ where
     }
 }
 
-fn panicked(op: &str, e: &tokio::task::JoinError) -> PyErr {
+fn panicked(op: &str) -> PyErr {
     raise(
         "io",
-        &format!("smolvm {op} failed inside the library ({e}); this is a bug, please report it"),
+        &format!(
+            "smolvm {op} failed inside the library (it panicked); this is a bug, please report it"
+        ),
         None,
         None,
         op,

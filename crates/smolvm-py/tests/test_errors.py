@@ -171,3 +171,16 @@ def test_command_the_guest_cannot_start(running_vm):
         running_vm.run(command)
     check_error(ei.value, CommandExecutionUnavailableError, "guest")
     assert running_vm.run("echo usable").output == "usable"
+
+
+def test_errors_survive_pickling():
+    import pickle
+
+    from smolvm.exceptions import _from_native
+
+    for kind in ("timeout", "agent_unavailable", "boot_failed", "not_found", "io"):
+        e = _from_native(kind, f"VM 'x': {kind}", "x", "tail", "run", {"timeout_seconds": 2.0})
+        back = pickle.loads(pickle.dumps(e))
+        assert type(back) is type(e)
+        assert back.message == e.message and back.kind == kind and back.details == e.details
+        assert str(back) == str(e)

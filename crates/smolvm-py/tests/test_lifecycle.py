@@ -247,3 +247,16 @@ def test_a_closed_handle_refuses_with_invalid_state(make_vm):
     with pytest.raises(InvalidStateError) as ei:
         vm.start()
     assert "closed" in ei.value.message and "from_id" in ei.value.message
+
+
+def test_a_handle_never_acts_on_a_newer_vm_of_the_same_name(make_vm, new_name, vm_ids):
+    name = new_name("reuse")
+    old = make_vm(name=name)
+    SmolVM.from_id(name).delete()
+    newer = make_vm(name=name, memory=256)
+    # The old handle's VM is gone; the new one of that name is not its VM.
+    with pytest.raises(VMNotFoundError):
+        old.refresh()
+    old.delete()  # nothing of its own is left: a no-op
+    assert name in vm_ids(), "an old handle's delete removed a newer VM of the same name"
+    assert newer.info.config.memory == 256

@@ -129,3 +129,12 @@ def test_a_timed_out_command_keeps_what_it_printed(running_vm):
     assert ei.value.stderr == "err\n"
     assert ei.value.details["timeout_seconds"] == 2
     assert ei.value.vm_id == running_vm.vm_id
+
+
+def test_output_is_capped_by_max_output(running_vm):
+    r = running_vm.run("head -c 3000000 /dev/zero | tr '\\0' a", shell="raw", max_output=1000)
+    assert r.ok
+    assert r.truncated
+    assert r.stdout == "a" * 1000
+    whole = running_vm.run("head -c 3000000 /dev/zero | tr '\\0' a", shell="raw")
+    assert not whole.truncated and len(whole.stdout) == 3000000

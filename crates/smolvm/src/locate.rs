@@ -16,19 +16,29 @@ static COMPANION_DIR: OnceLock<PathBuf> = OnceLock::new();
 /// (`smolvm-supervisor`, `smolvm-agent`), searched before anything but the
 /// environment overrides. For programs that embed the library without being
 /// installed beside those binaries (the Python SDK's extension module: its
-/// executable is the Python interpreter). Only the first call counts; the
-/// directory is still only used when it is trustworthy (see [`trustworthy`]).
+/// executable is the Python interpreter). Only the first call counts. Once
+/// named, it is the only place looked in (environment overrides aside), and
+/// its binaries are still only run when trustworthy (see [`trustworthy`]).
 pub fn set_companion_dir(dir: impl Into<PathBuf>) {
     let _ = COMPANION_DIR.set(dir.into());
 }
 
-fn companion_dirs() -> Vec<PathBuf> {
-    COMPANION_DIR
-        .get()
-        .filter(|d| owned_and_closed(d))
-        .cloned()
-        .into_iter()
-        .collect()
+/// The named companion directory's copy of `name`, when one was named:
+/// then it is the only place looked in (falling back to another build
+/// elsewhere would run a binary of another version), and a copy that is not
+/// trustworthy is an error saying why.
+fn companion(name: &str) -> Option<Result<PathBuf, String>> {
+    let dir = COMPANION_DIR.get()?;
+    let p = dir.join(name);
+    Some(if trustworthy(&p) {
+        Ok(p)
+    } else {
+        Err(format!(
+            "{} (it must exist, be owned by you or root and be writable by nobody else, in a \
+             directory of the same kind; `chmod go-w` it, or reinstall the package with umask 022)",
+            p.display()
+        ))
+    })
 }
 
 /// Target triple the guest agent is built for.
@@ -146,10 +156,13 @@ pub fn agent_binary() -> Result<PathBuf, LocateError> {
         }
         return Ok(p);
     }
-    let mut candidates: Vec<PathBuf> = companion_dirs()
-        .into_iter()
-        .map(|d| d.join("smolvm-agent"))
-        .collect();
+    match companion("smolvm-agent") {
+        Some(Ok(p)) if is_static_elf(&p) => return Ok(p),
+        Some(Ok(p)) => return Err(LocateError::AgentNotStatic { path: p }),
+        Some(Err(searched)) => return Err(LocateError::AgentNotFound { searched }),
+        None => {}
+    }
+    let mut candidates = Vec::new();
     for dir in exe_dirs() {
         candidates.push(dir.join("smolvm-agent"));
         for profile in ["release-agent", "release"] {
@@ -174,9 +187,13 @@ pub fn supervisor_binary() -> Result<PathBuf, LocateError> {
     if let Some(p) = std::env::var_os("SMOLVM_SUPERVISOR_BIN").filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(p));
     }
-    let mut candidates: Vec<PathBuf> = companion_dirs()
+    match companion("smolvm-supervisor") {
+        Some(Ok(p)) => return Ok(p),
+        Some(Err(searched)) => return Err(LocateError::SupervisorNotFound { searched }),
+        None => {}
+    }
+    let mut candidates: Vec<PathBuf> = exe_dirs()
         .into_iter()
-        .chain(exe_dirs())
         .map(|d| d.join("smolvm-supervisor"))
         .collect();
     candidates.extend(path_dirs().into_iter().map(|d| d.join("smolvm-supervisor")));

@@ -106,7 +106,7 @@ async fn python_bench(
 ) -> anyhow::Result<PyBench> {
     let mut b = PyBench::default();
     let probe = tokio::process::Command::new(py)
-        .args(["-c", "import smolvm"])
+        .args(["-c", "import smolvm._native"])
         .output()
         .await;
     match probe {
@@ -120,6 +120,7 @@ async fn python_bench(
         }
     }
     let out = tokio::process::Command::new(py)
+        .kill_on_drop(true)
         .args(["-c", PY_RTT, vm.id(), &iterations.to_string()])
         .stdin(std::process::Stdio::null())
         .output()
@@ -601,7 +602,24 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
         "bench: the Python SDK ({}) on the same VM, and `with SmolVM()` vs `smolvm run` ...",
         py.display()
     );
-    r.python = Some(python_bench(&py, &vm, a.iterations, a.boots).await?);
+    r.python = Some(
+        match tokio::time::timeout(
+            Duration::from_secs(600),
+            python_bench(&py, &vm, a.iterations, a.boots),
+        )
+        .await
+        {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => PyBench {
+                note: Some(format!("failed: {e:#}")),
+                ..Default::default()
+            },
+            Err(_) => PyBench {
+                note: Some("did not finish within 10 minutes".into()),
+                ..Default::default()
+            },
+        },
+    );
 
     eprintln!("bench: pause/resume and stop/start ...");
     let (mut pause, mut resume, mut stop, mut start) =

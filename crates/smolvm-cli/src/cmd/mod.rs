@@ -96,6 +96,7 @@ impl ExecFlags {
             workdir: self.workdir.clone(),
             timeout,
             stdin: None,
+            max_output: None,
         })
     }
 }

@@ -9,12 +9,28 @@ A native extension over the smolvm library: the same VMs, inventory and
 images as the ``smolvm`` CLI (a VM made here shows in ``smolvm ls``).
 """
 
+import os as _os
 from pathlib import Path as _Path
 
 from . import _native
 
-# The wheel carries the per-VM supervisor and the static guest agent here.
-_native.set_companion_dir(str(_Path(__file__).resolve().parent / "_bin"))
+
+def _companion_dir() -> str:
+    """The wheel's per-VM supervisor and static guest agent. The library runs
+    them only when nobody else can write them: an install under a group-
+    writable umask (002) is tightened here when it is ours."""
+    d = _Path(__file__).resolve().parent / "_bin"
+    for p in (d, d / "smolvm-supervisor", d / "smolvm-agent"):
+        try:
+            st = p.lstat()
+            if st.st_uid == _os.geteuid() and st.st_mode & 0o022:
+                _os.chmod(p, st.st_mode & ~0o022 & 0o7777)
+        except OSError:
+            pass  # the library's error names the file and what is wrong
+    return str(d)
+
+
+_native.set_companion_dir(_companion_dir())
 
 from ._vm import SmolVM  # noqa: E402
 from .exceptions import (  # noqa: E402
@@ -40,8 +56,16 @@ from .types import (  # noqa: E402
 
 __version__ = _native.__version__
 
+
+def escape_text(text: str) -> str:
+    """``text`` (guest output) with control characters and terminal escape
+    sequences made visible, safe to print to a terminal."""
+    return _native.escape_text(text)
+
+
 __all__ = [
     "SmolVM",
+    "escape_text",
     "VMState",
     "SnapshotType",
     "CommandResult",

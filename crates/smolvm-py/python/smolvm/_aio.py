@@ -10,16 +10,24 @@ cancels the operation (the library undoes what it had begun).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 
-async def call(start: Callable[[Callable[[bool, Any], None]], Any]) -> Any:
-    """Runs ``start(done)`` and waits for ``done`` without blocking the loop."""
+async def call(
+    start: Callable[[Callable[[bool, Any], None]], Any],
+    orphan: Optional[Callable[[Any], None]] = None,
+) -> Any:
+    """Runs ``start(done)`` and waits for ``done`` without blocking the loop.
+
+    ``orphan(value)`` is called with a result that arrives after the
+    awaiting task was cancelled (a VM made just before: nobody has it)."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future = loop.create_future()
 
     def settle(ok: bool, value: Any) -> None:
         if fut.done():
+            if ok and orphan is not None:
+                orphan(value)
             return
         if ok:
             fut.set_result(value)

@@ -38,6 +38,7 @@ class Sandbox:
         cwd: Optional[str] = None,
         timeout: Optional[float] = None,
         stdin: Optional[bytes] = None,
+        max_output: Optional[int] = None,
         done: Done = None,
     ) -> Any: ...
 

@@ -171,6 +171,19 @@ def _result(vm_id: str, command: Any, timeout: Optional[float], out: tuple) -> C
 
 _DEFAULTS = {"memory": 512, "vcpus": 1, "network": True}
 
+#: Most bytes :meth:`SmolVM.run` keeps of each output stream by default:
+#: a guest cannot make one call hold gigabytes of host memory (decoded
+#: text can be four times the bytes).
+DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
+
+
+def _max_output(value: Any, vm_id: str) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _validation(f"max_output must be a non-negative number of bytes or None, not {value!r}", "run", vm_id)
+    return value
+
 
 def _create_spec(
     config: Optional[VMConfig],
@@ -331,7 +344,9 @@ class SmolVM:
             self._owns_vm = False
             return
         spec = _create_spec(config, name, image, memory, vcpus, disk_size, network, env, backend, os, comm_channel)
-        _no_running_loop("create")
+        # No warning on an event loop: `async with SmolVM() as vm` is the
+        # documented form, and a create takes milliseconds once the image
+        # exists (`await SmolVM.async_create()` when it may not).
         self._native = _native.Sandbox.create(spec, _progress(on_progress))
         self._owns_vm = True
 
@@ -369,7 +384,11 @@ class SmolVM:
         """
         spec = _create_spec(config, name, image, memory, vcpus, disk_size, network, env, backend, os, comm_channel)
         progress = _progress(on_progress)
-        handle = await _aio.call(lambda done: _native.Sandbox.create(spec, progress, done))
+        handle = await _aio.call(
+            lambda done: _native.Sandbox.create(spec, progress, done),
+            # Made just as the await was cancelled: remove it in the background.
+            orphan=lambda h: h.delete(lambda ok, value: None),
+        )
         return cls._adopt(handle, True, on_progress)
 
     # -- reconnecting and listing -------------------------------------
@@ -567,6 +586,7 @@ class SmolVM:
         shell: str = "login",
         env: Optional[Mapping[str, str]] = None,
         cwd: Optional[str] = None,
+        max_output: Optional[int] = DEFAULT_MAX_OUTPUT,
     ) -> CommandResult:
         """Runs a command in the guest and waits for it.
 
@@ -581,10 +601,15 @@ class SmolVM:
                 login shell costs ~0.2 s more under emulation).
             env: Variables for this command (over the VM's own ``env``).
             cwd: Working directory in the guest.
+            max_output: Most bytes kept of each of stdout and stderr
+                (16 MiB); the rest is dropped and ``truncated`` set. None
+                for the library's limit (256 MiB).
 
         Returns:
             A :class:`CommandResult`; a non-zero exit code is not an error
-            (a shell's "command not found" is exit code 127).
+            (a shell's "command not found" is exit code 127). Its output is
+            the guest's, raw: escape it before printing it to a terminal
+            you care about (:func:`smolvm.escape_text`).
 
         Raises:
             InvalidStateError: The VM is not running (the message says what
@@ -598,8 +623,9 @@ class SmolVM:
                 commands (the VM is going away) or failed the request.
         """
         argv, env_items, cwd, t = self._exec_args(command, timeout, shell, env, cwd)
+        cap = _max_output(max_output, self.vm_id)
         _no_running_loop("run")
-        out = self._h.exec(argv, env_items, cwd, t)
+        out = self._h.exec(argv, env_items, cwd, t, None, cap)
         return _result(self.vm_id, command, t, out)
 
     # -- asyncio -----------------------------------------------------
@@ -651,12 +677,14 @@ class SmolVM:
         shell: str = "login",
         env: Optional[Mapping[str, str]] = None,
         cwd: Optional[str] = None,
+        max_output: Optional[int] = DEFAULT_MAX_OUTPUT,
     ) -> CommandResult:
         """:meth:`run` without blocking the event loop. Cancelling the
         awaiting task kills the command in the guest."""
         argv, env_items, cwd, t = self._exec_args(command, timeout, shell, env, cwd)
+        cap = _max_output(max_output, self.vm_id)
         h = self._h
-        out = await _aio.call(lambda done: h.exec(argv, env_items, cwd, t, None, done))
+        out = await _aio.call(lambda done: h.exec(argv, env_items, cwd, t, None, cap, done))
         return _result(self.vm_id, command, t, out)
 
     # -- context managers ---------------------------------------------

@@ -68,6 +68,18 @@ class SmolVMError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self) -> Any:
+        # Subclasses take other constructor arguments: rebuild from state,
+        # so errors cross process pools (pickle) and copy.copy intact.
+        return (_rebuild, (type(self), dict(self.__dict__)))
+
+
+def _rebuild(cls: type, state: dict) -> "SmolVMError":
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, state.get("message", ""))
+    exc.__dict__.update(state)
+    return exc
+
 
 class ValidationError(SmolVMError):
     """Invalid input: a config value, a name, an argument."""
@@ -225,7 +237,7 @@ def _python_terms(message: str) -> str:
 
 
 # Operations during which a dying VMM means the boot failed.
-_BOOTING = frozenset({"start", "create", "async_start"})
+_BOOTING = frozenset({"start"})
 
 
 def _from_native(
@@ -240,7 +252,7 @@ def _from_native(
     cls = _BY_KIND.get(kind, SmolVMError)
     if kind == "vmm_died" and op in _BOOTING:
         cls = BootError
-    if kind == "not_found" and (vm_id is None or op == "create"):
+    if kind == "not_found" and (details or {}).get("subject") == "image":
         # An image, not a VM.
         cls = ImageError
     exc = cls.__new__(cls)

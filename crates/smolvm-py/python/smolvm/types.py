@@ -48,13 +48,17 @@ class SnapshotType(str, Enum):
 class CommandResult:
     """A finished command.
 
+    The output is the guest's, raw (a hostile guest can put terminal escape
+    sequences in it): pass it through :func:`smolvm.escape_text` before
+    printing it to a terminal.
+
     Attributes:
         exit_code: Its exit status (128 + N when killed by signal N).
         stdout: Its standard output (UTF-8, undecodable bytes replaced).
         stderr: Its standard error.
         signal: The signal that killed it, or None.
         duration_ms: Its run time, measured in the guest.
-        truncated: True when output beyond 256 MiB a stream was dropped.
+        truncated: True when output past ``max_output`` was dropped.
     """
 
     exit_code: int

@@ -1,6 +1,5 @@
 //! Running commands: options and collected results.
 
-use super::record::refresh;
 use super::transitions::{plan, Op};
 use super::Command;
 use super::Sandbox;
@@ -21,6 +20,10 @@ pub struct ExecOptions {
     pub timeout: Option<Duration>,
     /// Bytes written to the command's stdin, then closed.
     pub stdin: Option<Vec<u8>>,
+    /// Most bytes [`Sandbox::exec`] collects per stream (at most, and by
+    /// default, [`MAX_COLLECTED_OUTPUT`]); past it output is dropped and
+    /// `truncated` set. The guest keeps running either way.
+    pub max_output: Option<usize>,
 }
 
 /// A finished command.
@@ -56,7 +59,7 @@ impl ExecOutput {
 
 impl Sandbox {
     async fn require_running(&self) -> Result<SupervisorClient> {
-        let rec = refresh(&self.id).await?;
+        let rec = self.record().await?;
         plan(Op::Exec, &self.id, rec.state, rec.last_error.as_deref())?;
         self.connect().await
     }
@@ -127,6 +130,9 @@ impl Sandbox {
     /// Runs a command to completion and collects its output.
     pub async fn exec(&self, command: Command, opts: &ExecOptions) -> Result<ExecOutput> {
         let mut stream = self.exec_stream(command, opts).await?;
+        let cap = opts
+            .max_output
+            .map_or(MAX_COLLECTED_OUTPUT, |m| m.min(MAX_COLLECTED_OUTPUT));
         let mut out = ExecOutput::default();
         loop {
             let ev = match stream.next().await {
@@ -149,8 +155,8 @@ impl Sandbox {
                     })
                 }
                 Some(ExecEvent::Started { .. }) => {}
-                Some(ExecEvent::Stdout(b)) => append(&mut out.stdout, &b, &mut out.truncated),
-                Some(ExecEvent::Stderr(b)) => append(&mut out.stderr, &b, &mut out.truncated),
+                Some(ExecEvent::Stdout(b)) => append(&mut out.stdout, &b, cap, &mut out.truncated),
+                Some(ExecEvent::Stderr(b)) => append(&mut out.stderr, &b, cap, &mut out.truncated),
                 Some(ExecEvent::Exited(st)) => {
                     out.exit_code = st.code;
                     out.signal = st.signal;
@@ -216,7 +222,7 @@ impl Sandbox {
         let start = Instant::now();
         loop {
             let left = timeout.saturating_sub(start.elapsed());
-            let rec = refresh(&self.id).await?;
+            let rec = self.record().await?;
             let booting = matches!(rec.state, VmState::Created | VmState::Stopped)
                 && super::lock::VmLock::is_held(&self.id);
             if rec.state == VmState::Running {
@@ -262,8 +268,8 @@ impl Sandbox {
     }
 }
 
-fn append(buf: &mut Vec<u8>, data: &[u8], truncated: &mut bool) {
-    let room = MAX_COLLECTED_OUTPUT.saturating_sub(buf.len());
+fn append(buf: &mut Vec<u8>, data: &[u8], cap: usize, truncated: &mut bool) {
+    let room = cap.saturating_sub(buf.len());
     if data.len() > room {
         *truncated = true;
     }

@@ -35,6 +35,10 @@ pub struct Sandbox {
     client: Mutex<Option<SupervisorClient>>,
     pub(super) progress: Option<ProgressFn>,
     pub(super) last_boot: Mutex<Option<super::BootTimings>>,
+    /// When the VM this handle is on was made: a VM made later under the
+    /// same name (after this one was removed) is another VM, which this
+    /// handle must never act on.
+    pub(super) created_at: i64,
 }
 
 impl Sandbox {
@@ -130,6 +134,10 @@ impl Sandbox {
         }
         .await;
         made?;
+        let created_at = store()?
+            .get(&id)?
+            .map(|r| r.created_at)
+            .ok_or_else(|| Error::NotFound(id.clone()))?;
         undo.id = None;
         Ok(Sandbox {
             id,
@@ -138,6 +146,7 @@ impl Sandbox {
             client: Mutex::new(None),
             progress,
             last_boot: Mutex::new(None),
+            created_at,
         })
     }
 
@@ -154,7 +163,18 @@ impl Sandbox {
             client: Mutex::new(None),
             progress: None,
             last_boot: Mutex::new(None),
+            created_at: rec.created_at,
         })
+    }
+
+    /// The VM's record, crash truth applied; `NotFound` once this VM is
+    /// gone, even when another VM has taken its name since.
+    pub(super) async fn record(&self) -> Result<crate::state::VmRecord> {
+        let rec = refresh(&self.id).await?;
+        if rec.created_at != self.created_at {
+            return Err(Error::NotFound(self.id.clone()));
+        }
+        Ok(rec)
     }
 
     /// Every VM in the store (with crash truth applied).
@@ -193,17 +213,17 @@ impl Sandbox {
     }
 
     pub async fn status(&self) -> Result<VmState> {
-        Ok(refresh(&self.id).await?.state)
+        Ok(self.record().await?.state)
     }
 
     /// Re-reads the VM from the store, applying crash truth (a VM whose
     /// supervisor or VMM died is reported as `error`, never `running`).
     pub async fn refresh(&self) -> Result<VmInfo> {
-        Ok(info_of(&refresh(&self.id).await?))
+        Ok(info_of(&self.record().await?))
     }
 
     pub async fn info(&self) -> Result<VmInfo> {
-        Ok(info_of(&refresh(&self.id).await?))
+        Ok(info_of(&self.record().await?))
     }
 
     pub(super) fn step(&self, s: impl Into<String>) {
@@ -216,7 +236,7 @@ impl Sandbox {
     /// nothing (running). Waits until the guest agent answers.
     pub async fn start(&self, boot_timeout: Duration) -> Result<()> {
         let _lock = VmLock::acquire(&self.id).await?;
-        let rec = refresh(&self.id).await?;
+        let rec = self.record().await?;
         match plan(Op::Start, &self.id, rec.state, rec.last_error.as_deref())? {
             Action::Nothing | Action::Proceed => Ok(()),
             Action::Resume => self.resume_locked().await,
@@ -233,7 +253,7 @@ impl Sandbox {
     /// `timeout`. No-op for created, stopped and error VMs.
     pub async fn stop(&self, timeout: Duration) -> Result<()> {
         let _lock = VmLock::acquire(&self.id).await?;
-        let rec = refresh(&self.id).await?;
+        let rec = self.record().await?;
         if plan(Op::Stop, &self.id, rec.state, rec.last_error.as_deref())? == Action::Nothing {
             // Nothing runs, unless a start was interrupted mid-boot.
             return self.end_interrupted_boot(&rec).await;
@@ -288,7 +308,7 @@ impl Sandbox {
     /// Stops the vCPUs; the VMM and all guest state stay.
     pub async fn pause(&self) -> Result<()> {
         let _lock = VmLock::acquire(&self.id).await?;
-        let rec = refresh(&self.id).await?;
+        let rec = self.record().await?;
         plan(Op::Pause, &self.id, rec.state, rec.last_error.as_deref())?;
         self.control_ok(ControlRequest::Pause).await?;
         store()?.set_state(&self.id, VmState::Paused, None)?;
@@ -302,7 +322,7 @@ impl Sandbox {
     }
 
     pub(super) async fn resume_locked(&self) -> Result<()> {
-        let rec = refresh(&self.id).await?;
+        let rec = self.record().await?;
         plan(Op::Resume, &self.id, rec.state, rec.last_error.as_deref())?;
         self.control_ok(ControlRequest::Resume).await?;
         store()?.set_state(&self.id, VmState::Running, None)?;
@@ -314,7 +334,9 @@ impl Sandbox {
     pub async fn delete(&self) -> Result<()> {
         let _lock = VmLock::acquire(&self.id).await?;
         let rec = match refresh(&self.id).await {
-            Ok(r) => Some(r),
+            Ok(r) if r.created_at == self.created_at => Some(r),
+            // Another VM has this name now: ours is gone, theirs stays.
+            Ok(_) => return Ok(()),
             Err(Error::NotFound(_)) => None,
             Err(e) => return Err(e),
         };
