@@ -42,8 +42,8 @@ struct PyBench {
     /// `vm.run(["true"], timeout=None)` round trip through the SDK, on the
     /// VM the library's `exec_true_rtt_ms` was measured on.
     run_true_rtt_ms: Stats,
-    /// The library's figure again, measured right after the SDK's (the two
-    /// library passes bracket it).
+    /// The library's own round trip in blocks interleaved with the SDK's
+    /// (same VM, same moments).
     library_rtt_after_ms: Stats,
     /// `python -c 'with SmolVM() as vm: vm.run("true")'`, whole process.
     with_run_true_ms: Vec<f64>,
@@ -52,22 +52,29 @@ struct PyBench {
     note: Option<String>,
 }
 
+/// Reads block sizes from stdin, runs that many round trips and prints
+/// their times (ms) as one JSON line: the harness interleaves these blocks
+/// with the library's own, so drift on a shared host hits both alike.
 const PY_RTT: &str = r#"
 import json, sys, time
 from smolvm import SmolVM
 vm = SmolVM.from_id(sys.argv[1])
-n = int(sys.argv[2])
-for _ in range(min(n, 10)):
+for _ in range(10):
     vm.run(["true"], timeout=None)
-out = []
-for _ in range(n):
-    t = time.perf_counter()
-    r = vm.run(["true"], timeout=None)
-    out.append((time.perf_counter() - t) * 1000)
-    assert r.ok
+print("ready", flush=True)
+for line in sys.stdin:
+    out = []
+    for _ in range(int(line)):
+        t = time.perf_counter()
+        r = vm.run(["true"], timeout=None)
+        out.append((time.perf_counter() - t) * 1000)
+        assert r.ok
+    print(json.dumps(out), flush=True)
 vm.close()
-print(json.dumps(out))
 "#;
+
+/// Round trips per interleaved block.
+const PY_BLOCK: usize = 20;
 
 const PY_WITH: &str = r#"
 from smolvm import SmolVM
@@ -98,6 +105,15 @@ async fn wall_of(cmd: &mut tokio::process::Command) -> anyhow::Result<f64> {
     Ok(took)
 }
 
+async fn next_line(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) -> anyhow::Result<String> {
+    lines
+        .next_line()
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the Python round-trip script ended early"))
+}
+
 async fn python_bench(
     py: &std::path::Path,
     vm: &Sandbox,
@@ -119,26 +135,46 @@ async fn python_bench(
             return Ok(b);
         }
     }
-    let out = tokio::process::Command::new(py)
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut child = tokio::process::Command::new(py)
         .kill_on_drop(true)
-        .args(["-c", PY_RTT, vm.id(), &iterations.to_string()])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await?;
+        .args(["-c", PY_RTT, vm.id()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()?;
+    let mut to_py = child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdin"))?;
+    let mut from_py = tokio::io::BufReader::new(
+        child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?,
+    )
+    .lines();
     anyhow::ensure!(
-        out.status.success(),
-        "the Python round-trip script failed: {}",
-        smolvm::text::escape_multiline(String::from_utf8_lossy(&out.stderr).trim())
+        next_line(&mut from_py).await? == "ready",
+        "the Python round-trip script did not start"
     );
-    b.run_true_rtt_ms = stats(serde_json::from_slice(&out.stdout)?);
     let argv = smolvm::Command::Argv(vec!["true".into()]);
-    let mut again = Vec::with_capacity(iterations);
-    for _ in 0..iterations {
-        let t = Instant::now();
-        vm.exec(argv.clone(), &ExecOptions::default()).await?;
-        again.push(ms(t.elapsed()));
+    let (mut lib, mut python) = (Vec::new(), Vec::new());
+    while python.len() < iterations {
+        let n = PY_BLOCK.min(iterations - python.len());
+        for _ in 0..n {
+            let t = Instant::now();
+            vm.exec(argv.clone(), &ExecOptions::default()).await?;
+            lib.push(ms(t.elapsed()));
+        }
+        to_py.write_all(format!("{n}\n").as_bytes()).await?;
+        let block: Vec<f64> = serde_json::from_str(&next_line(&mut from_py).await?)?;
+        python.extend(block);
     }
-    b.library_rtt_after_ms = stats(again);
+    drop(to_py);
+    let _ = child.wait().await;
+    b.run_true_rtt_ms = stats(python);
+    b.library_rtt_after_ms = stats(lib);
     let cli = std::env::current_exe()?;
     for _ in 0..boots.max(1) {
         b.with_run_true_ms
@@ -753,17 +789,14 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
     }
     match &r.python {
         Some(p) if p.note.is_none() => {
-            let lib = (r.exec_true_rtt_ms.median + p.library_rtt_after_ms.median) / 2.0;
+            let lib = p.library_rtt_after_ms.median;
             row(
                 "python vm.run(['true']) round trip (ms, median)",
                 format!("{:.2}", p.run_true_rtt_ms.median),
             );
             row(
-                "  library exec, before / after it (ms, median)",
-                format!(
-                    "{:.2} / {:.2}",
-                    r.exec_true_rtt_ms.median, p.library_rtt_after_ms.median
-                ),
+                "  library exec, interleaved with it (ms, median)",
+                format!("{:.2}", p.library_rtt_after_ms.median),
             );
             row(
                 "  python / library (ratio of medians)",
