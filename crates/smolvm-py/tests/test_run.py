@@ -138,3 +138,13 @@ def test_output_is_capped_by_max_output(running_vm):
     assert r.stdout == "a" * 1000
     whole = running_vm.run("head -c 3000000 /dev/zero | tr '\\0' a", shell="raw")
     assert not whole.truncated and len(whole.stdout) == 3000000
+
+
+def test_guest_output_is_raw_and_escape_text_defuses_it(running_vm):
+    r = running_vm.run(r"printf '\033]52;c;cGF3bmVk\007\033[31mred\n'", shell="raw")
+    assert "\x1b" in r.stdout, "run() must hand back the guest's bytes as they are"
+    from smolvm import escape_text
+
+    safe = escape_text(r.stdout)
+    assert "\x1b" not in safe and "\x07" not in safe
+    assert "red" in safe
