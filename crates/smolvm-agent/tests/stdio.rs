@@ -311,11 +311,11 @@ fn stdin_round_trip() {
     a.send(1, HostMsg::Exec(req));
     let data = noise(300 * 1024, 7);
     for chunk in data.chunks(MAX_CHUNK_LEN) {
-        a.send(1, HostMsg::Stdin(Bytes(chunk.to_vec())));
+        a.send(1, HostMsg::Data(Bytes(chunk.to_vec())));
     }
-    a.send(1, HostMsg::StdinClose);
+    a.send(1, HostMsg::Eof);
     // Late stdin after close is ignored.
-    a.send(1, HostMsg::Stdin(Bytes(b"late".to_vec())));
+    a.send(1, HostMsg::Data(Bytes(b"late".to_vec())));
     let o = a.finish(1);
     assert_eq!(o.exit().code, Some(0));
     assert!(
@@ -327,14 +327,14 @@ fn stdin_round_trip() {
 
     // Without stdin: true, stdin is /dev/null and Stdin frames are ignored.
     a.send(2, HostMsg::Exec(argv(&["cat"])));
-    a.send(2, HostMsg::Stdin(Bytes(b"ignored".to_vec())));
+    a.send(2, HostMsg::Data(Bytes(b"ignored".to_vec())));
     let o = a.finish(2);
     assert!(o.stdout.is_empty());
     assert_eq!(o.exit().code, Some(0));
 
     // Stdin for a stream nobody uses is ignored.
-    a.send(3, HostMsg::Stdin(Bytes(b"x".to_vec())));
-    a.send(3, HostMsg::StdinClose);
+    a.send(3, HostMsg::Data(Bytes(b"x".to_vec())));
+    a.send(3, HostMsg::Eof);
     a.ping(3, 9);
 }
 
@@ -354,8 +354,8 @@ fn duplicate_stream_id_is_refused() {
         "{msgs:?}"
     );
     // The first exec is untouched.
-    a.send(7, HostMsg::Stdin(Bytes(b"still here".to_vec())));
-    a.send(7, HostMsg::StdinClose);
+    a.send(7, HostMsg::Data(Bytes(b"still here".to_vec())));
+    a.send(7, HostMsg::Eof);
     let msgs = a.wait_until(7, WAIT, |m| {
         m.iter().any(|m| matches!(m, GuestMsg::Exited(_)))
     });
@@ -488,7 +488,7 @@ fn more_than_256_execs_is_busy() {
     let o = a.exec(1000, argv(&["true"]));
     assert_eq!(o.error.map(|e| e.kind), Some(ErrorKind::Busy));
     for s in 1..=256u32 {
-        a.send(s, HostMsg::StdinClose);
+        a.send(s, HostMsg::Eof);
     }
     for s in 1..=256u32 {
         assert_eq!(a.finish(s).exit().code, Some(0));

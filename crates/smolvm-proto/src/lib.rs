@@ -37,7 +37,14 @@ pub use messages::*;
 /// Version of the host↔agent protocol. Bump on any incompatible change to
 /// `HostMsg`/`GuestMsg`. The `Hello` variants and their structs are frozen
 /// forever so that any two versions can at least tell each other apart.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: per-stream credit windows, file transfer, filesystem requests.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Credit each stream starts with in each direction, in data bytes: what a
+/// peer may send on a new stream before the receiver hands credit back, and
+/// the most a receiver ever has outstanding (it never grants past it). So
+/// it bounds what one stream can make either side buffer.
+pub const STREAM_WINDOW: u32 = 256 * 1024;
 
 /// Largest payload of a single frame, in bytes. A peer announcing more is
 /// broken or hostile; the connection is dropped.

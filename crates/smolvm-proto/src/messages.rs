@@ -8,6 +8,13 @@ use crate::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Messages the host sends to the agent.
+///
+/// Flow control: every stream has a credit window in each direction
+/// ([`STREAM_WINDOW`](crate::STREAM_WINDOW) bytes when it opens). A peer
+/// sends data bytes (`Data`, `Stdout`, `Stderr`, `FileData`, and entry
+/// listings by [`DirEntry::wire_cost`]) only while it holds credit, and the
+/// receiver hands credit back (`Credit`) as its consumer takes the bytes, so
+/// a stream nobody reads stalls only itself. See docs/protocol.md.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HostMsg {
     /// First message on a connection, on stream 0. FROZEN: keep variant 0.
@@ -16,16 +23,33 @@ pub enum HostMsg {
     Ping { nonce: u64 },
     /// Starts a process; the stream then carries its output and exit.
     Exec(ExecRequest),
-    /// Data for the process's stdin (only when `ExecRequest::stdin` is true).
-    Stdin(Bytes),
-    /// Closes the process's stdin.
-    StdinClose,
+    /// Input for the stream: a process's stdin (only when
+    /// `ExecRequest::stdin` is true) or the contents of a `WriteFile`.
+    /// Counts against the agent's credit.
+    Data(Bytes),
+    /// The end of the stream's input (closes the process's stdin; commits a
+    /// `WriteFile`).
+    Eof,
     /// Sends a signal to the process group of the stream's process.
     Signal { signal: i32 },
     /// Syncs filesystems, ends all processes and ends the VM (the agent
     /// restarts the guest; the VMM runs with -no-reboot, so it exits).
     /// Answered by `ShutdownAck` just before the power-off.
     Shutdown,
+    /// The host may take `bytes` more data bytes on this stream.
+    Credit { bytes: u32 },
+    /// The host stops reading this stream: the agent kills its process
+    /// group (or abandons its file transfer), discards its output and ends
+    /// it. Nothing more is sent on the stream, not even `Exited`.
+    Cancel,
+    /// Streams a guest file: `FileStart`, `FileData`..., then `Done`.
+    ReadFile(ReadFileRequest),
+    /// Writes a guest file from the `Data` that follows, atomically (a
+    /// temporary file renamed into place at `Eof`); answered by `Done`.
+    WriteFile(WriteFileRequest),
+    /// A one-shot filesystem or guest request, answered by `GuestMsg::Op`
+    /// (or `Entries`... then `Op(OpReply::Ok)` for `List`).
+    Op(OpRequest),
 }
 
 /// Messages the agent sends to the host.
@@ -48,6 +72,43 @@ pub enum GuestMsg {
     Error(ErrorInfo),
     /// The guest is about to power off.
     ShutdownAck,
+    /// The agent may take `bytes` more `Data` bytes on this stream.
+    Credit { bytes: u32 },
+    /// First answer to `ReadFile`: what is being sent.
+    FileStart(FileStat),
+    /// A chunk of a `ReadFile`'s contents.
+    FileData(Bytes),
+    /// A file transfer finished (`bytes` moved); last message of the stream.
+    Done { bytes: u64 },
+    /// Directory entries of a `List` (counted against credit by
+    /// [`DirEntry::wire_cost`]); `Op(OpReply::Ok)` ends the listing.
+    Entries(Vec<DirEntry>),
+    /// The answer to an `Op`; last message of the stream.
+    Op(OpReply),
+}
+
+impl GuestMsg {
+    /// True for the messages that end a stream (nothing follows them).
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            GuestMsg::Exited(_)
+                | GuestMsg::Error(_)
+                | GuestMsg::Pong { .. }
+                | GuestMsg::ShutdownAck
+                | GuestMsg::Done { .. }
+                | GuestMsg::Op(_)
+        )
+    }
+
+    /// Data bytes this message costs against the stream's credit.
+    pub fn credit_cost(&self) -> u64 {
+        match self {
+            GuestMsg::Stdout(b) | GuestMsg::Stderr(b) | GuestMsg::FileData(b) => b.len() as u64,
+            GuestMsg::Entries(e) => e.iter().map(DirEntry::wire_cost).sum(),
+            _ => 0,
+        }
+    }
 }
 
 /// FROZEN: the shape of the host's hello never changes.
@@ -109,6 +170,110 @@ pub struct ExitStatus {
     pub duration_ms: u64,
 }
 
+/// What kind of filesystem object a path names (not following a final
+/// symlink unless asked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    /// Devices, sockets, FIFOs: listed, never transferred.
+    Other,
+}
+
+/// Metadata of one guest path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStat {
+    pub kind: FileKind,
+    pub size: u64,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    /// Where a symlink points (its raw target, never followed).
+    pub link_target: Option<String>,
+}
+
+/// One entry of a directory listing: a name (one path component, never
+/// `.`/`..`) and its metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: String,
+    pub stat: FileStat,
+}
+
+impl DirEntry {
+    /// What an entry costs against a stream's credit: its strings plus a
+    /// fixed overhead, so a listing is flow-controlled like file data.
+    pub fn wire_cost(&self) -> u64 {
+        let target = self.stat.link_target.as_ref().map_or(0, String::len);
+        (self.name.len() + target + 64) as u64
+    }
+}
+
+/// Reads one regular guest file (a symlink at `path` is followed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadFileRequest {
+    /// Absolute guest path.
+    pub path: String,
+}
+
+/// Writes one regular guest file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteFileRequest {
+    /// Absolute guest path.
+    pub path: String,
+    /// Permission bits for the new file.
+    pub mode: u32,
+    /// Modification time to set, nanoseconds since the Unix epoch.
+    pub mtime_ns: Option<i64>,
+    /// Creates missing parent directories (mode 0755).
+    pub make_dirs: bool,
+}
+
+/// One-shot guest requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpRequest {
+    /// Metadata of `path`; `follow` follows a final symlink.
+    Stat { path: String, follow: bool },
+    /// The entries of the directory `path` (one level), as `Entries`.
+    List { path: String },
+    /// Creates a directory (`parents`: and its missing parents; an existing
+    /// directory is then no error).
+    Mkdir {
+        path: String,
+        parents: bool,
+        mode: u32,
+    },
+    /// Removes a file, symlink or empty directory; `recursive` removes a
+    /// directory tree (never following symlinks).
+    Remove { path: String, recursive: bool },
+    /// Renames `from` to `to` (replacing a file at `to`).
+    Rename { from: String, to: String },
+    /// Makes a symlink at `path` pointing to `target`.
+    Symlink { path: String, target: String },
+    /// Sets permission bits and, when given, the modification time of
+    /// `path` (not following a final symlink for the time).
+    SetAttrs {
+        path: String,
+        mode: Option<u32>,
+        mtime_ns: Option<i64>,
+    },
+    /// Flushes every guest filesystem to its disk.
+    Sync,
+    /// Whether something accepts TCP connections on the guest's
+    /// `127.0.0.1:port` (or `[::1]:port`).
+    PortOpen { port: u16 },
+}
+
+/// Answers to [`OpRequest`]s.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpReply {
+    Ok,
+    Stat(FileStat),
+    PortOpen(bool),
+}
+
 /// Why a request failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ErrorKind {
@@ -124,6 +289,14 @@ pub enum ErrorKind {
     /// Sent by the supervisor, never the agent: the agent cannot take
     /// requests now (not ready yet, the VM is stopping or gone).
     Unavailable,
+    /// The path exists already.
+    AlreadyExists,
+    /// The directory is not empty.
+    NotEmpty,
+    /// The guest filesystem is full.
+    NoSpace,
+    /// The peer broke flow control (sent data past its credit).
+    FlowControl,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,8 +370,8 @@ mod tests {
             timeout_ms: None,
             stdin: false,
         }));
-        roundtrip(HostMsg::Stdin(Bytes(vec![0, 255, 10, 13])));
-        roundtrip(HostMsg::StdinClose);
+        roundtrip(HostMsg::Data(Bytes(vec![0, 255, 10, 13])));
+        roundtrip(HostMsg::Eof);
         roundtrip(HostMsg::Signal { signal: 9 });
         roundtrip(HostMsg::Shutdown);
     }
@@ -338,7 +511,7 @@ mod tests {
             assert!(d.next_frame::<GuestMsg>().is_err(), "{payload:?}");
         }
         // Trailing bytes after a valid message are refused.
-        let mut ok = encode_frame(&Frame::new(1, HostMsg::StdinClose)).unwrap();
+        let mut ok = encode_frame(&Frame::new(1, HostMsg::Eof)).unwrap();
         ok.push(0);
         let len = (ok.len() - 4) as u32;
         ok[..4].copy_from_slice(&len.to_le_bytes());

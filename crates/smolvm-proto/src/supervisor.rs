@@ -9,8 +9,8 @@ use crate::{GuestHello, GuestMsg, HostMsg};
 use serde::{Deserialize, Serialize};
 
 /// Version of the client↔supervisor protocol. 2: failures carry a kind
-/// ([`ControlError`]).
-pub const SUPERVISOR_PROTOCOL_VERSION: u32 = 2;
+/// ([`ControlError`]). 3: agent protocol v2 inside (credit, files).
+pub const SUPERVISOR_PROTOCOL_VERSION: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientMsg {

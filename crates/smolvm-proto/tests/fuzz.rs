@@ -43,7 +43,7 @@ fn arb_host() -> impl Strategy<Value = HostMsg> {
                 })
             }),
         arb_bytes().prop_map(HostMsg::Stdin),
-        Just(HostMsg::StdinClose),
+        Just(HostMsg::Eof),
         any::<i32>().prop_map(|signal| HostMsg::Signal { signal }),
         Just(HostMsg::Shutdown),
     ]
