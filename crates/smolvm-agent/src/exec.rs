@@ -1,29 +1,27 @@
 //! Exec requests: spawning a process in its own session, feeding its stdin,
 //! streaming its stdout/stderr, enforcing its timeout and reporting its exit.
 //!
-//! Per exec: one I/O thread (polls stdout, stderr and the reaper's status
-//! pipe; sends every output frame and then `Exited`, so `Exited` is always
-//! the stream's last frame) and, when stdin is wanted, one stdin thread (a
-//! child that does not read must not stall the reader of the channel).
+//! Per exec: one I/O thread (polls stdout, stderr, the reaper's status pipe
+//! and the stream's credit; sends every output frame and then `Exited`, so
+//! `Exited` is always the stream's last frame) and, when stdin is wanted,
+//! one stdin thread (a child that does not read must not stall the reader of
+//! the channel). Output is read only against the host's credit: a stream
+//! the host does not drain leaves its pipes full and its process blocked.
 
 use crate::reaper::{self, STATUS_LEN};
+use crate::streams::{Credit, InMsg, InputRx, Streams};
 use crate::sys::{boottime_ms, kill, os_message, poll_timeout, readable_now};
 use crate::writer::Outbox;
 use smolvm_proto::{
     Bytes, Command, ErrorInfo, ErrorKind, ExecRequest, ExitStatus, GuestMsg, MAX_CHUNK_LEN,
 };
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{ChildStdin, Stdio};
-use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Most execs running at once; more get `Error(Busy)`.
-pub const MAX_EXECS: usize = 256;
 
 /// How long output pipes may stay open after the main process exited (a
 /// background child holding them) before the exec is finished anyway.
@@ -45,170 +43,98 @@ const BASE_ENV: &[(&str, &str)] = &[
     ("TERM", "dumb"),
 ];
 
-pub enum StdinMsg {
-    Data(Bytes),
-    Close,
+/// Starts `req` on `stream`. `Started` and everything after it are sent by
+/// the exec; an `Err` is for the caller to send as the stream's `Error`.
+pub fn start(
+    streams: &Arc<Streams>,
+    stream: u32,
+    req: &ExecRequest,
+    out: &Outbox,
+) -> Result<(), ErrorInfo> {
+    let (credit, input) = streams.open(stream, true, req.stdin, out)?;
+    let r = match credit {
+        Some(credit) => launch(streams, stream, req, out, credit, input),
+        None => Err(ErrorInfo::new(ErrorKind::Other, "no credit for the stream")),
+    };
+    if r.is_err() {
+        streams.close(stream);
+    }
+    r
 }
 
-struct Entry {
-    /// Process group (= pid of the session leader); 0 while spawning.
-    pgid: libc::pid_t,
-    stdin: Option<Sender<StdinMsg>>,
+fn launch(
+    streams: &Arc<Streams>,
+    stream: u32,
+    req: &ExecRequest,
+    out: &Outbox,
+    credit: Arc<Credit>,
+    input: Option<InputRx>,
+) -> Result<(), ErrorInfo> {
+    let (mut cmd, program) = build_command(req)?;
+    let started = Instant::now();
+    let started_ms = boottime_ms();
+    let (mut child, status) =
+        reaper::spawn(|| cmd.spawn()).map_err(|e| spawn_error(&program, &e))?;
+    // Linux pids are positive and fit in pid_t.
+    let pid = child.id().cast_signed();
+    let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+    drop(child); // never wait on it: the reaper owns that
+    streams.set_pgid(stream, pid);
+    out.send(
+        stream,
+        GuestMsg::Started {
+            pid: pid.cast_unsigned(),
+        },
+    );
+    if let (Some(pipe), Some(input)) = (stdin, input) {
+        if let Err(e) = start_stdin(stream, pipe, input) {
+            error!("stream {stream}: no stdin thread ({e}); stdin is closed");
+            streams.drop_input(stream);
+        }
+    }
+    let io = Io {
+        stream,
+        pid,
+        out: out.clone(),
+        credit,
+        pipes: [
+            stdout.map(|p| File::from(OwnedFd::from(p))),
+            stderr.map(|p| File::from(OwnedFd::from(p))),
+        ],
+        status: Some(File::from(status)),
+        started,
+        started_ms,
+        timeout: req.timeout_ms.map(Duration::from_millis),
+    };
+    let me = Arc::clone(streams);
+    std::thread::Builder::new()
+        .name(format!("exec-{stream}"))
+        .stack_size(128 * 1024)
+        .spawn(move || io.run(&me))
+        .map(drop)
+        .map_err(|e| {
+            kill_group(pid);
+            ErrorInfo::new(
+                ErrorKind::Other,
+                format!("cannot start a thread for the process: {e}"),
+            )
+        })
 }
 
-/// The running execs, by stream id.
-#[derive(Default)]
-pub struct Execs {
-    table: Mutex<HashMap<u32, Entry>>,
-}
-
-impl Execs {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u32, Entry>> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Starts `req` on `stream`. `Started` and everything after it are sent
-    /// by this exec; an `Err` is for the caller to send as the stream's
-    /// `Error`.
-    pub fn start(
-        self: &Arc<Self>,
-        stream: u32,
-        req: ExecRequest,
-        out: &Outbox,
-    ) -> Result<(), ErrorInfo> {
-        {
-            let mut t = self.lock();
-            if t.contains_key(&stream) {
-                return Err(ErrorInfo::new(
-                    ErrorKind::InvalidRequest,
-                    format!("stream {stream} is already in use"),
-                ));
-            }
-            if t.len() >= MAX_EXECS {
-                return Err(ErrorInfo::new(
-                    ErrorKind::Busy,
-                    format!("{MAX_EXECS} processes are running already"),
-                ));
-            }
-            t.insert(
-                stream,
-                Entry {
-                    pgid: 0,
-                    stdin: None,
-                },
-            );
-        }
-        let r = self.launch(stream, &req, out);
-        if r.is_err() {
-            self.lock().remove(&stream);
-        }
-        r
-    }
-
-    fn launch(
-        self: &Arc<Self>,
-        stream: u32,
-        req: &ExecRequest,
-        out: &Outbox,
-    ) -> Result<(), ErrorInfo> {
-        let (mut cmd, program) = build_command(req)?;
-        let started = Instant::now();
-        let started_ms = boottime_ms();
-        let (mut child, status) =
-            reaper::spawn(|| cmd.spawn()).map_err(|e| spawn_error(&program, &e))?;
-        // Linux pids are positive and fit in pid_t.
-        let pid = child.id().cast_signed();
-        let (stdin, stdout, stderr) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take());
-        drop(child); // never wait on it: the reaper owns that
-        out.send(
-            stream,
-            GuestMsg::Started {
-                pid: pid.cast_unsigned(),
-            },
-        );
-
-        let stdin = stdin.and_then(|pipe| match start_stdin(stream, pipe) {
-            Ok(tx) => Some(tx),
-            Err(e) => {
-                error!("stream {stream}: no stdin thread ({e}); stdin is closed");
-                None
-            }
-        });
-        if let Some(entry) = self.lock().get_mut(&stream) {
-            entry.pgid = pid;
-            entry.stdin = stdin;
-        }
-        let io = Io {
-            stream,
-            pid,
-            out: out.clone(),
-            pipes: [
-                stdout.map(|p| File::from(OwnedFd::from(p))),
-                stderr.map(|p| File::from(OwnedFd::from(p))),
-            ],
-            status: Some(File::from(status)),
-            started,
-            started_ms,
-            timeout: req.timeout_ms.map(Duration::from_millis),
-        };
-        let me = Arc::clone(self);
-        std::thread::Builder::new()
-            .name(format!("exec-{stream}"))
-            .stack_size(128 * 1024)
-            .spawn(move || io.run(&me))
-            .map(drop)
-            .map_err(|e| {
-                kill_group(pid);
-                ErrorInfo::new(
-                    ErrorKind::Other,
-                    format!("cannot start a thread for the process: {e}"),
-                )
-            })
-    }
-
-    /// Passes stdin data or close to the stream's process; ignored when the
-    /// stream has no process or did not ask for stdin.
-    pub fn stdin(&self, stream: u32, msg: StdinMsg) {
-        let mut t = self.lock();
-        let Some(entry) = t.get_mut(&stream) else {
-            return;
-        };
-        if matches!(msg, StdinMsg::Close) {
-            // Dropping the sender ends the stdin thread after it closes the pipe.
-            if let Some(tx) = entry.stdin.take() {
-                let _ = tx.send(StdinMsg::Close);
-            }
-        } else if let Some(tx) = &entry.stdin {
-            let _ = tx.send(msg);
-        }
-    }
-
-    /// Sends `signal` to the stream's process group; ignored when the stream
-    /// has no process.
-    pub fn signal(&self, stream: u32, signal: i32) {
-        let pgid = match self.lock().get(&stream) {
-            Some(e) if e.pgid > 0 => e.pgid,
-            _ => return,
-        };
-        match kill(-pgid, signal) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-            Err(e) => error!("stream {stream}: signal {signal}: {}", os_message(&e)),
-        }
-    }
-
-    /// SIGKILLs every running exec's process group.
-    pub fn kill_all(&self) {
-        for e in self.lock().values() {
-            if e.pgid > 0 {
-                kill_group(e.pgid);
-            }
-        }
+/// Sends `signal` to the stream's process group; ignored when the stream
+/// has no process.
+pub fn signal(streams: &Streams, stream: u32, signal: i32) {
+    let Some(pgid) = streams.pgid(stream) else {
+        return;
+    };
+    match kill(-pgid, signal) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+        Err(e) => error!("stream {stream}: signal {signal}: {}", os_message(&e)),
     }
 }
 
-fn kill_group(pid: libc::pid_t) {
+pub fn kill_group(pid: libc::pid_t) {
     let _ = kill(-pid, libc::SIGKILL);
     // The leader may have left its group (setsid/setpgid).
     let _ = kill(pid, libc::SIGKILL);
@@ -304,23 +230,28 @@ fn spawn_error(program: &str, e: &io::Error) -> ErrorInfo {
     ErrorInfo::new(kind, format!("{program}: {}", os_message(e)))
 }
 
-fn start_stdin(stream: u32, mut pipe: ChildStdin) -> io::Result<Sender<StdinMsg>> {
-    let (tx, rx) = channel();
+fn start_stdin(stream: u32, mut pipe: ChildStdin, mut input: InputRx) -> io::Result<()> {
     std::thread::Builder::new()
         .name(format!("stdin-{stream}"))
         .stack_size(64 * 1024)
         .spawn(move || {
             let mut open = true;
-            for msg in rx {
+            while let Some(msg) = input.recv() {
                 match msg {
-                    // EPIPE (the process stopped reading for good): drop the rest.
-                    StdinMsg::Data(b) if open => open = pipe.write_all(&b).is_ok(),
-                    StdinMsg::Data(_) => {}
-                    StdinMsg::Close => break,
+                    InMsg::Data(b) if open => {
+                        // EPIPE (the process stopped reading for good): the
+                        // rest is dropped, but still credited, so the host
+                        // never waits on a stdin nobody reads any more.
+                        open = pipe.write_all(&b).is_ok();
+                        input.consumed(b.len());
+                    }
+                    InMsg::Data(b) => input.consumed(b.len()),
+                    InMsg::Eof | InMsg::Cancel | InMsg::Violation => break,
                 }
             }
-        })?;
-    Ok(tx)
+            input.grant();
+        })
+        .map(drop)
 }
 
 /// The I/O side of one running exec.
@@ -328,6 +259,7 @@ struct Io {
     stream: u32,
     pid: libc::pid_t,
     out: Outbox,
+    credit: Arc<Credit>,
     /// stdout, stderr; `None` once at EOF.
     pipes: [Option<File>; 2],
     /// The reaper's status pipe; `None` once the status arrived.
@@ -338,7 +270,17 @@ struct Io {
 }
 
 impl Io {
-    fn run(mut self, execs: &Execs) {
+    fn run(mut self, streams: &Streams) {
+        let finished = self.serve();
+        streams.close(self.stream);
+        if let Some(status) = finished {
+            self.out.send(self.stream, GuestMsg::Exited(status));
+        }
+    }
+
+    /// Runs the exec to its end; `None` when the host cancelled the stream
+    /// (then nothing more is sent on it).
+    fn serve(&mut self) -> Option<ExitStatus> {
         let mut buf = vec![0u8; MAX_CHUNK_LEN];
         // A timeout too large to represent is no timeout.
         let kill_at = self.timeout.and_then(|t| self.started.checked_add(t));
@@ -347,6 +289,10 @@ impl Io {
         let mut exit: Option<(Option<libc::c_int>, u64)> = None;
         let mut exit_seen: Option<Instant> = None;
         loop {
+            if self.credit.is_cancelled() {
+                kill_group(self.pid);
+                return None;
+            }
             let now = Instant::now();
             if exit.is_none() && !timed_out && kill_at.is_some_and(|k| now >= k) {
                 kill_group(self.pid);
@@ -358,7 +304,9 @@ impl Io {
                         break;
                     }
                     if now >= seen + DRAIN_AFTER_EXIT {
-                        self.drain(&mut buf);
+                        if !self.drain(&mut buf) {
+                            return None;
+                        }
                         break;
                     }
                     Some(seen + DRAIN_AFTER_EXIT)
@@ -372,16 +320,20 @@ impl Io {
                 fd: -1,
                 events: libc::POLLIN,
                 revents: 0,
-            }; 3];
-            for (slot, f) in fds
-                .iter_mut()
-                .zip(self.pipes.iter().chain(std::iter::once(&self.status)))
-            {
-                if let Some(f) = f {
-                    slot.fd = f.as_raw_fd();
+            }; 4];
+            // Output is read only while the host lets us send it.
+            if self.credit.available() > 0 {
+                for (slot, f) in fds.iter_mut().zip(self.pipes.iter()) {
+                    if let Some(f) = f {
+                        slot.fd = f.as_raw_fd();
+                    }
                 }
             }
-            // SAFETY: `fds` is a valid array of 3 pollfds; negative fds are ignored.
+            if let Some(f) = &self.status {
+                fds[2].fd = f.as_raw_fd();
+            }
+            fds[3].fd = self.credit.fd();
+            // SAFETY: `fds` is a valid array of 4 pollfds; negative fds are ignored.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
             if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
                 // Cannot happen with valid fds; never spin if it does.
@@ -389,6 +341,9 @@ impl Io {
             }
             if n <= 0 {
                 continue; // timeout or EINTR: re-check the deadlines
+            }
+            if fds[3].revents != 0 {
+                self.credit.clear();
             }
             for (i, p) in fds.iter().enumerate().take(2) {
                 if p.fd >= 0 && p.revents != 0 {
@@ -401,7 +356,6 @@ impl Io {
             }
         }
 
-        execs.lock().remove(&self.stream);
         let (raw, reaped_ms) = exit.unwrap_or((None, boottime_ms()));
         let (code, signal) = match raw {
             Some(st) if libc::WIFEXITED(st) => (Some(libc::WEXITSTATUS(st)), None),
@@ -412,24 +366,31 @@ impl Io {
             Some(_) => reaped_ms.saturating_sub(self.started_ms),
             None => u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
         };
-        self.out.send(
-            self.stream,
-            GuestMsg::Exited(ExitStatus {
-                code,
-                signal,
-                timed_out,
-                duration_ms,
-            }),
-        );
+        Some(ExitStatus {
+            code,
+            signal,
+            timed_out,
+            duration_ms,
+        })
     }
 
-    /// Reads one chunk from pipe `i` and sends it; closes the pipe at EOF.
-    /// Returns the bytes read.
+    /// Reads one chunk (at most what the credit allows) from pipe `i` and
+    /// sends it; closes the pipe at EOF. Returns the bytes read.
     fn read_chunk(&mut self, i: usize, buf: &mut [u8]) -> usize {
         let Some(pipe) = self.pipes[i].as_mut() else {
             return 0;
         };
-        match pipe.read(buf) {
+        let want = self.credit.take(buf.len());
+        if want == 0 {
+            return 0;
+        }
+        let r = pipe.read(&mut buf[..want]);
+        let got = match &r {
+            Ok(n) => *n,
+            Err(_) => 0,
+        };
+        self.credit.untake(want - got);
+        match r {
             Ok(0) => {
                 self.pipes[i] = None;
                 0
@@ -454,14 +415,19 @@ impl Io {
     }
 
     /// The drain period ran out: send what the pipes already hold (all that
-    /// the main process wrote before it exited) without waiting for more.
-    fn drain(&mut self, buf: &mut [u8]) {
+    /// the main process wrote before it exited) without waiting for more
+    /// output, but waiting for credit: a paused reader loses nothing.
+    /// False when the stream was cancelled meanwhile.
+    fn drain(&mut self, buf: &mut [u8]) -> bool {
         for i in 0..2 {
             let mut budget = MAX_DRAIN;
             while budget > 0 {
                 match &self.pipes[i] {
                     Some(p) if readable_now(p.as_fd()) => {}
                     _ => break,
+                }
+                if !self.credit.wait() {
+                    return false;
                 }
                 let n = self.read_chunk(i, buf);
                 if n == 0 && self.pipes[i].is_some() {
@@ -471,6 +437,7 @@ impl Io {
             }
             self.pipes[i] = None;
         }
+        true
     }
 
     fn read_status(&mut self) -> (Option<libc::c_int>, u64) {

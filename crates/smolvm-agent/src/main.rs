@@ -17,11 +17,13 @@ mod log;
 mod channel;
 mod cmdline;
 mod exec;
+mod files;
 mod init;
 mod net;
 mod reaper;
 mod server;
 mod shutdown;
+mod streams;
 mod sys;
 mod writer;
 

@@ -1,8 +1,8 @@
 //! Serving the protocol: the reader loop (this thread) decodes host frames
 //! and dispatches them; the writer thread (`writer`) sends every reply.
 
-use crate::exec::{Execs, StdinMsg};
 use crate::log::RateLimit;
+use crate::streams::Streams;
 use crate::sys::boottime_ms;
 use crate::writer::{self, OnWriteError, Outbox};
 use smolvm_proto::{
@@ -30,7 +30,7 @@ const DISCONNECTED_BACKOFF: Duration = Duration::from_millis(25);
 struct Server {
     mode: Mode,
     out: Outbox,
-    execs: Arc<Execs>,
+    streams: Arc<Streams>,
     start_ms: u64,
     ready_ms: u64,
 }
@@ -48,7 +48,7 @@ pub fn serve(input: File, output: File, mode: Mode, start_ms: u64) -> ! {
     let server = Server {
         mode,
         out,
-        execs: Arc::new(Execs::default()),
+        streams: Arc::new(Streams::default()),
         start_ms,
         ready_ms: boottime_ms(),
     };
@@ -143,7 +143,7 @@ impl Server {
                 } else {
                     info!("host hello (protocol v{})", h.version);
                 }
-                self.out.send(
+                self.out.send_control(
                     CONTROL_STREAM,
                     GuestMsg::Hello(GuestHello {
                         version: PROTOCOL_VERSION,
@@ -154,33 +154,65 @@ impl Server {
                     }),
                 );
             }
-            HostMsg::Ping { nonce } => self.out.send(stream, GuestMsg::Pong { nonce }),
+            HostMsg::Ping { nonce } => self.out.send_control(stream, GuestMsg::Pong { nonce }),
             HostMsg::Exec(req) => {
-                if stream == CONTROL_STREAM {
-                    return self.error(
-                        stream,
-                        ErrorKind::InvalidRequest,
-                        "Exec needs a non-zero stream id",
-                    );
-                }
-                if let Err(e) = self.execs.start(stream, req, &self.out) {
-                    self.out.send(stream, GuestMsg::Error(e));
+                if self.opens_stream(stream) {
+                    if let Err(e) = crate::exec::start(&self.streams, stream, &req, &self.out) {
+                        self.out.send(stream, GuestMsg::Error(e));
+                    }
                 }
             }
-            HostMsg::Stdin(data) => self.execs.stdin(stream, StdinMsg::Data(data)),
-            HostMsg::StdinClose => self.execs.stdin(stream, StdinMsg::Close),
-            HostMsg::Signal { signal } => self.execs.signal(stream, signal),
+            HostMsg::ReadFile(req) => {
+                if self.opens_stream(stream) {
+                    if let Err(e) = crate::files::read_file(&self.streams, stream, req, &self.out) {
+                        self.out.send(stream, GuestMsg::Error(e));
+                    }
+                }
+            }
+            HostMsg::WriteFile(req) => {
+                if self.opens_stream(stream) {
+                    if let Err(e) = crate::files::write_file(&self.streams, stream, req, &self.out)
+                    {
+                        self.out.send(stream, GuestMsg::Error(e));
+                    }
+                }
+            }
+            HostMsg::Op(req) => {
+                if self.opens_stream(stream) {
+                    if let Err(e) = crate::files::op(&self.streams, stream, req, &self.out) {
+                        self.out.send_control(stream, GuestMsg::Error(e));
+                    }
+                }
+            }
+            HostMsg::Data(data) => self.streams.data(stream, data),
+            HostMsg::Eof => self.streams.eof(stream),
+            HostMsg::Credit { bytes } => self.streams.credit(stream, bytes),
+            HostMsg::Cancel => self.streams.cancel(stream),
+            HostMsg::Signal { signal } => crate::exec::signal(&self.streams, stream, signal),
             HostMsg::Shutdown => self.shutdown(stream),
         }
     }
 
+    /// Requests open their own non-zero stream.
+    fn opens_stream(&self, stream: u32) -> bool {
+        if stream == CONTROL_STREAM {
+            self.error(
+                stream,
+                ErrorKind::InvalidRequest,
+                "requests need a non-zero stream id",
+            );
+            return false;
+        }
+        true
+    }
+
     fn error(&self, stream: u32, kind: ErrorKind, msg: &str) {
         self.out
-            .send(stream, GuestMsg::Error(ErrorInfo::new(kind, msg)));
+            .send_control(stream, GuestMsg::Error(ErrorInfo::new(kind, msg)));
     }
 
     fn shutdown(&self, stream: u32) -> ! {
-        self.out.send(stream, GuestMsg::ShutdownAck);
+        self.out.send_control(stream, GuestMsg::ShutdownAck);
         if !self.out.flush(Duration::from_secs(2)) {
             error!("could not flush the shutdown acknowledgement");
         }
@@ -192,7 +224,7 @@ impl Server {
 
     /// Stdio mode ends: leave no process of ours behind.
     fn exit_stdio(&self) -> ! {
-        self.execs.kill_all();
+        self.streams.kill_all();
         std::process::exit(0)
     }
 }

@@ -11,8 +11,8 @@ mod common;
 
 use common::{argv, is_terminal, noise, process_gone, scratch, shell, Conn, WAIT};
 use smolvm_proto::{
-    encode_frame, Bytes, ErrorKind, Frame, GuestMsg, HostHello, HostMsg, MAX_CHUNK_LEN,
-    MAX_FRAME_LEN, PROTOCOL_VERSION,
+    encode_frame, Bytes, ErrorKind, Frame, GuestMsg, HostHello, HostMsg, MAX_FRAME_LEN,
+    PROTOCOL_VERSION,
 };
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -309,10 +309,8 @@ fn stdin_round_trip() {
     let mut req = argv(&["cat"]);
     req.stdin = true;
     a.send(1, HostMsg::Exec(req));
-    let data = noise(300 * 1024, 7);
-    for chunk in data.chunks(MAX_CHUNK_LEN) {
-        a.send(1, HostMsg::Data(Bytes(chunk.to_vec())));
-    }
+    let data = noise(3 * 1024 * 1024, 7);
+    a.send_input(1, &data);
     a.send(1, HostMsg::Eof);
     // Late stdin after close is ignored.
     a.send(1, HostMsg::Data(Bytes(b"late".to_vec())));

@@ -4,10 +4,10 @@
 #![allow(dead_code)] // each test crate uses a different part
 
 use smolvm_proto::{
-    encode_frame, Command, Decoder, ErrorInfo, ExecRequest, ExitStatus, Frame, GuestMsg, HostMsg,
-    MAX_CHUNK_LEN,
+    encode_frame, Bytes, Command, Decoder, ErrorInfo, ExecRequest, ExitStatus, Frame, GuestMsg,
+    HostMsg, MAX_CHUNK_LEN, STREAM_WINDOW,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::Child;
@@ -26,14 +26,34 @@ pub fn agent_bin() -> String {
 #[derive(Default)]
 struct Inbox {
     by_stream: HashMap<u32, Vec<GuestMsg>>,
+    /// Input credit the agent granted us, per stream (`GuestMsg::Credit`
+    /// frames are counted here, not filed with the stream's messages).
+    credit_in: HashMap<u32, u64>,
+    /// Streams whose output we do not credit back automatically.
+    held: HashSet<u32>,
     closed: bool,
 }
 
+type Writer = Arc<Mutex<Option<Box<dyn Write + Send>>>>;
+
 /// A connection to an agent (and the process behind it, waited on drop).
+/// Like a consumer that takes everything at once, it hands back credit for
+/// each data frame as it arrives, except on streams it was told to `hold`.
 pub struct Conn {
     pub child: Child,
-    writer: Option<Box<dyn Write + Send>>,
+    writer: Writer,
     inbox: Arc<(Mutex<Inbox>, Condvar)>,
+    /// Input bytes sent per stream.
+    sent: HashMap<u32, u64>,
+}
+
+fn write_frame(w: &Writer, stream: u32, msg: HostMsg) {
+    let bytes = encode_frame(&Frame::new(stream, msg)).unwrap();
+    let mut g = w.lock().unwrap();
+    if let Some(w) = g.as_mut() {
+        // The agent may be gone in a test that ends it.
+        let _ = w.write_all(&bytes).and_then(|()| w.flush());
+    }
 }
 
 /// Everything one exec stream carried.
@@ -70,6 +90,8 @@ impl Conn {
     ) -> Conn {
         let inbox: Arc<(Mutex<Inbox>, Condvar)> = Arc::default();
         let ib = Arc::clone(&inbox);
+        let writer: Writer = Arc::new(Mutex::new(Some(Box::new(writer))));
+        let w = Arc::clone(&writer);
         std::thread::spawn(move || {
             let mut dec = Decoder::new();
             let mut buf = vec![0u8; 256 * 1024];
@@ -84,19 +106,34 @@ impl Conn {
                     return;
                 }
                 dec.push(&buf[..n]);
+                let mut grants = Vec::new();
                 while let Some(f) = dec
                     .next_frame::<GuestMsg>()
                     .expect("agent sent a bad frame")
                 {
+                    if let GuestMsg::Credit { bytes } = f.msg {
+                        *g.credit_in.entry(f.stream).or_default() += u64::from(bytes);
+                        continue;
+                    }
+                    let cost = f.msg.credit_cost();
+                    if cost > 0 && !g.held.contains(&f.stream) {
+                        grants.push((f.stream, cost));
+                    }
                     g.by_stream.entry(f.stream).or_default().push(f.msg);
                 }
                 cond.notify_all();
+                drop(g);
+                for (stream, cost) in grants {
+                    let bytes = u32::try_from(cost).unwrap();
+                    write_frame(&w, stream, HostMsg::Credit { bytes });
+                }
             }
         });
         Conn {
             child,
-            writer: Some(Box::new(writer)),
+            writer,
             inbox,
+            sent: HashMap::new(),
         }
     }
 
@@ -106,9 +143,48 @@ impl Conn {
     }
 
     pub fn send_raw(&mut self, bytes: &[u8]) {
-        let w = self.writer.as_mut().expect("writer open");
+        let mut g = self.writer.lock().unwrap();
+        let w = g.as_mut().expect("writer open");
         w.write_all(bytes).unwrap();
         w.flush().unwrap();
+    }
+
+    /// Stops crediting the stream's output back (a consumer that pauses).
+    pub fn hold(&self, stream: u32) {
+        self.inbox.0.lock().unwrap().held.insert(stream);
+    }
+
+    /// Credits `bytes` of the stream's output by hand.
+    pub fn grant(&mut self, stream: u32, bytes: u32) {
+        self.send(stream, HostMsg::Credit { bytes });
+    }
+
+    /// Sends input within the agent's credit, waiting for more as needed.
+    pub fn send_input(&mut self, stream: u32, data: &[u8]) {
+        for chunk in data.chunks(MAX_CHUNK_LEN) {
+            let sent = self.sent.get(&stream).copied().unwrap_or(0);
+            let need = sent + chunk.len() as u64;
+            let (lock, cond) = &*self.inbox;
+            let g = lock.lock().unwrap();
+            let (g, t) = cond
+                .wait_timeout_while(g, WAIT, |g| {
+                    u64::from(STREAM_WINDOW) + g.credit_in.get(&stream).copied().unwrap_or(0) < need
+                })
+                .unwrap();
+            assert!(
+                !t.timed_out(),
+                "no input credit on stream {stream} for {WAIT:?}"
+            );
+            drop(g);
+            self.sent.insert(stream, need);
+            self.send(stream, HostMsg::Data(Bytes(chunk.to_vec())));
+        }
+    }
+
+    /// Input credit the agent granted so far on `stream`.
+    pub fn credit_in(&self, stream: u32) -> u64 {
+        let g = self.inbox.0.lock().unwrap();
+        g.credit_in.get(&stream).copied().unwrap_or(0)
     }
 
     /// Waits until `pred` holds for the stream's messages; returns them.
@@ -168,7 +244,7 @@ impl Conn {
         for (i, m) in msgs.into_iter().enumerate() {
             match m {
                 GuestMsg::Started { pid } => {
-                    assert_eq!(i, 0, "Started must come first");
+                    assert_eq!(i, 0, "Started must come first: {:?}", o.msgs);
                     o.pid = Some(pid);
                 }
                 GuestMsg::Stdout(b) => {
@@ -207,13 +283,13 @@ impl Conn {
 
     /// Closes our sending side.
     pub fn close_writer(&mut self) {
-        self.writer.take();
+        self.writer.lock().unwrap().take();
     }
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.writer.take();
+        self.writer.lock().unwrap().take();
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -287,4 +363,23 @@ pub fn process_gone(pid: u32, timeout: Duration) -> bool {
             Ok(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
+}
+
+/// Starts `smolvm-agent --stdio` and connects to it.
+pub fn stdio_agent() -> Conn {
+    let mut child = std::process::Command::new(agent_bin())
+        .arg("--stdio")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("spawn agent");
+    let out = child.stdout.take().unwrap();
+    let inp = child.stdin.take().unwrap();
+    Conn::new(child, out, inp)
+}
+
+/// Data bytes (stdout + stderr + file data) the stream carried so far.
+pub fn data_bytes(msgs: &[GuestMsg]) -> u64 {
+    msgs.iter().map(GuestMsg::credit_cost).sum()
 }
