@@ -50,6 +50,14 @@ pub enum ErrorKind {
     Image,
     /// A host I/O or state store failure.
     Io,
+    /// A guest path (file, directory) does not exist.
+    PathNotFound,
+    /// A guest path exists already (or a directory is not empty).
+    PathExists,
+    /// The guest (or host, on download) refused access to a path.
+    PermissionDenied,
+    /// A filesystem is full.
+    NoSpace,
 }
 
 impl ErrorKind {
@@ -71,6 +79,10 @@ impl ErrorKind {
             ErrorKind::Guest => "guest",
             ErrorKind::Image => "image",
             ErrorKind::Io => "io",
+            ErrorKind::PathNotFound => "path_not_found",
+            ErrorKind::PathExists => "path_exists",
+            ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::NoSpace => "no_space",
         }
     }
 }

@@ -99,30 +99,16 @@ impl Sandbox {
         if let Some(d) = host_deadline {
             stream.set_host_deadline(d);
         }
-        if let Some(data) = &opts.stdin {
-            let id = self.id.clone();
-            let w = async {
-                stream.write_stdin(data).await?;
-                stream.close_stdin().await
-            };
-            // A guest that stops reading its channel must not hold a timed
-            // command's stdin write forever either.
-            let written = match host_deadline {
-                Some(d) => match tokio::time::timeout(d, w).await {
-                    Ok(r) => r,
-                    // The command may just not read its stdin: no mark on
-                    // the VM, but no wait past the deadline either.
-                    Err(_) => return Err(Error::Timeout {
-                        id: self.id.clone(),
-                        what: "its command did not take its stdin".into(),
-                        after: d,
-                        hint: "the command does not read its input (or the guest is not answering)"
-                            .into(),
-                    }),
-                },
-                None => w.await,
-            };
-            written.map_err(|source| Error::Client { id, source })?;
+        if let Some(data) = opts.stdin.clone() {
+            // Written alongside the reading: a command that echoes its input
+            // (`cat`) needs its output drained to go on taking input. The
+            // writer ends with the stream (its credit is closed then).
+            let w = stream.stdin();
+            tokio::spawn(async move {
+                if w.write(&data).await.is_ok() {
+                    let _ = w.close().await;
+                }
+            });
         }
         Ok(stream)
     }

@@ -77,12 +77,16 @@ impl From<smolvm_proto::ErrorInfo> for GuestError {
         use smolvm_proto::ErrorKind as P;
         let e = e.bounded();
         let kind = match e.kind {
-            P::NotFound | P::PermissionDenied | P::InvalidRequest | P::Unsupported => {
-                K::InvalidInput
-            }
+            P::NotFound
+            | P::PermissionDenied
+            | P::InvalidRequest
+            | P::Unsupported
+            | P::AlreadyExists
+            | P::NotEmpty => K::InvalidInput,
             P::Busy => K::Busy,
             P::Unavailable => K::AgentUnavailable,
-            P::Other => K::Guest,
+            P::NoSpace => K::NoSpace,
+            P::Other | P::FlowControl => K::Guest,
         };
         GuestError {
             kind,

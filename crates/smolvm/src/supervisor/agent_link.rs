@@ -1,7 +1,8 @@
 //! The supervisor's side of the agent channel: the hello, and every frame
 //! from the (untrusted) guest, routed to the client that owns its stream.
 
-use super::server::{frame, lock, SharedRef, VmCmd};
+use super::outbox::Lane;
+use super::server::{frame, lock, AgentTx, SharedRef, VmCmd};
 use crate::state::{Store, VmState};
 use smolvm_proto::supervisor::{ControlError, ControlErrorKind};
 use smolvm_proto::supervisor::{ReadyInfo, SupervisorMsg, VmRunState};
@@ -20,7 +21,7 @@ const MAX_AGENT_VERSION: usize = 64;
 
 /// Sends the host hello until the agent answers (the guest opens its port
 /// only once booted; earlier bytes may be lost).
-pub(super) async fn hello_sender(agent_tx: mpsc::Sender<Vec<u8>>, shared: SharedRef) {
+pub(super) async fn hello_sender(agent_tx: AgentTx, shared: SharedRef) {
     let Some(buf) = frame(
         smolvm_proto::CONTROL_STREAM,
         HostMsg::Hello(HostHello {
@@ -36,7 +37,7 @@ pub(super) async fn hello_sender(agent_tx: mpsc::Sender<Vec<u8>>, shared: Shared
                 return;
             }
         }
-        if agent_tx.send(buf.clone()).await.is_err() {
+        if agent_tx.send(buf.clone(), Lane::Control).await.is_err() {
             return;
         }
         tokio::time::sleep(HELLO_RESEND).await;
@@ -64,21 +65,9 @@ pub(super) async fn agent_reader(
                 Ok(None) => break,
                 Err(smolvm_proto::CodecError::FrameTooLarge { len, max }) => {
                     // The framing itself is broken: nothing after this can
-                    // be trusted. The guest broke the protocol; end the VM.
-                    let msg = format!(
-                        "the guest agent broke the protocol (a {len}-byte frame; the limit is {max}); \
-                         the VM was stopped"
-                    );
-                    log!("{msg}");
-                    {
-                        let mut s = lock(&shared);
-                        s.violation = Some(msg.clone());
-                        s.fatal = Some(ControlError::new(ControlErrorKind::BootFailed, msg));
-                    }
-                    let _ = ready_tx.send(());
-                    let (t, _r) = oneshot::channel();
-                    let _ = vm_tx.send(VmCmd::Kill(t)).await;
-                    return;
+                    // be trusted.
+                    let why = format!("a {len}-byte frame; the limit is {max}");
+                    return violation(&why, &shared, &ready_tx, &vm_tx).await;
                 }
                 Err(e) => {
                     // One undecodable message (say, from a newer agent):
@@ -91,9 +80,31 @@ pub(super) async fn agent_reader(
                     continue;
                 }
             };
-            handle_guest_frame(f, &shared, &ready_tx).await;
+            if let Err(why) = handle_guest_frame(f, &shared, &ready_tx).await {
+                return violation(&why, &shared, &ready_tx, &vm_tx).await;
+            }
         }
     }
+}
+
+/// The guest broke the protocol: nothing it sends can be trusted any more.
+/// The VM is killed and recorded as `error` with the reason.
+async fn violation(
+    why: &str,
+    shared: &SharedRef,
+    ready_tx: &watch::Sender<()>,
+    vm_tx: &mpsc::Sender<VmCmd>,
+) {
+    let msg = format!("the guest agent broke the protocol ({why}); the VM was stopped");
+    log!("{msg}");
+    {
+        let mut s = lock(shared);
+        s.violation = Some(msg.clone());
+        s.fatal = Some(ControlError::new(ControlErrorKind::BootFailed, msg));
+    }
+    let _ = ready_tx.send(());
+    let (t, _r) = oneshot::channel();
+    let _ = vm_tx.send(VmCmd::Kill(t)).await;
 }
 
 /// Printable ASCII only, at most `max` characters: text from the guest goes
@@ -154,15 +165,17 @@ fn accept_hello(h: smolvm_proto::GuestHello, shared: &SharedRef) -> Option<Optio
     Some(record_running)
 }
 
+/// Routes one frame from the guest to the client that owns its stream.
+/// `Err` when the guest broke flow control (sent past a stream's credit).
 pub(super) async fn handle_guest_frame(
     f: Frame<GuestMsg>,
     shared: &SharedRef,
     ready_tx: &watch::Sender<()>,
-) {
+) -> Result<(), String> {
     if f.stream == smolvm_proto::CONTROL_STREAM {
         if let GuestMsg::Hello(h) = f.msg {
             let Some(record_running) = accept_hello(h, shared) else {
-                return;
+                return Ok(());
             };
             // Record it here too, not only in the starting client: a start
             // killed mid-boot must not leave a running VM that the store
@@ -182,35 +195,37 @@ pub(super) async fn handle_guest_frame(
             }
             let _ = ready_tx.send(());
         }
-        return;
+        return Ok(());
     }
-    let terminal = matches!(
-        f.msg,
-        GuestMsg::Exited(_) | GuestMsg::Error(_) | GuestMsg::Pong { .. } | GuestMsg::ShutdownAck
-    );
+    let cost = f.msg.credit_cost();
+    let lane = match f.msg {
+        GuestMsg::Credit { .. } | GuestMsg::Pong { .. } => Lane::Control,
+        _ => Lane::Data,
+    };
     let target = {
         let mut s = lock(shared);
-        let route = if terminal {
+        if let Err(over) = s.routes.spend(f.stream, cost) {
+            return Err(format!(
+                "{} data bytes on a stream with {} bytes of credit",
+                over.sent, over.credit
+            ));
+        }
+        let route = if f.msg.is_terminal() {
             s.routes.close(f.stream)
         } else {
             s.routes.lookup(f.stream)
         };
         route.and_then(|r| s.clients.get(&r.client).cloned().map(|tx| (r, tx)))
     };
+    // Never waits: what a client can have queued is bounded by its streams'
+    // credit. Frames for a client that is gone are dropped silently (a
+    // chatty guest must not grow our log).
     if let Some((route, tx)) = target {
         if let Some(buf) = frame(route.stream, SupervisorMsg::Agent(f.msg)) {
-            // Back-pressure: a slow client slows the guest's output; a
-            // stalled one is cut off (see `outbox`).
-            // Logged once per client: frames for a client that is gone are
-            // dropped silently (a chatty guest must not grow our log).
-            if tx.send(buf).await == super::outbox::Sent::CutOff {
-                log!(
-                    "client {} stalled with a full queue; disconnected",
-                    route.client
-                );
-            }
+            tx.send(buf, lane);
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -244,7 +259,9 @@ mod tests {
     async fn incompatible_agent_is_a_clear_error() {
         let s = shared();
         let (tx, _rx) = watch::channel(());
-        handle_guest_frame(hello(PROTOCOL_VERSION + 1), &s, &tx).await;
+        handle_guest_frame(hello(PROTOCOL_VERSION + 1), &s, &tx)
+            .await
+            .unwrap();
         let g = lock(&s);
         assert!(g.ready.is_none() && g.hello.is_none());
         let fatal = g.fatal.clone().expect("fatal");
@@ -261,8 +278,12 @@ mod tests {
     async fn compatible_hello_makes_the_vm_ready_once() {
         let s = shared();
         let (tx, _rx) = watch::channel(());
-        handle_guest_frame(hello(PROTOCOL_VERSION), &s, &tx).await;
-        handle_guest_frame(hello(PROTOCOL_VERSION + 7), &s, &tx).await;
+        handle_guest_frame(hello(PROTOCOL_VERSION), &s, &tx)
+            .await
+            .unwrap();
+        handle_guest_frame(hello(PROTOCOL_VERSION + 7), &s, &tx)
+            .await
+            .unwrap();
         let g = lock(&s);
         assert!(g.fatal.is_none(), "a late second hello is ignored");
         assert_eq!(g.run_state, VmRunState::Running);
@@ -282,9 +303,27 @@ mod tests {
                 &s,
                 &tx,
             )
-            .await;
-            handle_guest_frame(Frame::new(stream, GuestMsg::ShutdownAck), &s, &tx).await;
+            .await
+            .unwrap();
+            handle_guest_frame(Frame::new(stream, GuestMsg::ShutdownAck), &s, &tx)
+                .await
+                .unwrap();
         }
         assert!(lock(&s).fatal.is_none());
+    }
+
+    #[tokio::test]
+    async fn data_past_credit_is_a_violation() {
+        let s = shared();
+        let (tx, _rx) = watch::channel(());
+        let g = lock(&s).routes.open(5, 1).unwrap();
+        let chunk = GuestMsg::Stdout(vec![0; 64 * 1024].into());
+        for _ in 0..(smolvm_proto::STREAM_WINDOW / (64 * 1024)) {
+            handle_guest_frame(Frame::new(g, chunk.clone()), &s, &tx)
+                .await
+                .unwrap();
+        }
+        let e = handle_guest_frame(Frame::new(g, chunk), &s, &tx).await;
+        assert!(e.unwrap_err().contains("0 bytes of credit"));
     }
 }

@@ -4,18 +4,22 @@ use crate::backend::files;
 use smolvm_proto::supervisor::{
     ClientMsg, ControlRequest, ControlResponse, SupervisorMsg, SUPERVISOR_PROTOCOL_VERSION,
 };
-use smolvm_proto::{encode_frame, Bytes, Decoder, ExecRequest, Frame, GuestMsg, HostMsg};
+use smolvm_proto::{
+    encode_frame, Bytes, Decoder, ExecRequest, Frame, GuestMsg, HostMsg, STREAM_WINDOW,
+};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 
-/// Messages buffered per stream before the reader waits for the consumer.
-const STREAM_QUEUE: usize = 256;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames queued towards the supervisor, per lane.
+const SEND_QUEUE: usize = 64;
+/// Consumed output is credited back in batches of this much (docs/protocol.md).
+const GRANT_BATCH: u64 = STREAM_WINDOW as u64 / 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -54,13 +58,42 @@ fn control_deadline(req: &ControlRequest) -> Duration {
     }
 }
 
-type Routes = Arc<Mutex<HashMap<u32, mpsc::Sender<SupervisorMsg>>>>;
+/// One open stream, as the reader task sees it.
+struct Slot {
+    /// Everything for the stream's consumer. Unbounded, yet bounded by flow
+    /// control: at most one window of data plus a few small frames, so the
+    /// reader never waits on one consumer and no stream stalls another.
+    tx: mpsc::UnboundedSender<SupervisorMsg>,
+    /// Input credit the agent granted (`GuestMsg::Credit`), applied here at
+    /// once: a writer must not wait on a consumer to read it.
+    input: Arc<Semaphore>,
+}
+
+type Routes = Arc<Mutex<HashMap<u32, Slot>>>;
+
+/// The two lanes towards the supervisor: control (credit, cancel, pings,
+/// lifecycle and one-shot requests) is written first.
+#[derive(Clone)]
+struct Lanes {
+    control: mpsc::Sender<Vec<u8>>,
+    data: mpsc::Sender<Vec<u8>>,
+}
+
+fn lane_of(msg: &ClientMsg) -> bool {
+    matches!(
+        msg,
+        ClientMsg::Control(_)
+            | ClientMsg::Agent(
+                HostMsg::Credit { .. } | HostMsg::Cancel | HostMsg::Ping { .. } | HostMsg::Op(_)
+            )
+    )
+}
 
 /// A connection to one supervisor. Cheap to share (`Clone`); requests from
 /// many tasks run concurrently on it.
 #[derive(Clone)]
 pub struct SupervisorClient {
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: Lanes,
     routes: Routes,
     next: Arc<AtomicU32>,
     /// Set (under the routes lock) once the connection is gone: no request
@@ -112,14 +145,25 @@ impl SupervisorClient {
         .map_err(|_| ClientError::NoHello)??;
 
         let routes: Routes = Arc::new(Mutex::new(HashMap::new()));
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
+        let (ctx, mut crx) = mpsc::channel::<Vec<u8>>(SEND_QUEUE);
+        let (dtx, mut drx) = mpsc::channel::<Vec<u8>>(SEND_QUEUE);
         tokio::spawn(async move {
-            while let Some(b) = rx.recv().await {
+            loop {
+                let b = tokio::select! {
+                    biased;
+                    Some(b) = crx.recv() => b,
+                    Some(b) = drx.recv() => b,
+                    else => return,
+                };
                 if w.write_all(&b).await.is_err() {
-                    break;
+                    return;
                 }
             }
         });
+        let tx = Lanes {
+            control: ctx,
+            data: dtx,
+        };
         let rroutes = routes.clone();
         let closed = Arc::new(AtomicBool::new(false));
         let rclosed = closed.clone();
@@ -128,7 +172,9 @@ impl SupervisorClient {
             // (set under the same lock) keeps new ones from waiting.
             let mut routes = lock(&rroutes);
             rclosed.store(true, Ordering::SeqCst);
-            routes.clear();
+            for (_, slot) in routes.drain() {
+                slot.input.close();
+            }
         };
         let rroutes = routes.clone();
         tokio::spawn(async move {
@@ -142,9 +188,20 @@ impl SupervisorClient {
                             return;
                         }
                     };
-                    let target = lock(&rroutes).get(&f.stream).cloned();
-                    if let Some(t) = target {
-                        let _ = t.send(f.msg).await;
+                    let routes = lock(&rroutes);
+                    if let Some(slot) = routes.get(&f.stream) {
+                        match f.msg {
+                            SupervisorMsg::Agent(GuestMsg::Credit { bytes }) => {
+                                // Bounded by the semaphore's own limit.
+                                let n = usize::try_from(bytes).unwrap_or(0);
+                                if slot.input.available_permits() + n <= Semaphore::MAX_PERMITS {
+                                    slot.input.add_permits(n);
+                                }
+                            }
+                            msg => {
+                                let _ = slot.tx.send(msg);
+                            }
+                        }
                     }
                 }
                 match r.read(&mut buf).await {
@@ -171,12 +228,13 @@ impl SupervisorClient {
         self.closed.load(Ordering::SeqCst)
     }
 
-    fn open(&self) -> (u32, mpsc::Receiver<SupervisorMsg>) {
-        let (t, r) = mpsc::channel(STREAM_QUEUE);
+    fn open(&self) -> (u32, mpsc::UnboundedReceiver<SupervisorMsg>, Arc<Semaphore>) {
+        let (t, r) = mpsc::unbounded_channel();
+        let input = Arc::new(Semaphore::new(STREAM_WINDOW as usize));
         let mut routes = lock(&self.routes);
         if self.closed.load(Ordering::SeqCst) {
             // Nobody will ever answer: the receiver sees the end at once.
-            return (0, r);
+            return (0, r, input);
         }
         let id = loop {
             let id = self.next.fetch_add(1, Ordering::Relaxed);
@@ -184,26 +242,55 @@ impl SupervisorClient {
                 break id;
             }
         };
-        routes.insert(id, t);
-        (id, r)
+        routes.insert(
+            id,
+            Slot {
+                tx: t,
+                input: input.clone(),
+            },
+        );
+        (id, r, input)
     }
 
     fn close(&self, stream: u32) {
-        lock(&self.routes).remove(&stream);
+        if let Some(slot) = lock(&self.routes).remove(&stream) {
+            // A writer waiting for input credit learns the stream is over.
+            slot.input.close();
+        }
     }
 
     async fn send(&self, stream: u32, msg: ClientMsg) -> Result<(), ClientError> {
         if self.is_closed() {
             return Err(ClientError::Closed);
         }
+        let control = lane_of(&msg);
         let b = encode_frame(&Frame::new(stream, msg))
             .map_err(|e| ClientError::Agent(e.to_string()))?;
-        self.tx.send(b).await.map_err(|_| ClientError::Closed)
+        let tx = if control {
+            &self.tx.control
+        } else {
+            &self.tx.data
+        };
+        tx.send(b).await.map_err(|_| ClientError::Closed)
+    }
+
+    /// Queues a frame without waiting (from `Drop`); dropped when the lane
+    /// is full or closed.
+    fn send_now(&self, stream: u32, msg: ClientMsg) {
+        let control = lane_of(&msg);
+        if let Ok(b) = encode_frame(&Frame::new(stream, msg)) {
+            let tx = if control {
+                &self.tx.control
+            } else {
+                &self.tx.data
+            };
+            let _ = tx.try_send(b);
+        }
     }
 
     /// Sends a lifecycle request and waits for its answer.
     pub async fn control(&self, req: ControlRequest) -> Result<ControlResponse, ClientError> {
-        let (id, mut rx) = self.open();
+        let (id, mut rx, _) = self.open();
         let deadline = control_deadline(&req);
         let r = tokio::time::timeout(deadline, async {
             self.send(id, ClientMsg::Control(req)).await?;
@@ -221,7 +308,7 @@ impl SupervisorClient {
 
     /// Round trip to the guest agent.
     pub async fn ping(&self, nonce: u64) -> Result<(), ClientError> {
-        let (id, mut rx) = self.open();
+        let (id, mut rx, _) = self.open();
         let r = async {
             self.send(id, ClientMsg::Agent(HostMsg::Ping { nonce }))
                 .await?;
@@ -239,22 +326,153 @@ impl SupervisorClient {
         r
     }
 
-    /// Starts a process in the guest; its output and exit arrive on the
-    /// returned stream.
-    pub async fn exec(&self, req: ExecRequest) -> Result<ExecStream, ClientError> {
-        let (id, rx) = self.open();
-        if let Err(e) = self.send(id, ClientMsg::Agent(HostMsg::Exec(req))).await {
+    /// Opens a stream with `first` as its request.
+    pub async fn open_stream(&self, first: HostMsg) -> Result<AgentStream, ClientError> {
+        let (id, rx, input) = self.open();
+        if let Err(e) = self.send(id, ClientMsg::Agent(first)).await {
             self.close(id);
             return Err(e);
         }
-        Ok(ExecStream {
+        Ok(AgentStream {
             client: self.clone(),
             stream: id,
             rx,
+            input,
             done: false,
+            ungranted: 0,
+        })
+    }
+
+    /// Starts a process in the guest; its output and exit arrive on the
+    /// returned stream.
+    pub async fn exec(&self, req: ExecRequest) -> Result<ExecStream, ClientError> {
+        let inner = self.open_stream(HostMsg::Exec(req)).await?;
+        Ok(ExecStream {
+            inner,
             deadline: None,
             last_frame: tokio::time::Instant::now(),
         })
+    }
+}
+
+/// One request's stream through the supervisor, with its flow control:
+/// output is credited back as the caller takes it, input waits for the
+/// agent's credit. Dropped before its end, it cancels the request.
+pub struct AgentStream {
+    client: SupervisorClient,
+    stream: u32,
+    rx: mpsc::UnboundedReceiver<SupervisorMsg>,
+    input: Arc<Semaphore>,
+    done: bool,
+    /// Data taken by the caller and not yet credited back.
+    ungranted: u64,
+}
+
+impl AgentStream {
+    /// The next message; `Err(Closed)` when the connection ended first.
+    /// Taking a data message credits it back (in batches).
+    pub async fn recv(&mut self) -> Result<GuestMsg, ClientError> {
+        if self.done {
+            return Err(ClientError::Closed);
+        }
+        let msg = match self.rx.recv().await {
+            None => {
+                self.done = true;
+                return Err(ClientError::Closed);
+            }
+            Some(SupervisorMsg::Agent(m)) => m,
+            Some(_) => return Err(ClientError::Unexpected),
+        };
+        if msg.is_terminal() {
+            self.done = true;
+            self.client.close(self.stream);
+            return Ok(msg);
+        }
+        let cost = msg.credit_cost();
+        if cost > 0 {
+            self.ungranted += cost;
+            // A batch, or all of it once nothing more is queued: the agent
+            // is then waiting on us, or about to.
+            if self.ungranted >= GRANT_BATCH || self.rx.is_empty() {
+                let bytes = u32::try_from(self.ungranted).unwrap_or(u32::MAX);
+                self.ungranted -= u64::from(bytes);
+                self.client
+                    .send(self.stream, ClientMsg::Agent(HostMsg::Credit { bytes }))
+                    .await?;
+            }
+        }
+        Ok(msg)
+    }
+
+    /// A handle that writes this stream's input (usable while another task
+    /// reads the stream).
+    pub fn writer(&self) -> StreamWriter {
+        StreamWriter {
+            client: self.client.clone(),
+            stream: self.stream,
+            input: self.input.clone(),
+        }
+    }
+
+    /// True once the stream's last message was taken.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+}
+
+impl Drop for AgentStream {
+    fn drop(&mut self) {
+        if !self.done {
+            // Abandoned mid-request: the agent ends it (kills the process,
+            // drops the transfer) rather than leak it.
+            self.client
+                .send_now(self.stream, ClientMsg::Agent(HostMsg::Cancel));
+            self.client.close(self.stream);
+        }
+    }
+}
+
+/// Writes a stream's input within the agent's credit. Cheap to clone.
+#[derive(Clone)]
+pub struct StreamWriter {
+    client: SupervisorClient,
+    stream: u32,
+    input: Arc<Semaphore>,
+}
+
+impl StreamWriter {
+    /// Sends `data`, waiting for credit as the guest takes it.
+    pub async fn write(&self, data: &[u8]) -> Result<(), ClientError> {
+        for chunk in data.chunks(smolvm_proto::MAX_CHUNK_LEN) {
+            let n = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
+            // The semaphore is only closed with the connection.
+            self.input
+                .acquire_many(n)
+                .await
+                .map_err(|_| ClientError::Closed)?
+                .forget();
+            self.client
+                .send(
+                    self.stream,
+                    ClientMsg::Agent(HostMsg::Data(Bytes(chunk.to_vec()))),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Ends the input (closes a process's stdin, commits a file).
+    pub async fn close(&self) -> Result<(), ClientError> {
+        self.client
+            .send(self.stream, ClientMsg::Agent(HostMsg::Eof))
+            .await
+    }
+
+    /// Signals the stream's process group.
+    pub async fn signal(&self, signal: i32) -> Result<(), ClientError> {
+        self.client
+            .send(self.stream, ClientMsg::Agent(HostMsg::Signal { signal }))
+            .await
     }
 }
 
@@ -273,10 +491,7 @@ pub enum ExecEvent {
 
 /// A process running in the guest.
 pub struct ExecStream {
-    client: SupervisorClient,
-    stream: u32,
-    rx: mpsc::Receiver<SupervisorMsg>,
-    done: bool,
+    inner: AgentStream,
     /// Host-side deadline: (when, how long after the start).
     deadline: Option<(tokio::time::Instant, Duration)>,
     /// When the last frame arrived (output past the deadline extends it a
@@ -289,7 +504,7 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 impl ExecStream {
     /// Gives up on the guest (`ClientError::GuestTimeout`, and the
-    /// process is sent SIGKILL) when it has not ended `after` from now:
+    /// process is cancelled) when it has not ended `after` from now:
     /// the guest enforces a command's timeout, this holds when the guest
     /// cannot.
     pub fn set_host_deadline(&mut self, after: Duration) {
@@ -298,92 +513,54 @@ impl ExecStream {
 
     /// The next event; `None` after `Exited`/`Failed`.
     pub async fn next(&mut self) -> Result<Option<ExecEvent>, ClientError> {
-        if self.done {
+        if self.inner.is_done() {
             return Ok(None);
         }
         let next = match self.deadline {
-            None => self.rx.recv().await,
+            None => self.inner.recv().await,
             Some((at, after)) => {
                 // Past the deadline, output still arriving keeps the stream
                 // alive for a grace period after each frame (up to a limit):
                 // only a guest that went quiet is given up on.
                 let idle = (self.last_frame + GUEST_GRACE).min(at + DRAIN_LIMIT);
-                match tokio::time::timeout_at(at.max(idle), self.rx.recv()).await {
+                match tokio::time::timeout_at(at.max(idle), self.inner.recv()).await {
                     Ok(m) => m,
-                    Err(_) => {
-                        // Leaves `done` false: the drop sends SIGKILL, in
-                        // case the guest wakes up.
-                        return Err(ClientError::GuestTimeout(after));
-                    }
+                    // The drop cancels the process, in case the guest wakes up.
+                    Err(_) => return Err(ClientError::GuestTimeout(after)),
                 }
             }
         };
         self.last_frame = tokio::time::Instant::now();
-        let ev = match next {
-            None => {
-                self.done = true;
-                return Err(ClientError::Closed);
-            }
-            Some(SupervisorMsg::Agent(m)) => match m {
-                GuestMsg::Started { pid } => ExecEvent::Started { pid },
-                GuestMsg::Stdout(Bytes(b)) => ExecEvent::Stdout(b),
-                GuestMsg::Stderr(Bytes(b)) => ExecEvent::Stderr(b),
-                GuestMsg::Exited(s) => ExecEvent::Exited(s.into()),
-                // Received errors skipped `ErrorInfo::new`: the conversion
-                // bounds them.
-                GuestMsg::Error(e) => ExecEvent::Failed(e.into()),
-                _ => return Err(ClientError::Unexpected),
-            },
-            Some(_) => return Err(ClientError::Unexpected),
+        let ev = match next? {
+            GuestMsg::Started { pid } => ExecEvent::Started { pid },
+            GuestMsg::Stdout(Bytes(b)) => ExecEvent::Stdout(b),
+            GuestMsg::Stderr(Bytes(b)) => ExecEvent::Stderr(b),
+            GuestMsg::Exited(s) => ExecEvent::Exited(s.into()),
+            // Received errors skipped `ErrorInfo::new`: the conversion
+            // bounds them.
+            GuestMsg::Error(e) => ExecEvent::Failed(e.into()),
+            _ => return Err(ClientError::Unexpected),
         };
-        if matches!(ev, ExecEvent::Exited(_) | ExecEvent::Failed(_)) {
-            self.done = true;
-            self.client.close(self.stream);
-        }
         Ok(Some(ev))
     }
 
-    /// Sends bytes to the process's stdin (the request must have `stdin: true`).
+    /// A handle for the process's stdin and signals (the request must have
+    /// `stdin: true` for its input to be read).
+    pub fn stdin(&self) -> StreamWriter {
+        self.inner.writer()
+    }
+
+    /// Sends bytes to the process's stdin, within the guest's credit.
     pub async fn write_stdin(&self, data: &[u8]) -> Result<(), ClientError> {
-        for chunk in data.chunks(smolvm_proto::MAX_CHUNK_LEN) {
-            self.client
-                .send(
-                    self.stream,
-                    ClientMsg::Agent(HostMsg::Stdin(Bytes(chunk.to_vec()))),
-                )
-                .await?;
-        }
-        Ok(())
+        self.inner.writer().write(data).await
     }
 
     pub async fn close_stdin(&self) -> Result<(), ClientError> {
-        self.client
-            .send(self.stream, ClientMsg::Agent(HostMsg::StdinClose))
-            .await
+        self.inner.writer().close().await
     }
 
     /// Signals the process group.
     pub async fn signal(&self, signal: i32) -> Result<(), ClientError> {
-        self.client
-            .send(self.stream, ClientMsg::Agent(HostMsg::Signal { signal }))
-            .await
-    }
-}
-
-impl Drop for ExecStream {
-    fn drop(&mut self) {
-        if !self.done {
-            // Abandoned mid-run: end the process rather than leak it.
-            let b = encode_frame(&Frame::new(
-                self.stream,
-                ClientMsg::Agent(HostMsg::Signal {
-                    signal: libc::SIGKILL,
-                }),
-            ));
-            if let Ok(b) = b {
-                let _ = self.client.tx.try_send(b);
-            }
-            self.client.close(self.stream);
-        }
+        self.inner.writer().signal(signal).await
     }
 }

@@ -1,8 +1,8 @@
 //! The supervisor's clients: each connection's frames are routed to the
 //! guest agent (with stream ids remapped) or served as lifecycle requests.
 
-use super::outbox::outbox;
-use super::server::{frame, lock, SharedRef, VmCmd};
+use super::outbox::{outbox, Lane};
+use super::server::{frame, lock, AgentTx, SharedRef, VmCmd};
 use crate::backend::VmDir;
 use crate::text::tail_lines;
 use smolvm_proto::supervisor::{
@@ -26,7 +26,7 @@ const CLIENT_READ_BUF: usize = 16 * 1024;
 pub(super) async fn accept_loop(
     listener: tokio::net::UnixListener,
     shared: SharedRef,
-    agent_tx: mpsc::Sender<Vec<u8>>,
+    agent_tx: AgentTx,
     vm_tx: mpsc::Sender<VmCmd>,
     ready_rx: watch::Receiver<()>,
     vm_dir: VmDir,
@@ -97,7 +97,7 @@ async fn client_conn(
     tx: super::outbox::Outbox,
     mut rx: super::outbox::OutboxRx,
     shared: SharedRef,
-    agent_tx: mpsc::Sender<Vec<u8>>,
+    agent_tx: AgentTx,
     vm_tx: mpsc::Sender<VmCmd>,
     ready_rx: watch::Receiver<()>,
     vm_dir: VmDir,
@@ -111,6 +111,14 @@ async fn client_conn(
             rx.done(buf.len());
         }
     });
+    let watchdog = {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            if tx.watch_stall().await {
+                log!("client {client} stopped reading with a full queue; disconnected");
+            }
+        })
+    };
     let mut dec = Decoder::new();
     let mut buf = vec![0u8; CLIENT_READ_BUF];
     let mut greeted = false;
@@ -153,7 +161,7 @@ async fn client_conn(
                             vm_id: id,
                         },
                     ) {
-                        let _ = tx.send_now(b);
+                        tx.send(b, Lane::Control);
                     }
                 }
                 _ if !greeted => break 'conn,
@@ -162,7 +170,7 @@ async fn client_conn(
                         forward_to_agent(client, f.stream, msg, &shared, &agent_tx).await
                     {
                         if let Some(b) = frame(f.stream, SupervisorMsg::Agent(GuestMsg::Error(e))) {
-                            let _ = tx.send_now(b);
+                            tx.send(b, Lane::Data);
                         }
                     }
                 }
@@ -177,29 +185,25 @@ async fn client_conn(
                     tokio::spawn(async move {
                         let resp = control(req, &shared, &vm_tx, ready_rx, &vm_dir).await;
                         if let Some(b) = frame(f.stream, SupervisorMsg::Control(resp)) {
-                            let _ = tx.send_now(b);
+                            tx.send(b, Lane::Control);
                         }
                     });
                 }
             }
         }
     }
-    // The client went away (or was cut off): its running processes go with
-    // it, and nothing waits on its queue any more.
+    // The client went away (or was cut off): its running processes and
+    // transfers go with it, and nothing waits on its queue any more.
     tx.kick();
+    watchdog.abort();
     let orphans = {
         let mut s = lock(&shared);
         s.clients.remove(&client);
         s.routes.drain_client(client)
     };
     for g in orphans {
-        if let Some(b) = frame(
-            g,
-            HostMsg::Signal {
-                signal: libc::SIGKILL,
-            },
-        ) {
-            let _ = agent_tx.send(b).await;
+        if let Some(b) = frame(g, HostMsg::Cancel) {
+            let _ = agent_tx.send(b, Lane::Control).await;
         }
     }
     drop(tx);
@@ -219,9 +223,15 @@ async fn forward_to_agent(
     stream: u32,
     msg: HostMsg,
     shared: &SharedRef,
-    agent_tx: &mpsc::Sender<Vec<u8>>,
+    agent_tx: &AgentTx,
 ) -> Result<(), ErrorInfo> {
-    let global = {
+    let no_stream = || {
+        ErrorInfo::new(
+            ErrorKind::InvalidRequest,
+            format!("no open stream {stream}"),
+        )
+    };
+    let (global, msg, lane) = {
         let mut s = lock(shared);
         if let Some(f) = &s.fatal {
             return Err(ErrorInfo::new(ErrorKind::Unavailable, f.message.clone()));
@@ -232,33 +242,59 @@ async fn forward_to_agent(
                 "the guest agent is not ready yet",
             ));
         }
-        match &msg {
+        match msg {
             HostMsg::Hello(_) => {
                 return Err(ErrorInfo::new(
                     ErrorKind::InvalidRequest,
                     "the supervisor owns the agent hello",
                 ))
             }
-            HostMsg::Exec(_) | HostMsg::Ping { .. } | HostMsg::Shutdown => s
-                .routes
-                .open(client, stream)
-                .map_err(|e| ErrorInfo::new(ErrorKind::InvalidRequest, e.to_string()))?,
-            HostMsg::Stdin(_) | HostMsg::StdinClose | HostMsg::Signal { .. } => {
-                s.routes.global(client, stream).ok_or_else(|| {
-                    ErrorInfo::new(
-                        ErrorKind::InvalidRequest,
-                        format!("no open stream {stream}"),
-                    )
-                })?
+            // Requests open a stream.
+            HostMsg::Exec(_)
+            | HostMsg::Ping { .. }
+            | HostMsg::Shutdown
+            | HostMsg::ReadFile(_)
+            | HostMsg::WriteFile(_)
+            | HostMsg::Op(_) => {
+                let lane = match msg {
+                    HostMsg::Ping { .. } | HostMsg::Op(_) => Lane::Control,
+                    _ => Lane::Data,
+                };
+                let g = s
+                    .routes
+                    .open(client, stream)
+                    .map_err(|e| ErrorInfo::new(ErrorKind::InvalidRequest, e.to_string()))?;
+                (g, msg, lane)
+            }
+            HostMsg::Credit { bytes } => {
+                let g = s.routes.global(client, stream).ok_or_else(no_stream)?;
+                // Never more outstanding than one window: what we may have
+                // to hold for this client.
+                let pass = s.routes.grant(g, bytes);
+                if pass == 0 {
+                    return Ok(());
+                }
+                (g, HostMsg::Credit { bytes: pass }, Lane::Control)
+            }
+            HostMsg::Cancel => {
+                // Nothing more comes back on a cancelled stream: close it
+                // here, so late frames from the guest are dropped.
+                let g = s.routes.global(client, stream).ok_or_else(no_stream)?;
+                s.routes.close(g);
+                (g, msg, Lane::Control)
+            }
+            HostMsg::Data(_) | HostMsg::Eof | HostMsg::Signal { .. } => {
+                let g = s.routes.global(client, stream).ok_or_else(no_stream)?;
+                (g, msg, Lane::Data)
             }
         }
     };
     let buf = encode_frame(&Frame::new(global, msg))
         .map_err(|e| ErrorInfo::new(ErrorKind::InvalidRequest, e.to_string()))?;
     agent_tx
-        .send(buf)
+        .send(buf, lane)
         .await
-        .map_err(|_| ErrorInfo::new(ErrorKind::Other, "the agent channel is closed"))
+        .map_err(|()| ErrorInfo::new(ErrorKind::Other, "the agent channel is closed"))
 }
 
 async fn control(

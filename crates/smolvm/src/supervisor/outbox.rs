@@ -1,17 +1,20 @@
-//! The queue of frames towards one client, bounded in bytes.
+//! The queue of frames towards one client: two lanes, never blocking.
 //!
-//! The agent reader must never be held hostage by one client: a client
-//! that reads slowly gets back-pressure (the reader waits, so the guest's
-//! output slows down), but one that makes no progress for `STALL_LIMIT`
-//! while over its budget is disconnected, its processes killed, and
-//! everyone else carries on.
+//! Sending never waits: the agent reader must never be held hostage by a
+//! client. What a client can have queued is bounded by flow control (each
+//! of its streams has at most one window of guest data outstanding, see
+//! docs/protocol.md), so the queue needs no blocking bound. The control lane
+//! (lifecycle replies, pongs, credit) is written before the data lane. A
+//! client that holds more than `CLIENT_BUDGET` unread and makes no progress
+//! for `STALL_LIMIT` is not reading its socket at all (the library always
+//! does, whatever its caller does): it is cut off, its processes cancelled.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 
-/// Bytes queued towards one client before senders wait for it.
+/// Bytes queued towards a client above which it must keep making progress.
 pub const CLIENT_BUDGET: usize = 16 * 1024 * 1024;
 /// How long a client over budget may make no progress before it is cut off.
 pub const STALL_LIMIT: Duration = Duration::from_secs(30);
@@ -27,18 +30,21 @@ struct Inner {
 /// Sending side; cheap to clone.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    control: mpsc::UnboundedSender<Vec<u8>>,
+    data: mpsc::UnboundedSender<Vec<u8>>,
     inner: Arc<Inner>,
 }
 
 /// Receiving side, owned by the connection's writer task.
 pub struct OutboxRx {
-    rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    control: mpsc::UnboundedReceiver<Vec<u8>>,
+    data: mpsc::UnboundedReceiver<Vec<u8>>,
     inner: Arc<Inner>,
 }
 
 pub fn outbox() -> (Outbox, OutboxRx) {
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (ctx, crx) = mpsc::unbounded_channel();
+    let (dtx, drx) = mpsc::unbounded_channel();
     let inner = Arc::new(Inner {
         queued: AtomicUsize::new(0),
         written: AtomicU64::new(0),
@@ -47,73 +53,43 @@ pub fn outbox() -> (Outbox, OutboxRx) {
     });
     (
         Outbox {
-            tx,
+            control: ctx,
+            data: dtx,
             inner: inner.clone(),
         },
-        OutboxRx { rx, inner },
+        OutboxRx {
+            control: crx,
+            data: drx,
+            inner,
+        },
     )
 }
 
-/// What became of a frame given to [`Outbox::send`].
+/// Which lane a frame travels in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sent {
-    Queued,
-    /// The client was already gone or cut off (nothing new to report).
-    Gone,
-    /// This send found the client stalled past the limit and cut it off.
-    CutOff,
+pub enum Lane {
+    /// Written first; for frames whose order against data does not matter.
+    Control,
+    /// In order with the stream's other data-lane frames.
+    Data,
 }
 
 impl Outbox {
-    /// Queues a frame, waiting while the client is over its budget.
-    pub async fn send(&self, buf: Vec<u8>) -> Sent {
-        let n = buf.len();
-        let mut last = self.inner.written.load(Ordering::Acquire);
-        let mut since = tokio::time::Instant::now();
-        loop {
-            if self.inner.kicked.load(Ordering::Acquire) || self.tx.is_closed() {
-                return Sent::Gone;
-            }
-            let queued = self.inner.queued.load(Ordering::Acquire);
-            if queued == 0 || queued + n <= CLIENT_BUDGET {
-                self.inner.queued.fetch_add(n, Ordering::AcqRel);
-                return if self.tx.send(buf).is_ok() {
-                    Sent::Queued
-                } else {
-                    Sent::Gone
-                };
-            }
-            let written = self.inner.written.load(Ordering::Acquire);
-            if written != last {
-                last = written;
-                since = tokio::time::Instant::now();
-            } else if since.elapsed() > STALL_LIMIT {
-                // Only the send that cuts the client off reports it.
-                return if self.inner.kicked.swap(true, Ordering::AcqRel) {
-                    Sent::Gone
-                } else {
-                    self.inner.kick.notify_one();
-                    Sent::CutOff
-                };
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// Queues a small frame without waiting (control replies); false when
-    /// the client is gone, cut off, or far over budget.
-    pub fn send_now(&self, buf: Vec<u8>) -> bool {
-        if self.inner.kicked.load(Ordering::Acquire)
-            || self.inner.queued.load(Ordering::Acquire) > 2 * CLIENT_BUDGET
-        {
+    /// Queues a frame; false when the client is gone or cut off.
+    pub fn send(&self, buf: Vec<u8>, lane: Lane) -> bool {
+        if self.inner.kicked.load(Ordering::Acquire) {
             return false;
         }
         self.inner.queued.fetch_add(buf.len(), Ordering::AcqRel);
-        self.tx.send(buf).is_ok()
+        let tx = match lane {
+            Lane::Control => &self.control,
+            Lane::Data => &self.data,
+        };
+        tx.send(buf).is_ok()
     }
 
-    /// Cuts the client off: pending and future sends fail, and the
-    /// connection's reader is woken to close it.
+    /// Cuts the client off: later sends fail, and the connection's reader
+    /// is woken to close it.
     pub fn kick(&self) {
         if !self.inner.kicked.swap(true, Ordering::AcqRel) {
             self.inner.kick.notify_one();
@@ -127,12 +103,48 @@ impl Outbox {
         }
         self.inner.kick.notified().await;
     }
+
+    /// Watches the client: cuts it off when it stays over budget without
+    /// progress for `STALL_LIMIT`. Returns when it was cut off (true) or the
+    /// client is gone (false).
+    pub async fn watch_stall(&self) -> bool {
+        let step = STALL_LIMIT / 6;
+        let mut last = self.inner.written.load(Ordering::Acquire);
+        let mut stalled_for = Duration::ZERO;
+        loop {
+            tokio::time::sleep(step).await;
+            if self.control.is_closed() || self.inner.kicked.load(Ordering::Acquire) {
+                return false;
+            }
+            let written = self.inner.written.load(Ordering::Acquire);
+            let over = self.inner.queued.load(Ordering::Acquire) > CLIENT_BUDGET;
+            if written != last || !over {
+                last = written;
+                stalled_for = Duration::ZERO;
+                continue;
+            }
+            stalled_for += step;
+            if stalled_for >= STALL_LIMIT {
+                self.kick();
+                return true;
+            }
+        }
+    }
 }
 
 impl OutboxRx {
-    /// The next frame to write, `None` when all senders are gone.
+    /// The next frame to write, control first; `None` when all senders are
+    /// gone and both lanes are empty.
     pub async fn recv(&mut self) -> Option<Vec<u8>> {
-        self.rx.recv().await
+        if let Ok(b) = self.control.try_recv() {
+            return Some(b);
+        }
+        tokio::select! {
+            biased;
+            Some(b) = self.control.recv() => Some(b),
+            Some(b) = self.data.recv() => Some(b),
+            else => None,
+        }
     }
 
     /// Marks `n` bytes as written to the client.
@@ -147,43 +159,39 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn a_stalled_client_is_cut_off_and_a_slow_one_is_not() {
+    async fn control_goes_first_and_a_stalled_client_is_cut_off() {
         let (tx, mut rx) = outbox();
+        for i in 0..3u8 {
+            assert!(tx.send(vec![i], Lane::Data));
+        }
+        assert!(tx.send(vec![9], Lane::Control));
+        assert_eq!(rx.recv().await, Some(vec![9]), "control overtakes data");
+        for i in 0..3u8 {
+            let b = rx.recv().await.unwrap();
+            assert_eq!(b, vec![i], "data keeps its order");
+            rx.done(b.len());
+        }
+        rx.done(1);
+        // Over budget and draining slowly: kept.
         let chunk = vec![0u8; 1024 * 1024];
-        for _ in 0..16 {
-            assert_eq!(tx.send(chunk.clone()).await, Sent::Queued);
-        }
-        // Slow but alive: a reader draining one frame a second keeps it on.
-        let slow = tokio::spawn(async move {
-            for _ in 0..20 {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let b = rx.recv().await.unwrap();
-                rx.done(b.len());
-            }
-            rx
-        });
         for _ in 0..20 {
-            assert_eq!(
-                tx.send(chunk.clone()).await,
-                Sent::Queued,
-                "a slow reader is not cut off"
-            );
+            assert!(tx.send(chunk.clone(), Lane::Data));
         }
-        let _rx = slow.await.unwrap();
+        let watch = {
+            let tx = tx.clone();
+            tokio::spawn(async move { tx.watch_stall().await })
+        };
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let b = rx.recv().await.unwrap();
+            rx.done(b.len());
+        }
+        assert!(!watch.is_finished(), "a slow reader is not cut off");
         // Stalled: nothing drains any more.
         let t = tokio::time::Instant::now();
-        let mut last = Sent::Queued;
-        for _ in 0..64 {
-            last = tx.send(chunk.clone()).await;
-            if last != Sent::Queued {
-                break;
-            }
-        }
-        assert_eq!(last, Sent::CutOff, "a stalled reader is cut off");
+        assert!(watch.await.unwrap(), "a stalled reader is cut off");
         assert!(t.elapsed() >= STALL_LIMIT);
         tx.kicked().await;
-        assert!(!tx.send_now(vec![1]));
-        // Later frames for it are dropped without another report.
-        assert_eq!(tx.send(chunk.clone()).await, Sent::Gone);
+        assert!(!tx.send(vec![1], Lane::Control));
     }
 }

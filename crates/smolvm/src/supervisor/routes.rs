@@ -36,6 +36,16 @@ pub struct Routes {
     by_global: HashMap<u32, Route>,
     by_client: HashMap<(u64, u32), u32>,
     per_client: HashMap<u64, usize>,
+    /// Data bytes the guest may still send on each open route (its credit,
+    /// as granted through us; docs/protocol.md).
+    credit: HashMap<u32, u64>,
+}
+
+/// The guest sent data past its credit on a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverCredit {
+    pub sent: u64,
+    pub credit: u64,
 }
 
 impl Routes {
@@ -60,7 +70,39 @@ impl Routes {
         };
         self.by_global.insert(global, Route { client, stream });
         self.by_client.insert((client, stream), global);
+        self.credit
+            .insert(global, u64::from(smolvm_proto::STREAM_WINDOW));
         Ok(global)
+    }
+
+    /// A client grants `bytes` on route `global`: returns what to pass on
+    /// to the guest, clipped so the outstanding credit never exceeds the
+    /// window (what we may have to buffer for the client).
+    pub fn grant(&mut self, global: u32, bytes: u32) -> u32 {
+        let Some(c) = self.credit.get_mut(&global) else {
+            return 0;
+        };
+        let room = u64::from(smolvm_proto::STREAM_WINDOW).saturating_sub(*c);
+        let pass = u64::from(bytes).min(room);
+        *c += pass;
+        u32::try_from(pass).unwrap_or(0)
+    }
+
+    /// The guest sent `cost` data bytes on route `global`.
+    pub fn spend(&mut self, global: u32, cost: u64) -> Result<(), OverCredit> {
+        let Some(c) = self.credit.get_mut(&global) else {
+            return Ok(()); // not ours to count (closed meanwhile)
+        };
+        match c.checked_sub(cost) {
+            Some(left) => {
+                *c = left;
+                Ok(())
+            }
+            None => Err(OverCredit {
+                sent: cost,
+                credit: *c,
+            }),
+        }
     }
 
     pub fn global(&self, client: u64, stream: u32) -> Option<u32> {
@@ -73,6 +115,7 @@ impl Routes {
 
     pub fn close(&mut self, global: u32) -> Option<Route> {
         let r = self.by_global.remove(&global)?;
+        self.credit.remove(&global);
         self.by_client.remove(&(r.client, r.stream));
         if let Some(n) = self.per_client.get_mut(&r.client) {
             *n = n.saturating_sub(1);
@@ -98,6 +141,7 @@ impl Routes {
     /// Removes every route.
     pub fn drain_all(&mut self) -> Vec<(u32, Route)> {
         let all: Vec<(u32, Route)> = self.by_global.drain().collect();
+        self.credit.clear();
         self.by_client.clear();
         self.per_client.clear();
         all
@@ -134,6 +178,21 @@ mod tests {
         assert!(r.open(1, 5).is_ok());
         assert_eq!(r.drain_client(1).len(), 1);
         assert_eq!(r.by_global.len(), 1);
+    }
+
+    #[test]
+    fn credit_is_counted_and_clipped_to_the_window() {
+        let w = u64::from(smolvm_proto::STREAM_WINDOW);
+        let mut r = Routes::default();
+        let g = r.open(1, 1).unwrap();
+        assert_eq!(r.grant(g, 10), 0, "a full window takes no more");
+        assert_eq!(r.spend(g, w - 100), Ok(()));
+        assert_eq!(r.grant(g, 1_000_000), u32::try_from(w - 100).unwrap());
+        assert_eq!(r.spend(g, w), Ok(()));
+        assert_eq!(r.spend(g, 1), Err(OverCredit { sent: 1, credit: 0 }));
+        r.close(g);
+        assert_eq!(r.spend(g, 1 << 40), Ok(()), "closed routes are not counted");
+        assert_eq!(r.grant(g, 5), 0);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The supervisor's event loop: one VMM, one agent connection, many clients.
 
-use super::outbox::Outbox;
+use super::outbox::{Lane, Outbox};
 use super::routes::{Routes, SUPERVISOR_CLIENT};
 use crate::backend::{files, LaunchSpec, VmDir, Vmm, VmmError, VmmExit};
 use crate::state::{ProcessId, Store, VmState};
@@ -18,8 +18,52 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// How often a VMM that stopped answering is tried again.
 const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 
-/// Frames queued towards the agent.
+/// Frames queued towards the agent, per lane.
 const AGENT_QUEUE: usize = 256;
+
+/// The queue towards the agent: two lanes; the writer always takes the
+/// control lane (credit, cancel, pings, one-shot requests) first, so they
+/// never wait behind stdin or file data.
+#[derive(Clone)]
+pub(super) struct AgentTx {
+    control: mpsc::Sender<Vec<u8>>,
+    data: mpsc::Sender<Vec<u8>>,
+}
+
+impl AgentTx {
+    /// Queues a frame, waiting while its lane is full; `Err` once the
+    /// channel is closed.
+    pub(super) async fn send(&self, buf: Vec<u8>, lane: Lane) -> Result<(), ()> {
+        let tx = match lane {
+            Lane::Control => &self.control,
+            Lane::Data => &self.data,
+        };
+        tx.send(buf).await.map_err(drop)
+    }
+}
+
+/// The agent writer: control lane first.
+fn agent_writer(mut w: tokio::net::unix::OwnedWriteHalf) -> AgentTx {
+    let (ctx, mut crx) = mpsc::channel::<Vec<u8>>(AGENT_QUEUE);
+    let (dtx, mut drx) = mpsc::channel::<Vec<u8>>(AGENT_QUEUE);
+    tokio::spawn(async move {
+        loop {
+            let buf = tokio::select! {
+                biased;
+                Some(b) = crx.recv() => b,
+                Some(b) = drx.recv() => b,
+                else => return,
+            };
+            if w.write_all(&buf).await.is_err() {
+                return;
+            }
+        }
+    });
+    AgentTx {
+        control: ctx,
+        data: dtx,
+    }
+}
 
 pub(super) type Reply = oneshot::Sender<Result<(), ControlError>>;
 
@@ -183,15 +227,8 @@ pub async fn serve(spec: LaunchSpec, vm_dir: VmDir, mut ready: std::fs::File) ->
     // Signals "something changed about readiness" to waiters.
     let (ready_tx, ready_rx) = watch::channel(());
 
-    let (agent_r, mut agent_w) = agent.into_split();
-    let (agent_tx, mut agent_rx) = mpsc::channel::<Vec<u8>>(AGENT_QUEUE);
-    tokio::spawn(async move {
-        while let Some(buf) = agent_rx.recv().await {
-            if agent_w.write_all(&buf).await.is_err() {
-                break;
-            }
-        }
-    });
+    let (agent_r, agent_w) = agent.into_split();
+    let agent_tx = agent_writer(agent_w);
     let (vm_tx, vm_rx) = mpsc::channel::<VmCmd>(16);
     tokio::spawn(super::agent_link::agent_reader(
         agent_r,
@@ -223,7 +260,7 @@ async fn vm_loop(
     vm: &mut Box<dyn Vmm>,
     mut rx: mpsc::Receiver<VmCmd>,
     shared: &SharedRef,
-    agent_tx: &mpsc::Sender<Vec<u8>>,
+    agent_tx: &AgentTx,
 ) -> (VmmExit, bool) {
     let mut stop_requested = false;
     let mut stop_replies: Vec<Reply> = Vec::new();
@@ -296,7 +333,7 @@ async fn vm_loop(
                         if let Some(buf) = global.and_then(|g| frame(g, HostMsg::Shutdown)) {
                             // Bounded: a wedged agent channel must not keep
                             // us from killing the VMM below.
-                            let _ = tokio::time::timeout_at(deadline, agent_tx.send(buf)).await;
+                            let _ = tokio::time::timeout_at(deadline, agent_tx.send(buf, Lane::Control)).await;
                         }
                     }
                     match tokio::time::timeout_at(deadline, vm.wait()).await {
@@ -378,7 +415,7 @@ async fn finish(
                     format!("the VM stopped: {exit}"),
                 ))),
             ) {
-                let _ = tx.send_now(buf);
+                let _ = tx.send(buf, Lane::Data);
             }
         }
     }
