@@ -325,6 +325,7 @@ impl Sandbox {
             timeout,
             stdin,
             max_output,
+            open_stdin: false,
         };
         let sb = self.handle()?;
         run_op(py, "run", self.id_owned(), done, async move {

@@ -79,7 +79,7 @@ pub enum ConfigError {
     #[error("unknown accelerator {0:?}; use auto, kvm or tcg")]
     BadAccel(String),
     #[error(
-        "invalid environment variable {0:?}: expected KEY=VALUE with a non-empty KEY without '='"
+        "invalid environment variable {0:?}: expected KEY=VALUE, KEY matching ^[A-Za-z_][A-Za-z0-9_]*$"
     )]
     BadEnv(String),
     #[error(
@@ -177,11 +177,10 @@ impl SandboxConfig {
 pub const MAX_ENV_VARS: usize = 256;
 pub const MAX_ENV_BYTES: usize = 64 * 1024;
 
-/// Keys are non-empty and hold no `=` or NUL; values hold no NUL.
+/// Keys match `^[A-Za-z_][A-Za-z0-9_]*$`; values hold no NUL.
 pub fn validate_env(env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
     for (k, v) in env {
-        parse_env(&format!("{k}={v}"))?;
-        if k.contains('=') {
+        if !valid_env_key(k) || v.contains('\0') {
             return Err(ConfigError::BadEnv(format!("{k}={v}")));
         }
     }
@@ -215,12 +214,18 @@ pub fn validate_name(name: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// Parses `KEY=VALUE`.
+/// `^[A-Za-z_][A-Za-z0-9_]*$`: a name every shell can use.
+pub fn valid_env_key(k: &str) -> bool {
+    let b = k.as_bytes();
+    !b.is_empty()
+        && (b[0].is_ascii_alphabetic() || b[0] == b'_')
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+}
+
+/// Parses `KEY=VALUE` (a VM-wide variable: the key rule of [`valid_env_key`]).
 pub fn parse_env(s: &str) -> Result<(String, String), ConfigError> {
     match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => {
-            Ok((k.to_string(), v.to_string()))
-        }
+        Some((k, v)) if valid_env_key(k) && !v.contains('\0') => Ok((k.to_string(), v.to_string())),
         _ => Err(ConfigError::BadEnv(s.to_string())),
     }
 }
@@ -311,6 +316,10 @@ mod tests {
         assert_eq!(parse_env("A=b=c").unwrap(), ("A".into(), "b=c".into()));
         assert_eq!(parse_env("A=").unwrap(), ("A".into(), "".into()));
         assert!(parse_env("=x").is_err());
+        for bad in ["1A=x", "A-B=x", "A B=x", "É=x", "A.B=x"] {
+            assert!(parse_env(bad).is_err(), "{bad}");
+        }
+        assert!(parse_env("_a1=x").is_ok());
         assert!(parse_env("noequals").is_err());
         assert_eq!("TCG".parse::<Accel>().unwrap(), Accel::Tcg);
         assert!("hvf".parse::<Accel>().is_err());

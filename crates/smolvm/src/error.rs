@@ -169,6 +169,18 @@ pub enum Error {
     /// The host cannot do what was asked (a backend not available here).
     #[error("{0}")]
     HostUnsupported(String),
+    /// The caller's argument is unusable (a relative guest path, a file
+    /// where a directory is needed); the message says what to give.
+    #[error("{0}")]
+    Invalid(String),
+    /// The guest refused a filesystem request (a missing path, a full disk);
+    /// the message is the guest's (escape it before showing it).
+    #[error("VM '{id}': {message}")]
+    GuestPath {
+        id: String,
+        kind: ErrorKind,
+        message: String,
+    },
     #[error("{context}")]
     Io {
         context: String,
@@ -216,6 +228,8 @@ impl Error {
             Error::Control { kind, .. } => *kind,
             Error::Exec { kind, .. } => *kind,
             Error::HostUnsupported(_) => ErrorKind::HostUnsupported,
+            Error::Invalid(_) => ErrorKind::InvalidInput,
+            Error::GuestPath { kind, .. } => *kind,
             Error::Io { .. } => ErrorKind::Io,
         }
     }

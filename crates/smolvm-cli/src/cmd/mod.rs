@@ -2,6 +2,8 @@
 
 mod bench;
 mod doctor;
+mod env;
+mod files;
 mod image;
 mod run;
 mod vm;
@@ -32,6 +34,12 @@ pub enum Command {
     Info(vm::InfoArgs),
     /// Run a command in a running sandbox.
     Exec(vm::ExecArgs),
+    /// Copy files and directories between the host and a sandbox
+    /// (`smolvm cp LOCAL ID:/path`, `smolvm cp ID:/path LOCAL`).
+    Cp(files::CpArgs),
+    /// A sandbox's persistent environment: variables every later command sees.
+    #[command(subcommand)]
+    Env(env::EnvCommand),
     /// Show a sandbox's guest console.
     Logs(vm::LogsArgs),
     /// Remove leftovers of sandboxes that no longer exist.
@@ -58,6 +66,8 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<u8> {
         Command::Ls(a) => vm::ls(a).await,
         Command::Info(a) => vm::info(a).await,
         Command::Exec(a) => vm::exec(a).await,
+        Command::Cp(a) => files::cp(a).await,
+        Command::Env(c) => env::env(c).await,
         Command::Logs(a) => vm::logs(a).await,
         Command::Prune(a) => vm::prune(a).await,
         Command::Doctor(a) => doctor::doctor(a).await,
@@ -96,6 +106,7 @@ impl ExecFlags {
             workdir: self.workdir.clone(),
             timeout,
             stdin: None,
+            open_stdin: false,
             max_output: None,
         })
     }

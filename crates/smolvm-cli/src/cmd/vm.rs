@@ -93,6 +93,9 @@ pub struct ExecArgs {
     /// Run CMD through `/bin/sh -c`.
     #[arg(long)]
     shell: bool,
+    /// Pass our stdin to the command (until EOF).
+    #[arg(short, long)]
+    interactive: bool,
     #[command(flatten)]
     exec: ExecFlags,
     #[arg(last = true, required = true, value_name = "CMD")]
@@ -310,9 +313,31 @@ pub async fn info(a: InfoArgs) -> anyhow::Result<u8> {
 
 pub async fn exec(a: ExecArgs) -> anyhow::Result<u8> {
     let command = guest_command(a.argv, a.shell)?;
-    let opts = a.exec.options()?;
+    let mut opts = a.exec.options()?;
+    opts.open_stdin = a.interactive;
     let sbx = Sandbox::from_id(&a.id).await?;
     let stream = sbx.exec_stream(command, &opts).await?;
+    if a.interactive {
+        // Our stdin, as it comes, within the guest's credit; EOF closes the
+        // command's stdin. Ends with the stream.
+        let w = stream.stdin();
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut input = tokio::io::stdin();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match input.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if w.write(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = w.close().await;
+        });
+    }
     stream_to_stdio(&sbx, stream).await
 }
 

@@ -20,6 +20,9 @@ pub struct ExecOptions {
     pub timeout: Option<Duration>,
     /// Bytes written to the command's stdin, then closed.
     pub stdin: Option<Vec<u8>>,
+    /// Gives the command a stdin pipe that the caller writes through
+    /// [`ExecStream::stdin`] (ignored when `stdin` is given).
+    pub open_stdin: bool,
     /// Most bytes [`Sandbox::exec`] collects per stream (at most, and by
     /// default, [`MAX_COLLECTED_OUTPUT`]); past it output is dropped and
     /// `truncated` set. The guest keeps running either way.
@@ -58,19 +61,24 @@ impl ExecOutput {
 }
 
 impl Sandbox {
-    async fn require_running(&self) -> Result<SupervisorClient> {
+    pub(super) async fn require_running(&self) -> Result<SupervisorClient> {
+        Ok(self.require_running_rec().await?.0)
+    }
+
+    /// A connection to the running VM, and its record as of now.
+    async fn require_running_rec(&self) -> Result<(SupervisorClient, crate::state::VmRecord)> {
         let rec = self.record().await?;
         plan(Op::Exec, &self.id, rec.state, rec.last_error.as_deref())?;
-        self.connect().await
+        Ok((self.connect().await?, rec))
     }
 
     /// Starts a command and returns its event stream (output as it comes).
     pub async fn exec_stream(&self, command: Command, opts: &ExecOptions) -> Result<ExecStream> {
-        let client = self.require_running().await?;
-        // The VM's own environment first; the command's variables win.
-        let mut env: Vec<(String, String)> = self
-            .config
-            .env
+        let (client, rec) = self.require_running_rec().await?;
+        // The VM's persistent environment as stored now (another process may
+        // have changed it), then the command's own variables, which win.
+        let vm_env = super::record::config_of(&rec)?.env;
+        let mut env: Vec<(String, String)> = vm_env
             .iter()
             .filter(|(k, _)| !opts.env.iter().any(|(ck, _)| ck == *k))
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -81,7 +89,7 @@ impl Sandbox {
             env,
             workdir: opts.workdir.clone(),
             timeout_ms: opts.timeout.map(crate::sys::millis),
-            stdin: opts.stdin.is_some(),
+            stdin: opts.stdin.is_some() || opts.open_stdin,
         };
         let mut stream = match client.exec(req).await {
             Ok(s) => s,

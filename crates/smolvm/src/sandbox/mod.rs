@@ -1,7 +1,9 @@
 //! The `Sandbox` lifecycle API.
 
 mod boot;
+mod env;
 mod exec;
+mod files;
 mod lifecycle;
 mod lock;
 mod prune;
@@ -10,10 +12,12 @@ pub mod transitions;
 mod types;
 
 pub use crate::state::VmState;
-pub use crate::supervisor::{ClientError, ExecEvent, ExecStream, GUEST_GRACE};
+pub use crate::supervisor::{ClientError, ExecEvent, ExecStream, StreamWriter, GUEST_GRACE};
 pub use exec::{ExecOptions, ExecOutput};
+pub use files::{GuestStat, TreeSummary, MAX_TREE_ENTRIES};
 pub use lifecycle::{Progress, ProgressFn, Sandbox, DEFAULT_BOOT_TIMEOUT, DEFAULT_STOP_TIMEOUT};
 pub use lock::VmLock;
 pub use prune::{prune, PruneItem};
 pub use record::VmInfo;
+pub use smolvm_proto::{DirEntry, FileKind};
 pub use types::{BootTimings, Command, ExitStatus, GuestError};

@@ -245,6 +245,41 @@ impl Store {
         rows.into_iter().map(into_record).collect()
     }
 
+    /// Rewrites a VM's config JSON with `f` in one write transaction (so
+    /// concurrent read-modify-writes from other processes never lose one
+    /// another's changes). Only the VM created at `created_at` is touched:
+    /// `Ok(false)` when that VM is gone. `f`'s error aborts the change.
+    pub fn update_config<E: From<StoreError>>(
+        &mut self,
+        id: &str,
+        created_at: i64,
+        f: impl FnOnce(&str) -> Result<String, E>,
+    ) -> Result<bool, E> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(StoreError::from)?;
+        let cur: Option<String> = tx
+            .query_row(
+                "SELECT config FROM vms WHERE id = ?1 AND created_at = ?2",
+                params![id, created_at],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(StoreError::from)?;
+        let Some(cur) = cur else {
+            return Ok(false);
+        };
+        let new = f(&cur)?;
+        tx.execute(
+            "UPDATE vms SET config = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, new, now_ms()],
+        )
+        .map_err(StoreError::from)?;
+        tx.commit().map_err(StoreError::from)?;
+        Ok(true)
+    }
+
     /// Sets the state unconditionally.
     pub fn set_state(
         &self,

@@ -21,6 +21,8 @@ mod routes;
 mod server;
 mod sock;
 
-pub use client::{ClientError, ExecEvent, ExecStream, SupervisorClient, GUEST_GRACE};
+pub use client::{
+    AgentStream, ClientError, ExecEvent, ExecStream, StreamWriter, SupervisorClient, GUEST_GRACE,
+};
 pub use daemon::{main_entry, spawn, SpawnError};
 pub use sock::{bind_in_dir, connect_in_dir};

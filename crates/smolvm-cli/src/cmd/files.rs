@@ -1,0 +1,101 @@
+//! `smolvm cp`: files and directories between the host and a sandbox.
+
+use smolvm::Sandbox;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct CpArgs {
+    /// What to copy: a local path, or ID:/guest/path.
+    src: String,
+    /// Where to: ID:/guest/path, or a local path. An existing directory
+    /// receives SRC under its own name. Directories are copied whole.
+    dst: String,
+    /// Refuse a guest file larger than this many bytes (downloads).
+    #[arg(long, value_name = "BYTES")]
+    max_bytes: Option<u64>,
+    /// Print nothing on success.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+/// `ID:/path` when the part before the first `:` is a valid sandbox name.
+fn guest_spec(s: &str) -> Option<(&str, &str)> {
+    let (id, path) = s.split_once(':')?;
+    smolvm::config::validate_name(id).ok()?;
+    Some((id, path))
+}
+
+fn basename(p: &str) -> &str {
+    p.trim_end_matches('/').rsplit('/').next().unwrap_or(p)
+}
+
+pub async fn cp(a: CpArgs) -> anyhow::Result<u8> {
+    let t = Instant::now();
+    let (summary, bytes) = match (guest_spec(&a.src), guest_spec(&a.dst)) {
+        (Some(_), Some(_)) => anyhow::bail!(
+            "both paths are in sandboxes; copy through the host (smolvm cp ID:/a LOCAL, then smolvm cp LOCAL ID2:/b)"
+        ),
+        (None, None) => anyhow::bail!(
+            "neither path names a sandbox; write the guest side as ID:/path (e.g. smolvm cp ./file sbx-1234abcd:/root/)"
+        ),
+        (None, Some((id, gpath))) => {
+            let sbx = Sandbox::from_id(id).await?;
+            let local = PathBuf::from(&a.src);
+            let md = std::fs::symlink_metadata(&local)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", local.display()))?;
+            let name = local
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            // Into an existing guest directory: under the source's name.
+            let mut dest = gpath.to_string();
+            if gpath.starts_with('/')
+                && (gpath.ends_with('/') || sbx.stat(gpath, true).await.is_ok_and(|s| s.kind == smolvm::sandbox::FileKind::Dir))
+                && !name.is_empty()
+            {
+                dest = format!("{}/{name}", gpath.trim_end_matches('/'));
+            }
+            if md.is_dir() {
+                let s = sbx.upload_dir(&local, &dest).await?;
+                (format!("{} files, {} directories, {} symlinks", s.files, s.dirs, s.symlinks), s.bytes)
+            } else {
+                let n = sbx.upload_file(&local, &dest, false).await?;
+                (format!("1 file to {id}:{dest}"), n)
+            }
+        }
+        (Some((id, gpath)), None) => {
+            let sbx = Sandbox::from_id(id).await?;
+            let st = sbx.stat(gpath, true).await?;
+            let mut local = PathBuf::from(&a.dst);
+            if Path::new(&a.dst).is_dir() {
+                local = local.join(basename(gpath));
+            }
+            if st.kind == smolvm::sandbox::FileKind::Dir {
+                let s = sbx.download_dir(gpath, &local).await?;
+                let skipped = if s.skipped > 0 {
+                    format!(", {} special files skipped", s.skipped)
+                } else {
+                    String::new()
+                };
+                (
+                    format!("{} files, {} directories, {} symlinks{skipped}", s.files, s.dirs, s.symlinks),
+                    s.bytes,
+                )
+            } else {
+                let n = sbx.download_file(gpath, &local, false, a.max_bytes).await?;
+                (format!("1 file to {}", local.display()), n)
+            }
+        }
+    };
+    if !a.quiet {
+        let secs = t.elapsed().as_secs_f64();
+        #[allow(clippy::cast_precision_loss)] // a rate to print
+        let mib = bytes as f64 / (1024.0 * 1024.0);
+        eprintln!(
+            "copied {summary}: {mib:.1} MiB in {secs:.2} s ({:.0} MiB/s)",
+            mib / secs.max(1e-9)
+        );
+    }
+    Ok(0)
+}
