@@ -73,13 +73,17 @@ pub enum GuestMsg {
     /// The guest is about to power off.
     ShutdownAck,
     /// The agent may take `bytes` more `Data` bytes on this stream.
-    Credit { bytes: u32 },
+    Credit {
+        bytes: u32,
+    },
     /// First answer to `ReadFile`: what is being sent.
     FileStart(FileStat),
     /// A chunk of a `ReadFile`'s contents.
     FileData(Bytes),
     /// A file transfer finished (`bytes` moved); last message of the stream.
-    Done { bytes: u64 },
+    Done {
+        bytes: u64,
+    },
     /// Directory entries of a `List` (counted against credit by
     /// [`DirEntry::wire_cost`]); `Op(OpReply::Ok)` ends the listing.
     Entries(Vec<DirEntry>),

@@ -13,6 +13,12 @@ pub enum Out {
     List(Vec<smolvm::sandbox::VmInfo>),
     Exec(smolvm::ExecOutput),
     Seconds(f64),
+    /// Plain data (stats, listings, env, counts), through JSON.
+    Json(serde_json::Value),
+    /// One event of a streamed command; `None` after its end.
+    Event(Option<smolvm::sandbox::ExecEvent>),
+    /// A streamed command, started.
+    Stream(Box<smolvm::sandbox::ExecStream>),
 }
 
 impl Out {
@@ -45,6 +51,12 @@ impl Out {
                 PyTuple::new(py, fields)?.into_any().unbind()
             }
             Out::Seconds(s) => s.into_pyobject(py)?.into_any().unbind(),
+            Out::Json(v) => py
+                .import("json")?
+                .call_method1("loads", (v.to_string(),))?
+                .unbind(),
+            Out::Event(ev) => event_tuple(py, ev)?,
+            Out::Stream(s) => Py::new(py, crate::Process::new(*s))?.into_any(),
         })
     }
 }
@@ -154,4 +166,36 @@ pub fn raise(
             Err(_) => pyo3::exceptions::PyRuntimeError::new_err(format!("{kind}: {message}")),
         }
     })
+}
+
+/// `(kind, payload)` of an exec event: `("started", pid)`, `("stdout",
+/// bytes)`, `("stderr", bytes)`, `("exit", (code, signal, timed_out,
+/// duration_ms))`, `("error", (kind, message))`; `None` after the end.
+fn event_tuple(py: Python<'_>, ev: Option<smolvm::sandbox::ExecEvent>) -> PyResult<Py<PyAny>> {
+    use smolvm::sandbox::ExecEvent as E;
+    let Some(ev) = ev else {
+        return Ok(py.None());
+    };
+    let (kind, payload): (&str, Bound<'_, PyAny>) = match ev {
+        E::Started { pid } => ("started", pid.into_pyobject(py)?.into_any()),
+        E::Stdout(b) => ("stdout", PyBytes::new(py, &b).into_any()),
+        E::Stderr(b) => ("stderr", PyBytes::new(py, &b).into_any()),
+        E::Exited(st) => (
+            "exit",
+            (st.code, st.signal, st.timed_out, st.duration_ms)
+                .into_pyobject(py)?
+                .into_any(),
+        ),
+        E::Failed(e) => (
+            "error",
+            (e.kind.as_str(), smolvm::text::escape_line(&e.message))
+                .into_pyobject(py)?
+                .into_any(),
+        ),
+    };
+    Ok(
+        PyTuple::new(py, [kind.into_pyobject(py)?.into_any(), payload])?
+            .into_any()
+            .unbind(),
+    )
 }

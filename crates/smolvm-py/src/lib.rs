@@ -334,8 +334,301 @@ impl Sandbox {
         })
     }
 
+    /// Starts `argv` and returns a `Process` to read its events from (and
+    /// write its stdin when `stdin_open`).
+    #[pyo3(signature = (argv, env, cwd=None, timeout=None, stdin_open=false, done=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn exec_stream(
+        &self,
+        py: Python<'_>,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        timeout: Option<f64>,
+        stdin_open: bool,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        if argv.is_empty() {
+            return Err(raise(
+                "invalid_input",
+                "empty command",
+                self.id_owned().as_deref(),
+                None,
+                "run",
+            ));
+        }
+        let timeout = timeout.map(|t| seconds("run", "timeout", t)).transpose()?;
+        let opts = smolvm::ExecOptions {
+            env,
+            workdir: cwd,
+            timeout,
+            open_stdin: stdin_open,
+            ..Default::default()
+        };
+        let sb = self.handle()?;
+        run_op(py, "run", self.id_owned(), done, async move {
+            let s = sb.exec_stream(smolvm::Command::Argv(argv), &opts).await?;
+            Ok(Out::Stream(Box::new(s)))
+        })
+    }
+
+    #[pyo3(signature = (local, guest_path, make_dirs, done=None))]
+    fn upload_file(
+        &self,
+        py: Python<'_>,
+        local: std::path::PathBuf,
+        guest_path: String,
+        make_dirs: bool,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let sb = self.handle()?;
+        run_op(py, "upload_file", self.id_owned(), done, async move {
+            Ok(Out::Json(
+                sb.upload_file(&local, &guest_path, make_dirs).await?.into(),
+            ))
+        })
+    }
+
+    #[pyo3(signature = (guest_path, local, make_dirs, max_bytes=None, done=None))]
+    fn download_file(
+        &self,
+        py: Python<'_>,
+        guest_path: String,
+        local: std::path::PathBuf,
+        make_dirs: bool,
+        max_bytes: Option<u64>,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let sb = self.handle()?;
+        run_op(py, "download_file", self.id_owned(), done, async move {
+            Ok(Out::Json(
+                sb.download_file(&guest_path, &local, make_dirs, max_bytes)
+                    .await?
+                    .into(),
+            ))
+        })
+    }
+
+    #[pyo3(signature = (local, guest_dir, done=None))]
+    fn upload_dir(
+        &self,
+        py: Python<'_>,
+        local: std::path::PathBuf,
+        guest_dir: String,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let sb = self.handle()?;
+        run_op(py, "upload_dir", self.id_owned(), done, async move {
+            Ok(Out::Json(tree_json(
+                &sb.upload_dir(&local, &guest_dir).await?,
+            )))
+        })
+    }
+
+    #[pyo3(signature = (guest_dir, local, done=None))]
+    fn download_dir(
+        &self,
+        py: Python<'_>,
+        guest_dir: String,
+        local: std::path::PathBuf,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let sb = self.handle()?;
+        run_op(py, "download_dir", self.id_owned(), done, async move {
+            Ok(Out::Json(tree_json(
+                &sb.download_dir(&guest_dir, &local).await?,
+            )))
+        })
+    }
+
+    /// `op` is one of stat, lstat, list, mkdir, remove, rename, exists,
+    /// sync; `a`/`b` are its paths, `flag` its boolean (parents, recursive).
+    #[pyo3(signature = (op, a, b=None, flag=false, done=None))]
+    fn fs(
+        &self,
+        py: Python<'_>,
+        op: String,
+        a: String,
+        b: Option<String>,
+        flag: bool,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let sb = self.handle()?;
+        let name = format!("files.{op}");
+        run_op(py, "files", self.id_owned(), done, async move {
+            let v = match op.as_str() {
+                "stat" => json(&sb.stat(&a, true).await?),
+                "lstat" => json(&sb.stat(&a, false).await?),
+                "list" => json(&sb.list_dir(&a).await?),
+                "exists" => sb.exists(&a).await?.into(),
+                "mkdir" => {
+                    sb.mkdir(&a, flag).await?;
+                    serde_json::Value::Null
+                }
+                "remove" => {
+                    sb.remove(&a, flag).await?;
+                    serde_json::Value::Null
+                }
+                "rename" => {
+                    sb.rename(&a, b.as_deref().unwrap_or_default()).await?;
+                    serde_json::Value::Null
+                }
+                "sync" => {
+                    sb.sync().await?;
+                    serde_json::Value::Null
+                }
+                other => {
+                    return Err(smolvm::Error::Invalid(format!(
+                        "{name}: unknown request {other:?}"
+                    )))
+                }
+            };
+            Ok(Out::Json(v))
+        })
+    }
+
+    #[pyo3(signature = (port, timeout, done=None))]
+    fn wait_for_port(
+        &self,
+        py: Python<'_>,
+        port: u16,
+        timeout: f64,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let t = seconds("wait_for_port", "timeout", timeout)?;
+        let sb = self.handle()?;
+        run_op(py, "wait_for_port", self.id_owned(), done, async move {
+            sb.wait_for_port(port, t).await?;
+            Ok(Out::None)
+        })
+    }
+
+    /// `set` (with `merge`), `unset` (the keys of `vars`) or `list`;
+    /// returns the environment after.
+    #[pyo3(signature = (op, vars, merge=true, done=None))]
+    fn env(
+        &self,
+        py: Python<'_>,
+        op: String,
+        vars: std::collections::BTreeMap<String, String>,
+        merge: bool,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let sb = self.handle()?;
+        run_op(py, "env", self.id_owned(), done, async move {
+            let env = match op.as_str() {
+                "set" => sb.set_env(vars, merge).await?,
+                "unset" => sb.unset_env(vars.into_keys().collect()).await?,
+                _ => sb.env().await?,
+            };
+            Ok(Out::Json(serde_json::to_value(env).unwrap_or_default()))
+        })
+    }
+
     fn __repr__(&self) -> String {
         format!("<smolvm._native.Sandbox {:?}>", self.inner.id())
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or_default()
+}
+
+fn tree_json(t: &smolvm::sandbox::TreeSummary) -> serde_json::Value {
+    serde_json::json!({
+        "files": t.files, "dirs": t.dirs, "symlinks": t.symlinks,
+        "bytes": t.bytes, "skipped": t.skipped,
+    })
+}
+
+/// A command running in the guest, its events read one at a time.
+#[pyclass(module = "smolvm._native")]
+pub struct Process {
+    stream: Arc<tokio::sync::Mutex<Option<smolvm::sandbox::ExecStream>>>,
+    stdin: smolvm::sandbox::StreamWriter,
+}
+
+impl Process {
+    pub fn new(s: smolvm::sandbox::ExecStream) -> Process {
+        let stdin = s.stdin();
+        Process {
+            stream: Arc::new(tokio::sync::Mutex::new(Some(s))),
+            stdin,
+        }
+    }
+}
+
+#[pymethods]
+impl Process {
+    /// The next event (see `convert::event_tuple`); None after the end.
+    #[pyo3(signature = (done=None))]
+    fn next(&self, py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+        let s = self.stream.clone();
+        run_op(py, "run", None, done, async move {
+            let mut g = s.lock().await;
+            let Some(st) = g.as_mut() else {
+                return Ok(Out::Event(None));
+            };
+            match st.next().await {
+                Ok(ev) => Ok(Out::Event(ev)),
+                Err(source) => Err(smolvm::Error::Client {
+                    id: String::new(),
+                    source,
+                }),
+            }
+        })
+    }
+
+    #[pyo3(signature = (data, done=None))]
+    fn write_stdin(
+        &self,
+        py: Python<'_>,
+        data: Vec<u8>,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let w = self.stdin.clone();
+        run_op(py, "write_stdin", None, done, async move {
+            w.write(&data)
+                .await
+                .map_err(|source| smolvm::Error::Client {
+                    id: String::new(),
+                    source,
+                })?;
+            Ok(Out::None)
+        })
+    }
+
+    #[pyo3(signature = (done=None))]
+    fn close_stdin(&self, py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+        let w = self.stdin.clone();
+        run_op(py, "close_stdin", None, done, async move {
+            w.close().await.map_err(|source| smolvm::Error::Client {
+                id: String::new(),
+                source,
+            })?;
+            Ok(Out::None)
+        })
+    }
+
+    #[pyo3(signature = (signal, done=None))]
+    fn signal(&self, py: Python<'_>, signal: i32, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+        let w = self.stdin.clone();
+        run_op(py, "signal", None, done, async move {
+            w.signal(signal)
+                .await
+                .map_err(|source| smolvm::Error::Client {
+                    id: String::new(),
+                    source,
+                })?;
+            Ok(Out::None)
+        })
+    }
+
+    /// Stops reading: the guest process is killed (cancelled).
+    fn cancel(&self) {
+        if let Ok(mut g) = self.stream.try_lock() {
+            g.take();
+        }
     }
 }
 
@@ -375,6 +668,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<Sandbox>()?;
     m.add_class::<Task>()?;
+    m.add_class::<Process>()?;
     m.add_function(wrap_pyfunction!(set_companion_dir, m)?)?;
     m.add_function(wrap_pyfunction!(data_dir, m)?)?;
     m.add_function(wrap_pyfunction!(check_backend, m)?)?;
