@@ -9,64 +9,179 @@
 )]
 
 use proptest::prelude::*;
-use smolvm_proto::supervisor::{ClientMsg, SupervisorMsg};
+use smolvm_proto::supervisor::{
+    ClientMsg, ControlError, ControlErrorKind, ControlRequest, ControlResponse, ReadyInfo,
+    SupervisorMsg, SupervisorStatus, VmRunState,
+};
 use smolvm_proto::*;
 
 fn arb_bytes() -> impl Strategy<Value = Bytes> {
     proptest::collection::vec(any::<u8>(), 0..512).prop_map(Bytes)
 }
 
+fn arb_string() -> impl Strategy<Value = String> {
+    ".{0,24}"
+}
+
+fn arb_error_kind() -> impl Strategy<Value = ErrorKind> {
+    prop_oneof![
+        Just(ErrorKind::NotFound),
+        Just(ErrorKind::PermissionDenied),
+        Just(ErrorKind::InvalidRequest),
+        Just(ErrorKind::Busy),
+        Just(ErrorKind::Unsupported),
+        Just(ErrorKind::Other),
+        Just(ErrorKind::Unavailable),
+        Just(ErrorKind::AlreadyExists),
+        Just(ErrorKind::NotEmpty),
+        Just(ErrorKind::NoSpace),
+        Just(ErrorKind::FlowControl),
+    ]
+}
+
+fn arb_file_kind() -> impl Strategy<Value = FileKind> {
+    prop_oneof![
+        Just(FileKind::File),
+        Just(FileKind::Dir),
+        Just(FileKind::Symlink),
+        Just(FileKind::Other),
+    ]
+}
+
+fn arb_file_stat() -> impl Strategy<Value = FileStat> {
+    (
+        arb_file_kind(),
+        any::<u64>(),
+        any::<u32>(),
+        any::<i64>(),
+        proptest::option::of(arb_string()),
+    )
+        .prop_map(|(kind, size, mode, mtime_ns, link_target)| FileStat {
+            kind,
+            size,
+            mode,
+            mtime_ns,
+            link_target,
+        })
+}
+
+fn arb_dir_entry() -> impl Strategy<Value = DirEntry> {
+    (arb_string(), arb_file_stat()).prop_map(|(name, stat)| DirEntry { name, stat })
+}
+
+fn arb_exec() -> impl Strategy<Value = ExecRequest> {
+    (
+        proptest::collection::vec(".{0,16}", 0..4),
+        ".{0,32}",
+        proptest::collection::vec((".{0,8}", ".{0,8}"), 0..3),
+        proptest::option::of(".{0,16}"),
+        proptest::option::of(any::<u64>()),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(argv, sh, env, workdir, timeout_ms, stdin, use_argv)| ExecRequest {
+                command: if use_argv {
+                    Command::Argv(argv)
+                } else {
+                    Command::Shell(sh)
+                },
+                env,
+                workdir,
+                timeout_ms,
+                stdin,
+            },
+        )
+}
+
+fn arb_op_request() -> impl Strategy<Value = OpRequest> {
+    prop_oneof![
+        (arb_string(), any::<bool>()).prop_map(|(path, follow)| OpRequest::Stat { path, follow }),
+        arb_string().prop_map(|path| OpRequest::List { path }),
+        (arb_string(), any::<bool>(), any::<u32>()).prop_map(|(path, parents, mode)| {
+            OpRequest::Mkdir {
+                path,
+                parents,
+                mode,
+            }
+        }),
+        (arb_string(), any::<bool>())
+            .prop_map(|(path, recursive)| OpRequest::Remove { path, recursive }),
+        (arb_string(), arb_string()).prop_map(|(from, to)| OpRequest::Rename { from, to }),
+        (arb_string(), arb_string()).prop_map(|(path, target)| OpRequest::Symlink { path, target }),
+        (
+            arb_string(),
+            proptest::option::of(any::<u32>()),
+            proptest::option::of(any::<i64>())
+        )
+            .prop_map(|(path, mode, mtime_ns)| OpRequest::SetAttrs {
+                path,
+                mode,
+                mtime_ns
+            }),
+        Just(OpRequest::Sync),
+        any::<u16>().prop_map(|port| OpRequest::PortOpen { port }),
+    ]
+}
+
+fn arb_op_reply() -> impl Strategy<Value = OpReply> {
+    prop_oneof![
+        Just(OpReply::Ok),
+        arb_file_stat().prop_map(OpReply::Stat),
+        any::<bool>().prop_map(OpReply::PortOpen),
+    ]
+}
+
 fn arb_host() -> impl Strategy<Value = HostMsg> {
     prop_oneof![
         any::<u32>().prop_map(|version| HostMsg::Hello(HostHello { version })),
         any::<u64>().prop_map(|nonce| HostMsg::Ping { nonce }),
-        (
-            proptest::collection::vec(".{0,16}", 0..4),
-            ".{0,32}",
-            proptest::collection::vec((".{0,8}", ".{0,8}"), 0..3),
-            proptest::option::of(".{0,16}"),
-            proptest::option::of(any::<u64>()),
-            any::<bool>(),
-            any::<bool>()
-        )
-            .prop_map(|(argv, sh, env, workdir, timeout_ms, stdin, use_argv)| {
-                HostMsg::Exec(ExecRequest {
-                    command: if use_argv {
-                        Command::Argv(argv)
-                    } else {
-                        Command::Shell(sh)
-                    },
-                    env,
-                    workdir,
-                    timeout_ms,
-                    stdin,
-                })
-            }),
-        arb_bytes().prop_map(HostMsg::Stdin),
+        arb_exec().prop_map(HostMsg::Exec),
+        arb_bytes().prop_map(HostMsg::Data),
         Just(HostMsg::Eof),
         any::<i32>().prop_map(|signal| HostMsg::Signal { signal }),
         Just(HostMsg::Shutdown),
+        any::<u32>().prop_map(|bytes| HostMsg::Credit { bytes }),
+        Just(HostMsg::Cancel),
+        arb_string().prop_map(|path| HostMsg::ReadFile(ReadFileRequest { path })),
+        (
+            arb_string(),
+            any::<u32>(),
+            proptest::option::of(any::<i64>()),
+            any::<bool>()
+        )
+            .prop_map(|(path, mode, mtime_ns, make_dirs)| {
+                HostMsg::WriteFile(WriteFileRequest {
+                    path,
+                    mode,
+                    mtime_ns,
+                    make_dirs,
+                })
+            }),
+        arb_op_request().prop_map(HostMsg::Op),
     ]
+}
+
+fn arb_guest_hello() -> impl Strategy<Value = GuestHello> {
+    (
+        any::<u32>(),
+        ".{0,16}",
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+    )
+        .prop_map(|(v, s, a, b, c)| GuestHello {
+            version: v,
+            agent_version: s,
+            agent_start_ms: a,
+            ready_ms: b,
+            now_ms: c,
+        })
 }
 
 fn arb_guest() -> impl Strategy<Value = GuestMsg> {
     prop_oneof![
-        (
-            any::<u32>(),
-            ".{0,16}",
-            any::<u64>(),
-            any::<u64>(),
-            any::<u64>()
-        )
-            .prop_map(|(v, s, a, b, c)| {
-                GuestMsg::Hello(GuestHello {
-                    version: v,
-                    agent_version: s,
-                    agent_start_ms: a,
-                    ready_ms: b,
-                    now_ms: c,
-                })
-            }),
+        arb_guest_hello().prop_map(GuestMsg::Hello),
         any::<u64>().prop_map(|nonce| GuestMsg::Pong { nonce }),
         any::<u32>().prop_map(|pid| GuestMsg::Started { pid }),
         arb_bytes().prop_map(GuestMsg::Stdout),
@@ -85,8 +200,99 @@ fn arb_guest() -> impl Strategy<Value = GuestMsg> {
                     duration_ms
                 }
             )),
-        ".{0,64}".prop_map(|m| GuestMsg::Error(ErrorInfo::new(ErrorKind::Other, m))),
+        (arb_error_kind(), ".{0,64}").prop_map(|(k, m)| GuestMsg::Error(ErrorInfo::new(k, m))),
         Just(GuestMsg::ShutdownAck),
+        any::<u32>().prop_map(|bytes| GuestMsg::Credit { bytes }),
+        arb_file_stat().prop_map(GuestMsg::FileStart),
+        arb_bytes().prop_map(GuestMsg::FileData),
+        any::<u64>().prop_map(|bytes| GuestMsg::Done { bytes }),
+        proptest::collection::vec(arb_dir_entry(), 0..6).prop_map(GuestMsg::Entries),
+        arb_op_reply().prop_map(GuestMsg::Op),
+    ]
+}
+
+fn arb_control_error_kind() -> impl Strategy<Value = ControlErrorKind> {
+    prop_oneof![
+        Just(ControlErrorKind::BootTimeout),
+        Just(ControlErrorKind::BootFailed),
+        Just(ControlErrorKind::VmmExited),
+        Just(ControlErrorKind::VmmUnresponsive),
+        Just(ControlErrorKind::AgentIncompatible),
+        Just(ControlErrorKind::HostToolMissing),
+        Just(ControlErrorKind::InvalidState),
+        Just(ControlErrorKind::ShuttingDown),
+        Just(ControlErrorKind::Other),
+        Just(ControlErrorKind::HostUnsupported),
+    ]
+}
+
+fn arb_run_state() -> impl Strategy<Value = VmRunState> {
+    prop_oneof![
+        Just(VmRunState::Booting),
+        Just(VmRunState::Running),
+        Just(VmRunState::Paused),
+        Just(VmRunState::Stopping),
+        Just(VmRunState::Exited),
+    ]
+}
+
+fn arb_control_request() -> impl Strategy<Value = ControlRequest> {
+    prop_oneof![
+        Just(ControlRequest::Status),
+        any::<u64>().prop_map(|timeout_ms| ControlRequest::WaitReady { timeout_ms }),
+        any::<u64>().prop_map(|timeout_ms| ControlRequest::Stop { timeout_ms }),
+        Just(ControlRequest::Kill),
+        Just(ControlRequest::Pause),
+        Just(ControlRequest::Resume),
+    ]
+}
+
+fn arb_control_response() -> impl Strategy<Value = ControlResponse> {
+    prop_oneof![
+        Just(ControlResponse::Ok),
+        (arb_guest_hello(), any::<u64>(), any::<u64>()).prop_map(
+            |(hello, vmm_start_ms, ready_ms)| ControlResponse::Ready(ReadyInfo {
+                hello,
+                vmm_start_ms,
+                ready_ms,
+            })
+        ),
+        (arb_run_state(), any::<u32>(), any::<bool>()).prop_map(
+            |(state, vmm_pid, agent_connected)| ControlResponse::Status(SupervisorStatus {
+                state,
+                vmm_pid,
+                agent_connected,
+            })
+        ),
+        (
+            arb_control_error_kind(),
+            ".{0,32}",
+            proptest::option::of(".{0,32}")
+        )
+            .prop_map(|(kind, message, console_tail)| ControlResponse::Error(
+                ControlError {
+                    kind,
+                    message,
+                    console_tail,
+                }
+            )),
+    ]
+}
+
+fn arb_client() -> impl Strategy<Value = ClientMsg> {
+    prop_oneof![
+        any::<u32>().prop_map(|version| ClientMsg::Hello { version }),
+        arb_host().prop_map(ClientMsg::Agent),
+        arb_control_request().prop_map(ClientMsg::Control),
+    ]
+}
+
+fn arb_supervisor() -> impl Strategy<Value = SupervisorMsg> {
+    prop_oneof![
+        (any::<u32>(), ".{0,16}")
+            .prop_map(|(version, vm_id)| SupervisorMsg::Hello { version, vm_id }),
+        arb_guest().prop_map(SupervisorMsg::Agent),
+        arb_control_response().prop_map(SupervisorMsg::Control),
     ]
 }
 
@@ -151,6 +357,26 @@ proptest! {
     }
 
     #[test]
+    fn client_messages_survive_any_split(msgs in proptest::collection::vec(arb_client(), 1..8), split in 1usize..64) {
+        prop_assert_eq!(split_round_trip(&msgs, split), msgs);
+    }
+
+    #[test]
+    fn supervisor_messages_survive_any_split(msgs in proptest::collection::vec(arb_supervisor(), 1..8), split in 1usize..64) {
+        prop_assert_eq!(split_round_trip(&msgs, split), msgs);
+    }
+
+    #[test]
+    fn corrupted_host_frames_are_errors_not_panics(msg in arb_host(), pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+        let mut wire = encode_frame(&Frame::new(1, msg)).unwrap();
+        let i = HEADER_LEN + pos.index(wire.len() - HEADER_LEN);
+        wire[i] = byte;
+        let mut d = Decoder::new();
+        d.push(&wire);
+        let _ = d.next_frame::<HostMsg>();
+    }
+
+    #[test]
     fn corrupted_frames_are_errors_not_panics(msg in arb_guest(), pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
         let mut wire = encode_frame(&Frame::new(1, msg)).unwrap();
         let i = HEADER_LEN + pos.index(wire.len() - HEADER_LEN);
@@ -161,4 +387,149 @@ proptest! {
         d.push(&wire);
         let _ = d.next_frame::<GuestMsg>();
     }
+}
+
+/// Which variant a message is, by a `match` with no wildcard arm: a new
+/// variant fails to compile here until it is given an index (and a strategy
+/// above, which `strategies_cover_every_variant` then checks).
+fn host_variant(m: &HostMsg) -> usize {
+    match m {
+        HostMsg::Hello(_) => 0,
+        HostMsg::Ping { .. } => 1,
+        HostMsg::Exec(_) => 2,
+        HostMsg::Data(_) => 3,
+        HostMsg::Eof => 4,
+        HostMsg::Signal { .. } => 5,
+        HostMsg::Shutdown => 6,
+        HostMsg::Credit { .. } => 7,
+        HostMsg::Cancel => 8,
+        HostMsg::ReadFile(_) => 9,
+        HostMsg::WriteFile(_) => 10,
+        HostMsg::Op(_) => 11,
+    }
+}
+const HOST_VARIANTS: usize = 12;
+
+fn guest_variant(m: &GuestMsg) -> usize {
+    match m {
+        GuestMsg::Hello(_) => 0,
+        GuestMsg::Pong { .. } => 1,
+        GuestMsg::Started { .. } => 2,
+        GuestMsg::Stdout(_) => 3,
+        GuestMsg::Stderr(_) => 4,
+        GuestMsg::Exited(_) => 5,
+        GuestMsg::Error(_) => 6,
+        GuestMsg::ShutdownAck => 7,
+        GuestMsg::Credit { .. } => 8,
+        GuestMsg::FileStart(_) => 9,
+        GuestMsg::FileData(_) => 10,
+        GuestMsg::Done { .. } => 11,
+        GuestMsg::Entries(_) => 12,
+        GuestMsg::Op(_) => 13,
+    }
+}
+const GUEST_VARIANTS: usize = 14;
+
+fn op_request_variant(m: &OpRequest) -> usize {
+    match m {
+        OpRequest::Stat { .. } => 0,
+        OpRequest::List { .. } => 1,
+        OpRequest::Mkdir { .. } => 2,
+        OpRequest::Remove { .. } => 3,
+        OpRequest::Rename { .. } => 4,
+        OpRequest::Symlink { .. } => 5,
+        OpRequest::SetAttrs { .. } => 6,
+        OpRequest::Sync => 7,
+        OpRequest::PortOpen { .. } => 8,
+    }
+}
+const OP_REQUEST_VARIANTS: usize = 9;
+
+fn op_reply_variant(m: &OpReply) -> usize {
+    match m {
+        OpReply::Ok => 0,
+        OpReply::Stat(_) => 1,
+        OpReply::PortOpen(_) => 2,
+    }
+}
+const OP_REPLY_VARIANTS: usize = 3;
+
+fn client_variant(m: &ClientMsg) -> usize {
+    match m {
+        ClientMsg::Hello { .. } => 0,
+        ClientMsg::Agent(_) => 1,
+        ClientMsg::Control(_) => 2,
+    }
+}
+
+fn supervisor_variant(m: &SupervisorMsg) -> usize {
+    match m {
+        SupervisorMsg::Hello { .. } => 0,
+        SupervisorMsg::Agent(_) => 1,
+        SupervisorMsg::Control(_) => 2,
+    }
+}
+
+/// Draws `n` values of `s` (deterministically) and returns how often each
+/// variant index came up.
+fn variant_counts<T: std::fmt::Debug>(
+    s: impl Strategy<Value = T>,
+    variants: usize,
+    index: impl Fn(&T) -> Vec<usize>,
+) -> Vec<usize> {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let mut seen = vec![0usize; variants];
+    for _ in 0..4000 {
+        let v = s.new_tree(&mut runner).unwrap().current();
+        for i in index(&v) {
+            seen[i] += 1;
+        }
+    }
+    seen
+}
+
+#[test]
+fn strategies_cover_every_variant() {
+    let host = variant_counts(arb_host(), HOST_VARIANTS, |m| vec![host_variant(m)]);
+    assert!(
+        host.iter().all(|&c| c > 0),
+        "arb_host misses a variant: {host:?}"
+    );
+    let guest = variant_counts(arb_guest(), GUEST_VARIANTS, |m| vec![guest_variant(m)]);
+    assert!(
+        guest.iter().all(|&c| c > 0),
+        "arb_guest misses a variant: {guest:?}"
+    );
+    let ops = variant_counts(arb_op_request(), OP_REQUEST_VARIANTS, |m| {
+        vec![op_request_variant(m)]
+    });
+    assert!(
+        ops.iter().all(|&c| c > 0),
+        "arb_op_request misses a variant: {ops:?}"
+    );
+    let replies = variant_counts(arb_op_reply(), OP_REPLY_VARIANTS, |m| {
+        vec![op_reply_variant(m)]
+    });
+    assert!(
+        replies.iter().all(|&c| c > 0),
+        "arb_op_reply misses a variant: {replies:?}"
+    );
+    let client = variant_counts(arb_client(), 3, |m| vec![client_variant(m)]);
+    assert!(
+        client.iter().all(|&c| c > 0),
+        "arb_client misses a variant: {client:?}"
+    );
+    let sup = variant_counts(arb_supervisor(), 3, |m| vec![supervisor_variant(m)]);
+    assert!(
+        sup.iter().all(|&c| c > 0),
+        "arb_supervisor misses a variant: {sup:?}"
+    );
+    // The nested enums are reached through the messages too.
+    let kinds = variant_counts(arb_error_kind(), 11, |k| vec![*k as usize]);
+    assert!(
+        kinds.iter().all(|&c| c > 0),
+        "arb_error_kind misses a variant: {kinds:?}"
+    );
 }
