@@ -36,6 +36,7 @@ from ._vm import SmolVM  # noqa: E402
 from .exceptions import (  # noqa: E402
     BootError,
     CommandExecutionUnavailableError,
+    GuestFileError,
     HostError,
     ImageError,
     InvalidStateError,
@@ -47,6 +48,8 @@ from .exceptions import (  # noqa: E402
 )
 from .types import (  # noqa: E402
     CommandResult,
+    FileInfo,
+    StreamEvent,
     SnapshotInfo,
     SnapshotType,
     VMConfig,
@@ -82,4 +85,7 @@ __all__ = [
     "CommandExecutionUnavailableError",
     "ImageError",
     "HostError",
+    "GuestFileError",
+    "StreamEvent",
+    "FileInfo",
 ]

@@ -1,19 +1,23 @@
 """The :class:`SmolVM` handle."""
 
 import asyncio
+import codecs
 import json
+import os
+import time
 import warnings
 import logging
 import sys
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from . import _aio, _native
 from .exceptions import (
+    OperationTimeoutError,
     SmolVMError,
     ValidationError,
     _from_native,
 )
-from .types import CommandResult, VMConfig, VMInfo, VMState
+from .types import CommandResult, StreamEvent, VMConfig, VMInfo, VMState
 
 __all__ = ["SmolVM"]
 
@@ -175,6 +179,16 @@ _DEFAULTS = {"memory": 512, "vcpus": 1, "network": True}
 #: a guest cannot make one call hold gigabytes of host memory (decoded
 #: text can be four times the bytes).
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
+
+
+def _guest(path: Any, op: str, vm: "SmolVM") -> str:
+    if not isinstance(path, str):
+        raise _validation(f"a guest path must be a string, not {path!r}", op, vm.vm_id)
+    return path
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._files import Files
 
 
 def _max_output(value: Any, vm_id: str) -> Optional[int]:
@@ -587,6 +601,8 @@ class SmolVM:
         env: Optional[Mapping[str, str]] = None,
         cwd: Optional[str] = None,
         max_output: Optional[int] = DEFAULT_MAX_OUTPUT,
+        on_stdout: Optional[Callable[[str], Any]] = None,
+        on_stderr: Optional[Callable[[str], Any]] = None,
     ) -> CommandResult:
         """Runs a command in the guest and waits for it.
 
@@ -604,6 +620,8 @@ class SmolVM:
             max_output: Most bytes kept of each of stdout and stderr
                 (16 MiB); the rest is dropped and ``truncated`` set. None
                 for the library's limit (256 MiB).
+            on_stdout, on_stderr: Called with each chunk of output (text)
+                as it arrives, on this thread.
 
         Returns:
             A :class:`CommandResult`; a non-zero exit code is not an error
@@ -622,11 +640,185 @@ class SmolVM:
             CommandExecutionUnavailableError: The guest agent cannot take
                 commands (the VM is going away) or failed the request.
         """
+        if on_stdout is not None or on_stderr is not None:
+            return self._run_with_callbacks(command, timeout, shell, env, cwd, on_stdout, on_stderr)
         argv, env_items, cwd, t = self._exec_args(command, timeout, shell, env, cwd)
         cap = _max_output(max_output, self.vm_id)
         _no_running_loop("run")
         out = self._h.exec(argv, env_items, cwd, t, None, cap)
         return _result(self.vm_id, command, t, out)
+
+    def _blocking(self) -> Any:
+        """The native handle, for blocking calls (not public)."""
+        _no_running_loop("files")
+        return self._h
+
+    def run_stream(
+        self,
+        command: Union[str, Sequence[str]],
+        timeout: Optional[float] = 30,
+        shell: str = "login",
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+    ) -> Iterator[StreamEvent]:
+        """Runs a command and yields its events as they happen: ``started``,
+        then ``stdout``/``stderr`` chunks, then ``exit`` (with
+        ``exit_code``). Output is not kept: a consumer that stops reading
+        pauses the command (its output waits in the guest; nothing is lost),
+        and closing the generator early kills the command.
+
+        Raises:
+            OperationTimeoutError: ``timeout`` passed (the command and its
+                process group were killed in the guest).
+            InvalidStateError, VMNotFoundError, ValidationError: as
+                :meth:`run`.
+        """
+        argv, env_items, cwd, t = self._exec_args(command, timeout, shell, env, cwd)
+        _no_running_loop("run_stream")
+        proc = self._h.exec_stream(argv, env_items, cwd, t, False)
+        decoders = {"stdout": codecs.getincrementaldecoder("utf-8")("replace"),
+                    "stderr": codecs.getincrementaldecoder("utf-8")("replace")}
+        try:
+            while True:
+                ev = proc.next()
+                now = time.time()
+                if ev is None:
+                    return
+                kind, payload = ev
+                if kind == "started":
+                    yield StreamEvent("started", "", now, pid=payload)
+                elif kind in decoders:
+                    text = decoders[kind].decode(payload)
+                    if text:
+                        yield StreamEvent(kind, text, now)
+                elif kind == "exit":
+                    for k, d in decoders.items():
+                        rest = d.decode(b"", final=True)
+                        if rest:
+                            yield StreamEvent(k, rest, now)
+                    code, signal, timed_out, duration_ms = payload
+                    if timed_out:
+                        _result(self.vm_id, command, t, (code, signal, True, b"", b"", False, duration_ms))
+                    if code is None:
+                        code = 128 + signal if signal is not None else 255
+                    yield StreamEvent("exit", "", now, exit_code=code)
+                    return
+                elif kind == "error":
+                    ekind, message = payload
+                    raise _from_native(ekind, message, self.vm_id, None, "run")
+        finally:
+            proc.cancel()
+
+    def _run_with_callbacks(
+        self,
+        command: Union[str, Sequence[str]],
+        timeout: Optional[float],
+        shell: str,
+        env: Optional[Mapping[str, str]],
+        cwd: Optional[str],
+        on_stdout: Optional[Callable[[str], Any]],
+        on_stderr: Optional[Callable[[str], Any]],
+    ) -> CommandResult:
+        out: Dict[str, List[str]] = {"stdout": [], "stderr": []}
+        code = 255
+        start = time.monotonic()
+        try:
+            for ev in self.run_stream(command, timeout, shell, env, cwd):
+                if ev.type in out:
+                    out[ev.type].append(ev.data)
+                    cb = on_stdout if ev.type == "stdout" else on_stderr
+                    if cb is not None:
+                        cb(ev.data)
+                elif ev.type == "exit":
+                    code = ev.exit_code if ev.exit_code is not None else 255
+        except OperationTimeoutError as e:
+            e.stdout = "".join(out["stdout"])  # type: ignore[attr-defined]
+            e.stderr = "".join(out["stderr"])  # type: ignore[attr-defined]
+            raise
+        return CommandResult(
+            exit_code=code,
+            stdout="".join(out["stdout"]),
+            stderr="".join(out["stderr"]),
+            duration_ms=int((time.monotonic() - start) * 1000),
+        )
+
+    # -- files ---------------------------------------------------------
+
+    @property
+    def files(self) -> "Files":
+        """Filesystem requests in the guest: ``list``, ``stat``, ``mkdir``,
+        ``remove``, ``rename``, ``exists``."""
+        from ._files import Files
+
+        return Files(self)
+
+    def upload_file(self, local_path: Union[str, "os.PathLike[str]"], guest_path: str, make_dirs: bool = True) -> int:
+        """Copies a local file to ``guest_path`` (absolute), atomically (a
+        finished temporary file is renamed into place), keeping its mode and
+        mtime. ``make_dirs`` creates missing guest directories. Returns the
+        bytes copied. Streams: the size is not bounded by memory."""
+        return int(self._blocking().upload_file(os.fspath(local_path), _guest(guest_path, "upload_file", self), make_dirs))
+
+    def download_file(
+        self,
+        guest_path: str,
+        local_path: Union[str, "os.PathLike[str]"],
+        make_dirs: bool = True,
+        max_bytes: Optional[int] = None,
+    ) -> int:
+        """Copies a guest file to ``local_path``, atomically, keeping its mode
+        (without setuid/setgid) and mtime. ``max_bytes`` refuses a larger
+        file (:class:`ValidationError`) and writes nothing. Returns the bytes
+        copied."""
+        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
+            raise _validation(f"max_bytes must be a non-negative int, not {max_bytes!r}", "download_file", self.vm_id)
+        return int(
+            self._blocking().download_file(_guest(guest_path, "download_file", self), os.fspath(local_path), make_dirs, max_bytes)
+        )
+
+    def upload_dir(self, local_dir: Union[str, "os.PathLike[str]"], guest_dir: str) -> Dict[str, int]:
+        """Copies a local directory tree into ``guest_dir`` (created):
+        files, empty directories and symlinks (as symlinks), with modes and
+        mtimes. Returns counts (``files``, ``dirs``, ``symlinks``, ``bytes``,
+        ``skipped``)."""
+        return dict(self._blocking().upload_dir(os.fspath(local_dir), _guest(guest_dir, "upload_dir", self)))
+
+    def download_dir(self, guest_dir: str, local_dir: Union[str, "os.PathLike[str]"]) -> Dict[str, int]:
+        """Copies a guest directory tree into ``local_dir``. Nothing is
+        written outside ``local_dir``: guest symlinks are recreated as
+        symlinks, never followed. Returns counts as :meth:`upload_dir`."""
+        return dict(self._blocking().download_dir(_guest(guest_dir, "download_dir", self), os.fspath(local_dir)))
+
+    def sync(self) -> None:
+        """Flushes the guest's filesystems to its disk."""
+        self._blocking().fs("sync", "/")
+
+    def wait_for_port(self, port: int, timeout: float = 30.0) -> None:
+        """Waits until something in the guest accepts TCP connections on
+        ``127.0.0.1:port``; :class:`OperationTimeoutError` after ``timeout``."""
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise _validation(f"port must be 1-65535, not {port!r}", "wait_for_port", self.vm_id)
+        t = _seconds("wait_for_port", "timeout", timeout, vm_id=self.vm_id, positive=True)
+        self._blocking().wait_for_port(port, t)
+
+    # -- environment -----------------------------------------------------
+
+    def set_env_vars(self, env_vars: Mapping[str, str], merge: bool = True) -> Dict[str, str]:
+        """Sets variables every later command sees (kept across stop/start,
+        seen from every process): merged into the current ones, or replacing
+        them all (``merge=False``). Keys match ``^[A-Za-z_][A-Za-z0-9_]*$``.
+        Returns the environment now."""
+        return dict(self._blocking().env("set", _env("env_vars", env_vars), merge))
+
+    def unset_env_vars(self, keys: Sequence[str]) -> Dict[str, str]:
+        """Removes variables (absent ones are fine); returns the environment now."""
+        if isinstance(keys, str) or not all(isinstance(k, str) for k in keys):
+            raise _validation("keys must be a list of strings", "unset_env_vars", self.vm_id)
+        return dict(self._blocking().env("unset", {k: "" for k in keys}))
+
+    def list_env_vars(self) -> Dict[str, str]:
+        """The VM's persistent environment."""
+        return dict(self._blocking().env("list", {}))
 
     # -- asyncio -----------------------------------------------------
 

@@ -203,7 +203,20 @@ class HostError(SmolVMError):
     kind = "host_unsupported"
 
 
+class GuestFileError(SmolVMError):
+    """A file operation in the guest failed. ``.kind`` says why:
+    ``"path_not_found"``, ``"path_exists"`` (or a directory not empty),
+    ``"permission_denied"`` or ``"no_space"``. The message quotes the guest
+    path (guest text: escaped)."""
+
+    kind = "path_not_found"
+
+
 _BY_KIND: dict[str, type[SmolVMError]] = {
+    "path_not_found": GuestFileError,
+    "path_exists": GuestFileError,
+    "permission_denied": GuestFileError,
+    "no_space": GuestFileError,
     "not_found": VMNotFoundError,
     "already_exists": VMAlreadyExistsError,
     "invalid_input": ValidationError,

@@ -196,3 +196,65 @@ class SnapshotInfo:
     snapshot_type: SnapshotType = SnapshotType.FULL
     created_at: Optional[_dt.datetime] = None
     path: Optional[Path] = None
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One event of :meth:`SmolVM.run_stream`.
+
+    Attributes:
+        type: ``"started"``, ``"stdout"``, ``"stderr"`` or ``"exit"``.
+        data: The output chunk (``stdout``/``stderr``; UTF-8, undecodable
+            bytes replaced; a character split across chunks is kept whole),
+            else ``""``.
+        timestamp: When it reached the host (``time.time()``).
+        exit_code: With ``"exit"``: the exit status (128 + N when killed by
+            signal N).
+        pid: With ``"started"``: the guest pid.
+    """
+
+    type: str
+    data: str = ""
+    timestamp: float = 0.0
+    exit_code: Optional[int] = None
+    pid: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A guest path's metadata (:meth:`SmolVM.files` ``.stat``/``.list``).
+
+    Attributes:
+        name: The entry's name (``list``) or the path (``stat``).
+        kind: ``"file"``, ``"dir"``, ``"symlink"`` or ``"other"``.
+        size: Bytes.
+        mode: Permission bits (``0o644``...).
+        mtime: Modification time, seconds since the epoch.
+        link_target: Where a symlink points (not followed).
+    """
+
+    name: str
+    kind: str
+    size: int
+    mode: int
+    mtime: float
+    link_target: Optional[str] = None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "dir"
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind == "file"
+
+    @classmethod
+    def _from_native(cls, name: str, d: dict) -> "FileInfo":
+        return cls(
+            name=name,
+            kind=str(d["kind"]).lower(),
+            size=int(d["size"]),
+            mode=int(d["mode"]),
+            mtime=int(d["mtime_ns"]) / 1e9,
+            link_target=d.get("link_target"),
+        )

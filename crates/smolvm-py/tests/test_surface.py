@@ -1,0 +1,197 @@
+"""The agent surface from Python: streaming output, files and directories,
+filesystem requests, the persistent environment, guest ports."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from smolvm import FileInfo, GuestFileError, SmolVM, StreamEvent, ValidationError
+from smolvm.exceptions import OperationTimeoutError
+
+
+def test_on_stdout_gets_lines_as_they_come(running_vm):
+    seen = []
+    t = time.monotonic()
+    r = running_vm.run(
+        "for i in 1 2 3; do echo $i; sleep 1; done; echo done >&2",
+        shell="raw",
+        on_stdout=lambda s: seen.append((time.monotonic() - t, s)),
+        on_stderr=lambda s: seen.append((time.monotonic() - t, "ERR:" + s)),
+    )
+    total = time.monotonic() - t
+    assert r.exit_code == 0
+    assert r.stdout == "1\n2\n3\n"
+    assert r.stderr == "done\n"
+    assert "".join(s for _, s in seen if not s.startswith("ERR:")) == "1\n2\n3\n"
+    first = seen[0][0]
+    assert first + 1.5 < total, f"first chunk at {first:.2f}s of {total:.2f}s: not streamed"
+
+
+def test_run_stream_yields_started_output_and_exit(running_vm):
+    events = list(running_vm.run_stream("echo a; echo b >&2; exit 3", shell="raw"))
+    assert all(isinstance(e, StreamEvent) for e in events)
+    assert events[0].type == "started" and events[0].pid > 1
+    assert events[-1].type == "exit" and events[-1].exit_code == 3
+    assert "".join(e.data for e in events if e.type == "stdout") == "a\n"
+    assert "".join(e.data for e in events if e.type == "stderr") == "b\n"
+    stamps = [e.timestamp for e in events]
+    assert stamps == sorted(stamps)
+
+
+def test_run_stream_keeps_a_split_character_whole(running_vm):
+    # 'é' is two bytes; printed byte by byte with a pause between them.
+    out = "".join(
+        e.data
+        for e in running_vm.run_stream(r"printf '\303'; sleep 0.3; printf '\251\n'", shell="raw")
+        if e.type == "stdout"
+    )
+    assert out == "é\n"
+
+
+def test_run_stream_timeout_and_early_close(running_vm):
+    with pytest.raises(OperationTimeoutError):
+        for _ in running_vm.run_stream("sleep 30", timeout=1, shell="raw"):
+            pass
+    # Closing the generator early kills the command.
+    gen = running_vm.run_stream("echo go; exec sleep 77", shell="raw")
+    for ev in gen:
+        if ev.type == "stdout":
+            break
+    gen.close()
+    deadline = time.monotonic() + 20
+    while running_vm.run("pgrep -x -f 'sleep 77' || true", shell="raw").output:
+        assert time.monotonic() < deadline, "the abandoned command still runs"
+        time.sleep(0.2)
+
+
+def test_file_round_trip_keeps_bytes_mode_and_mtime(running_vm, tmp_path):
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    src.chmod(0o640)
+    os.utime(src, (1_600_000_000, 1_600_000_000))
+    assert running_vm.upload_file(src, "/root/py/deep/src.bin") == len(data)
+    digest = hashlib.sha256(data).hexdigest()
+    assert running_vm.run("sha256sum /root/py/deep/src.bin | cut -d' ' -f1").output == digest
+    info = running_vm.files.stat("/root/py/deep/src.bin")
+    assert isinstance(info, FileInfo)
+    assert (info.kind, info.size, info.mode, int(info.mtime)) == ("file", len(data), 0o640, 1_600_000_000)
+    dst = tmp_path / "out" / "dst.bin"
+    assert running_vm.download_file("/root/py/deep/src.bin", dst) == len(data)
+    assert hashlib.sha256(dst.read_bytes()).hexdigest() == digest
+    assert stat.S_IMODE(dst.stat().st_mode) == 0o640
+    assert int(dst.stat().st_mtime) == 1_600_000_000
+    # max_bytes refuses and writes nothing.
+    with pytest.raises(ValidationError):
+        running_vm.download_file("/root/py/deep/src.bin", tmp_path / "small.bin", max_bytes=10)
+    assert not (tmp_path / "small.bin").exists()
+    with pytest.raises(ValidationError, match="absolute"):
+        running_vm.upload_file(src, "relative/x")
+    with pytest.raises(GuestFileError) as e:
+        running_vm.download_file("/root/py/nope", tmp_path / "n")
+    assert e.value.kind == "path_not_found"
+
+
+def test_directory_round_trip_with_symlinks(running_vm, tmp_path):
+    src = tmp_path / "tree"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "empty").mkdir()
+    (src / "a" / "f.txt").write_text("hi\n")
+    (src / "run.sh").write_text("#!/bin/sh\necho ran\n")
+    (src / "run.sh").chmod(0o755)
+    os.symlink("a/f.txt", src / "link")
+    up = running_vm.upload_dir(src, "/root/pytree")
+    assert (up["files"], up["symlinks"]) == (2, 1)
+    assert running_vm.run("/root/pytree/run.sh").output == "ran"
+    back = tmp_path / "back"
+    down = running_vm.download_dir("/root/pytree", back)
+    assert (down["files"], down["symlinks"]) == (2, 1)
+    assert (back / "a" / "f.txt").read_text() == "hi\n"
+    assert os.readlink(back / "link") == "a/f.txt"
+    assert (back / "empty").is_dir()
+    assert stat.S_IMODE((back / "run.sh").stat().st_mode) == 0o755
+
+
+def test_guest_symlinks_are_never_followed_on_download(running_vm, tmp_path):
+    running_vm.run(
+        "rm -rf /root/evil && mkdir -p /root/evil/sub && ln -s /tmp /root/evil/tmp && "
+        "ln -s ../../../../../../etc /root/evil/sub/up && echo ok > /root/evil/sub/real",
+        shell="raw",
+    )
+    dest = tmp_path / "dest"
+    r = running_vm.download_dir("/root/evil", dest)
+    assert (r["files"], r["symlinks"]) == (1, 2)
+    assert os.path.islink(dest / "tmp") and os.path.islink(dest / "sub" / "up")
+    assert sorted(os.listdir(tmp_path)) == ["dest"], "nothing lands beside the destination"
+
+
+def test_files_requests(running_vm):
+    f = running_vm.files
+    f.mkdir("/root/pyfs/x/y")
+    assert f.exists("/root/pyfs/x/y")
+    assert not f.exists("/root/pyfs/nope")
+    running_vm.run("echo hi > /root/pyfs/x/g", shell="raw")
+    assert [(e.name, e.kind) for e in f.list("/root/pyfs/x")] == [("g", "file"), ("y", "dir")]
+    f.rename("/root/pyfs/x/g", "/root/pyfs/x/h")
+    assert running_vm.run("cat /root/pyfs/x/h", shell="raw").output == "hi"
+    with pytest.raises(GuestFileError) as e:
+        f.remove("/root/pyfs/x")
+    assert e.value.kind == "path_exists"
+    with pytest.raises(GuestFileError) as e:
+        f.mkdir("/root/pyfs/x/y", parents=False)
+    assert e.value.kind == "path_exists"
+    f.remove("/root/pyfs", recursive=True)
+    assert not f.exists("/root/pyfs")
+    with pytest.raises(GuestFileError) as e:
+        f.stat("/root/pyfs")
+    assert e.value.kind == "path_not_found"
+    with pytest.raises(ValidationError):
+        f.stat("rel")
+    running_vm.sync()
+
+
+def test_wait_for_port(running_vm):
+    with pytest.raises(OperationTimeoutError):
+        running_vm.wait_for_port(8765, timeout=0.5)
+    running_vm.run(
+        "cd /tmp && (sleep 1; exec python3 -m http.server 8765 --bind 127.0.0.1) >/dev/null 2>&1 </dev/null &",
+        shell="raw",
+    )
+    running_vm.wait_for_port(8765, timeout=60)
+    running_vm.run("pkill -f 'http.server 8765' || true", shell="raw")
+    with pytest.raises(ValidationError):
+        running_vm.wait_for_port(0)
+
+
+def test_persistent_env_across_processes_and_restart(make_vm):
+    vm = make_vm(env={"BASE": "b"})
+    vm.start()
+    assert vm.set_env_vars({"A": "1", "B": "two words"}) == {"BASE": "b", "A": "1", "B": "two words"}
+    assert vm.run('echo "$BASE|$A|$B"').output == "b|1|two words"
+    # Another process sees and changes the same environment.
+    code = (
+        "from smolvm import SmolVM; vm = SmolVM.from_id(%r); "
+        "vm.set_env_vars({'C': '3'}); vm.unset_env_vars(['B']); "
+        "print(vm.run('echo \"$A|${B-unset}|$C\"').output)" % vm.vm_id
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1|unset|3"
+    assert vm.list_env_vars() == {"BASE": "b", "A": "1", "C": "3"}
+    assert vm.run("echo $A", env={"A": "mine"}).output == "mine"
+    vm.stop()
+    vm.start()
+    assert vm.run('echo "$A|$C"').output == "1|3"
+    assert vm.set_env_vars({"ONLY": "x"}, merge=False) == {"ONLY": "x"}
+    with pytest.raises(ValidationError):
+        vm.set_env_vars({"1BAD": "x"})
+    with pytest.raises(ValidationError):
+        vm.set_env_vars({"A-B": "x"})
+    assert vm.list_env_vars() == {"ONLY": "x"}
