@@ -326,4 +326,132 @@ mod tests {
         let e = handle_guest_frame(Frame::new(g, chunk), &s, &tx).await;
         assert!(e.unwrap_err().contains("0 bytes of credit"));
     }
+
+    /// A hostile agent on the other end of the channel, speaking the wire
+    /// protocol: garbage is skipped, floods on many streams are held to
+    /// their credit without stalling anyone, and an oversized frame or data
+    /// past credit ends the VM (a `Kill` to the VMM loop) with the reason.
+    mod hostile_peer {
+        use super::*;
+        use crate::supervisor::outbox::{outbox, OutboxRx};
+        use smolvm_proto::supervisor::SupervisorMsg;
+        use smolvm_proto::{encode_frame, Bytes, Decoder, STREAM_WINDOW};
+        use tokio::io::AsyncWriteExt;
+
+        struct Rig {
+            shared: SharedRef,
+            peer: tokio::net::UnixStream,
+            vm_rx: mpsc::Receiver<VmCmd>,
+            client_rx: OutboxRx,
+            _ready: watch::Receiver<()>,
+        }
+
+        async fn rig() -> Rig {
+            let shared = shared();
+            let (ours, peer) = tokio::net::UnixStream::pair().unwrap();
+            let (r, _w) = ours.into_split();
+            std::mem::forget(_w); // keep the socket's write side open
+            let (ready_tx, ready_rx) = watch::channel(());
+            let (vm_tx, vm_rx) = mpsc::channel(4);
+            let (tx, client_rx) = outbox();
+            lock(&shared).clients.insert(7, tx);
+            tokio::spawn(agent_reader(r, shared.clone(), ready_tx, vm_tx));
+            Rig {
+                shared,
+                peer,
+                vm_rx,
+                client_rx,
+                _ready: ready_rx,
+            }
+        }
+
+        async fn send(peer: &mut tokio::net::UnixStream, stream: u32, msg: GuestMsg) {
+            let b = encode_frame(&Frame::new(stream, msg)).unwrap();
+            peer.write_all(&b).await.unwrap();
+        }
+
+        /// The frames the client got, decoded.
+        async fn client_frames(rx: &mut OutboxRx, n: usize) -> Vec<Frame<SupervisorMsg>> {
+            let mut dec = Decoder::new();
+            let mut out = Vec::new();
+            while out.len() < n {
+                let b = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                    .await
+                    .expect("the client got its frames")
+                    .unwrap();
+                rx.done(b.len());
+                dec.push(&b);
+                while let Some(f) = dec.next_frame::<SupervisorMsg>().unwrap() {
+                    out.push(f);
+                }
+            }
+            out
+        }
+
+        #[tokio::test]
+        async fn garbage_and_floods_within_credit_leave_the_vm_healthy() {
+            let mut r = rig().await;
+            send(&mut r.peer, 0, hello(smolvm_proto::PROTOCOL_VERSION).msg).await;
+            // Garbage with intact framing: skipped.
+            for junk in [vec![0xff; 40], vec![13, 0xee, 0xee], vec![]] {
+                let mut b = u32::try_from(junk.len()).unwrap().to_le_bytes().to_vec();
+                b.extend(junk);
+                r.peer.write_all(&b).await.unwrap();
+            }
+            // 64 streams each flooding their whole window, the client never
+            // granting: all of it is taken without waiting on the client.
+            let globals: Vec<u32> = (1..=64)
+                .map(|s| lock(&r.shared).routes.open(7, s).unwrap())
+                .collect();
+            let chunk = GuestMsg::Stdout(Bytes(vec![b'x'; 64 * 1024]));
+            for g in &globals {
+                for _ in 0..(STREAM_WINDOW / (64 * 1024)) {
+                    send(&mut r.peer, *g, chunk.clone()).await;
+                }
+            }
+            // A pong on another stream still comes through.
+            let pg = lock(&r.shared).routes.open(7, 999).unwrap();
+            send(&mut r.peer, pg, GuestMsg::Pong { nonce: 5 }).await;
+            let n = globals.len() * (STREAM_WINDOW as usize / (64 * 1024)) + 1;
+            let frames = client_frames(&mut r.client_rx, n).await;
+            assert!(frames
+                .iter()
+                .any(|f| f.stream == 999
+                    && f.msg == SupervisorMsg::Agent(GuestMsg::Pong { nonce: 5 })));
+            assert!(r.vm_rx.try_recv().is_err(), "the VM lives on");
+            assert!(lock(&r.shared).violation.is_none());
+        }
+
+        #[tokio::test]
+        async fn data_past_credit_ends_the_vm_with_the_reason() {
+            let mut r = rig().await;
+            let g = lock(&r.shared).routes.open(7, 1).unwrap();
+            let chunk = GuestMsg::Stdout(Bytes(vec![0; 64 * 1024]));
+            for _ in 0..=(STREAM_WINDOW / (64 * 1024)) {
+                send(&mut r.peer, g, chunk.clone()).await;
+            }
+            let cmd = tokio::time::timeout(Duration::from_secs(10), r.vm_rx.recv())
+                .await
+                .expect("the VM is ended")
+                .unwrap();
+            assert!(matches!(cmd, VmCmd::Kill(_)));
+            let why = lock(&r.shared).violation.clone().unwrap();
+            assert!(why.contains("credit"), "{why}");
+        }
+
+        #[tokio::test]
+        async fn an_oversized_frame_ends_the_vm() {
+            let mut r = rig().await;
+            r.peer
+                .write_all(&(u32::try_from(AGENT_FRAME_LIMIT).unwrap() + 1).to_le_bytes())
+                .await
+                .unwrap();
+            let cmd = tokio::time::timeout(Duration::from_secs(10), r.vm_rx.recv())
+                .await
+                .expect("the VM is ended")
+                .unwrap();
+            assert!(matches!(cmd, VmCmd::Kill(_)));
+            assert!(lock(&r.shared).violation.clone().unwrap().contains("frame"));
+        }
+    }
 }
