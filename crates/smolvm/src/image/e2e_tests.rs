@@ -51,12 +51,29 @@ fn builds_and_probes_debian_12() {
     assert!(pos("failover") < pos("net_failover") && pos("net_failover") < pos("virtio_net"));
     assert!(pos("vsock") < pos("vmw_vsock_virtio_transport"));
     assert!(pos("fuse") < pos("virtiofs"));
-    assert!(img
-        .manifest
-        .rootfs
-        .installed
-        .iter()
-        .any(|p| p.starts_with("python3 ")));
+    // The workbench tools agents reach for first (entries are `name version`).
+    for pkg in [
+        "python3",
+        "python3-pip",
+        "python3-venv",
+        "python3.11-venv",
+        "git",
+        "jq",
+        "unzip",
+        "xz-utils",
+        "file",
+        "less",
+        "nano",
+    ] {
+        assert!(
+            img.manifest
+                .rootfs
+                .installed
+                .iter()
+                .any(|p| p.split(' ').next() == Some(pkg)),
+            "{pkg} is not installed"
+        );
+    }
 
     // Cached: ensure() returns the same image without any event.
     let again = ensure(recipe::DEFAULT_IMAGE, &mut |e| {

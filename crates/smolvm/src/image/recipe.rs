@@ -53,17 +53,27 @@ const RECIPES: &[Recipe] = &[Recipe {
         "virtiofs",
         "overlay",
     ],
+    // A workbench: the basics plus what agents reach for first (pip and
+    // venv, git, jq, archives, an editor). mmdebstrap installs no Recommends.
     packages: &[
         "ca-certificates",
         "curl",
+        "file",
+        "git",
         "iproute2",
         "iputils-ping",
+        "jq",
         "less",
+        "nano",
         "netbase",
         "openssh-server",
         "procps",
         "python3",
+        "python3-pip",
+        "python3-venv",
         "sudo",
+        "unzip",
+        "xz-utils",
     ],
     dpkg_excludes: &[
         "/usr/share/doc/*",
