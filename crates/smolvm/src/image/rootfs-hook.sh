@@ -29,6 +29,10 @@ rm -f "$root"/etc/ssh/ssh_host_*
 mkdir -p "$root/run" "$root/tmp" "$root/dev" "$root/proc" "$root/sys" "$root/root"
 chmod 1777 "$root/tmp"
 chmod 0700 "$root/root"
+# A sandbox is disposable: `pip install` into the system Python is what
+# agents try first, so the distribution's "externally managed" guard is off
+# (venvs work too).
+printf '[global]\nbreak-system-packages = true\n' >"$root/etc/pip.conf"
 
 # What mmdebstrap's cleanup would do, so the image does not carry it.
 # (Package lists go, apt's lock file and partial/ directory stay.)
