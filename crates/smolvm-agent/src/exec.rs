@@ -10,16 +10,16 @@
 
 use crate::reaper::{self, STATUS_LEN};
 use crate::streams::{Credit, InMsg, InputRx, Streams};
-use crate::sys::{boottime_ms, kill, os_message, poll_timeout, readable_now};
+use crate::sys::{boottime_ms, cvt, kill, os_message, poll_timeout, readable_now};
 use crate::writer::Outbox;
 use smolvm_proto::{
-    Bytes, Command, ErrorInfo, ErrorKind, ExecRequest, ExitStatus, GuestMsg, MAX_CHUNK_LEN,
+    Bytes, Command, ErrorInfo, ErrorKind, ExecRequest, ExitStatus, GuestMsg, PtySize, MAX_CHUNK_LEN,
 };
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::process::{ChildStdin, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,7 +51,7 @@ pub fn start(
     req: &ExecRequest,
     out: &Outbox,
 ) -> Result<(), ErrorInfo> {
-    let (credit, input) = streams.open(stream, true, req.stdin, out)?;
+    let (credit, input) = streams.open(stream, true, req.stdin || req.pty.is_some(), out)?;
     let r = match credit {
         Some(credit) => launch(streams, stream, req, out, credit, input),
         None => Err(ErrorInfo::new(ErrorKind::Other, "no credit for the stream")),
@@ -70,7 +70,7 @@ fn launch(
     credit: Arc<Credit>,
     input: Option<InputRx>,
 ) -> Result<(), ErrorInfo> {
-    let (mut cmd, program) = build_command(req)?;
+    let (mut cmd, program, master) = build_command(req)?;
     let started = Instant::now();
     let started_ms = boottime_ms();
     let (mut child, status) =
@@ -79,6 +79,8 @@ fn launch(
     let pid = child.id().cast_signed();
     let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
     drop(child); // never wait on it: the reaper owns that
+                 // (`cmd` still holds the slave's dups: dropped with it below.)
+    drop(cmd);
     streams.set_pgid(stream, pid);
     out.send(
         stream,
@@ -86,8 +88,26 @@ fn launch(
             pid: pid.cast_unsigned(),
         },
     );
-    if let (Some(pipe), Some(input)) = (stdin, input) {
-        if let Err(e) = start_stdin(stream, pipe, input) {
+    let (input_fd, pipes): (Option<File>, [Option<File>; 2]) = match master {
+        None => (
+            stdin.map(|p| File::from(OwnedFd::from(p))),
+            [
+                stdout.map(|p| File::from(OwnedFd::from(p))),
+                stderr.map(|p| File::from(OwnedFd::from(p))),
+            ],
+        ),
+        Some(m) => {
+            // Input and output both go through the master.
+            let dup = |m: &OwnedFd| m.try_clone().ok().map(File::from);
+            if let Ok(r) = m.try_clone() {
+                streams.set_pty(stream, r);
+            }
+            (dup(&m), [Some(File::from(m)), None])
+        }
+    };
+    let is_pty = req.pty.is_some();
+    if let (Some(pipe), Some(input)) = (input_fd, input) {
+        if let Err(e) = start_stdin(stream, pipe, input, is_pty) {
             error!("stream {stream}: no stdin thread ({e}); stdin is closed");
             streams.drop_input(stream);
         }
@@ -97,10 +117,7 @@ fn launch(
         pid,
         out: out.clone(),
         credit,
-        pipes: [
-            stdout.map(|p| File::from(OwnedFd::from(p))),
-            stderr.map(|p| File::from(OwnedFd::from(p))),
-        ],
+        pipes,
         status: Some(File::from(status)),
         started,
         started_ms,
@@ -145,7 +162,51 @@ fn invalid(msg: impl Into<String>) -> ErrorInfo {
 }
 
 /// Builds the command; returns it with the program name for error messages.
-fn build_command(req: &ExecRequest) -> Result<(std::process::Command, String), ErrorInfo> {
+/// A new pseudo-terminal of `size`: (master, slave), both close-on-exec
+/// (the child gets dups of the slave as its stdio).
+fn open_pty(size: PtySize) -> io::Result<(OwnedFd, OwnedFd)> {
+    let (mut master, mut slave): (libc::c_int, libc::c_int) = (-1, -1);
+    let ws = winsize(size);
+    // SAFETY: valid out-pointers for the two fds; no name buffer; a valid
+    // winsize; default termios.
+    cvt(unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &ws,
+        )
+    })?;
+    // SAFETY: openpty succeeded: both fds are open and ours alone.
+    let (m, sl) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    for fd in [&m, &sl] {
+        // SAFETY: F_SETFD on an fd we own.
+        cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) })?;
+    }
+    Ok((m, sl))
+}
+
+fn winsize(size: PtySize) -> libc::winsize {
+    libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
+/// Sets a terminal's size (the kernel sends SIGWINCH to its foreground
+/// process group).
+pub fn resize(master: &OwnedFd, size: PtySize) {
+    let ws = winsize(size);
+    // SAFETY: TIOCSWINSZ reads one valid winsize.
+    let _ = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+}
+
+type Built = (std::process::Command, String, Option<OwnedFd>);
+
+fn build_command(req: &ExecRequest) -> Result<Built, ErrorInfo> {
     let (program, args): (&str, Vec<&str>) = match &req.command {
         Command::Argv(v) => match v.split_first() {
             Some((p, rest)) => (p, rest.iter().map(String::as_str).collect()),
@@ -188,20 +249,52 @@ fn build_command(req: &ExecRequest) -> Result<(std::process::Command, String), E
     cmd.args(args)
         .env_clear()
         .envs(BASE_ENV.iter().copied())
-        .envs(req.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(workdir)
-        .stdin(if req.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: `child_setup` runs between fork and exec and only makes
-    // async-signal-safe calls (setsid, sigemptyset, sigprocmask, signal); it
-    // allocates nothing and touches no lock.
-    unsafe { cmd.pre_exec(child_setup) };
-    Ok((cmd, program.to_string()))
+        .current_dir(workdir);
+    let master = match req.pty {
+        None => {
+            cmd.envs(req.env.iter().map(|(k, v)| (k, v)))
+                .stdin(if req.stdin {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            // SAFETY: `child_setup` runs between fork and exec and only
+            // makes async-signal-safe calls (setsid, sigemptyset,
+            // sigprocmask, signal); it allocates nothing and touches no lock.
+            unsafe { cmd.pre_exec(child_setup) };
+            None
+        }
+        Some(size) => {
+            let pty_err = |e: io::Error| {
+                ErrorInfo::new(
+                    ErrorKind::Other,
+                    format!("cannot open a terminal: {}", os_message(&e)),
+                )
+            };
+            let (master, slave) = open_pty(size).map_err(pty_err)?;
+            let dup = || slave.try_clone().map(Stdio::from).map_err(pty_err);
+            cmd.env("TERM", "xterm-256color")
+                .envs(req.env.iter().map(|(k, v)| (k, v)))
+                .stdin(dup()?)
+                .stdout(dup()?)
+                .stderr(dup()?);
+            // SAFETY: as above, plus ioctl(TIOCSCTTY) on fd 0 (the slave):
+            // async-signal-safe, no allocation.
+            unsafe { cmd.pre_exec(child_setup_pty) };
+            Some(master)
+        }
+    };
+    Ok((cmd, program.to_string(), master))
+}
+
+/// `child_setup`, then the terminal on stdin becomes the session's
+/// controlling terminal (so Ctrl-C there signals its foreground group).
+fn child_setup_pty() -> io::Result<()> {
+    child_setup()?;
+    // SAFETY: TIOCSCTTY takes an int argument; fd 0 is the pty slave.
+    cvt(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) }).map(drop)
 }
 
 /// In the child before exec: own session and process group (so signals and
@@ -230,7 +323,9 @@ fn spawn_error(program: &str, e: &io::Error) -> ErrorInfo {
     ErrorInfo::new(kind, format!("{program}: {}", os_message(e)))
 }
 
-fn start_stdin(stream: u32, mut pipe: ChildStdin, mut input: InputRx) -> io::Result<()> {
+/// Feeds the process's input. On a terminal, the end of input is ^D (the
+/// terminal stays open: closing it would hang up the session).
+fn start_stdin(stream: u32, mut pipe: File, mut input: InputRx, pty: bool) -> io::Result<()> {
     std::thread::Builder::new()
         .name(format!("stdin-{stream}"))
         .stack_size(64 * 1024)
@@ -246,6 +341,10 @@ fn start_stdin(stream: u32, mut pipe: ChildStdin, mut input: InputRx) -> io::Res
                         input.consumed(b.len());
                     }
                     InMsg::Data(b) => input.consumed(b.len()),
+                    InMsg::Eof if pty && open => {
+                        let _ = pipe.write_all(&[4]);
+                        break;
+                    }
                     InMsg::Eof | InMsg::Cancel | InMsg::Violation => break,
                 }
             }
@@ -406,6 +505,11 @@ impl Io {
                 n
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            // A terminal's master reads EIO once no process holds its slave.
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => {
+                self.pipes[i] = None;
+                0
+            }
             Err(e) => {
                 error!("stream {}: read output: {e}", self.stream);
                 self.pipes[i] = None;

@@ -188,6 +188,7 @@ impl Server {
             HostMsg::Eof => self.streams.eof(stream),
             HostMsg::Credit { bytes } => self.streams.credit(stream, bytes),
             HostMsg::Cancel => self.streams.cancel(stream),
+            HostMsg::Resize(size) => self.streams.resize(stream, size),
             HostMsg::Signal { signal } => crate::exec::signal(&self.streams, stream, signal),
             HostMsg::Shutdown => self.shutdown(stream),
         }

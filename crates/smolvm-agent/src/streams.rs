@@ -199,6 +199,8 @@ struct Entry {
     input: Option<Input>,
     /// Process group of an exec (= pid of its session leader); 0 otherwise.
     pgid: libc::pid_t,
+    /// The terminal master of a `pty` exec (for resizes).
+    pty: Option<OwnedFd>,
 }
 
 /// The open streams, by stream id.
@@ -266,6 +268,7 @@ impl Streams {
                 credit: credit.clone(),
                 input,
                 pgid: 0,
+                pty: None,
             },
         );
         Ok((credit, rx))
@@ -278,6 +281,19 @@ impl Streams {
     pub fn set_pgid(&self, stream: u32, pgid: libc::pid_t) {
         if let Some(e) = self.lock().get_mut(&stream) {
             e.pgid = pgid;
+        }
+    }
+
+    pub fn set_pty(&self, stream: u32, master: OwnedFd) {
+        if let Some(e) = self.lock().get_mut(&stream) {
+            e.pty = Some(master);
+        }
+    }
+
+    /// Resizes the stream's terminal; ignored for streams without one.
+    pub fn resize(&self, stream: u32, size: smolvm_proto::PtySize) {
+        if let Some(m) = self.lock().get(&stream).and_then(|e| e.pty.as_ref()) {
+            crate::exec::resize(m, size);
         }
     }
 

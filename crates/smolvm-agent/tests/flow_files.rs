@@ -470,3 +470,51 @@ fn filesystem_ops() {
     std::fs::remove_dir_all(dir).unwrap();
     std::fs::remove_dir_all(outside).unwrap();
 }
+
+#[test]
+fn a_pty_exec_has_a_terminal_that_resizes() {
+    let mut a = stdio_agent();
+    let mut req = shell("tty; stty size; read x; stty size; echo \"got $x\"; exit 7");
+    req.pty = Some(smolvm_proto::PtySize { rows: 24, cols: 80 });
+    a.send(1, HostMsg::Exec(req));
+    let text = |m: &[GuestMsg]| {
+        String::from_utf8_lossy(
+            &m.iter()
+                .filter_map(|m| match m {
+                    GuestMsg::Stdout(b) => Some(b.0.clone()),
+                    _ => None,
+                })
+                .flatten()
+                .collect::<Vec<u8>>(),
+        )
+        .into_owned()
+    };
+    let m = a.wait_until(1, WAIT, |m| text(m).contains("24 80"));
+    assert!(text(&m).starts_with("/dev/pts/"), "{:?}", text(&m));
+    a.send(
+        1,
+        HostMsg::Resize(smolvm_proto::PtySize {
+            rows: 50,
+            cols: 132,
+        }),
+    );
+    a.send_input(1, b"hello\r");
+    let m = a.wait_until(1, WAIT, terminal);
+    let t = text(&m);
+    assert!(t.contains("50 132"), "{t:?}");
+    assert!(t.contains("got hello"), "{t:?}");
+    // Everything came as stdout; the terminal echoed the input.
+    assert!(!m.iter().any(|m| matches!(m, GuestMsg::Stderr(_))));
+    assert!(t.contains("hello\r\n"), "{t:?}");
+    assert!(matches!(m.last(), Some(GuestMsg::Exited(e)) if e.code == Some(7)));
+
+    // Ctrl-C on the terminal interrupts the foreground process, not us.
+    let mut req = shell("trap 'echo INT; exit 3' INT; echo ready; while :; do sleep 0.1; done");
+    req.pty = Some(smolvm_proto::PtySize { rows: 24, cols: 80 });
+    a.send(2, HostMsg::Exec(req));
+    a.wait_until(2, WAIT, |m| text(m).contains("ready"));
+    a.send_input(2, &[3]);
+    let m = a.wait_until(2, WAIT, terminal);
+    assert!(text(&m).contains("INT"), "{:?}", text(&m));
+    assert!(matches!(m.last(), Some(GuestMsg::Exited(e)) if e.code == Some(3)));
+}

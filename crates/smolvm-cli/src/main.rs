@@ -55,7 +55,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_SMOLVM_ERROR);
         }
     };
-    match rt.block_on(cmd::dispatch(cli.command)) {
+    let result = rt.block_on(cmd::dispatch(cli.command));
+    // A read of our stdin may still block in the runtime's blocking pool
+    // (`exec -i` when the command ended first): do not wait for it.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             print_error(&e);

@@ -50,6 +50,8 @@ pub enum HostMsg {
     /// A one-shot filesystem or guest request, answered by `GuestMsg::Op`
     /// (or `Entries`... then `Op(OpReply::Ok)` for `List`).
     Op(OpRequest),
+    /// Resizes the terminal of the stream's process (a `pty` exec).
+    Resize(PtySize),
 }
 
 /// Messages the agent sends to the host.
@@ -156,9 +158,20 @@ pub struct ExecRequest {
     pub workdir: Option<String>,
     /// Kill the whole process group after this long and report `timed_out`.
     pub timeout_ms: Option<u64>,
-    /// When true the host will send `Stdin`/`StdinClose`; otherwise stdin is
+    /// When true the host will send `Data`/`Eof`; otherwise stdin is
     /// `/dev/null`.
     pub stdin: bool,
+    /// Runs the process on a new pseudo-terminal of this size (its
+    /// controlling terminal; stdin, stdout and stderr all on it, so its
+    /// output comes as `Stdout` only and `stdin` is implied).
+    pub pty: Option<PtySize>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtySize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 /// How a process ended.
@@ -366,6 +379,7 @@ mod tests {
             workdir: Some("/tmp".into()),
             timeout_ms: Some(1500),
             stdin: true,
+            pty: None,
         }));
         roundtrip(HostMsg::Exec(ExecRequest {
             command: Command::Shell("echo hi | cat".into()),
@@ -373,6 +387,7 @@ mod tests {
             workdir: None,
             timeout_ms: None,
             stdin: false,
+            pty: None,
         }));
         roundtrip(HostMsg::Data(Bytes(vec![0, 255, 10, 13])));
         roundtrip(HostMsg::Eof);

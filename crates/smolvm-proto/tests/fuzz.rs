@@ -90,6 +90,7 @@ fn arb_exec() -> impl Strategy<Value = ExecRequest> {
                 workdir,
                 timeout_ms,
                 stdin,
+                pty: None,
             },
         )
 }
@@ -159,6 +160,8 @@ fn arb_host() -> impl Strategy<Value = HostMsg> {
                 })
             }),
         arb_op_request().prop_map(HostMsg::Op),
+        (any::<u16>(), any::<u16>())
+            .prop_map(|(rows, cols)| HostMsg::Resize(PtySize { rows, cols })),
     ]
 }
 
@@ -406,9 +409,10 @@ fn host_variant(m: &HostMsg) -> usize {
         HostMsg::ReadFile(_) => 9,
         HostMsg::WriteFile(_) => 10,
         HostMsg::Op(_) => 11,
+        HostMsg::Resize(_) => 12,
     }
 }
-const HOST_VARIANTS: usize = 12;
+const HOST_VARIANTS: usize = 13;
 
 fn guest_variant(m: &GuestMsg) -> usize {
     match m {

@@ -149,8 +149,9 @@ fn host_sample(m: &HostMsg) -> (HostMsg, &'static str) {
                 workdir: Some("/tmp".into()),
                 timeout_ms: Some(1500),
                 stdin: true,
+                pty: None,
             }),
-            "19000000 05020002026c73022d6c01014b017601042f746d7001dc0b01",
+            "1a000000 05020002026c73022d6c01014b017601042f746d7001dc0b0100",
         ),
         HostMsg::Data(_) => (
             HostMsg::Data(Bytes(vec![0, 1, 0xff])),
@@ -182,6 +183,13 @@ fn host_sample(m: &HostMsg) -> (HostMsg, &'static str) {
                 follow: true,
             }),
             "06000000 050b00012f01",
+        ),
+        HostMsg::Resize(_) => (
+            HostMsg::Resize(PtySize {
+                rows: 50,
+                cols: 132,
+            }),
+            "05000000 050c328401",
         ),
     }
 }
@@ -464,11 +472,11 @@ fn command_sample(c: &Command) -> (Command, &'static str) {
     match c {
         Command::Argv(_) => (
             Command::Argv(vec!["true".into()]),
-            "0d000000 05020001047472756500000000",
+            "0e000000 0502000104747275650000000000",
         ),
         Command::Shell(_) => (
             Command::Shell("echo hi".into()),
-            "0f000000 050201076563686f20686900000000",
+            "10000000 050201076563686f2068690000000000",
         ),
     }
 }
@@ -619,6 +627,7 @@ fn commands_are_pinned() {
                 workdir: None,
                 timeout_ms: None,
                 stdin: false,
+                pty: None,
             }),
         )
     });
@@ -684,6 +693,7 @@ fn pins_follow_postcard_format_by_hand() {
         workdir: None,
         timeout_ms: None,
         stdin: false,
+        pty: None,
     }));
     #[rustfmt::skip]
     let exec = [
@@ -697,6 +707,7 @@ fn pins_follow_postcard_format_by_hand() {
         1, 4, b'/', b't', b'm', b'p', // workdir: Some("/tmp")
         1, 0xdc, 0x0b,         // timeout_ms: Some(1500): 1500 = 11*128 + 92
         1,                     // stdin: true
+        0,                     // pty: None
     ];
     assert_eq!(pinned(pin), frame(&exec));
 

@@ -325,7 +325,7 @@ impl Sandbox {
             timeout,
             stdin,
             max_output,
-            open_stdin: false,
+            ..Default::default()
         };
         let sb = self.handle()?;
         run_op(py, "run", self.id_owned(), done, async move {
@@ -336,7 +336,7 @@ impl Sandbox {
 
     /// Starts `argv` and returns a `Process` to read its events from (and
     /// write its stdin when `stdin_open`).
-    #[pyo3(signature = (argv, env, cwd=None, timeout=None, stdin_open=false, done=None))]
+    #[pyo3(signature = (argv, env, cwd=None, timeout=None, stdin_open=false, pty=None, done=None))]
     #[allow(clippy::too_many_arguments)]
     fn exec_stream(
         &self,
@@ -346,6 +346,7 @@ impl Sandbox {
         cwd: Option<String>,
         timeout: Option<f64>,
         stdin_open: bool,
+        pty: Option<(u16, u16)>,
         done: Option<Py<PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         if argv.is_empty() {
@@ -363,6 +364,7 @@ impl Sandbox {
             workdir: cwd,
             timeout,
             open_stdin: stdin_open,
+            pty,
             ..Default::default()
         };
         let sb = self.handle()?;
@@ -615,6 +617,26 @@ impl Process {
         let w = self.stdin.clone();
         run_op(py, "signal", None, done, async move {
             w.signal(signal)
+                .await
+                .map_err(|source| smolvm::Error::Client {
+                    id: String::new(),
+                    source,
+                })?;
+            Ok(Out::None)
+        })
+    }
+
+    #[pyo3(signature = (rows, cols, done=None))]
+    fn resize(
+        &self,
+        py: Python<'_>,
+        rows: u16,
+        cols: u16,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let w = self.stdin.clone();
+        run_op(py, "resize", None, done, async move {
+            w.resize(rows, cols)
                 .await
                 .map_err(|source| smolvm::Error::Client {
                     id: String::new(),

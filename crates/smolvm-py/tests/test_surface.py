@@ -195,3 +195,61 @@ def test_persistent_env_across_processes_and_restart(make_vm):
     with pytest.raises(ValidationError):
         vm.set_env_vars({"A-B": "x"})
     assert vm.list_env_vars() == {"ONLY": "x"}
+
+
+def test_pty_session_size_resize_ctrl_c_and_exit(running_vm):
+    with running_vm.pty(["bash", "--norc", "-i"], rows=30, cols=100) as t:
+        t.write("tty; stty size\r")
+        out = t.read_until("30 100", timeout=30)
+        assert b"/dev/pts/" in out
+        t.resize(40, 120)
+        t.write("stty size\r")
+        t.read_until("40 120", timeout=30)
+        # Ctrl-C interrupts the guest's foreground process, not us.
+        t.write("sleep 60; echo slept-$((1+1))\r")
+        time.sleep(1)
+        t.write("\x03")
+        t.write("echo after-$((6*7))\r")
+        out = t.read_until("after-42", timeout=30)
+        assert b"slept-2" not in out, "Ctrl-C did not reach the guest's sleep"
+        t.write("exit 4\r")
+        assert t.wait(timeout=30) == 4
+        assert t.read() == b""
+
+
+def test_cli_shell_on_a_terminal(running_vm):
+    import fcntl
+    import pty as ptymod
+    import select
+    import struct
+    import termios
+
+    cli = os.environ.get("SMOLVM_CLI")
+    assert cli, "SMOLVM_CLI names the smolvm binary under test"
+    pid, fd = ptymod.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.execv(cli, [cli, "shell", running_vm.vm_id])
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 99, 0, 0))
+
+    def read_until(marker: bytes, t: float = 60.0) -> bytes:
+        buf, end = b"", time.monotonic() + t
+        while marker not in buf:
+            assert time.monotonic() < end, f"{marker!r} not seen; got {buf[-200:]!r}"
+            r, _, _ = select.select([fd], [], [], 0.5)
+            if r:
+                try:
+                    buf += os.read(fd, 4096)
+                except OSError:
+                    break
+        return buf
+
+    os.write(fd, b"stty size; echo marker-$((2+3))\r")
+    assert b"33 99" in read_until(b"marker-5")
+    os.write(fd, b"sleep 60\r")
+    time.sleep(1)
+    os.write(fd, b"\x03")
+    os.write(fd, b"echo alive-$((1+1))\r")
+    read_until(b"alive-2")
+    os.write(fd, b"exit 3\r")
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3

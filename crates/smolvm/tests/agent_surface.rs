@@ -504,6 +504,41 @@ async fn persistent_env_holds_across_restart(vm: &Sandbox) -> Result<(), String>
     Ok(())
 }
 
+async fn pty_has_a_terminal_that_resizes(vm: &Sandbox) -> Result<(), String> {
+    let mut s = vm
+        .exec_stream(
+            sh("tty; stty size; read x; stty size; exit 6"),
+            &ExecOptions {
+                pty: Some((24, 80)),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(e2s)?;
+    let mut text = String::new();
+    let mut resized = false;
+    let code = loop {
+        match s.next().await.map_err(|e| e.to_string())? {
+            Some(ExecEvent::Stdout(b)) => text.push_str(&String::from_utf8_lossy(&b)),
+            Some(ExecEvent::Started { .. }) => {}
+            Some(ExecEvent::Exited(st)) => break st.code,
+            other => return Err(format!("unexpected {other:?} (got {text:?})")),
+        }
+        if !resized && text.contains("24 80") {
+            s.resize(50, 132).await.map_err(|e| e.to_string())?;
+            s.write_stdin(b"\r").await.map_err(|e| e.to_string())?;
+            resized = true;
+        }
+    };
+    check!(text.starts_with("/dev/pts/"), "{text:?}");
+    check!(
+        text.contains("50 132"),
+        "the resize did not reach the terminal: {text:?}"
+    );
+    check_eq!(code, Some(6));
+    Ok(())
+}
+
 fn main() {
     let filters = filter();
     let cases = cases![Sandbox:
@@ -514,6 +549,7 @@ fn main() {
         downloaded_symlinks_never_escape,
         filesystem_requests,
         wait_for_a_guest_port,
+        pty_has_a_terminal_that_resizes,
         undrained_stream_for_60s_loses_nothing,
         persistent_env_holds_across_restart,
     ];

@@ -309,6 +309,7 @@ pub fn shell(s: &str) -> ExecRequest {
         workdir: None,
         timeout_ms: None,
         stdin: false,
+        pty: None,
     }
 }
 
@@ -319,6 +320,7 @@ pub fn argv(v: &[&str]) -> ExecRequest {
         workdir: None,
         timeout_ms: None,
         stdin: false,
+        pty: None,
     }
 }
 

@@ -6,6 +6,7 @@ mod env;
 mod files;
 mod image;
 mod run;
+mod tty;
 mod vm;
 
 use clap::Subcommand;
@@ -40,6 +41,8 @@ pub enum Command {
     /// A sandbox's persistent environment: variables every later command sees.
     #[command(subcommand)]
     Env(env::EnvCommand),
+    /// An interactive login shell in a running sandbox (on a terminal).
+    Shell(vm::ShellArgs),
     /// Show a sandbox's guest console.
     Logs(vm::LogsArgs),
     /// Remove leftovers of sandboxes that no longer exist.
@@ -68,6 +71,7 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<u8> {
         Command::Exec(a) => vm::exec(a).await,
         Command::Cp(a) => files::cp(a).await,
         Command::Env(c) => env::env(c).await,
+        Command::Shell(a) => vm::shell(a).await,
         Command::Logs(a) => vm::logs(a).await,
         Command::Prune(a) => vm::prune(a).await,
         Command::Doctor(a) => doctor::doctor(a).await,
@@ -107,6 +111,7 @@ impl ExecFlags {
             timeout,
             stdin: None,
             open_stdin: false,
+            pty: None,
             max_output: None,
         })
     }

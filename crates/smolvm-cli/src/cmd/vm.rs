@@ -96,6 +96,10 @@ pub struct ExecArgs {
     /// Pass our stdin to the command (until EOF).
     #[arg(short, long)]
     interactive: bool,
+    /// Run the command on a terminal of our terminal's size (with -i: an
+    /// interactive session; keys, Ctrl-C included, go to the guest).
+    #[arg(short, long)]
+    tty: bool,
     #[command(flatten)]
     exec: ExecFlags,
     #[arg(last = true, required = true, value_name = "CMD")]
@@ -311,16 +315,74 @@ pub async fn info(a: InfoArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+#[derive(clap::Args)]
+pub struct ShellArgs {
+    id: String,
+}
+
+pub async fn shell(a: ShellArgs) -> anyhow::Result<u8> {
+    if !super::tty::is_tty(0) {
+        anyhow::bail!(
+            "smolvm shell needs a terminal on stdin; without one use `smolvm exec -i {} -- bash -l`",
+            a.id
+        );
+    }
+    let opts = smolvm::ExecOptions::default();
+    let command = smolvm::Command::Argv(vec!["bash".into(), "-l".into()]);
+    exec_with(&a.id, command, opts, true, true).await
+}
+
 pub async fn exec(a: ExecArgs) -> anyhow::Result<u8> {
     let command = guest_command(a.argv, a.shell)?;
-    let mut opts = a.exec.options()?;
-    opts.open_stdin = a.interactive;
-    let sbx = Sandbox::from_id(&a.id).await?;
+    let opts = a.exec.options()?;
+    exec_with(&a.id, command, opts, a.interactive, a.tty).await
+}
+
+async fn exec_with(
+    id: &str,
+    command: smolvm::Command,
+    mut opts: smolvm::ExecOptions,
+    interactive: bool,
+    tty: bool,
+) -> anyhow::Result<u8> {
+    opts.open_stdin = interactive;
+    if tty {
+        opts.pty = Some(
+            super::tty::size(1)
+                .or_else(|| super::tty::size(0))
+                .unwrap_or((24, 80)),
+        );
+    }
+    let sbx = Sandbox::from_id(id).await?;
     let stream = sbx.exec_stream(command, &opts).await?;
-    if a.interactive {
+    // Raw mode only for an interactive session on a real terminal; restored
+    // when this returns (the guard drops).
+    let _raw = if tty && interactive && super::tty::is_tty(0) {
+        Some(super::tty::RawMode::enter().context("cannot put the terminal in raw mode")?)
+    } else {
+        None
+    };
+    let w = stream.stdin();
+    if tty {
+        // Our terminal's size follows us.
+        let w = w.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut winch) = signal(SignalKind::window_change()) else {
+                return;
+            };
+            while winch.recv().await.is_some() {
+                if let Some((r, c)) = super::tty::size(1).or_else(|| super::tty::size(0)) {
+                    if w.resize(r, c).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    if interactive {
         // Our stdin, as it comes, within the guest's credit; EOF closes the
         // command's stdin. Ends with the stream.
-        let w = stream.stdin();
         tokio::spawn(async move {
             use tokio::io::AsyncReadExt;
             let mut input = tokio::io::stdin();

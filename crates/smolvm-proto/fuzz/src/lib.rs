@@ -273,6 +273,7 @@ pub fn rich_host() -> Vec<HostMsg> {
             workdir: Some("/tmp".into()),
             timeout_ms: Some(30_000),
             stdin: true,
+            pty: None,
         }),
         HostMsg::Exec(ExecRequest {
             command: Command::Shell("echo hi | cat".into()),
@@ -280,6 +281,7 @@ pub fn rich_host() -> Vec<HostMsg> {
             workdir: None,
             timeout_ms: None,
             stdin: false,
+            pty: None,
         }),
         HostMsg::Data(Bytes((0..=255).collect())),
         HostMsg::Credit {

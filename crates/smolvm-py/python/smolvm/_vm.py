@@ -189,6 +189,7 @@ def _guest(path: Any, op: str, vm: "SmolVM") -> str:
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._files import Files
+    from ._pty import PtySession
 
 
 def _max_output(value: Any, vm_id: str) -> Optional[int]:
@@ -741,6 +742,29 @@ class SmolVM:
             stderr="".join(out["stderr"]),
             duration_ms=int((time.monotonic() - start) * 1000),
         )
+
+    def pty(
+        self,
+        command: Union[str, Sequence[str], None] = None,
+        rows: int = 24,
+        cols: int = 80,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+    ) -> "PtySession":
+        """Starts ``command`` (default: a login shell) on a new guest
+        terminal of ``rows`` x ``cols``, and returns the session: ``write``
+        keys (``"\x03"`` is Ctrl-C, which reaches the guest process),
+        ``read`` output, ``resize``, ``wait`` for the exit status."""
+        from ._pty import PtySession
+
+        for name, v in (("rows", rows), ("cols", cols)):
+            if not isinstance(v, int) or not 0 < v < 65536:
+                raise _validation(f"{name} must be 1-65535, not {v!r}", "pty", self.vm_id)
+        if command is None:
+            command = ["bash", "-l"]
+        argv, env_items, cwd, _ = self._exec_args(command, None, "login", env, cwd)
+        proc = self._blocking().exec_stream(argv, env_items, cwd, None, True, (rows, cols))
+        return PtySession(proc, self.vm_id)
 
     # -- files ---------------------------------------------------------
 

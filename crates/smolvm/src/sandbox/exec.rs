@@ -23,6 +23,10 @@ pub struct ExecOptions {
     /// Gives the command a stdin pipe that the caller writes through
     /// [`ExecStream::stdin`] (ignored when `stdin` is given).
     pub open_stdin: bool,
+    /// Runs the command on a pseudo-terminal of (rows, cols): its
+    /// controlling terminal, with stdin, stdout and stderr on it (so all
+    /// its output comes as stdout). Resize with [`ExecStream::resize`].
+    pub pty: Option<(u16, u16)>,
     /// Most bytes [`Sandbox::exec`] collects per stream (at most, and by
     /// default, [`MAX_COLLECTED_OUTPUT`]); past it output is dropped and
     /// `truncated` set. The guest keeps running either way.
@@ -89,7 +93,10 @@ impl Sandbox {
             env,
             workdir: opts.workdir.clone(),
             timeout_ms: opts.timeout.map(crate::sys::millis),
-            stdin: opts.stdin.is_some() || opts.open_stdin,
+            stdin: opts.stdin.is_some() || opts.open_stdin || opts.pty.is_some(),
+            pty: opts
+                .pty
+                .map(|(rows, cols)| smolvm_proto::PtySize { rows, cols }),
         };
         let mut stream = match client.exec(req).await {
             Ok(s) => s,

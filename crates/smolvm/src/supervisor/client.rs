@@ -84,7 +84,11 @@ fn lane_of(msg: &ClientMsg) -> bool {
         msg,
         ClientMsg::Control(_)
             | ClientMsg::Agent(
-                HostMsg::Credit { .. } | HostMsg::Cancel | HostMsg::Ping { .. } | HostMsg::Op(_)
+                HostMsg::Credit { .. }
+                    | HostMsg::Cancel
+                    | HostMsg::Ping { .. }
+                    | HostMsg::Op(_)
+                    | HostMsg::Resize(_)
             )
     )
 }
@@ -474,6 +478,16 @@ impl StreamWriter {
             .send(self.stream, ClientMsg::Agent(HostMsg::Signal { signal }))
             .await
     }
+
+    /// Resizes the terminal of a `pty` process.
+    pub async fn resize(&self, rows: u16, cols: u16) -> Result<(), ClientError> {
+        self.client
+            .send(
+                self.stream,
+                ClientMsg::Agent(HostMsg::Resize(smolvm_proto::PtySize { rows, cols })),
+            )
+            .await
+    }
 }
 
 /// One event of a running process.
@@ -562,5 +576,10 @@ impl ExecStream {
     /// Signals the process group.
     pub async fn signal(&self, signal: i32) -> Result<(), ClientError> {
         self.inner.writer().signal(signal).await
+    }
+
+    /// Resizes the process's terminal (a `pty` exec).
+    pub async fn resize(&self, rows: u16, cols: u16) -> Result<(), ClientError> {
+        self.inner.writer().resize(rows, cols).await
     }
 }

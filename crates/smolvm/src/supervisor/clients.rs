@@ -283,6 +283,10 @@ async fn forward_to_agent(
                 s.routes.close(g);
                 (g, msg, Lane::Control)
             }
+            HostMsg::Resize(_) => {
+                let g = s.routes.global(client, stream).ok_or_else(no_stream)?;
+                (g, msg, Lane::Control)
+            }
             HostMsg::Data(_) | HostMsg::Eof | HostMsg::Signal { .. } => {
                 let g = s.routes.global(client, stream).ok_or_else(no_stream)?;
                 (g, msg, Lane::Data)
