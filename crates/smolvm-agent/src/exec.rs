@@ -204,9 +204,9 @@ pub fn resize(master: &OwnedFd, size: PtySize) {
     let _ = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
 }
 
-type Built = (std::process::Command, String, Option<OwnedFd>);
+pub type Built = (std::process::Command, String, Option<OwnedFd>);
 
-fn build_command(req: &ExecRequest) -> Result<Built, ErrorInfo> {
+pub fn build_command(req: &ExecRequest) -> Result<Built, ErrorInfo> {
     let (program, args): (&str, Vec<&str>) = match &req.command {
         Command::Argv(v) => match v.split_first() {
             Some((p, rest)) => (p, rest.iter().map(String::as_str).collect()),
@@ -313,7 +313,7 @@ fn child_setup() -> io::Result<()> {
     Ok(())
 }
 
-fn spawn_error(program: &str, e: &io::Error) -> ErrorInfo {
+pub fn spawn_error(program: &str, e: &io::Error) -> ErrorInfo {
     let kind = match e.raw_os_error() {
         Some(libc::ENOENT) | Some(libc::ENOTDIR) => ErrorKind::NotFound,
         Some(libc::EACCES) | Some(libc::EPERM) => ErrorKind::PermissionDenied,

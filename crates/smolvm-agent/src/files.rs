@@ -459,6 +459,13 @@ fn run_op(req: OpRequest) -> Result<OpReply, ErrorInfo> {
             .any(|a| std::net::TcpStream::connect_timeout(a, PORT_PROBE_TIMEOUT).is_ok());
             Ok(OpReply::PortOpen(open))
         }
+        OpRequest::Procs
+        | OpRequest::ProcSignal { .. }
+        | OpRequest::ProcStdin { .. }
+        | OpRequest::ProcForget { .. } => Err(err(
+            ErrorKind::InvalidRequest,
+            "process requests are not filesystem requests",
+        )),
     }
 }
 

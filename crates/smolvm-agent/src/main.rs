@@ -20,6 +20,7 @@ mod exec;
 mod files;
 mod init;
 mod net;
+mod procs;
 mod reaper;
 mod server;
 mod shutdown;

@@ -2,11 +2,12 @@
 //! and dispatches them; the writer thread (`writer`) sends every reply.
 
 use crate::log::RateLimit;
+use crate::procs::Procs;
 use crate::streams::Streams;
 use crate::sys::boottime_ms;
 use crate::writer::{self, OnWriteError, Outbox};
 use smolvm_proto::{
-    decode_payload, Decoder, ErrorInfo, ErrorKind, Frame, GuestHello, GuestMsg, HostMsg,
+    decode_payload, Decoder, ErrorInfo, ErrorKind, Frame, GuestHello, GuestMsg, HostMsg, OpRequest,
     CONTROL_STREAM, MAX_CHUNK_LEN, PROTOCOL_VERSION,
 };
 use std::fs::File;
@@ -31,6 +32,7 @@ struct Server {
     mode: Mode,
     out: Outbox,
     streams: Arc<Streams>,
+    procs: Arc<Procs>,
     start_ms: u64,
     ready_ms: u64,
 }
@@ -49,6 +51,7 @@ pub fn serve(input: File, output: File, mode: Mode, start_ms: u64) -> ! {
         mode,
         out,
         streams: Arc::new(Streams::default()),
+        procs: Arc::new(Procs::default()),
         start_ms,
         ready_ms: boottime_ms(),
     };
@@ -177,6 +180,50 @@ impl Server {
                     }
                 }
             }
+            HostMsg::Op(
+                req @ (OpRequest::Procs
+                | OpRequest::ProcSignal { .. }
+                | OpRequest::ProcStdin { .. }
+                | OpRequest::ProcForget { .. }),
+            ) => {
+                if self.opens_stream(stream) {
+                    // Its own thread: a stdin write may wait for the process.
+                    let (procs, out) = (self.procs.clone(), self.out.clone());
+                    let r = std::thread::Builder::new()
+                        .name(format!("procop-{stream}"))
+                        .stack_size(128 * 1024)
+                        .spawn(move || {
+                            let msg = match procs.op(req) {
+                                Ok(r) => GuestMsg::Op(r),
+                                Err(e) => GuestMsg::Error(e),
+                            };
+                            out.send_control(stream, msg);
+                        });
+                    if let Err(e) = r {
+                        self.error(
+                            stream,
+                            ErrorKind::Busy,
+                            &format!("cannot start a thread: {e}"),
+                        );
+                    }
+                }
+            }
+            HostMsg::Spawn(req) => {
+                if self.opens_stream(stream) {
+                    let msg = match self.procs.spawn(&req) {
+                        Ok((handle, pid)) => GuestMsg::Spawned { handle, pid },
+                        Err(e) => GuestMsg::Error(e),
+                    };
+                    self.out.send_control(stream, msg);
+                }
+            }
+            HostMsg::Attach(req) => {
+                if self.opens_stream(stream) {
+                    if let Err(e) = self.procs.attach(&self.streams, stream, &req, &self.out) {
+                        self.out.send(stream, GuestMsg::Error(e));
+                    }
+                }
+            }
             HostMsg::Op(req) => {
                 if self.opens_stream(stream) {
                     if let Err(e) = crate::files::op(&self.streams, stream, req, &self.out) {
@@ -226,6 +273,7 @@ impl Server {
     /// Stdio mode ends: leave no process of ours behind.
     fn exit_stdio(&self) -> ! {
         self.streams.kill_all();
+        self.procs.kill_all();
         std::process::exit(0)
     }
 }

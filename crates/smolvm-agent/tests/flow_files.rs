@@ -518,3 +518,149 @@ fn a_pty_exec_has_a_terminal_that_resizes() {
     assert!(text(&m).contains("INT"), "{:?}", text(&m));
     assert!(matches!(m.last(), Some(GuestMsg::Exited(e)) if e.code == Some(3)));
 }
+
+fn spawned(m: &[GuestMsg]) -> u64 {
+    match m.last() {
+        Some(GuestMsg::Spawned { handle, .. }) => *handle,
+        other => panic!("not spawned: {other:?}"),
+    }
+}
+
+fn out_of(m: &[GuestMsg]) -> Vec<u8> {
+    m.iter()
+        .filter_map(|m| match m {
+            GuestMsg::Stdout(b) | GuestMsg::Stderr(b) => Some(b.0.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+#[test]
+fn background_processes_outlive_streams_and_replay_their_output() {
+    let mut a = stdio_agent();
+    // Output and exit, replayed from the start after the fact.
+    a.send(
+        1,
+        HostMsg::Spawn(shell(
+            "for i in 1 2 3; do echo $i; done; echo e >&2; exit 3",
+        )),
+    );
+    let h = spawned(&a.wait_until(1, WAIT, terminal));
+    std::thread::sleep(Duration::from_millis(500));
+    a.send(
+        2,
+        HostMsg::Attach(smolvm_proto::AttachRequest {
+            handle: h,
+            from: Some(0),
+        }),
+    );
+    let m = a.wait_until(2, WAIT, terminal);
+    assert_eq!(
+        m[0],
+        GuestMsg::Attached {
+            offset: 0,
+            dropped: 0
+        }
+    );
+    assert_eq!(out_of(&m), b"1\n2\n3\ne\n");
+    assert!(matches!(m.last(), Some(GuestMsg::Exited(e)) if e.code == Some(3)));
+
+    // More output than the buffer holds: the replay says what was dropped.
+    a.send(3, HostMsg::Spawn(shell("head -c 3000000 /dev/zero")));
+    let h2 = spawned(&a.wait_until(3, WAIT, terminal));
+    std::thread::sleep(Duration::from_secs(1));
+    a.send(
+        4,
+        HostMsg::Attach(smolvm_proto::AttachRequest {
+            handle: h2,
+            from: Some(0),
+        }),
+    );
+    let m = a.wait_until(4, WAIT, terminal);
+    let GuestMsg::Attached { offset, dropped } = m[0] else {
+        panic!("{:?}", m[0])
+    };
+    assert_eq!(offset, dropped);
+    assert!(dropped >= 3_000_000 - 1024 * 1024, "dropped {dropped}");
+    assert_eq!(out_of(&m).len() as u64, 3_000_000 - offset);
+
+    // stdin by ProcStdin; a long-running one is listed, signalled, ends.
+    a.send(5, HostMsg::Spawn(argv(&["cat"])));
+    let h3 = spawned(&a.wait_until(5, WAIT, terminal));
+    a.send(
+        6,
+        HostMsg::Op(OpRequest::ProcStdin {
+            handle: h3,
+            data: Bytes(b"hello\n".to_vec()),
+            eof: true,
+        }),
+    );
+    assert_eq!(
+        a.wait_until(6, WAIT, terminal).last(),
+        Some(&GuestMsg::Op(OpReply::Written(6)))
+    );
+    a.send(
+        7,
+        HostMsg::Attach(smolvm_proto::AttachRequest {
+            handle: h3,
+            from: Some(0),
+        }),
+    );
+    let m = a.wait_until(7, WAIT, terminal);
+    assert_eq!(out_of(&m), b"hello\n");
+
+    a.send(8, HostMsg::Spawn(argv(&["sleep", "1000"])));
+    let h4 = spawned(&a.wait_until(8, WAIT, terminal));
+    // An attach that is cancelled leaves the process running.
+    a.send(
+        9,
+        HostMsg::Attach(smolvm_proto::AttachRequest {
+            handle: h4,
+            from: None,
+        }),
+    );
+    a.wait_until(9, WAIT, |m| !m.is_empty());
+    a.send(9, HostMsg::Cancel);
+    let m = op(&mut a, 10, OpRequest::Procs);
+    let Some(GuestMsg::Op(OpReply::Procs(ps))) = m.last() else {
+        panic!("{m:?}")
+    };
+    let p = ps.iter().find(|p| p.handle == h4).expect("listed");
+    assert!(p.exit.is_none() && p.command.contains("sleep"));
+    assert!(ps
+        .iter()
+        .any(|p| p.handle == h && p.exit.as_ref().and_then(|e| e.code) == Some(3)));
+    a.send(
+        11,
+        HostMsg::Attach(smolvm_proto::AttachRequest {
+            handle: h4,
+            from: None,
+        }),
+    );
+    op(
+        &mut a,
+        12,
+        OpRequest::ProcSignal {
+            handle: h4,
+            signal: 15,
+        },
+    );
+    let m = a.wait_until(11, WAIT, terminal);
+    assert!(matches!(m.last(), Some(GuestMsg::Exited(e)) if e.signal == Some(15)));
+    assert!(matches!(
+        op(&mut a, 13, OpRequest::ProcForget { handle: h4 }).last(),
+        Some(GuestMsg::Op(OpReply::Ok))
+    ));
+    assert_eq!(
+        error_kind(&op(
+            &mut a,
+            14,
+            OpRequest::ProcSignal {
+                handle: h4,
+                signal: 9
+            }
+        )),
+        Some(ErrorKind::NotFound)
+    );
+}

@@ -52,6 +52,15 @@ pub enum HostMsg {
     Op(OpRequest),
     /// Resizes the terminal of the stream's process (a `pty` exec).
     Resize(PtySize),
+    /// Starts a background process: it outlives the stream (and the
+    /// host's connection); its output goes to a bounded buffer in the
+    /// agent. Answered by `Spawned` (or `Error`).
+    Spawn(ExecRequest),
+    /// Streams a background process's output: `Attached`, the buffered
+    /// output from `from` (or only new output when `None`), live output as
+    /// it comes, then `Exited` once it ended. `Cancel` detaches (the
+    /// process runs on).
+    Attach(AttachRequest),
 }
 
 /// Messages the agent sends to the host.
@@ -91,6 +100,18 @@ pub enum GuestMsg {
     Entries(Vec<DirEntry>),
     /// The answer to an `Op`; last message of the stream.
     Op(OpReply),
+    /// A background process started; last message of a `Spawn` stream.
+    Spawned {
+        handle: u64,
+        pid: u32,
+    },
+    /// First answer to `Attach`: the output offset the replay starts at,
+    /// and how many bytes before it (from the requested offset) the
+    /// bounded buffer had already dropped.
+    Attached {
+        offset: u64,
+        dropped: u64,
+    },
 }
 
 impl GuestMsg {
@@ -104,6 +125,7 @@ impl GuestMsg {
                 | GuestMsg::ShutdownAck
                 | GuestMsg::Done { .. }
                 | GuestMsg::Op(_)
+                | GuestMsg::Spawned { .. }
         )
     }
 
@@ -281,6 +303,42 @@ pub enum OpRequest {
     /// Whether something accepts TCP connections on the guest's
     /// `127.0.0.1:port` (or `[::1]:port`).
     PortOpen { port: u16 },
+    /// The background processes (running, and the last finished ones).
+    Procs,
+    /// Signals a background process's group.
+    ProcSignal { handle: u64, signal: i32 },
+    /// Writes to a background process's stdin (at most one chunk;
+    /// answered once written, so the caller is paced by the process),
+    /// then closes it when `eof`.
+    ProcStdin { handle: u64, data: Bytes, eof: bool },
+    /// Forgets a finished background process (its buffered output goes).
+    ProcForget { handle: u64 },
+}
+
+/// Starts streaming a background process's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachRequest {
+    pub handle: u64,
+    /// Output offset (bytes of stdout + stderr since the start) to replay
+    /// from; `None`: only output produced from now on.
+    pub from: Option<u64>,
+}
+
+/// One background process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcInfo {
+    pub handle: u64,
+    pub pid: u32,
+    /// The command, for people (cut to 256 bytes).
+    pub command: String,
+    /// How it ended; `None` while it runs.
+    pub exit: Option<ExitStatus>,
+    /// Output bytes produced so far (stdout + stderr).
+    pub output_bytes: u64,
+    /// The oldest offset still buffered (output before it was dropped).
+    pub buffered_from: u64,
+    /// Guest monotonic ms when it started.
+    pub started_ms: u64,
 }
 
 /// Answers to [`OpRequest`]s.
@@ -289,6 +347,10 @@ pub enum OpReply {
     Ok,
     Stat(FileStat),
     PortOpen(bool),
+    Procs(Vec<ProcInfo>),
+    /// Bytes of a `ProcStdin` the process took (all of them unless it
+    /// stopped reading).
+    Written(u64),
 }
 
 /// Why a request failed.

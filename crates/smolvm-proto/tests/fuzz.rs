@@ -122,7 +122,45 @@ fn arb_op_request() -> impl Strategy<Value = OpRequest> {
             }),
         Just(OpRequest::Sync),
         any::<u16>().prop_map(|port| OpRequest::PortOpen { port }),
+        Just(OpRequest::Procs),
+        (any::<u64>(), any::<i32>())
+            .prop_map(|(handle, signal)| OpRequest::ProcSignal { handle, signal }),
+        (any::<u64>(), arb_bytes(), any::<bool>())
+            .prop_map(|(handle, data, eof)| OpRequest::ProcStdin { handle, data, eof }),
+        any::<u64>().prop_map(|handle| OpRequest::ProcForget { handle }),
     ]
+}
+
+fn arb_proc_info() -> impl Strategy<Value = ProcInfo> {
+    (
+        any::<u64>(),
+        any::<u32>(),
+        ".{0,16}",
+        proptest::option::of((
+            proptest::option::of(any::<i32>()),
+            any::<bool>(),
+            any::<u64>(),
+        )),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(handle, pid, command, exit, output_bytes, buffered_from, started_ms)| ProcInfo {
+                handle,
+                pid,
+                command,
+                exit: exit.map(|(code, timed_out, duration_ms)| ExitStatus {
+                    code,
+                    signal: None,
+                    timed_out,
+                    duration_ms,
+                }),
+                output_bytes,
+                buffered_from,
+                started_ms,
+            },
+        )
 }
 
 fn arb_op_reply() -> impl Strategy<Value = OpReply> {
@@ -130,6 +168,8 @@ fn arb_op_reply() -> impl Strategy<Value = OpReply> {
         Just(OpReply::Ok),
         arb_file_stat().prop_map(OpReply::Stat),
         any::<bool>().prop_map(OpReply::PortOpen),
+        proptest::collection::vec(arb_proc_info(), 0..4).prop_map(OpReply::Procs),
+        any::<u64>().prop_map(OpReply::Written),
     ]
 }
 
@@ -162,6 +202,9 @@ fn arb_host() -> impl Strategy<Value = HostMsg> {
         arb_op_request().prop_map(HostMsg::Op),
         (any::<u16>(), any::<u16>())
             .prop_map(|(rows, cols)| HostMsg::Resize(PtySize { rows, cols })),
+        arb_exec().prop_map(HostMsg::Spawn),
+        (any::<u64>(), proptest::option::of(any::<u64>()))
+            .prop_map(|(handle, from)| HostMsg::Attach(AttachRequest { handle, from })),
     ]
 }
 
@@ -211,6 +254,9 @@ fn arb_guest() -> impl Strategy<Value = GuestMsg> {
         any::<u64>().prop_map(|bytes| GuestMsg::Done { bytes }),
         proptest::collection::vec(arb_dir_entry(), 0..6).prop_map(GuestMsg::Entries),
         arb_op_reply().prop_map(GuestMsg::Op),
+        (any::<u64>(), any::<u32>()).prop_map(|(handle, pid)| GuestMsg::Spawned { handle, pid }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(offset, dropped)| GuestMsg::Attached { offset, dropped }),
     ]
 }
 
@@ -410,9 +456,11 @@ fn host_variant(m: &HostMsg) -> usize {
         HostMsg::WriteFile(_) => 10,
         HostMsg::Op(_) => 11,
         HostMsg::Resize(_) => 12,
+        HostMsg::Spawn(_) => 13,
+        HostMsg::Attach(_) => 14,
     }
 }
-const HOST_VARIANTS: usize = 13;
+const HOST_VARIANTS: usize = 15;
 
 fn guest_variant(m: &GuestMsg) -> usize {
     match m {
@@ -430,9 +478,11 @@ fn guest_variant(m: &GuestMsg) -> usize {
         GuestMsg::Done { .. } => 11,
         GuestMsg::Entries(_) => 12,
         GuestMsg::Op(_) => 13,
+        GuestMsg::Spawned { .. } => 14,
+        GuestMsg::Attached { .. } => 15,
     }
 }
-const GUEST_VARIANTS: usize = 14;
+const GUEST_VARIANTS: usize = 16;
 
 fn op_request_variant(m: &OpRequest) -> usize {
     match m {
@@ -445,18 +495,24 @@ fn op_request_variant(m: &OpRequest) -> usize {
         OpRequest::SetAttrs { .. } => 6,
         OpRequest::Sync => 7,
         OpRequest::PortOpen { .. } => 8,
+        OpRequest::Procs => 9,
+        OpRequest::ProcSignal { .. } => 10,
+        OpRequest::ProcStdin { .. } => 11,
+        OpRequest::ProcForget { .. } => 12,
     }
 }
-const OP_REQUEST_VARIANTS: usize = 9;
+const OP_REQUEST_VARIANTS: usize = 13;
 
 fn op_reply_variant(m: &OpReply) -> usize {
     match m {
         OpReply::Ok => 0,
         OpReply::Stat(_) => 1,
         OpReply::PortOpen(_) => 2,
+        OpReply::Procs(_) => 3,
+        OpReply::Written(_) => 4,
     }
 }
-const OP_REPLY_VARIANTS: usize = 3;
+const OP_REPLY_VARIANTS: usize = 5;
 
 fn client_variant(m: &ClientMsg) -> usize {
     match m {

@@ -191,6 +191,24 @@ fn host_sample(m: &HostMsg) -> (HostMsg, &'static str) {
             }),
             "05000000 050c328401",
         ),
+        HostMsg::Spawn(_) => (
+            HostMsg::Spawn(ExecRequest {
+                command: Command::Shell("sleep 9".into()),
+                env: vec![],
+                workdir: None,
+                timeout_ms: None,
+                stdin: false,
+                pty: None,
+            }),
+            "10000000 050d0107736c65657020390000000000",
+        ),
+        HostMsg::Attach(_) => (
+            HostMsg::Attach(AttachRequest {
+                handle: 3,
+                from: Some(300),
+            }),
+            "06000000 050e0301ac02",
+        ),
     }
 }
 
@@ -266,6 +284,20 @@ fn guest_sample(m: &GuestMsg) -> (GuestMsg, &'static str) {
             "15000000 050c0201610201ff030901016201640100ed030000",
         ),
         GuestMsg::Op(_) => (GuestMsg::Op(OpReply::PortOpen(true)), "04000000 050d0201"),
+        GuestMsg::Spawned { .. } => (
+            GuestMsg::Spawned {
+                handle: 4,
+                pid: 300,
+            },
+            "05000000 050e04ac02",
+        ),
+        GuestMsg::Attached { .. } => (
+            GuestMsg::Attached {
+                offset: 1,
+                dropped: 2,
+            },
+            "04000000 050f0102",
+        ),
     }
 }
 
@@ -422,6 +454,23 @@ fn op_request_sample(r: &OpRequest) -> (OpRequest, &'static str) {
         ),
         OpRequest::Sync => (OpRequest::Sync, "03000000 050b07"),
         OpRequest::PortOpen { .. } => (OpRequest::PortOpen { port: 8080 }, "05000000 050b08903f"),
+        OpRequest::Procs => (OpRequest::Procs, "03000000 050b09"),
+        OpRequest::ProcSignal { .. } => (
+            OpRequest::ProcSignal {
+                handle: 2,
+                signal: 15,
+            },
+            "05000000 050b0a021e",
+        ),
+        OpRequest::ProcStdin { .. } => (
+            OpRequest::ProcStdin {
+                handle: 2,
+                data: Bytes(b"hi".to_vec()),
+                eof: true,
+            },
+            "08000000 050b0b0202686901",
+        ),
+        OpRequest::ProcForget { .. } => (OpRequest::ProcForget { handle: 2 }, "04000000 050b0c02"),
     }
 }
 
@@ -439,6 +488,19 @@ fn op_reply_sample(r: &OpReply) -> (OpReply, &'static str) {
             "12000000 050d010205ff0380a8d6b90701042f746d70",
         ),
         OpReply::PortOpen(_) => (OpReply::PortOpen(false), "04000000 050d0200"),
+        OpReply::Procs(_) => (
+            OpReply::Procs(vec![ProcInfo {
+                handle: 1,
+                pid: 77,
+                command: "sleep 9".into(),
+                exit: None,
+                output_bytes: 10,
+                buffered_from: 0,
+                started_ms: 5,
+            }]),
+            "12000000 050d0301014d07736c6565702039000a0005",
+        ),
+        OpReply::Written(_) => (OpReply::Written(300), "05000000 050d04ac02"),
     }
 }
 

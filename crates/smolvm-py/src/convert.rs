@@ -186,6 +186,9 @@ fn event_tuple(py: Python<'_>, ev: Option<smolvm::sandbox::ExecEvent>) -> PyResu
                 .into_pyobject(py)?
                 .into_any(),
         ),
+        E::Attached { offset, dropped } => {
+            ("attached", (offset, dropped).into_pyobject(py)?.into_any())
+        }
         E::Failed(e) => (
             "error",
             (e.kind.as_str(), smolvm::text::escape_line(&e.message))

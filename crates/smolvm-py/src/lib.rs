@@ -527,6 +527,97 @@ impl Sandbox {
         })
     }
 
+    /// Starts `argv` in the background; returns `(handle, pid)`.
+    #[pyo3(signature = (argv, env, cwd=None, timeout=None, done=None))]
+    fn spawn(
+        &self,
+        py: Python<'_>,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        timeout: Option<f64>,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        if argv.is_empty() {
+            return Err(raise(
+                "invalid_input",
+                "empty command",
+                self.id_owned().as_deref(),
+                None,
+                "spawn",
+            ));
+        }
+        let timeout = timeout
+            .map(|t| seconds("spawn", "timeout", t))
+            .transpose()?;
+        let opts = smolvm::ExecOptions {
+            env,
+            workdir: cwd,
+            timeout,
+            ..Default::default()
+        };
+        let sb = self.handle()?;
+        run_op(py, "spawn", self.id_owned(), done, async move {
+            let sp = sb.spawn(smolvm::Command::Argv(argv), &opts).await?;
+            Ok(Out::Json(serde_json::json!([sp.handle, sp.pid])))
+        })
+    }
+
+    /// Follows a background process's output from `from` (None: new only).
+    #[pyo3(signature = (handle, from=None, done=None))]
+    fn attach(
+        &self,
+        py: Python<'_>,
+        handle: u64,
+        from: Option<u64>,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let sb = self.handle()?;
+        run_op(py, "attach", self.id_owned(), done, async move {
+            Ok(Out::Stream(Box::new(sb.attach(handle, from).await?)))
+        })
+    }
+
+    /// `list`, `signal` (arg: the signal), `stdin` (data, eof), `forget`.
+    #[pyo3(signature = (op, handle=0, signal=0, data=None, eof=false, done=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn procs(
+        &self,
+        py: Python<'_>,
+        op: String,
+        handle: u64,
+        signal: i32,
+        data: Option<Vec<u8>>,
+        eof: bool,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let sb = self.handle()?;
+        run_op(py, "processes", self.id_owned(), done, async move {
+            let v = match op.as_str() {
+                "list" => json(&sb.processes().await?),
+                "signal" => {
+                    sb.signal_process(handle, signal).await?;
+                    serde_json::Value::Null
+                }
+                "stdin" => {
+                    sb.write_process_stdin(handle, &data.unwrap_or_default(), eof)
+                        .await?;
+                    serde_json::Value::Null
+                }
+                "forget" => {
+                    sb.forget_process(handle).await?;
+                    serde_json::Value::Null
+                }
+                other => {
+                    return Err(smolvm::Error::Invalid(format!(
+                        "unknown process request {other:?}"
+                    )))
+                }
+            };
+            Ok(Out::Json(v))
+        })
+    }
+
     fn __repr__(&self) -> String {
         format!("<smolvm._native.Sandbox {:?}>", self.inner.id())
     }

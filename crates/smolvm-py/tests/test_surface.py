@@ -253,3 +253,40 @@ def test_cli_shell_on_a_terminal(running_vm):
     os.write(fd, b"exit 3\r")
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3
+
+
+def test_background_process_reattached_from_another_process(running_vm):
+    proc = running_vm.spawn("echo started; exec sleep 1000", shell="raw")
+    assert proc.handle > 0 and proc.pid > 1
+    # Another Python process finds it, reads what it printed, signals it.
+    code = (
+        "from smolvm import SmolVM; vm = SmolVM.from_id(%r); p = vm.attach(%d); "
+        "it = p.stream(); ev = next(e for e in it if e.type == 'stdout'); print(ev.data.strip()); "
+        "it.close(); p.signal(15)" % (running_vm.vm_id, proc.handle)
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "started"
+    r = proc.wait(timeout=60)
+    assert r.exit_code == 128 + 15
+    assert r.stdout == "started\n"
+    info = {p.handle: p for p in running_vm.processes()}[proc.handle]
+    assert not info.running and info.exit_code == 143
+    proc.forget()
+    assert proc.handle not in {p.handle for p in running_vm.processes()}
+
+
+def test_background_process_stdin_and_dropped_output(running_vm):
+    cat = running_vm.spawn(["cat"])
+    cat.write_stdin("line one\n")
+    cat.write_stdin(b"line two\n")
+    cat.close_stdin()
+    r = cat.wait(timeout=60)
+    assert (r.exit_code, r.stdout) == (0, "line one\nline two\n")
+    big = running_vm.spawn("head -c 3000000 /dev/zero | tr '\\0' x", shell="raw")
+    assert big.wait(timeout=120).exit_code == 0
+    events = list(big.stream(from_start=True))
+    dropped = [int(e.data) for e in events if e.type == "dropped"]
+    assert dropped and dropped[0] >= 3_000_000 - 1024 * 1024
+    got = sum(len(e.data) for e in events if e.type == "stdout")
+    assert got + dropped[0] == 3_000_000

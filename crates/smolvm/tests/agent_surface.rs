@@ -539,6 +539,51 @@ async fn pty_has_a_terminal_that_resizes(vm: &Sandbox) -> Result<(), String> {
     Ok(())
 }
 
+async fn background_process_outlives_its_client(vm: &Sandbox) -> Result<(), String> {
+    // Started from a handle (a connection) that then goes away.
+    let handle = {
+        let first = Sandbox::from_id(vm.id()).await.map_err(e2s)?;
+        let sp = first
+            .spawn(sh("echo up; exec sleep 1000"), &ExecOptions::default())
+            .await
+            .map_err(e2s)?;
+        sp.handle
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A new client re-attaches, reads what it printed, signals it, sees it end.
+    let second = Sandbox::from_id(vm.id()).await.map_err(e2s)?;
+    let listed = second.processes().await.map_err(e2s)?;
+    let p = listed
+        .iter()
+        .find(|p| p.handle == handle)
+        .ok_or("the background process is not listed")?;
+    check!(p.exit.is_none(), "it should still run: {p:?}");
+    let mut s = second.attach(handle, Some(0)).await.map_err(e2s)?;
+    let mut got = Vec::new();
+    let mut signalled = false;
+    let exit = loop {
+        match s.next().await.map_err(|e| e.to_string())? {
+            Some(ExecEvent::Attached { dropped, .. }) => check_eq!(dropped, 0),
+            Some(ExecEvent::Stdout(b)) => got.extend(b),
+            Some(ExecEvent::Exited(st)) => break st,
+            other => return Err(format!("unexpected {other:?}")),
+        }
+        if !signalled && got == b"up\n" {
+            second.signal_process(handle, 15).await.map_err(e2s)?;
+            signalled = true;
+        }
+    };
+    check_eq!(exit.signal, Some(15));
+    second.forget_process(handle).await.map_err(e2s)?;
+    let e = second
+        .signal_process(handle, 9)
+        .await
+        .err()
+        .ok_or("a forgotten handle")?;
+    check_eq!(e.kind(), ErrorKind::NotFound);
+    Ok(())
+}
+
 fn main() {
     let filters = filter();
     let cases = cases![Sandbox:
@@ -550,6 +595,7 @@ fn main() {
         filesystem_requests,
         wait_for_a_guest_port,
         pty_has_a_terminal_that_resizes,
+        background_process_outlives_its_client,
         undrained_stream_for_60s_loses_nothing,
         persistent_env_holds_across_restart,
     ];

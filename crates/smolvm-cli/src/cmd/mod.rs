@@ -5,6 +5,7 @@ mod doctor;
 mod env;
 mod files;
 mod image;
+mod procs;
 mod run;
 mod tty;
 mod vm;
@@ -43,6 +44,13 @@ pub enum Command {
     Env(env::EnvCommand),
     /// An interactive login shell in a running sandbox (on a terminal).
     Shell(vm::ShellArgs),
+    /// List a sandbox's background processes (`smolvm exec -d` starts them).
+    Ps(procs::PsArgs),
+    /// Follow a background process's output (from the start of what is
+    /// buffered) until it ends; Ctrl-C detaches, the process runs on.
+    Attach(procs::AttachArgs),
+    /// Signal a background process (SIGTERM by default).
+    Kill(procs::KillArgs),
     /// Show a sandbox's guest console.
     Logs(vm::LogsArgs),
     /// Remove leftovers of sandboxes that no longer exist.
@@ -72,6 +80,9 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<u8> {
         Command::Cp(a) => files::cp(a).await,
         Command::Env(c) => env::env(c).await,
         Command::Shell(a) => vm::shell(a).await,
+        Command::Ps(a) => procs::ps(a).await,
+        Command::Attach(a) => procs::attach(a).await,
+        Command::Kill(a) => procs::kill(a).await,
         Command::Logs(a) => vm::logs(a).await,
         Command::Prune(a) => vm::prune(a).await,
         Command::Doctor(a) => doctor::doctor(a).await,
@@ -186,6 +197,13 @@ pub async fn stream_to_stdio(
         match ev {
             None => anyhow::bail!("the command stream ended without an exit status"),
             Some(ExecEvent::Started { .. }) => {}
+            Some(ExecEvent::Attached { dropped, .. }) => {
+                if dropped > 0 {
+                    eprintln!(
+                        "smolvm: {dropped} bytes of earlier output were no longer buffered (the guest keeps the last 1 MiB)"
+                    );
+                }
+            }
             Some(ExecEvent::Stdout(b)) => {
                 out.write_all(&b).await?;
                 out.flush().await?;

@@ -100,6 +100,10 @@ pub struct ExecArgs {
     /// interactive session; keys, Ctrl-C included, go to the guest).
     #[arg(short, long)]
     tty: bool,
+    /// Start it in the background and print its handle (`smolvm attach`,
+    /// `smolvm ps`, `smolvm kill` take it); it outlives this command.
+    #[arg(short, long, conflicts_with_all = ["tty", "interactive"])]
+    detach: bool,
     #[command(flatten)]
     exec: ExecFlags,
     #[arg(last = true, required = true, value_name = "CMD")]
@@ -335,6 +339,12 @@ pub async fn shell(a: ShellArgs) -> anyhow::Result<u8> {
 pub async fn exec(a: ExecArgs) -> anyhow::Result<u8> {
     let command = guest_command(a.argv, a.shell)?;
     let opts = a.exec.options()?;
+    if a.detach {
+        let sbx = Sandbox::from_id(&a.id).await?;
+        let sp = sbx.spawn(command, &opts).await?;
+        println!("{}", sp.handle);
+        return Ok(0);
+    }
     exec_with(&a.id, command, opts, a.interactive, a.tty).await
 }
 

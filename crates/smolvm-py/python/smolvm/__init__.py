@@ -32,6 +32,9 @@ def _companion_dir() -> str:
 
 _native.set_companion_dir(_companion_dir())
 
+from ._files import Files  # noqa: E402
+from ._procs import BackgroundProcess, ProcessInfo  # noqa: E402
+from ._pty import PtySession  # noqa: E402
 from ._vm import SmolVM  # noqa: E402
 from .exceptions import (  # noqa: E402
     BootError,
@@ -88,4 +91,8 @@ __all__ = [
     "GuestFileError",
     "StreamEvent",
     "FileInfo",
+    "Files",
+    "BackgroundProcess",
+    "ProcessInfo",
+    "PtySession",
 ]

@@ -60,6 +60,24 @@ class Sandbox:
     def fs(self, op: str, a: str, b: Optional[str] = None, flag: bool = False, done: Done = None) -> Any: ...
     def wait_for_port(self, port: int, timeout: float, done: Done = None) -> Any: ...
     def env(self, op: str, vars: Mapping[str, str], merge: bool = True, done: Done = None) -> Any: ...
+    def spawn(
+        self,
+        argv: Sequence[str],
+        env: Sequence[Tuple[str, str]],
+        cwd: Optional[str] = None,
+        timeout: Optional[float] = None,
+        done: Done = None,
+    ) -> Any: ...
+    def attach(self, handle: int, from_offset: Optional[int] = None, done: Done = None, /) -> Any: ...
+    def procs(
+        self,
+        op: str,
+        handle: int = 0,
+        signal: int = 0,
+        data: Optional[bytes] = None,
+        eof: bool = False,
+        done: Done = None,
+    ) -> Any: ...
 
 class Process:
     def next(self, done: Done = None) -> Any: ...

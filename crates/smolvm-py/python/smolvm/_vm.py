@@ -189,6 +189,7 @@ def _guest(path: Any, op: str, vm: "SmolVM") -> str:
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._files import Files
+    from ._procs import BackgroundProcess, ProcessInfo
     from ._pty import PtySession
 
 
@@ -765,6 +766,42 @@ class SmolVM:
         argv, env_items, cwd, _ = self._exec_args(command, None, "login", env, cwd)
         proc = self._blocking().exec_stream(argv, env_items, cwd, None, True, (rows, cols))
         return PtySession(proc, self.vm_id)
+
+    def spawn(
+        self,
+        command: Union[str, Sequence[str]],
+        shell: str = "login",
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> "BackgroundProcess":
+        """Starts ``command`` in the background and returns at once. It runs
+        on when this handle, this Python process or the connection go away;
+        re-attach from anywhere with :meth:`attach` (``proc.handle``). Its
+        output is kept in the guest (the last 1 MiB). ``timeout`` still
+        kills it (None: no limit)."""
+        from ._procs import BackgroundProcess
+
+        argv, env_items, cwd, t = self._exec_args(command, timeout, shell, env, cwd)
+        handle, pid = self._blocking().spawn(argv, env_items, cwd, t)
+        return BackgroundProcess(self, handle, pid)
+
+    def processes(self) -> List["ProcessInfo"]:
+        """The VM's background processes (running, and the last finished)."""
+        from ._procs import ProcessInfo
+
+        return [ProcessInfo._from_native(d) for d in self._blocking().procs("list")]
+
+    def attach(self, handle: int) -> "BackgroundProcess":
+        """A background process by its handle (from :meth:`spawn`, in any
+        process): :class:`VMNotFoundError`-like ``not_found`` if unknown."""
+        from ._procs import BackgroundProcess
+
+        if not isinstance(handle, int) or handle <= 0:
+            raise _validation(f"handle must be a positive int, not {handle!r}", "attach", self.vm_id)
+        p = BackgroundProcess(self, handle, None)
+        p.pid = p.info().pid
+        return p
 
     # -- files ---------------------------------------------------------
 

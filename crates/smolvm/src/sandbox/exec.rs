@@ -70,18 +70,23 @@ impl Sandbox {
     }
 
     /// A connection to the running VM, and its record as of now.
-    async fn require_running_rec(&self) -> Result<(SupervisorClient, crate::state::VmRecord)> {
+    pub(super) async fn require_running_rec(
+        &self,
+    ) -> Result<(SupervisorClient, crate::state::VmRecord)> {
         let rec = self.record().await?;
         plan(Op::Exec, &self.id, rec.state, rec.last_error.as_deref())?;
         Ok((self.connect().await?, rec))
     }
 
-    /// Starts a command and returns its event stream (output as it comes).
-    pub async fn exec_stream(&self, command: Command, opts: &ExecOptions) -> Result<ExecStream> {
-        let (client, rec) = self.require_running_rec().await?;
-        // The VM's persistent environment as stored now (another process may
-        // have changed it), then the command's own variables, which win.
-        let vm_env = super::record::config_of(&rec)?.env;
+    /// The wire request for `command` with `opts` (the VM's persistent
+    /// environment as stored now, then the command's own variables).
+    pub(super) fn exec_request(
+        &self,
+        command: Command,
+        opts: &ExecOptions,
+        rec: &crate::state::VmRecord,
+    ) -> Result<ExecRequest> {
+        let vm_env = super::record::config_of(rec)?.env;
         let mut env: Vec<(String, String)> = vm_env
             .iter()
             .filter(|(k, _)| !opts.env.iter().any(|(ck, _)| ck == *k))
@@ -98,6 +103,13 @@ impl Sandbox {
                 .pty
                 .map(|(rows, cols)| smolvm_proto::PtySize { rows, cols }),
         };
+        Ok(req)
+    }
+
+    /// Starts a command and returns its event stream (output as it comes).
+    pub async fn exec_stream(&self, command: Command, opts: &ExecOptions) -> Result<ExecStream> {
+        let (client, rec) = self.require_running_rec().await?;
+        let req = self.exec_request(command, opts, &rec)?;
         let mut stream = match client.exec(req).await {
             Ok(s) => s,
             Err(source) => {
@@ -155,7 +167,7 @@ impl Sandbox {
                         message: "the command stream ended early".into(),
                     })
                 }
-                Some(ExecEvent::Started { .. }) => {}
+                Some(ExecEvent::Started { .. } | ExecEvent::Attached { .. }) => {}
                 Some(ExecEvent::Stdout(b)) => append(&mut out.stdout, &b, cap, &mut out.truncated),
                 Some(ExecEvent::Stderr(b)) => append(&mut out.stderr, &b, cap, &mut out.truncated),
                 Some(ExecEvent::Exited(st)) => {

@@ -350,7 +350,12 @@ impl SupervisorClient {
     /// Starts a process in the guest; its output and exit arrive on the
     /// returned stream.
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecStream, ClientError> {
-        let inner = self.open_stream(HostMsg::Exec(req)).await?;
+        self.exec_like(HostMsg::Exec(req)).await
+    }
+
+    /// A stream of exec events opened by `first` (an `Exec` or `Attach`).
+    pub async fn exec_like(&self, first: HostMsg) -> Result<ExecStream, ClientError> {
+        let inner = self.open_stream(first).await?;
         Ok(ExecStream {
             inner,
             deadline: None,
@@ -501,6 +506,13 @@ pub enum ExecEvent {
     Exited(crate::sandbox::ExitStatus),
     /// The request failed; no `Exited` follows.
     Failed(crate::sandbox::GuestError),
+    /// (Re-)attached to a background process: its output from `offset`
+    /// follows; `dropped` bytes before it were no longer buffered. Also
+    /// mid-stream, when this reader fell behind the buffer.
+    Attached {
+        offset: u64,
+        dropped: u64,
+    },
 }
 
 /// A process running in the guest.
@@ -553,6 +565,7 @@ impl ExecStream {
             // Received errors skipped `ErrorInfo::new`: the conversion
             // bounds them.
             GuestMsg::Error(e) => ExecEvent::Failed(e.into()),
+            GuestMsg::Attached { offset, dropped } => ExecEvent::Attached { offset, dropped },
             _ => return Err(ClientError::Unexpected),
         };
         Ok(Some(ev))

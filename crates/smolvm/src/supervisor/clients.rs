@@ -255,6 +255,8 @@ async fn forward_to_agent(
             | HostMsg::Shutdown
             | HostMsg::ReadFile(_)
             | HostMsg::WriteFile(_)
+            | HostMsg::Spawn(_)
+            | HostMsg::Attach(_)
             | HostMsg::Op(_) => {
                 let lane = match msg {
                     HostMsg::Ping { .. } | HostMsg::Op(_) => Lane::Control,

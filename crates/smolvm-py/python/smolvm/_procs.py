@@ -1,0 +1,165 @@
+"""Background processes: ``vm.spawn()`` and ``vm.attach()``."""
+
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
+
+from .exceptions import _from_native
+from .types import CommandResult, StreamEvent
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._vm import SmolVM
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A background process, as :meth:`SmolVM.processes` lists it.
+
+    Attributes:
+        handle: Its handle in this boot of the VM.
+        pid: Its guest pid.
+        command: Its command line (cut to 256 bytes; guest text).
+        running: Whether it still runs.
+        exit_code: Its exit status once ended (128 + N for signal N).
+        output_bytes: Output produced so far (stdout + stderr).
+        buffered_from: The oldest output offset still buffered (the guest
+            keeps the last 1 MiB; what came before is dropped).
+    """
+
+    handle: int
+    pid: int
+    command: str
+    running: bool
+    exit_code: Optional[int]
+    output_bytes: int
+    buffered_from: int
+
+    @classmethod
+    def _from_native(cls, d: dict) -> "ProcessInfo":
+        e = d.get("exit")
+        code = None
+        if e is not None:
+            code = e["code"] if e.get("code") is not None else 128 + (e.get("signal") or 127)
+        return cls(
+            handle=int(d["handle"]),
+            pid=int(d["pid"]),
+            command=str(d["command"]),
+            running=e is None,
+            exit_code=code,
+            output_bytes=int(d["output_bytes"]),
+            buffered_from=int(d["buffered_from"]),
+        )
+
+
+class BackgroundProcess:
+    """A process started by :meth:`SmolVM.spawn` (or found again with
+    :meth:`SmolVM.attach`, from any process): it runs on its own in the
+    guest, whatever happens to this object or this Python process."""
+
+    def __init__(self, vm: "SmolVM", handle: int, pid: Optional[int]) -> None:
+        self._vm = vm
+        self.handle = handle
+        self.pid = pid
+
+    def __repr__(self) -> str:
+        return f"<BackgroundProcess {self.handle} (pid {self.pid}) in {self._vm.vm_id}>"
+
+    def info(self) -> ProcessInfo:
+        for p in self._vm.processes():
+            if p.handle == self.handle:
+                return p
+        raise _from_native(
+            "not_found",
+            f"no background process {self.handle} in VM '{self._vm.vm_id}' (forgotten, or the VM restarted)",
+            self._vm.vm_id,
+            None,
+            "processes",
+        )
+
+    def stream(self, from_start: bool = True) -> Iterator[StreamEvent]:
+        """Its output as events (all still buffered, or only new output),
+        then ``exit``. Closing the generator detaches; the process runs on.
+        A ``dropped`` event says how many bytes were no longer buffered."""
+        proc = self._vm._blocking().attach(self.handle, 0 if from_start else None)
+        dec = {k: codecs.getincrementaldecoder("utf-8")("replace") for k in ("stdout", "stderr")}
+        try:
+            while True:
+                ev = proc.next()
+                now = time.time()
+                if ev is None:
+                    return
+                kind, payload = ev
+                if kind in dec:
+                    text = dec[kind].decode(payload)
+                    if text:
+                        yield StreamEvent(kind, text, now)
+                elif kind == "attached":
+                    _offset, dropped = payload
+                    if dropped:
+                        yield StreamEvent("dropped", str(dropped), now)
+                elif kind == "exit":
+                    code, signal, _t, _ms = payload
+                    if code is None:
+                        code = 128 + signal if signal is not None else 255
+                    yield StreamEvent("exit", "", now, exit_code=code)
+                    return
+                elif kind == "error":
+                    raise _from_native(payload[0], payload[1], self._vm.vm_id, None, "attach")
+        finally:
+            proc.cancel()
+
+    def wait(self, timeout: Optional[float] = None) -> CommandResult:
+        """Waits for it to end; returns its exit status and the output still
+        buffered (the last 1 MiB). :class:`OperationTimeoutError` after
+        ``timeout`` (it keeps running)."""
+        out = {"stdout": [], "stderr": []}  # type: dict
+        deadline = None if timeout is None else time.monotonic() + timeout
+        gen = self.stream(from_start=True)
+        try:
+            while True:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise _from_native(
+                        "timeout",
+                        f"VM '{self._vm.vm_id}': background process {self.handle} did not end within {timeout:g}s",
+                        self._vm.vm_id,
+                        None,
+                        "wait",
+                        {"timeout_seconds": timeout},
+                    )
+                ev = next(gen, None)
+                if ev is None:
+                    raise _from_native("agent_unavailable", "the process stream ended early", self._vm.vm_id, None, "wait")
+                if ev.type in out:
+                    out[ev.type].append(ev.data)
+                elif ev.type == "exit":
+                    return CommandResult(
+                        exit_code=ev.exit_code if ev.exit_code is not None else 255,
+                        stdout="".join(out["stdout"]),
+                        stderr="".join(out["stderr"]),
+                    )
+        finally:
+            gen.close()
+
+    def write_stdin(self, data: Union[bytes, str]) -> None:
+        """Writes to its stdin (paced by the process)."""
+        b = data.encode() if isinstance(data, str) else bytes(data)
+        self._vm._blocking().procs("stdin", self.handle, 0, b, False)
+
+    def close_stdin(self) -> None:
+        """Closes its stdin (it sees end of input)."""
+        self._vm._blocking().procs("stdin", self.handle, 0, b"", True)
+
+    def signal(self, signal: int) -> None:
+        """Sends ``signal`` to its process group."""
+        self._vm._blocking().procs("signal", self.handle, int(signal))
+
+    def kill(self) -> None:
+        """SIGKILL to its process group."""
+        self.signal(9)
+
+    def forget(self) -> None:
+        """Drops a finished process's record and buffered output."""
+        self._vm._blocking().procs("forget", self.handle)
