@@ -290,3 +290,20 @@ def test_background_process_stdin_and_dropped_output(running_vm):
     assert dropped and dropped[0] >= 3_000_000 - 1024 * 1024
     got = sum(len(e.data) for e in events if e.type == "stdout")
     assert got + dropped[0] == 3_000_000
+
+
+def test_async_file_transfer_and_port(running_vm, tmp_path):
+    import asyncio
+
+    src = tmp_path / "a.txt"
+    src.write_text("async hello\n")
+
+    async def go():
+        n = await running_vm.async_upload_file(src, "/root/async/a.txt")
+        m = await running_vm.async_download_file("/root/async/a.txt", tmp_path / "b.txt")
+        with pytest.raises(OperationTimeoutError):
+            await running_vm.async_wait_for_port(8799, timeout=0.3)
+        return n, m
+
+    assert asyncio.run(go()) == (12, 12)
+    assert (tmp_path / "b.txt").read_text() == "async hello\n"

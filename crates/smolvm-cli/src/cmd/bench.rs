@@ -284,9 +284,32 @@ struct Results {
     stop_ms: Stats,
     start_stopped_ms: Stats,
     parallel: Vec<Parallel>,
+    surface: Surface,
     floors: Floors,
     load: Option<Load>,
     python: Option<PyBench>,
+}
+
+/// The agent surface, on the exec VM.
+#[derive(Serialize, Default, Clone)]
+struct Surface {
+    /// The guest's own fork+exec+wait of `/bin/true` (bash loop, in the
+    /// guest, same run), ms per iteration.
+    guest_fork_exec_true_ms: f64,
+    /// exec `true` median minus that: the agent's and the host's share.
+    agent_overhead_ms: f64,
+    /// 10 execs of `true` started at once: wall from the first request to
+    /// the last exit.
+    concurrent10_wall_ms: f64,
+    /// Upload / download of 100 MiB (random bytes), MiB/s.
+    upload_mib_s: f64,
+    download_mib_s: f64,
+    /// `cat > /dev/null` of 100 MiB through exec stdin, and `cat` of it out
+    /// through stdout, MiB/s: the channel with a process at the end.
+    stdin_mib_s: f64,
+    stdout_mib_s: f64,
+    /// A key typed on a PTY running `cat` until its echo comes back.
+    pty_echo_ms: Stats,
 }
 
 /// Starts under load: `idle` VMs running, then as many more started at
@@ -556,6 +579,134 @@ fn median(v: &[f64]) -> f64 {
     stats(v.to_vec()).median
 }
 
+async fn surface(vm: &Sandbox, exec_median_ms: f64) -> anyhow::Result<Surface> {
+    use smolvm::sandbox::ExecEvent;
+    let mut s = Surface::default();
+    // The guest's own cost of running `true`, measured in the guest.
+    let out = vm
+        .exec(
+            smolvm::Command::Argv(vec![
+                "bash".into(),
+                "-c".into(),
+                "TIMEFORMAT=%R; time (for i in $(seq 200); do /bin/true; done)".into(),
+            ]),
+            &ExecOptions::default(),
+        )
+        .await?;
+    let secs: f64 = String::from_utf8_lossy(&out.stderr)
+        .trim()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("the guest's timing: {e}"))?;
+    s.guest_fork_exec_true_ms = secs * 1000.0 / 200.0;
+    s.agent_overhead_ms = exec_median_ms - s.guest_fork_exec_true_ms;
+
+    let t = Instant::now();
+    let mut streams = Vec::new();
+    for _ in 0..10 {
+        streams.push(
+            vm.exec_stream(
+                smolvm::Command::Argv(vec!["true".into()]),
+                &ExecOptions::default(),
+            )
+            .await?,
+        );
+    }
+    for mut st in streams {
+        while let Some(ev) = st.next().await? {
+            if matches!(ev, ExecEvent::Exited(_) | ExecEvent::Failed(_)) {
+                break;
+            }
+        }
+    }
+    s.concurrent10_wall_ms = ms(t.elapsed());
+
+    const MIB: usize = 1024 * 1024;
+    let size = 100 * MIB;
+    let path = std::env::temp_dir().join(format!("smolvm-bench-{}.bin", std::process::id()));
+    let back = path.with_extension("back");
+    let mut data = vec![0u8; size];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for c in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+    }
+    std::fs::write(&path, &data)?;
+    #[allow(clippy::cast_precision_loss)] // a rate
+    let rate = |d: Duration| (size / MIB) as f64 / d.as_secs_f64().max(1e-9);
+    let t = Instant::now();
+    vm.upload_file(&path, "/root/bench.bin", false).await?;
+    s.upload_mib_s = rate(t.elapsed());
+    let t = Instant::now();
+    vm.download_file("/root/bench.bin", &back, false, None)
+        .await?;
+    s.download_mib_s = rate(t.elapsed());
+    anyhow::ensure!(std::fs::read(&back)? == data, "the downloaded file differs");
+    let _ = std::fs::remove_file(&back);
+    let _ = std::fs::remove_file(&path);
+    let t = Instant::now();
+    let o = vm
+        .exec(
+            smolvm::Command::Shell("cat > /dev/null".into()),
+            &ExecOptions {
+                stdin: Some(data),
+                ..Default::default()
+            },
+        )
+        .await?;
+    anyhow::ensure!(o.ok(), "cat of stdin failed");
+    s.stdin_mib_s = rate(t.elapsed());
+    let t = Instant::now();
+    let mut st = vm
+        .exec_stream(
+            smolvm::Command::Argv(vec!["cat".into(), "/root/bench.bin".into()]),
+            &ExecOptions::default(),
+        )
+        .await?;
+    let mut got = 0usize;
+    while let Some(ev) = st.next().await? {
+        match ev {
+            ExecEvent::Stdout(b) => got += b.len(),
+            ExecEvent::Exited(_) | ExecEvent::Failed(_) => break,
+            _ => {}
+        }
+    }
+    anyhow::ensure!(got == size, "cat gave {got} of {size} bytes");
+    s.stdout_mib_s = rate(t.elapsed());
+    vm.remove("/root/bench.bin", false).await?;
+
+    // A keystroke on a terminal and its echo.
+    let mut st = vm
+        .exec_stream(
+            smolvm::Command::Argv(vec!["cat".into()]),
+            &ExecOptions {
+                pty: Some((24, 80)),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut echo = Vec::new();
+    for i in 0..60u8 {
+        let key = [b'a' + i % 26];
+        let t = Instant::now();
+        st.write_stdin(&key).await?;
+        loop {
+            match st.next().await? {
+                Some(ExecEvent::Stdout(b)) if b.contains(&key[0]) => break,
+                Some(ExecEvent::Stdout(_) | ExecEvent::Started { .. }) => {}
+                other => anyhow::bail!("the PTY ended: {other:?}"),
+            }
+        }
+        if i >= 10 {
+            echo.push(ms(t.elapsed()));
+        }
+    }
+    drop(st);
+    s.pty_echo_ms = stats(echo);
+    Ok(s)
+}
+
 pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
     let mut r = Results {
         host_cpus: std::thread::available_parallelism()
@@ -632,6 +783,8 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
     }
     r.exec_true_rtt_ms = stats(rtt);
     r.ping_rtt_ms = stats(ping);
+    eprintln!("bench: the agent surface (guest fork+exec, 10 at once, files, PTY) ...");
+    r.surface = surface(&vm, r.exec_true_rtt_ms.median).await?;
 
     let py = python_for(a.python.clone());
     eprintln!(
@@ -766,6 +919,31 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
             );
         }
     }
+    let sf = &r.surface;
+    row(
+        "guest's own fork+exec of /bin/true (ms)",
+        format!("{:.2}", sf.guest_fork_exec_true_ms),
+    );
+    row(
+        "  exec `true` minus that: agent+host (ms)",
+        format!("{:.2}", sf.agent_overhead_ms),
+    );
+    row(
+        "10 concurrent execs of `true` (wall ms)",
+        format!("{:.1}", sf.concurrent10_wall_ms),
+    );
+    row(
+        "file upload / download, 100 MiB (MiB/s)",
+        format!("{:.0} / {:.0}", sf.upload_mib_s, sf.download_mib_s),
+    );
+    row(
+        "exec stdin / stdout, 100 MiB (MiB/s)",
+        format!("{:.0} / {:.0}", sf.stdin_mib_s, sf.stdout_mib_s),
+    );
+    row(
+        "PTY keystroke echo (ms, median / p99)",
+        format!("{:.2} / {:.2}", sf.pty_echo_ms.median, sf.pty_echo_ms.p99),
+    );
     row(
         "exec / ping (ratio of medians)",
         format!(

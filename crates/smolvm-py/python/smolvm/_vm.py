@@ -940,6 +940,43 @@ class SmolVM:
         out = await _aio.call(lambda done: h.exec(argv, env_items, cwd, t, None, cap, done))
         return _result(self.vm_id, command, t, out)
 
+    async def async_upload_file(
+        self, local_path: Union[str, "os.PathLike[str]"], guest_path: str, make_dirs: bool = True
+    ) -> int:
+        """:meth:`upload_file` without blocking the event loop (cancelling it
+        abandons the upload; the destination is left as it was)."""
+        h, g, lp = self._h, _guest(guest_path, "upload_file", self), os.fspath(local_path)
+        return int(await _aio.call(lambda done: h.upload_file(lp, g, make_dirs, done)))
+
+    async def async_download_file(
+        self,
+        guest_path: str,
+        local_path: Union[str, "os.PathLike[str]"],
+        make_dirs: bool = True,
+        max_bytes: Optional[int] = None,
+    ) -> int:
+        """:meth:`download_file` without blocking the event loop."""
+        h, g, lp = self._h, _guest(guest_path, "download_file", self), os.fspath(local_path)
+        return int(await _aio.call(lambda done: h.download_file(g, lp, make_dirs, max_bytes, done)))
+
+    async def async_upload_dir(self, local_dir: Union[str, "os.PathLike[str]"], guest_dir: str) -> Dict[str, int]:
+        """:meth:`upload_dir` without blocking the event loop."""
+        h, g, lp = self._h, _guest(guest_dir, "upload_dir", self), os.fspath(local_dir)
+        return dict(await _aio.call(lambda done: h.upload_dir(lp, g, done)))
+
+    async def async_download_dir(self, guest_dir: str, local_dir: Union[str, "os.PathLike[str]"]) -> Dict[str, int]:
+        """:meth:`download_dir` without blocking the event loop."""
+        h, g, lp = self._h, _guest(guest_dir, "download_dir", self), os.fspath(local_dir)
+        return dict(await _aio.call(lambda done: h.download_dir(g, lp, done)))
+
+    async def async_wait_for_port(self, port: int, timeout: float = 30.0) -> None:
+        """:meth:`wait_for_port` without blocking the event loop."""
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise _validation(f"port must be 1-65535, not {port!r}", "wait_for_port", self.vm_id)
+        t = _seconds("wait_for_port", "timeout", timeout, vm_id=self.vm_id, positive=True)
+        h = self._h
+        await _aio.call(lambda done: h.wait_for_port(port, t, done))
+
     # -- context managers ---------------------------------------------
 
     def __enter__(self) -> "SmolVM":
