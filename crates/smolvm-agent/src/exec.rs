@@ -82,7 +82,9 @@ fn launch(
                  // (`cmd` still holds the slave's dups: dropped with it below.)
     drop(cmd);
     streams.set_pgid(stream, pid);
-    out.send(
+    // A new stream has its whole window: this never waits.
+    credit.send(
+        out,
         stream,
         GuestMsg::Started {
             pid: pid.cast_unsigned(),
@@ -331,7 +333,11 @@ fn start_stdin(stream: u32, mut pipe: File, mut input: InputRx, pty: bool) -> io
         .stack_size(64 * 1024)
         .spawn(move || {
             let mut open = true;
+            let mut last = b'\n';
             while let Some(msg) = input.recv() {
+                if let InMsg::Data(b) = &msg {
+                    last = b.last().copied().unwrap_or(last);
+                }
                 match msg {
                     InMsg::Data(b) if open => {
                         // EPIPE (the process stopped reading for good): the
@@ -342,7 +348,14 @@ fn start_stdin(stream: u32, mut pipe: File, mut input: InputRx, pty: bool) -> io
                     }
                     InMsg::Data(b) => input.consumed(b.len()),
                     InMsg::Eof if pty && open => {
-                        let _ = pipe.write_all(&[4]);
+                        // ^D ends input at the start of a line; mid-line it
+                        // only flushes the line, so a second one ends it.
+                        let eot: &[u8] = if matches!(last, b'\n' | b'\r') {
+                            &[4]
+                        } else {
+                            &[4, 4]
+                        };
+                        let _ = pipe.write_all(eot);
                         break;
                     }
                     InMsg::Eof | InMsg::Cancel | InMsg::Violation => break,
@@ -370,7 +383,7 @@ struct Io {
 
 impl Io {
     fn run(mut self, streams: &Streams) {
-        let finished = self.serve();
+        let finished = self.serve(streams);
         streams.close(self.stream);
         if let Some(status) = finished {
             self.out.send(self.stream, GuestMsg::Exited(status));
@@ -379,7 +392,7 @@ impl Io {
 
     /// Runs the exec to its end; `None` when the host cancelled the stream
     /// (then nothing more is sent on it).
-    fn serve(&mut self) -> Option<ExitStatus> {
+    fn serve(&mut self, streams: &Streams) -> Option<ExitStatus> {
         let mut buf = vec![0u8; MAX_CHUNK_LEN];
         // A timeout too large to represent is no timeout.
         let kill_at = self.timeout.and_then(|t| self.started.checked_add(t));
@@ -389,7 +402,10 @@ impl Io {
         let mut exit_seen: Option<Instant> = None;
         loop {
             if self.credit.is_cancelled() {
-                kill_group(self.pid);
+                // Once reaped, its pid may be another process's already.
+                if exit.is_none() {
+                    kill_group(self.pid);
+                }
                 return None;
             }
             let now = Instant::now();
@@ -452,6 +468,9 @@ impl Io {
             if fds[2].fd >= 0 && fds[2].revents != 0 {
                 exit = Some(self.read_status());
                 exit_seen = Some(Instant::now());
+                // Reaped: its pid is free for reuse, so no signal may go to
+                // it any more.
+                streams.set_pgid(self.stream, 0);
             }
         }
 

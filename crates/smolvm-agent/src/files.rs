@@ -111,12 +111,19 @@ pub fn read_file(
     out: &Outbox,
 ) -> Result<(), ErrorInfo> {
     let path = check_path(&req.path)?.to_path_buf();
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
-        .open(&path)
-        .map_err(|e| io_error(&req.path, &e))?;
-    let md = file.metadata().map_err(|e| io_error(&req.path, &e))?;
+    // Only regular files are opened (opening a device can act on it).
+    let pre = fs::metadata(&path).map_err(|e| io_error(&req.path, &e))?;
+    let (file, md) = if pre.is_file() {
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(|e| io_error(&req.path, &e))?;
+        let md = file.metadata().map_err(|e| io_error(&req.path, &e))?;
+        (Some(file), md)
+    } else {
+        (None, pre)
+    };
     if !md.is_file() {
         let what = if md.is_dir() {
             "is a directory (download it as a directory)"
@@ -128,6 +135,12 @@ pub fn read_file(
             format!("{}: {what}", req.path),
         ));
     }
+    let Some(file) = file else {
+        return Err(err(
+            ErrorKind::InvalidRequest,
+            format!("{}: is not a regular file", req.path),
+        ));
+    };
     let (credit, _) = streams.open(stream, true, false, out)?;
     let Some(credit) = credit else {
         streams.close(stream);
@@ -160,7 +173,9 @@ fn send_file(
 ) -> Option<Result<u64, ErrorInfo>> {
     // Regular files never block, O_NONBLOCK or not; it only kept the open
     // from hanging on a FIFO.
-    out.send(stream, GuestMsg::FileStart(stat));
+    if !credit.send(out, stream, GuestMsg::FileStart(stat)) {
+        return None;
+    }
     let mut buf = vec![0u8; MAX_CHUNK_LEN];
     let mut total = 0u64;
     loop {
@@ -215,9 +230,12 @@ pub fn write_file(
             ));
         }
     }
+    // Short, whatever the name's length (a long name plus a suffix could
+    // pass NAME_MAX).
+    let _ = name;
     let tmp = parent.join(format!(
-        ".{}.smolvm-{}",
-        name.to_string_lossy(),
+        ".smolvm-upload-{}-{}",
+        std::process::id(),
         TEMP_SEQ.fetch_add(1, Ordering::Relaxed)
     ));
     let file = OpenOptions::new()
@@ -491,17 +509,9 @@ fn list(
         if batch.is_empty() {
             return true;
         }
-        // Wait until the credit covers the whole batch.
-        let mut need = usize::try_from(*cost).unwrap_or(usize::MAX);
-        while need > 0 {
-            if !credit.wait() {
-                return false;
-            }
-            need -= credit.take(need);
-        }
-        out.send(stream, GuestMsg::Entries(std::mem::take(batch)));
+        // Sent once the credit covers the whole batch.
         *cost = 0;
-        true
+        credit.send(out, stream, GuestMsg::Entries(std::mem::take(batch)))
     };
     for entry in dir {
         let entry = match entry {

@@ -46,6 +46,8 @@ struct Output {
 struct Proc {
     handle: u64,
     pid: libc::pid_t,
+    /// Set once reaped: its pid may be reused, no signal goes to it.
+    reaped: std::sync::atomic::AtomicBool,
     command: String,
     started_ms: u64,
     out: Mutex<Output>,
@@ -62,7 +64,14 @@ impl Proc {
         let mut o = self.lock();
         let off = o.end;
         o.end += data.len() as u64;
-        o.chunks.push_back((stderr, off, data.to_vec()));
+        // Small writes go into the last chunk (a process writing a byte at
+        // a time must not cost a chunk per byte).
+        match o.chunks.back_mut() {
+            Some((e, _, b)) if *e == stderr && b.len() + data.len() <= MAX_CHUNK_LEN => {
+                b.extend_from_slice(data);
+            }
+            _ => o.chunks.push_back((stderr, off, data.to_vec())),
+        }
         while o.end - o.start > PROC_BUFFER as u64 {
             match o.chunks.pop_front() {
                 Some((_, off, b)) => o.start = off + b.len() as u64,
@@ -146,9 +155,9 @@ impl Procs {
                 format!("{MAX_RUNNING} background processes are running already"),
             ));
         }
-        let mut req = req.clone();
-        req.stdin = true; // ProcStdin may feed it; closed by `eof`
-        let (mut cmd, program, _) = build_command(&req)?;
+        // stdin is a pipe for ProcStdin only when asked (`req.stdin`), else
+        // /dev/null: a reader of stdin must not wait forever.
+        let (mut cmd, program, _) = build_command(req)?;
         let (mut child, status) =
             reaper::spawn(|| cmd.spawn()).map_err(|e| spawn_error(&program, &e))?;
         let pid = child.id().cast_signed();
@@ -173,6 +182,7 @@ impl Procs {
             let p = Arc::new(Proc {
                 handle,
                 pid,
+                reaped: std::sync::atomic::AtomicBool::new(false),
                 command: command_text(&req.command),
                 started_ms: boottime_ms(),
                 out: Mutex::new(Output {
@@ -253,7 +263,7 @@ impl Procs {
             )),
             R::ProcSignal { handle, signal } => {
                 let p = self.get(handle)?;
-                if p.lock().exit.is_some() {
+                if p.reaped.load(std::sync::atomic::Ordering::Acquire) {
                     return Err(err(
                         ErrorKind::InvalidRequest,
                         format!("background process {handle} has ended"),
@@ -301,7 +311,7 @@ impl Procs {
     /// SIGKILLs every running background process.
     pub fn kill_all(&self) {
         for p in self.lock().1.values() {
-            if p.lock().exit.is_none() {
+            if !p.reaped.load(std::sync::atomic::Ordering::Acquire) {
                 kill_group(p.pid);
             }
         }
@@ -401,6 +411,7 @@ fn collect(p: &Proc, mut pipes: [Option<File>; 2], mut status: File, timeout: Op
                 Ok(()) => reaper::decode(&rec),
                 Err(_) => (-1, boottime_ms()),
             });
+            p.reaped.store(true, std::sync::atomic::Ordering::Release);
             exit_seen = Some(Instant::now());
         }
     }
@@ -444,7 +455,9 @@ fn follow(
         let o = p.lock();
         let want = from.unwrap_or(o.end);
         let at = want.clamp(o.start, o.end);
-        out.send(
+        // A new stream has its whole window: this never waits.
+        credit.send(
+            out,
             stream,
             GuestMsg::Attached {
                 offset: at,
@@ -459,21 +472,28 @@ fn follow(
         }
         let o = p.lock();
         if cursor < o.start {
-            // This attacher fell behind the buffer: say what it lost.
-            out.send(
+            // This attacher fell behind the buffer: say what it lost (once
+            // the credit allows: never holding the buffer's lock).
+            let (start, lost) = (o.start, o.start - cursor);
+            drop(o);
+            if !credit.send(
+                out,
                 stream,
                 GuestMsg::Attached {
-                    offset: o.start,
-                    dropped: o.start - cursor,
+                    offset: start,
+                    dropped: lost,
                 },
-            );
-            cursor = o.start;
+            ) {
+                return None;
+            }
+            cursor = start;
+            continue;
         }
-        let next = o
+        // The chunk holding `cursor` (chunks are in offset order).
+        let at = o
             .chunks
-            .iter()
-            .find(|(_, off, b)| off + b.len() as u64 > cursor)
-            .map(|(e, off, b)| (*e, *off, b.len()));
+            .partition_point(|(_, off, b)| off + b.len() as u64 <= cursor);
+        let next = o.chunks.get(at).map(|(e, off, b)| (*e, *off, b.len()));
         match next {
             Some((stderr, off, len)) => {
                 let want = credit.take(MAX_CHUNK_LEN);
@@ -487,8 +507,7 @@ fn follow(
                 let n = (len - skip).min(want);
                 let data = o
                     .chunks
-                    .iter()
-                    .find(|(_, o2, _)| *o2 == off)
+                    .get(at)
                     .map(|(_, _, b)| b[skip..skip + n].to_vec())
                     .unwrap_or_default();
                 drop(o);

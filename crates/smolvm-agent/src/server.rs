@@ -187,8 +187,13 @@ impl Server {
                 | OpRequest::ProcForget { .. }),
             ) => {
                 if self.opens_stream(stream) {
-                    // Its own thread: a stdin write may wait for the process.
-                    let (procs, out) = (self.procs.clone(), self.out.clone());
+                    // A stream slot (bounded like every request) and its own
+                    // thread: a stdin write may wait for the process.
+                    if let Err(e) = self.streams.open(stream, false, false, &self.out) {
+                        return self.out.send_control(stream, GuestMsg::Error(e));
+                    }
+                    let (procs, out, st) =
+                        (self.procs.clone(), self.out.clone(), self.streams.clone());
                     let r = std::thread::Builder::new()
                         .name(format!("procop-{stream}"))
                         .stack_size(128 * 1024)
@@ -197,9 +202,11 @@ impl Server {
                                 Ok(r) => GuestMsg::Op(r),
                                 Err(e) => GuestMsg::Error(e),
                             };
+                            st.close(stream);
                             out.send_control(stream, msg);
                         });
                     if let Err(e) = r {
+                        self.streams.close(stream);
                         self.error(
                             stream,
                             ErrorKind::Busy,

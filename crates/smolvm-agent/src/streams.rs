@@ -113,6 +113,29 @@ impl Credit {
         self.wake();
     }
 
+    /// Takes exactly `n` bytes of credit, waiting for it as needed; false
+    /// when the stream was cancelled first.
+    pub fn spend(&self, n: u64) -> bool {
+        let mut need = n;
+        while need > 0 {
+            if !self.wait() {
+                return false;
+            }
+            need -= self.take(usize::try_from(need).unwrap_or(usize::MAX)) as u64;
+        }
+        true
+    }
+
+    /// Sends `msg` on `stream` once the credit covers what it costs; false
+    /// (nothing sent) when the stream was cancelled first.
+    pub fn send(&self, out: &Outbox, stream: u32, msg: GuestMsg) -> bool {
+        if !self.spend(msg.credit_cost()) {
+            return false;
+        }
+        out.send(stream, msg);
+        true
+    }
+
     /// Blocks until there is credit (true) or the stream is cancelled (false).
     pub fn wait(&self) -> bool {
         loop {

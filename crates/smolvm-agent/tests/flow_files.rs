@@ -586,7 +586,9 @@ fn background_processes_outlive_streams_and_replay_their_output() {
     assert_eq!(out_of(&m).len() as u64, 3_000_000 - offset);
 
     // stdin by ProcStdin; a long-running one is listed, signalled, ends.
-    a.send(5, HostMsg::Spawn(argv(&["cat"])));
+    let mut cat = argv(&["cat"]);
+    cat.stdin = true;
+    a.send(5, HostMsg::Spawn(cat));
     let h3 = spawned(&a.wait_until(5, WAIT, terminal));
     a.send(
         6,
@@ -610,6 +612,17 @@ fn background_processes_outlive_streams_and_replay_their_output() {
     let m = a.wait_until(7, WAIT, terminal);
     assert_eq!(out_of(&m), b"hello\n");
 
+    // Without stdin asked for, its stdin is /dev/null: a reader ends at once.
+    a.send(15, HostMsg::Spawn(shell("cat; echo eof-seen")));
+    let h5 = spawned(&a.wait_until(15, WAIT, terminal));
+    a.send(
+        16,
+        HostMsg::Attach(smolvm_proto::AttachRequest {
+            handle: h5,
+            from: Some(0),
+        }),
+    );
+    assert_eq!(out_of(&a.wait_until(16, WAIT, terminal)), b"eof-seen\n");
     a.send(8, HostMsg::Spawn(argv(&["sleep", "1000"])));
     let h4 = spawned(&a.wait_until(8, WAIT, terminal));
     // An attach that is cancelled leaves the process running.

@@ -129,12 +129,22 @@ impl GuestMsg {
         )
     }
 
-    /// Data bytes this message costs against the stream's credit.
+    /// What this message costs against the stream's credit: its data
+    /// bytes, and [`MESSAGE_COST`] for every other message that does not
+    /// end the stream, so no message a guest can repeat is free (a flood of
+    /// `Started` would otherwise pile up at a paused reader). Terminal
+    /// messages and `Credit` cost nothing (one ends the stream; the other
+    /// is applied, never queued).
     pub fn credit_cost(&self) -> u64 {
         match self {
             GuestMsg::Stdout(b) | GuestMsg::Stderr(b) | GuestMsg::FileData(b) => b.len() as u64,
-            GuestMsg::Entries(e) => e.iter().map(DirEntry::wire_cost).sum(),
-            _ => 0,
+            GuestMsg::Entries(e) => e.iter().map(DirEntry::wire_cost).sum::<u64>() + MESSAGE_COST,
+            GuestMsg::FileStart(st) => {
+                MESSAGE_COST + st.link_target.as_ref().map_or(0, |t| t.len() as u64)
+            }
+            GuestMsg::Credit { .. } => 0,
+            m if m.is_terminal() => 0,
+            _ => MESSAGE_COST,
         }
     }
 }
@@ -383,6 +393,10 @@ pub struct ErrorInfo {
     pub kind: ErrorKind,
     pub message: String,
 }
+
+/// What a non-data, non-terminal guest message (`Started`, `Attached`,
+/// `FileStart`, an `Entries` frame) costs against credit.
+pub const MESSAGE_COST: u64 = 64;
 
 /// Longest error message a peer sends; longer ones are cut (they may quote
 /// caller-supplied text such as a program name or a directory).
