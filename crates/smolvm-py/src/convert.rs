@@ -17,8 +17,8 @@ pub enum Out {
     Json(serde_json::Value),
     /// One event of a streamed command; `None` after its end.
     Event(Option<smolvm::sandbox::ExecEvent>),
-    /// A streamed command, started.
-    Stream(Box<smolvm::sandbox::ExecStream>),
+    /// A streamed command, started (and the id of its VM).
+    Stream(Box<smolvm::sandbox::ExecStream>, String),
 }
 
 impl Out {
@@ -56,7 +56,7 @@ impl Out {
                 .call_method1("loads", (v.to_string(),))?
                 .unbind(),
             Out::Event(ev) => event_tuple(py, ev)?,
-            Out::Stream(s) => Py::new(py, crate::Process::new(*s))?.into_any(),
+            Out::Stream(s, id) => Py::new(py, crate::Process::new(*s, id))?.into_any(),
         })
     }
 }

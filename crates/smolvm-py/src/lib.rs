@@ -370,7 +370,7 @@ impl Sandbox {
         let sb = self.handle()?;
         run_op(py, "run", self.id_owned(), done, async move {
             let s = sb.exec_stream(smolvm::Command::Argv(argv), &opts).await?;
-            Ok(Out::Stream(Box::new(s)))
+            Ok(Out::Stream(Box::new(s), sb.id().to_string()))
         })
     }
 
@@ -527,8 +527,10 @@ impl Sandbox {
         })
     }
 
-    /// Starts `argv` in the background; returns `(handle, pid)`.
-    #[pyo3(signature = (argv, env, cwd=None, timeout=None, done=None))]
+    /// Starts `argv` in the background; returns `(handle, pid)`. Its
+    /// stdin is a pipe (for `procs("stdin", ...)`) only with `stdin`.
+    #[pyo3(signature = (argv, env, cwd=None, timeout=None, stdin=false, done=None))]
+    #[allow(clippy::too_many_arguments)]
     fn spawn(
         &self,
         py: Python<'_>,
@@ -536,6 +538,7 @@ impl Sandbox {
         env: Vec<(String, String)>,
         cwd: Option<String>,
         timeout: Option<f64>,
+        stdin: bool,
         done: Option<Py<PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         if argv.is_empty() {
@@ -554,6 +557,7 @@ impl Sandbox {
             env,
             workdir: cwd,
             timeout,
+            open_stdin: stdin,
             ..Default::default()
         };
         let sb = self.handle()?;
@@ -574,7 +578,10 @@ impl Sandbox {
     ) -> PyResult<Py<PyAny>> {
         let sb = self.handle()?;
         run_op(py, "attach", self.id_owned(), done, async move {
-            Ok(Out::Stream(Box::new(sb.attach(handle, from).await?)))
+            Ok(Out::Stream(
+                Box::new(sb.attach(handle, from).await?),
+                sb.id().to_string(),
+            ))
         })
     }
 
@@ -639,14 +646,24 @@ fn tree_json(t: &smolvm::sandbox::TreeSummary) -> serde_json::Value {
 pub struct Process {
     stream: Arc<tokio::sync::Mutex<Option<smolvm::sandbox::ExecStream>>>,
     stdin: smolvm::sandbox::StreamWriter,
+    id: String,
 }
 
 impl Process {
-    pub fn new(s: smolvm::sandbox::ExecStream) -> Process {
+    pub fn new(s: smolvm::sandbox::ExecStream, id: String) -> Process {
         let stdin = s.stdin();
         Process {
             stream: Arc::new(tokio::sync::Mutex::new(Some(s))),
             stdin,
+            id,
+        }
+    }
+
+    fn err(&self) -> impl Fn(smolvm::sandbox::ClientError) -> smolvm::Error + Send + 'static {
+        let id = self.id.clone();
+        move |source| smolvm::Error::Client {
+            id: id.clone(),
+            source,
         }
     }
 }
@@ -656,19 +673,13 @@ impl Process {
     /// The next event (see `convert::event_tuple`); None after the end.
     #[pyo3(signature = (done=None))]
     fn next(&self, py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
-        let s = self.stream.clone();
-        run_op(py, "run", None, done, async move {
+        let (s, err) = (self.stream.clone(), self.err());
+        run_op(py, "run", Some(self.id.clone()), done, async move {
             let mut g = s.lock().await;
             let Some(st) = g.as_mut() else {
                 return Ok(Out::Event(None));
             };
-            match st.next().await {
-                Ok(ev) => Ok(Out::Event(ev)),
-                Err(source) => Err(smolvm::Error::Client {
-                    id: String::new(),
-                    source,
-                }),
-            }
+            st.next().await.map(Out::Event).map_err(err)
         })
     }
 
@@ -679,40 +690,27 @@ impl Process {
         data: Vec<u8>,
         done: Option<Py<PyAny>>,
     ) -> PyResult<Py<PyAny>> {
-        let w = self.stdin.clone();
-        run_op(py, "write_stdin", None, done, async move {
-            w.write(&data)
-                .await
-                .map_err(|source| smolvm::Error::Client {
-                    id: String::new(),
-                    source,
-                })?;
+        let (w, err) = (self.stdin.clone(), self.err());
+        run_op(py, "write_stdin", Some(self.id.clone()), done, async move {
+            w.write(&data).await.map_err(err)?;
             Ok(Out::None)
         })
     }
 
     #[pyo3(signature = (done=None))]
     fn close_stdin(&self, py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
-        let w = self.stdin.clone();
-        run_op(py, "close_stdin", None, done, async move {
-            w.close().await.map_err(|source| smolvm::Error::Client {
-                id: String::new(),
-                source,
-            })?;
+        let (w, err) = (self.stdin.clone(), self.err());
+        run_op(py, "close_stdin", Some(self.id.clone()), done, async move {
+            w.close().await.map_err(err)?;
             Ok(Out::None)
         })
     }
 
     #[pyo3(signature = (signal, done=None))]
     fn signal(&self, py: Python<'_>, signal: i32, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
-        let w = self.stdin.clone();
-        run_op(py, "signal", None, done, async move {
-            w.signal(signal)
-                .await
-                .map_err(|source| smolvm::Error::Client {
-                    id: String::new(),
-                    source,
-                })?;
+        let (w, err) = (self.stdin.clone(), self.err());
+        run_op(py, "signal", Some(self.id.clone()), done, async move {
+            w.signal(signal).await.map_err(err)?;
             Ok(Out::None)
         })
     }
@@ -725,20 +723,17 @@ impl Process {
         cols: u16,
         done: Option<Py<PyAny>>,
     ) -> PyResult<Py<PyAny>> {
-        let w = self.stdin.clone();
-        run_op(py, "resize", None, done, async move {
-            w.resize(rows, cols)
-                .await
-                .map_err(|source| smolvm::Error::Client {
-                    id: String::new(),
-                    source,
-                })?;
+        let (w, err) = (self.stdin.clone(), self.err());
+        run_op(py, "resize", Some(self.id.clone()), done, async move {
+            w.resize(rows, cols).await.map_err(err)?;
             Ok(Out::None)
         })
     }
 
-    /// Stops reading: the guest process is killed (cancelled).
+    /// Stops reading: the guest process is killed (an attach detaches).
+    /// Works while another thread waits in `next` (which then ends).
     fn cancel(&self) {
+        runtime::enter(|| self.stdin.cancel());
         if let Ok(mut g) = self.stream.try_lock() {
             g.take();
         }

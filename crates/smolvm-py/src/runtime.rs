@@ -21,6 +21,18 @@ thread_local! {
 /// has none of its threads, so it gets a runtime of its own.
 static RUNTIME: Mutex<Option<(u32, Arc<Runtime>)>> = Mutex::new(None);
 
+/// Runs `f` inside this process's runtime (for calls that may spawn a
+/// task), or without one when it cannot start.
+pub fn enter<R>(f: impl FnOnce() -> R) -> R {
+    match runtime() {
+        Ok(rt) => {
+            let _g = rt.enter();
+            f()
+        }
+        Err(_) => f(),
+    }
+}
+
 fn runtime() -> PyResult<Arc<Runtime>> {
     let mut g = RUNTIME.lock().unwrap_or_else(|p| p.into_inner());
     let pid = std::process::id();

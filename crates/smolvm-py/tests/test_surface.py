@@ -277,7 +277,7 @@ def test_background_process_reattached_from_another_process(running_vm):
 
 
 def test_background_process_stdin_and_dropped_output(running_vm):
-    cat = running_vm.spawn(["cat"])
+    cat = running_vm.spawn(["cat"], stdin=True)
     cat.write_stdin("line one\n")
     cat.write_stdin(b"line two\n")
     cat.close_stdin()
@@ -307,3 +307,36 @@ def test_async_file_transfer_and_port(running_vm, tmp_path):
 
     assert asyncio.run(go()) == (12, 12)
     assert (tmp_path / "b.txt").read_text() == "async hello\n"
+
+
+def test_background_wait_times_out_and_close_kills(running_vm):
+    from smolvm import ProcessNotFoundError
+
+    quiet = running_vm.spawn("exec sleep 300", shell="raw")
+    t = time.monotonic()
+    with pytest.raises(OperationTimeoutError):
+        quiet.wait(timeout=1)
+    assert time.monotonic() - t < 10, "wait(timeout) must not wait for output"
+    assert quiet.info().running, "a timed-out wait leaves it running"
+    quiet.kill()
+    assert quiet.wait(timeout=60).exit_code == 128 + 9
+    # Without stdin=True its stdin is /dev/null: a reader sees EOF at once.
+    r = running_vm.spawn("cat; echo eof-seen", shell="raw").wait(timeout=60)
+    assert r.stdout == "eof-seen\n"
+    with pytest.raises(ProcessNotFoundError):
+        running_vm.attach(999_999)
+    # Closing a terminal session kills its process, even while a reader
+    # thread waits in it.
+    with running_vm.pty(["sh", "-c", "echo ready; exec sleep 300"]) as t:
+        t.read_until("ready", timeout=30)
+    deadline = time.monotonic() + 30
+    while running_vm.run("pgrep -x -f 'sleep 300' || true", shell="raw").output:
+        assert time.monotonic() < deadline, "the closed terminal's process still runs"
+        time.sleep(0.3)
+
+
+def test_callbacks_respect_max_output(running_vm):
+    seen = []
+    r = running_vm.run("head -c 100000 /dev/zero | tr '\\0' a", shell="raw", max_output=1000, on_stdout=seen.append)
+    assert len(r.stdout) == 1000 and r.truncated
+    assert sum(len(s) for s in seen) == 100000

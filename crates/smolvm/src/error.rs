@@ -58,6 +58,9 @@ pub enum ErrorKind {
     PermissionDenied,
     /// A filesystem is full.
     NoSpace,
+    /// No background process with that handle (never started in this
+    /// boot of the VM, or forgotten).
+    ProcessNotFound,
 }
 
 impl ErrorKind {
@@ -83,6 +86,7 @@ impl ErrorKind {
             ErrorKind::PathExists => "path_exists",
             ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::NoSpace => "no_space",
+            ErrorKind::ProcessNotFound => "process_not_found",
         }
     }
 }

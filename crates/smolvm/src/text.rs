@@ -12,8 +12,21 @@ use std::path::Path;
 /// True for characters a terminal may act on: C0 and C1 controls, DEL, and
 /// the Unicode bidirectional overrides and isolates (which reorder what is
 /// shown, "Trojan Source").
+/// Control characters, and the invisible ones that reorder or break what a
+/// terminal shows (bidi embeddings, overrides, isolates and marks; line and
+/// paragraph separators).
 fn is_dangerous(c: char) -> bool {
-    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    c.is_control()
+        || matches!(
+            c,
+            '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{061c}'
+                | '\u{2028}'
+                | '\u{2029}'
+        )
 }
 
 fn push_escaped(out: &mut String, c: char) {
@@ -140,6 +153,10 @@ mod tests {
         );
         assert!(!e.chars().any(|c| c.is_control() && c != '\n'));
         assert_eq!(escape_line("a\nb\tc\x7f"), "a\\x0ab\\x09c\\x7f");
+        assert_eq!(
+            escape_line("x\u{200f}y\u{2028}z\u{061c}"),
+            "x\\u{200f}y\\u{2028}z\\u{61c}"
+        );
         assert_eq!(escape_multiline("lone\rcr"), "lone\\x0dcr");
         assert_eq!(escape_multiline("tab\tünïcode"), "tab\tünïcode");
     }

@@ -580,7 +580,7 @@ async fn background_process_outlives_its_client(vm: &Sandbox) -> Result<(), Stri
         .await
         .err()
         .ok_or("a forgotten handle")?;
-    check_eq!(e.kind(), ErrorKind::NotFound);
+    check_eq!(e.kind(), ErrorKind::ProcessNotFound);
     Ok(())
 }
 

@@ -26,12 +26,36 @@ fn guest_spec(s: &str) -> Option<(&str, &str)> {
     Some((id, path))
 }
 
+/// A guest path must be absolute; a relative one may be a local file
+/// with a `:` in its name.
+fn check_spec(spec: &str, path: &str) -> anyhow::Result<()> {
+    if !path.starts_with('/') {
+        anyhow::bail!(
+            "{spec:?}: the guest path must be absolute (e.g. {}:/root/{}); a local file whose name has a ':' is written ./{spec}",
+            spec.split(':').next().unwrap_or(""),
+            path.trim_start_matches("./").trim_start_matches("~/")
+        );
+    }
+    Ok(())
+}
+
+/// The last component of a guest path, refused when it is not a name
+/// (`/`, `.`, `..`): the destination must then be named.
+fn guest_basename(p: &str) -> anyhow::Result<&str> {
+    let b = basename(p);
+    if b.is_empty() || b == "." || b == ".." {
+        anyhow::bail!("{p:?} has no name to copy under; name the destination (e.g. ./out)");
+    }
+    Ok(b)
+}
+
 fn basename(p: &str) -> &str {
     p.trim_end_matches('/').rsplit('/').next().unwrap_or(p)
 }
 
 pub async fn cp(a: CpArgs) -> anyhow::Result<u8> {
     let t = Instant::now();
+    let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     let (summary, bytes) = match (guest_spec(&a.src), guest_spec(&a.dst)) {
         (Some(_), Some(_)) => anyhow::bail!(
             "both paths are in sandboxes; copy through the host (smolvm cp ID:/a LOCAL, then smolvm cp LOCAL ID2:/b)"
@@ -40,6 +64,7 @@ pub async fn cp(a: CpArgs) -> anyhow::Result<u8> {
             "neither path names a sandbox; write the guest side as ID:/path (e.g. smolvm cp ./file sbx-1234abcd:/root/)"
         ),
         (None, Some((id, gpath))) => {
+            check_spec(&a.dst, gpath)?;
             let sbx = Sandbox::from_id(id).await?;
             let local = PathBuf::from(&a.src);
             let md = std::fs::symlink_metadata(&local)
@@ -58,18 +83,29 @@ pub async fn cp(a: CpArgs) -> anyhow::Result<u8> {
             }
             if md.is_dir() {
                 let s = sbx.upload_dir(&local, &dest).await?;
-                (format!("{} files, {} directories, {} symlinks", s.files, s.dirs, s.symlinks), s.bytes)
+                (
+                    format!(
+                        "{}, {}, {}",
+                        plural(s.files, "file", "files"),
+                        plural(s.dirs, "directory", "directories"),
+                        plural(s.symlinks, "symlink", "symlinks")
+                    ),
+                    s.bytes,
+                )
             } else {
                 let n = sbx.upload_file(&local, &dest, false).await?;
                 (format!("1 file to {id}:{dest}"), n)
             }
         }
         (Some((id, gpath)), None) => {
+            check_spec(&a.src, gpath)?;
             let sbx = Sandbox::from_id(id).await?;
             let st = sbx.stat(gpath, true).await?;
             let mut local = PathBuf::from(&a.dst);
             if Path::new(&a.dst).is_dir() {
-                local = local.join(basename(gpath));
+                local = local.join(guest_basename(gpath)?);
+            } else if a.dst.ends_with('/') {
+                anyhow::bail!("{} is not a directory (create it first, or drop the trailing /)", a.dst);
             }
             if st.kind == smolvm::sandbox::FileKind::Dir {
                 let s = sbx.download_dir(gpath, &local).await?;
@@ -79,7 +115,12 @@ pub async fn cp(a: CpArgs) -> anyhow::Result<u8> {
                     String::new()
                 };
                 (
-                    format!("{} files, {} directories, {} symlinks{skipped}", s.files, s.dirs, s.symlinks),
+                    format!(
+                        "{}, {}, {}{skipped}",
+                        plural(s.files, "file", "files"),
+                        plural(s.dirs, "directory", "directories"),
+                        plural(s.symlinks, "symlink", "symlinks")
+                    ),
                     s.bytes,
                 )
             } else {

@@ -36,8 +36,9 @@ fn signal_number(s: &str) -> anyhow::Result<i32> {
             return Ok(n);
         }
     }
-    let name = s.trim_start_matches("SIG").to_ascii_uppercase();
-    Ok(match name.as_str() {
+    let upper = s.to_ascii_uppercase();
+    let name = upper.trim_start_matches("SIG");
+    Ok(match name {
         "HUP" => libc::SIGHUP,
         "INT" => libc::SIGINT,
         "QUIT" => libc::SIGQUIT,

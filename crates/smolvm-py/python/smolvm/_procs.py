@@ -72,18 +72,24 @@ class BackgroundProcess:
             if p.handle == self.handle:
                 return p
         raise _from_native(
-            "not_found",
+            "process_not_found",
             f"no background process {self.handle} in VM '{self._vm.vm_id}' (forgotten, or the VM restarted)",
             self._vm.vm_id,
             None,
             "processes",
         )
 
+    def _cancel_attach(self) -> None:
+        proc = getattr(self, "_attach", None)
+        if proc is not None:
+            proc.cancel()
+
     def stream(self, from_start: bool = True) -> Iterator[StreamEvent]:
         """Its output as events (all still buffered, or only new output),
         then ``exit``. Closing the generator detaches; the process runs on.
         A ``dropped`` event says how many bytes were no longer buffered."""
         proc = self._vm._blocking().attach(self.handle, 0 if from_start else None)
+        self._attach = proc
         dec = {k: codecs.getincrementaldecoder("utf-8")("replace") for k in ("stdout", "stderr")}
         try:
             while True:
@@ -113,35 +119,68 @@ class BackgroundProcess:
 
     def wait(self, timeout: Optional[float] = None) -> CommandResult:
         """Waits for it to end; returns its exit status and the output still
-        buffered (the last 1 MiB). :class:`OperationTimeoutError` after
-        ``timeout`` (it keeps running)."""
-        out = {"stdout": [], "stderr": []}  # type: dict
-        deadline = None if timeout is None else time.monotonic() + timeout
+        buffered (the last 1 MiB; ``truncated`` when older output was
+        dropped). :class:`OperationTimeoutError` after ``timeout`` (it keeps
+        running; wait again or :meth:`kill` it)."""
+        import queue
+        import threading
+
+        events: "queue.Queue" = queue.Queue()
         gen = self.stream(from_start=True)
+
+        def pump() -> None:
+            try:
+                for ev in gen:
+                    events.put(ev)
+            except BaseException as e:  # handed to the waiter
+                events.put(e)
+            finally:
+                events.put(None)
+
+        t = threading.Thread(target=pump, name=f"smolvm-wait-{self.handle}", daemon=True)
+        t.start()
+        out = {"stdout": [], "stderr": []}  # type: dict
+        truncated = False
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
-                if deadline is not None and time.monotonic() > deadline:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    ev = events.get(timeout=left)
+                except queue.Empty:
                     raise _from_native(
                         "timeout",
-                        f"VM '{self._vm.vm_id}': background process {self.handle} did not end within {timeout:g}s",
+                        f"VM '{self._vm.vm_id}': background process {self.handle} did not end within "
+                        f"{timeout:g}s; it keeps running",
                         self._vm.vm_id,
                         None,
                         "wait",
                         {"timeout_seconds": timeout},
-                    )
-                ev = next(gen, None)
+                    ) from None
                 if ev is None:
-                    raise _from_native("agent_unavailable", "the process stream ended early", self._vm.vm_id, None, "wait")
+                    raise _from_native(
+                        "agent_unavailable", "the process stream ended early", self._vm.vm_id, None, "wait"
+                    )
+                if isinstance(ev, BaseException):
+                    raise ev
                 if ev.type in out:
                     out[ev.type].append(ev.data)
+                elif ev.type == "dropped":
+                    truncated = True
                 elif ev.type == "exit":
                     return CommandResult(
                         exit_code=ev.exit_code if ev.exit_code is not None else 255,
                         stdout="".join(out["stdout"]),
                         stderr="".join(out["stderr"]),
+                        truncated=truncated,
                     )
         finally:
-            gen.close()
+            # Detach: the pump's attach is cancelled even mid-wait.
+            try:
+                gen.close()
+            except ValueError:  # the pump thread is inside it: cancel under it
+                self._cancel_attach()
+            t.join(timeout=5)
 
     def write_stdin(self, data: Union[bytes, str]) -> None:
         """Writes to its stdin (paced by the process)."""

@@ -47,34 +47,36 @@ class PtySession:
     def read(self, timeout: Optional[float] = None) -> bytes:
         """The next output bytes; ``b""`` once the process ended.
         :class:`OperationTimeoutError` when nothing came within ``timeout``."""
-        if self._done.is_set():
-            return b""
-        try:
-            kind, payload = self._events.get(timeout=timeout)
-        except queue.Empty:
-            raise _from_native(
-                "timeout",
-                f"VM '{self._vm_id}': no terminal output within {timeout:g}s",
-                self._vm_id,
-                None,
-                "pty",
-                {"timeout_seconds": timeout},
-            ) from None
-        if kind == "stdout":
-            return payload
-        if kind == "started":
-            return self.read(timeout)
-        if kind == "exit":
-            code, signal, _timed_out, _ms = payload
-            self._exit = code if code is not None else (128 + signal if signal is not None else 255)
-            return self.read(timeout)
-        if kind == "raise":
-            self._done.set()
-            raise payload
-        if kind == "error":
-            self._done.set()
-            raise _from_native(payload[0], payload[1], self._vm_id, None, "pty")
-        self._done.set()
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done.is_set():
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                kind, payload = self._events.get(timeout=left)
+            except queue.Empty:
+                raise _from_native(
+                    "timeout",
+                    f"VM '{self._vm_id}': no terminal output within {timeout:g}s",
+                    self._vm_id,
+                    None,
+                    "pty",
+                    {"timeout_seconds": timeout},
+                ) from None
+            if kind == "stdout":
+                return payload
+            if kind == "exit":
+                code, signal, _timed_out, _ms = payload
+                self._exit = code if code is not None else (128 + signal if signal is not None else 255)
+            elif kind == "raise":
+                self._done.set()
+                raise payload
+            elif kind == "error":
+                self._done.set()
+                raise _from_native(payload[0], payload[1], self._vm_id, None, "pty")
+            elif kind == "end":
+                self._done.set()
+            # "started" and anything else: nothing to hand back.
         return b""
 
     def read_until(self, marker: Union[bytes, str], timeout: float = 30.0) -> bytes:
@@ -118,8 +120,18 @@ class PtySession:
         while not self._done.is_set():
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if left == 0.0:
-                raise OperationTimeoutError(f"VM '{self._vm_id}': the terminal's process did not end within {timeout:g}s")
-            self.read(timeout=left)
+                raise _from_native(
+                    "timeout",
+                    f"VM '{self._vm_id}': the terminal's process did not end within {timeout:g}s",
+                    self._vm_id,
+                    None,
+                    "pty",
+                    {"timeout_seconds": timeout},
+                )
+            try:
+                self.read(timeout=left)
+            except OperationTimeoutError:
+                continue
         return self._exit if self._exit is not None else 255
 
     @property

@@ -643,7 +643,8 @@ class SmolVM:
                 commands (the VM is going away) or failed the request.
         """
         if on_stdout is not None or on_stderr is not None:
-            return self._run_with_callbacks(command, timeout, shell, env, cwd, on_stdout, on_stderr)
+            cap = _max_output(max_output, self.vm_id)
+            return self._run_with_callbacks(command, timeout, shell, env, cwd, on_stdout, on_stderr, cap)
         argv, env_items, cwd, t = self._exec_args(command, timeout, shell, env, cwd)
         cap = _max_output(max_output, self.vm_id)
         _no_running_loop("run")
@@ -720,14 +721,24 @@ class SmolVM:
         cwd: Optional[str],
         on_stdout: Optional[Callable[[str], Any]],
         on_stderr: Optional[Callable[[str], Any]],
+        cap: Optional[int] = None,
     ) -> CommandResult:
         out: Dict[str, List[str]] = {"stdout": [], "stderr": []}
+        kept = {"stdout": 0, "stderr": 0}
+        truncated = False
         code = 255
         start = time.monotonic()
         try:
             for ev in self.run_stream(command, timeout, shell, env, cwd):
                 if ev.type in out:
-                    out[ev.type].append(ev.data)
+                    # Callbacks see everything; the result keeps at most
+                    # `cap` characters a stream.
+                    room = (cap - kept[ev.type]) if cap is not None else len(ev.data)
+                    if room < len(ev.data):
+                        truncated = True
+                    if room > 0:
+                        out[ev.type].append(ev.data[:room])
+                        kept[ev.type] += min(room, len(ev.data))
                     cb = on_stdout if ev.type == "stdout" else on_stderr
                     if cb is not None:
                         cb(ev.data)
@@ -742,6 +753,7 @@ class SmolVM:
             stdout="".join(out["stdout"]),
             stderr="".join(out["stderr"]),
             duration_ms=int((time.monotonic() - start) * 1000),
+            truncated=truncated,
         )
 
     def pty(
@@ -774,16 +786,18 @@ class SmolVM:
         env: Optional[Mapping[str, str]] = None,
         cwd: Optional[str] = None,
         timeout: Optional[float] = None,
+        stdin: bool = False,
     ) -> "BackgroundProcess":
         """Starts ``command`` in the background and returns at once. It runs
         on when this handle, this Python process or the connection go away;
         re-attach from anywhere with :meth:`attach` (``proc.handle``). Its
         output is kept in the guest (the last 1 MiB). ``timeout`` still
-        kills it (None: no limit)."""
+        kills it (None: no limit). Its stdin is ``/dev/null`` unless
+        ``stdin=True`` (then feed it with ``write_stdin``/``close_stdin``)."""
         from ._procs import BackgroundProcess
 
         argv, env_items, cwd, t = self._exec_args(command, timeout, shell, env, cwd)
-        handle, pid = self._blocking().spawn(argv, env_items, cwd, t)
+        handle, pid = self._blocking().spawn(argv, env_items, cwd, t, bool(stdin))
         return BackgroundProcess(self, handle, pid)
 
     def processes(self) -> List["ProcessInfo"]:
@@ -794,7 +808,7 @@ class SmolVM:
 
     def attach(self, handle: int) -> "BackgroundProcess":
         """A background process by its handle (from :meth:`spawn`, in any
-        process): :class:`VMNotFoundError`-like ``not_found`` if unknown."""
+        process); :class:`ProcessNotFoundError` if unknown."""
         from ._procs import BackgroundProcess
 
         if not isinstance(handle, int) or handle <= 0:

@@ -212,7 +212,15 @@ class GuestFileError(SmolVMError):
     kind = "path_not_found"
 
 
+class ProcessNotFoundError(SmolVMError):
+    """No background process with that handle in the VM (never started in
+    this boot, or forgotten: the last 32 finished ones are kept)."""
+
+    kind = "process_not_found"
+
+
 _BY_KIND: dict[str, type[SmolVMError]] = {
+    "process_not_found": ProcessNotFoundError,
     "path_not_found": GuestFileError,
     "path_exists": GuestFileError,
     "permission_denied": GuestFileError,

@@ -26,6 +26,11 @@ use tokio::io::AsyncReadExt;
 pub const MAX_TREE_ENTRIES: usize = 1_000_000;
 /// Deepest directory nesting a transfer follows.
 const MAX_TREE_DEPTH: usize = 256;
+/// The most bytes of names and symlink targets a tree download holds.
+const MAX_TREE_NAME_BYTES: usize = 256 * 1024 * 1024;
+/// How long one filesystem request may take before the guest is deemed
+/// unresponsive (a sync of a large dirty cache under emulation included).
+const OP_DEADLINE: Duration = Duration::from_secs(300);
 
 /// What a directory transfer moved.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -84,7 +89,43 @@ fn guest_join(dir: &str, name: &str) -> String {
 /// A name from the guest is used on the host only when it is one plain
 /// path component.
 fn safe_name(name: &str) -> bool {
-    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\0')
+}
+
+/// The umask of this process (read without changing it).
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
+}
+
+/// The mode a downloaded file or directory gets: the guest's permission
+/// bits without setuid/setgid/sticky, and never more than our umask allows
+/// (a guest cannot make a world-writable file on a shared host).
+fn local_mode(guest_mode: u32) -> u32 {
+    guest_mode & 0o777 & !umask()
+}
+
+/// Removes a temporary file unless disarmed (a dropped download leaves
+/// nothing behind).
+struct TempGuard(Option<PathBuf>);
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 fn unix_mtime_ns(md: &std::fs::Metadata) -> i64 {
@@ -102,16 +143,13 @@ fn set_local_mtime(path: &Path, mtime_ns: i64) -> std::io::Result<()> {
     f.set_modified(t)
 }
 
-/// A temporary name beside `dest` for an atomic write.
+/// A temporary name beside `dest` for an atomic write (short, whatever
+/// the name's length).
 fn temp_beside(dest: &Path) -> PathBuf {
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "download".into());
     let mut rnd = [0u8; 6];
     let _ = getrandom::fill(&mut rnd);
     let tag: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
-    dest.with_file_name(format!(".{name}.smolvm-{tag}"))
+    dest.with_file_name(format!(".smolvm-download-{tag}"))
 }
 
 impl Sandbox {
@@ -120,7 +158,25 @@ impl Sandbox {
         Error::GuestPath {
             id: self.id.clone(),
             kind: guest_kind(e.kind),
-            message: e.message,
+            // Guest text: on one line, escaped (it ends up on terminals).
+            message: crate::text::escape_line(&e.message),
+        }
+    }
+
+    /// A request's answer, within [`OP_DEADLINE`] (a frozen guest is a
+    /// timeout, not a hang).
+    async fn recv_op(&self, s: &mut AgentStream, what: &str) -> Result<GuestMsg> {
+        match tokio::time::timeout(OP_DEADLINE, s.recv()).await {
+            Ok(r) => r.map_err(|e| self.client_error(e)),
+            Err(_) => Err(Error::Timeout {
+                id: self.id.clone(),
+                what: format!("the guest did not answer a {what} request"),
+                after: OP_DEADLINE,
+                hint: format!(
+                    "the guest is not answering; `smolvm stop {0}` ends it (or `smolvm rm -f {0}`)",
+                    self.id
+                ),
+            }),
         }
     }
 
@@ -142,12 +198,7 @@ impl Sandbox {
     /// One `Op` request: its reply, or the guest's error.
     async fn op(&self, req: OpRequest) -> Result<OpReply> {
         let client = self.require_running().await?;
-        let mut s = self.stream(&client, HostMsg::Op(req)).await?;
-        match s.recv().await.map_err(|e| self.client_error(e))? {
-            GuestMsg::Op(r) => Ok(r),
-            GuestMsg::Error(e) => Err(self.guest_error(e)),
-            _ => Err(self.client_error(ClientError::Unexpected)),
-        }
+        self.op_with(&client, req).await
     }
 
     /// Metadata of a guest path (`follow`: of what a final symlink points to).
@@ -187,7 +238,7 @@ impl Sandbox {
             .await?;
         let mut out = Vec::new();
         loop {
-            match s.recv().await.map_err(|e| self.client_error(e))? {
+            match self.recv_op(&mut s, "directory listing").await? {
                 GuestMsg::Entries(e) => {
                     if out.len() + e.len() > MAX_TREE_ENTRIES {
                         return Err(Error::Invalid(format!(
@@ -298,7 +349,7 @@ impl Sandbox {
                 "{} is not a regular file{}",
                 local.display(),
                 if md.is_dir() {
-                    " (upload a directory with upload_dir / `smolvm cp -r`)"
+                    " (upload a directory with upload_dir / `smolvm cp`, which copies directories whole)"
                 } else {
                     ""
                 }
@@ -417,6 +468,7 @@ impl Sandbox {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .map_err(|e| Error::io(ctx(), e))?;
+        let mut guard = TempGuard(Some(tmp.clone()));
         let r = async {
             let mut total = 0u64;
             loop {
@@ -435,18 +487,16 @@ impl Sandbox {
                 }
             }
             file.sync_data().map_err(|e| Error::io(ctx(), e))?;
-            file.set_permissions(std::fs::Permissions::from_mode(stat.mode & 0o777))
+            file.set_permissions(std::fs::Permissions::from_mode(local_mode(stat.mode)))
                 .map_err(|e| Error::io(ctx(), e))?;
             let t = std::time::UNIX_EPOCH
                 + Duration::from_nanos(u64::try_from(stat.mtime_ns).unwrap_or(0));
             let _ = file.set_modified(t);
             std::fs::rename(&tmp, local).map_err(|e| Error::io(ctx(), e))?;
+            guard.0 = None;
             Ok(total)
         }
         .await;
-        if r.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
         r
     }
 
@@ -587,7 +637,7 @@ impl Sandbox {
 
     async fn op_with(&self, client: &SupervisorClient, req: OpRequest) -> Result<OpReply> {
         let mut s = self.stream(client, HostMsg::Op(req)).await?;
-        match s.recv().await.map_err(|e| self.client_error(e))? {
+        match self.recv_op(&mut s, "filesystem").await? {
             GuestMsg::Op(r) => Ok(r),
             GuestMsg::Error(e) => Err(self.guest_error(e)),
             _ => Err(self.client_error(ClientError::Unexpected)),
@@ -610,58 +660,88 @@ impl Sandbox {
                 "{guest_dir} is not a directory in the guest (download it as a file)"
             )));
         }
-        // Walk the guest tree first: (relative components, entry).
-        let mut dirs: Vec<(Vec<String>, FileStat)> = vec![(Vec::new(), root)];
-        let mut files: Vec<(Vec<String>, FileStat)> = Vec::new();
-        let mut links: Vec<(Vec<String>, String)> = Vec::new();
+        // Walk the guest tree first. Each node: (parent index, name, depth);
+        // node 0 is the root. Bounded: entries, name bytes, depth.
+        let mut nodes: Vec<(usize, String, usize)> = vec![(0, String::new(), 0)];
+        let mut dirs: Vec<(usize, FileStat)> = vec![(0, root)];
+        let mut files: Vec<usize> = Vec::new();
+        let mut links: Vec<(usize, String)> = Vec::new();
         let mut sum = TreeSummary::default();
+        let mut name_bytes = 0usize;
+        let too_big = |what: &str| {
+            Error::Invalid(format!(
+                "{guest_dir} is too large to download as a tree ({what}); copy parts of it"
+            ))
+        };
         let mut i = 0;
-        let mut total = 0usize;
         while i < dirs.len() {
-            let rel = dirs[i].0.clone();
+            let (node, _) = dirs[i];
             i += 1;
-            if rel.len() > MAX_TREE_DEPTH {
-                return Err(Error::Invalid(format!(
-                    "{guest_dir} nests deeper than {MAX_TREE_DEPTH} levels"
-                )));
-            }
-            let gpath = rel
-                .iter()
-                .fold(guest_dir.to_string(), |p, n| guest_join(&p, n));
+            let gpath = guest_path_of(&nodes, node, guest_dir);
+            let depth = nodes[node].2;
             for e in self.list_with(&client, &gpath).await? {
-                total += 1;
-                if total > MAX_TREE_ENTRIES {
-                    return Err(Error::Invalid(format!(
-                        "{guest_dir} has more than {MAX_TREE_ENTRIES} entries"
-                    )));
+                if nodes.len() > MAX_TREE_ENTRIES {
+                    return Err(too_big(&format!("more than {MAX_TREE_ENTRIES} entries")));
                 }
                 if !safe_name(&e.name) {
-                    // A guest that lists `..` or `a/b` is broken or hostile.
+                    // A guest that lists `..`, `a/b` or a 1 MB name is
+                    // broken or hostile.
                     return Err(Error::Invalid(format!(
-                        "the guest listed an unusable name {:?} in {gpath}; nothing more was written",
-                        crate::text::escape_line(&e.name)
+                        "the guest listed an unusable name {:?} in {}; nothing more was written",
+                        crate::text::escape_line(&e.name.chars().take(80).collect::<String>()),
+                        crate::text::escape_line(&gpath)
                     )));
                 }
-                let mut r = rel.clone();
-                r.push(e.name);
+                name_bytes += e.name.len();
+                if name_bytes > MAX_TREE_NAME_BYTES {
+                    return Err(too_big("its names"));
+                }
+                let idx = nodes.len();
                 match e.stat.kind {
-                    FileKind::Dir => dirs.push((r, e.stat)),
-                    FileKind::File => files.push((r, e.stat)),
+                    FileKind::Dir => {
+                        if depth + 1 > MAX_TREE_DEPTH {
+                            return Err(too_big(&format!(
+                                "nested deeper than {MAX_TREE_DEPTH} levels"
+                            )));
+                        }
+                        nodes.push((node, e.name, depth + 1));
+                        dirs.push((idx, e.stat));
+                    }
+                    FileKind::File => {
+                        nodes.push((node, e.name, depth + 1));
+                        files.push(idx);
+                    }
                     FileKind::Symlink => match e.stat.link_target {
-                        Some(t) if !t.contains('\0') => links.push((r, t)),
+                        Some(t) if !t.contains('\0') && t.len() <= 4096 => {
+                            name_bytes += t.len();
+                            nodes.push((node, e.name, depth + 1));
+                            links.push((idx, t));
+                        }
                         _ => sum.skipped += 1,
                     },
                     FileKind::Other => sum.skipped += 1,
                 }
             }
         }
+        let local_of = |node: usize| -> PathBuf {
+            let mut parts = Vec::new();
+            let mut n = node;
+            while n != 0 {
+                parts.push(nodes[n].1.as_str());
+                n = nodes[n].0;
+            }
+            parts
+                .iter()
+                .rev()
+                .fold(local.to_path_buf(), |p, c| p.join(c))
+        };
         // Directories, parents first. Each must end up a real directory.
-        for (rel, _) in &dirs {
-            let p = rel.iter().fold(local.to_path_buf(), |p, n| p.join(n));
+        for (node, _) in &dirs {
+            let p = local_of(*node);
             match std::fs::create_dir(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) if rel.is_empty() && e.kind() == std::io::ErrorKind::NotFound => {
+                Err(e) if *node == 0 && e.kind() == std::io::ErrorKind::NotFound => {
                     std::fs::create_dir_all(&p)
                         .map_err(|e| Error::io(format!("cannot create {}", p.display()), e))?;
                 }
@@ -677,16 +757,14 @@ impl Sandbox {
             }
             sum.dirs += 1;
         }
-        for (rel, _) in &files {
-            let gpath = rel
-                .iter()
-                .fold(guest_dir.to_string(), |p, n| guest_join(&p, n));
-            let p = rel.iter().fold(local.to_path_buf(), |p, n| p.join(n));
+        for node in &files {
+            let gpath = guest_path_of(&nodes, *node, guest_dir);
+            let p = local_of(*node);
             sum.bytes += self.download_with(&client, &gpath, &p, None).await?;
             sum.files += 1;
         }
-        for (rel, target) in &links {
-            let p = rel.iter().fold(local.to_path_buf(), |p, n| p.join(n));
+        for (node, target) in &links {
+            let p = local_of(*node);
             if let Ok(md) = std::fs::symlink_metadata(&p) {
                 if md.file_type().is_symlink() || md.is_file() {
                     let _ = std::fs::remove_file(&p);
@@ -697,11 +775,26 @@ impl Sandbox {
             sum.symlinks += 1;
         }
         // Directory modes and mtimes last, deepest first.
-        for (rel, st) in dirs.iter().rev() {
-            let p = rel.iter().fold(local.to_path_buf(), |p, n| p.join(n));
-            let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(st.mode & 0o777));
+        for (node, st) in dirs.iter().rev() {
+            let p = local_of(*node);
+            let _ =
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(local_mode(st.mode)));
             let _ = set_local_mtime(&p, st.mtime_ns);
         }
         Ok(sum)
     }
+}
+
+/// The guest path of a node of a walked tree.
+fn guest_path_of(nodes: &[(usize, String, usize)], node: usize, root: &str) -> String {
+    let mut parts = Vec::new();
+    let mut n = node;
+    while n != 0 {
+        parts.push(nodes[n].1.as_str());
+        n = nodes[n].0;
+    }
+    parts
+        .iter()
+        .rev()
+        .fold(root.to_string(), |p, c| guest_join(&p, c))
 }

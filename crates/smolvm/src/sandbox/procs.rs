@@ -77,12 +77,14 @@ impl Sandbox {
                 let e: super::GuestError = e.into();
                 Err(Error::Exec {
                     id: self.id.clone(),
+                    // The agent's NotFound for a process request is
+                    // always the handle.
                     kind: if e.message.starts_with("no background process") {
-                        crate::ErrorKind::NotFound
+                        crate::ErrorKind::ProcessNotFound
                     } else {
                         e.kind
                     },
-                    message: e.message,
+                    message: crate::text::escape_line(&e.message),
                 })
             }
             _ => Err(self.client_err(ClientError::Unexpected)),

@@ -90,7 +90,8 @@ impl From<smolvm_proto::ErrorInfo> for GuestError {
         };
         GuestError {
             kind,
-            message: e.message,
+            // Guest text: on one line, escaped (it ends up on terminals).
+            message: crate::text::escape_line(&e.message),
         }
     }
 }

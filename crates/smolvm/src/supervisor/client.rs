@@ -79,16 +79,14 @@ struct Lanes {
     data: mpsc::Sender<Vec<u8>>,
 }
 
+/// True for the control lane. `Cancel` is not: it must never overtake the
+/// request it cancels (which travels in the data lane).
 fn lane_of(msg: &ClientMsg) -> bool {
     matches!(
         msg,
         ClientMsg::Control(_)
             | ClientMsg::Agent(
-                HostMsg::Credit { .. }
-                    | HostMsg::Cancel
-                    | HostMsg::Ping { .. }
-                    | HostMsg::Op(_)
-                    | HostMsg::Resize(_)
+                HostMsg::Credit { .. } | HostMsg::Ping { .. } | HostMsg::Op(_) | HostMsg::Resize(_)
             )
     )
 }
@@ -278,17 +276,24 @@ impl SupervisorClient {
         tx.send(b).await.map_err(|_| ClientError::Closed)
     }
 
-    /// Queues a frame without waiting (from `Drop`); dropped when the lane
-    /// is full or closed.
+    /// Queues a frame without waiting (from `Drop`): when the lane is full,
+    /// a task sends it as soon as there is room (a lost `Cancel` would leak
+    /// the guest process).
     fn send_now(&self, stream: u32, msg: ClientMsg) {
         let control = lane_of(&msg);
         if let Ok(b) = encode_frame(&Frame::new(stream, msg)) {
             let tx = if control {
-                &self.tx.control
+                self.tx.control.clone()
             } else {
-                &self.tx.data
+                self.tx.data.clone()
             };
-            let _ = tx.try_send(b);
+            if let Err(mpsc::error::TrySendError::Full(b)) = tx.try_send(b) {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        let _ = tx.send(b).await;
+                    });
+                }
+            }
         }
     }
 
@@ -492,6 +497,15 @@ impl StreamWriter {
                 ClientMsg::Agent(HostMsg::Resize(smolvm_proto::PtySize { rows, cols })),
             )
             .await
+    }
+
+    /// Ends the stream from any task: the guest kills the process (or
+    /// drops the transfer, or detaches an attach), and the reader of the
+    /// stream sees it closed at once.
+    pub fn cancel(&self) {
+        self.client
+            .send_now(self.stream, ClientMsg::Agent(HostMsg::Cancel));
+        self.client.close(self.stream);
     }
 }
 

@@ -201,12 +201,24 @@ async fn client_conn(
         s.clients.remove(&client);
         s.routes.drain_client(client)
     };
-    for g in orphans {
-        if let Some(b) = frame(g, HostMsg::Cancel) {
-            let _ = agent_tx.send(b, Lane::Control).await;
-        }
-    }
     drop(tx);
+    // Bounded: a guest that stops reading its channel must not keep this
+    // task (and its socket) alive forever.
+    let cancels = async {
+        for g in orphans {
+            if let Some(b) = frame(g, HostMsg::Cancel) {
+                if agent_tx.send(b, Lane::Data).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(5), cancels)
+        .await
+        .is_err()
+    {
+        log!("client {client}: the guest does not take the cancels of its streams");
+    }
     // Let the writer flush what is queued, but never wait forever on a
     // client that holds its socket open without reading.
     let mut writer = writer;
@@ -280,10 +292,11 @@ async fn forward_to_agent(
             }
             HostMsg::Cancel => {
                 // Nothing more comes back on a cancelled stream: close it
-                // here, so late frames from the guest are dropped.
+                // here, so late frames from the guest are dropped. In the
+                // data lane: it must not overtake its own request.
                 let g = s.routes.global(client, stream).ok_or_else(no_stream)?;
                 s.routes.close(g);
-                (g, msg, Lane::Control)
+                (g, msg, Lane::Data)
             }
             HostMsg::Resize(_) => {
                 let g = s.routes.global(client, stream).ok_or_else(no_stream)?;
