@@ -112,7 +112,7 @@ fn cancel_kills_the_process_and_ends_the_stream_silently() {
     assert!(process_gone(pid, WAIT), "cancel must kill the process");
     // A cancelled stream that was held (waiting for credit) ends too.
     a.hold(2);
-    a.send(2, HostMsg::Exec(shell("head -c 1000000 /dev/zero")));
+    a.send(2, HostMsg::Exec(shell("head -c 5000000 /dev/zero")));
     a.wait_until(2, WAIT, |m| data_bytes(m) >= u64::from(STREAM_WINDOW));
     a.send(2, HostMsg::Cancel);
     std::thread::sleep(Duration::from_millis(300));

@@ -44,7 +44,7 @@ pub const PROTOCOL_VERSION: u32 = 2;
 /// peer may send on a new stream before the receiver hands credit back, and
 /// the most a receiver ever has outstanding (it never grants past it). So
 /// it bounds what one stream can make either side buffer.
-pub const STREAM_WINDOW: u32 = 256 * 1024;
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
 
 /// Largest payload of a single frame, in bytes. A peer announcing more is
 /// broken or hostile; the connection is dropped.

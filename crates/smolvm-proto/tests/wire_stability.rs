@@ -709,7 +709,7 @@ fn protocol_constants_are_pinned() {
     );
     assert_eq!(
         STREAM_WINDOW,
-        256 * 1024,
+        1024 * 1024,
         "STREAM_WINDOW changed: {BUMP_AGENT}"
     );
     assert_eq!(HEADER_LEN, 4, "HEADER_LEN changed: {BUMP_AGENT}");

@@ -398,9 +398,9 @@ mod tests {
                 b.extend(junk);
                 r.peer.write_all(&b).await.unwrap();
             }
-            // 64 streams each flooding their whole window, the client never
+            // 16 streams each flooding their whole window, the client never
             // granting: all of it is taken without waiting on the client.
-            let globals: Vec<u32> = (1..=64)
+            let globals: Vec<u32> = (1..=16)
                 .map(|s| lock(&r.shared).routes.open(7, s).unwrap())
                 .collect();
             let chunk = GuestMsg::Stdout(Bytes(vec![b'x'; 64 * 1024]));
