@@ -340,3 +340,26 @@ def test_callbacks_respect_max_output(running_vm):
     r = running_vm.run("head -c 100000 /dev/zero | tr '\\0' a", shell="raw", max_output=1000, on_stdout=seen.append)
     assert len(r.stdout) == 1000 and r.truncated
     assert sum(len(s) for s in seen) == 100000
+
+
+def test_async_run_stream(running_vm):
+    import asyncio
+
+    async def go():
+        got = []
+        async for ev in running_vm.async_run_stream("echo one; sleep 0.5; echo two >&2; exit 5", shell="raw"):
+            got.append((ev.type, ev.data, ev.exit_code))
+        # Leaving the loop early kills the command.
+        async for ev in running_vm.async_run_stream("echo go; exec sleep 88", shell="raw"):
+            if ev.type == "stdout":
+                break
+        return got
+
+    got = asyncio.run(go())
+    assert got[0][0] == "started"
+    assert ("stdout", "one\n", None) in got and ("stderr", "two\n", None) in got
+    assert got[-1] == ("exit", "", 5)
+    deadline = time.monotonic() + 20
+    while running_vm.run("pgrep -x -f 'sleep 88' || true", shell="raw").output:
+        assert time.monotonic() < deadline, "the abandoned async command still runs"
+        time.sleep(0.2)

@@ -8,7 +8,19 @@ import time
 import warnings
 import logging
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    AsyncIterator,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Union,
+)
 
 from . import _aio, _native
 from .exceptions import (
@@ -179,6 +191,47 @@ _DEFAULTS = {"memory": 512, "vcpus": 1, "network": True}
 #: a guest cannot make one call hold gigabytes of host memory (decoded
 #: text can be four times the bytes).
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
+
+
+class _Events:
+    """Turns the native events of one command into :class:`StreamEvent`s
+    (UTF-8 decoded incrementally, so a character split across chunks stays
+    whole); raises the command's timeout or failure."""
+
+    def __init__(self, vm_id: str, command: Any, timeout: Optional[float]) -> None:
+        self.vm_id, self.command, self.timeout = vm_id, command, timeout
+        self.ended = False
+        self.dec = {k: codecs.getincrementaldecoder("utf-8")("replace") for k in ("stdout", "stderr")}
+
+    def feed(self, ev: Any) -> List[StreamEvent]:
+        now = time.time()
+        if ev is None:
+            self.ended = True
+            return []
+        kind, payload = ev
+        if kind == "started":
+            return [StreamEvent("started", "", now, pid=payload)]
+        if kind in self.dec:
+            text = self.dec[kind].decode(payload)
+            return [StreamEvent(kind, text, now)] if text else []
+        if kind == "exit":
+            self.ended = True
+            out = []
+            for k, d in self.dec.items():
+                rest = d.decode(b"", final=True)
+                if rest:
+                    out.append(StreamEvent(k, rest, now))
+            code, signal, timed_out, duration_ms = payload
+            if timed_out:
+                _result(self.vm_id, self.command, self.timeout, (code, signal, True, b"", b"", False, duration_ms))
+            if code is None:
+                code = 128 + signal if signal is not None else 255
+            out.append(StreamEvent("exit", "", now, exit_code=code))
+            return out
+        if kind == "error":
+            self.ended = True
+            raise _from_native(payload[0], payload[1], self.vm_id, None, "run")
+        return []
 
 
 def _guest(path: Any, op: str, vm: "SmolVM") -> str:
@@ -679,36 +732,33 @@ class SmolVM:
         argv, env_items, cwd, t = self._exec_args(command, timeout, shell, env, cwd)
         _no_running_loop("run_stream")
         proc = self._h.exec_stream(argv, env_items, cwd, t, False)
-        decoders = {"stdout": codecs.getincrementaldecoder("utf-8")("replace"),
-                    "stderr": codecs.getincrementaldecoder("utf-8")("replace")}
+        events = _Events(self.vm_id, command, t)
         try:
-            while True:
-                ev = proc.next()
-                now = time.time()
-                if ev is None:
-                    return
-                kind, payload = ev
-                if kind == "started":
-                    yield StreamEvent("started", "", now, pid=payload)
-                elif kind in decoders:
-                    text = decoders[kind].decode(payload)
-                    if text:
-                        yield StreamEvent(kind, text, now)
-                elif kind == "exit":
-                    for k, d in decoders.items():
-                        rest = d.decode(b"", final=True)
-                        if rest:
-                            yield StreamEvent(k, rest, now)
-                    code, signal, timed_out, duration_ms = payload
-                    if timed_out:
-                        _result(self.vm_id, command, t, (code, signal, True, b"", b"", False, duration_ms))
-                    if code is None:
-                        code = 128 + signal if signal is not None else 255
-                    yield StreamEvent("exit", "", now, exit_code=code)
-                    return
-                elif kind == "error":
-                    ekind, message = payload
-                    raise _from_native(ekind, message, self.vm_id, None, "run")
+            while not events.ended:
+                yield from events.feed(proc.next())
+        finally:
+            proc.cancel()
+
+    async def async_run_stream(
+        self,
+        command: Union[str, Sequence[str]],
+        timeout: Optional[float] = 30,
+        shell: str = "login",
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+    ) -> AsyncIterator[StreamEvent]:
+        """:meth:`run_stream` as an async iterator (``async for ev in
+        vm.async_run_stream(...)``); leaving the loop early, or cancelling
+        the task, kills the command."""
+        argv, env_items, cwd, t = self._exec_args(command, timeout, shell, env, cwd)
+        h = self._h
+        proc = await _aio.call(lambda done: h.exec_stream(argv, env_items, cwd, t, False, None, done))
+        events = _Events(self.vm_id, command, t)
+        try:
+            while not events.ended:
+                ev = await _aio.call(lambda done: proc.next(done))
+                for e in events.feed(ev):
+                    yield e
         finally:
             proc.cancel()
 
