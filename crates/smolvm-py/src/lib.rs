@@ -427,18 +427,20 @@ impl Sandbox {
         })
     }
 
-    #[pyo3(signature = (guest_dir, local, done=None))]
+    #[pyo3(signature = (guest_dir, local, max_bytes=None, done=None))]
     fn download_dir(
         &self,
         py: Python<'_>,
         guest_dir: String,
         local: std::path::PathBuf,
+        max_bytes: Option<u64>,
         done: Option<Py<PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let sb = self.handle()?;
         run_op(py, "download_dir", self.id_owned(), done, async move {
             Ok(Out::Json(tree_json(
-                &sb.download_dir(&guest_dir, &local).await?,
+                &sb.download_dir_limited(&guest_dir, &local, max_bytes)
+                    .await?,
             )))
         })
     }

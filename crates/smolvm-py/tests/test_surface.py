@@ -363,3 +363,13 @@ def test_async_run_stream(running_vm):
     while running_vm.run("pgrep -x -f 'sleep 88' || true", shell="raw").output:
         assert time.monotonic() < deadline, "the abandoned async command still runs"
         time.sleep(0.2)
+
+
+def test_download_dir_max_bytes_writes_nothing(running_vm, tmp_path):
+    running_vm.run("rm -rf /root/lim && mkdir -p /root/lim/a && head -c 3000 /dev/zero > /root/lim/a/f && "
+                   "head -c 3000 /dev/zero > /root/lim/g", shell="raw")
+    with pytest.raises(ValidationError, match="max_bytes"):
+        running_vm.download_dir("/root/lim", tmp_path / "lim", max_bytes=5000)
+    assert not (tmp_path / "lim").exists()
+    r = running_vm.download_dir("/root/lim", tmp_path / "lim", max_bytes=6000)
+    assert (r["files"], r["bytes"]) == (2, 6000)

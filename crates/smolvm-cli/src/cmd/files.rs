@@ -11,7 +11,8 @@ pub struct CpArgs {
     /// Where to: ID:/guest/path, or a local path. An existing directory
     /// receives SRC under its own name. Directories are copied whole.
     dst: String,
-    /// Refuse a guest file larger than this many bytes (downloads).
+    /// Refuse a guest file, or a directory whose files add up to more,
+    /// larger than this many bytes (downloads).
     #[arg(long, value_name = "BYTES")]
     max_bytes: Option<u64>,
     /// Print nothing on success.
@@ -108,7 +109,7 @@ pub async fn cp(a: CpArgs) -> anyhow::Result<u8> {
                 anyhow::bail!("{} is not a directory (create it first, or drop the trailing /)", a.dst);
             }
             if st.kind == smolvm::sandbox::FileKind::Dir {
-                let s = sbx.download_dir(gpath, &local).await?;
+                let s = sbx.download_dir_limited(gpath, &local, a.max_bytes).await?;
                 let skipped = if s.skipped > 0 {
                     format!(", {} special files skipped", s.skipped)
                 } else {

@@ -908,11 +908,19 @@ class SmolVM:
         ``skipped``)."""
         return dict(self._blocking().upload_dir(os.fspath(local_dir), _guest(guest_dir, "upload_dir", self)))
 
-    def download_dir(self, guest_dir: str, local_dir: Union[str, "os.PathLike[str]"]) -> Dict[str, int]:
+    def download_dir(
+        self, guest_dir: str, local_dir: Union[str, "os.PathLike[str]"], max_bytes: Optional[int] = None
+    ) -> Dict[str, int]:
         """Copies a guest directory tree into ``local_dir``. Nothing is
         written outside ``local_dir``: guest symlinks are recreated as
-        symlinks, never followed. Returns counts as :meth:`upload_dir`."""
-        return dict(self._blocking().download_dir(_guest(guest_dir, "download_dir", self), os.fspath(local_dir)))
+        symlinks, never followed. ``max_bytes`` refuses a tree whose files
+        add up to more (:class:`ValidationError`, nothing written). Returns
+        counts as :meth:`upload_dir`."""
+        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
+            raise _validation(f"max_bytes must be a non-negative int, not {max_bytes!r}", "download_dir", self.vm_id)
+        return dict(
+            self._blocking().download_dir(_guest(guest_dir, "download_dir", self), os.fspath(local_dir), max_bytes)
+        )
 
     def sync(self) -> None:
         """Flushes the guest's filesystems to its disk."""
@@ -1028,10 +1036,12 @@ class SmolVM:
         h, g, lp = self._h, _guest(guest_dir, "upload_dir", self), os.fspath(local_dir)
         return dict(await _aio.call(lambda done: h.upload_dir(lp, g, done)))
 
-    async def async_download_dir(self, guest_dir: str, local_dir: Union[str, "os.PathLike[str]"]) -> Dict[str, int]:
+    async def async_download_dir(
+        self, guest_dir: str, local_dir: Union[str, "os.PathLike[str]"], max_bytes: Optional[int] = None
+    ) -> Dict[str, int]:
         """:meth:`download_dir` without blocking the event loop."""
         h, g, lp = self._h, _guest(guest_dir, "download_dir", self), os.fspath(local_dir)
-        return dict(await _aio.call(lambda done: h.download_dir(g, lp, done)))
+        return dict(await _aio.call(lambda done: h.download_dir(g, lp, max_bytes, done)))
 
     async def async_wait_for_port(self, port: int, timeout: float = 30.0) -> None:
         """:meth:`wait_for_port` without blocking the event loop."""

@@ -652,6 +652,18 @@ impl Sandbox {
     /// followed, and an existing local path that is not a real directory
     /// where the tree has one is refused.
     pub async fn download_dir(&self, guest_dir: &str, local: &Path) -> Result<TreeSummary> {
+        self.download_dir_limited(guest_dir, local, None).await
+    }
+
+    /// [`Sandbox::download_dir`] refusing a tree whose files add up to more
+    /// than `max_bytes` (checked on the listing before anything is written,
+    /// and again as files are read, in case they grow meanwhile).
+    pub async fn download_dir_limited(
+        &self,
+        guest_dir: &str,
+        local: &Path,
+        max_bytes: Option<u64>,
+    ) -> Result<TreeSummary> {
         check_guest_path(guest_dir)?;
         let client = self.require_running().await?;
         let root = self.stat(guest_dir, true).await?;
@@ -668,6 +680,7 @@ impl Sandbox {
         let mut links: Vec<(usize, String)> = Vec::new();
         let mut sum = TreeSummary::default();
         let mut name_bytes = 0usize;
+        let mut listed_bytes = 0u64;
         let too_big = |what: &str| {
             Error::Invalid(format!(
                 "{guest_dir} is too large to download as a tree ({what}); copy parts of it"
@@ -708,6 +721,12 @@ impl Sandbox {
                         dirs.push((idx, e.stat));
                     }
                     FileKind::File => {
+                        listed_bytes = listed_bytes.saturating_add(e.stat.size);
+                        if let Some(max) = max_bytes.filter(|m| listed_bytes > *m) {
+                            return Err(Error::Invalid(format!(
+                                "{guest_dir} holds more than the {max}-byte limit (max_bytes); nothing was written"
+                            )));
+                        }
                         nodes.push((node, e.name, depth + 1));
                         files.push(idx);
                     }
@@ -760,7 +779,8 @@ impl Sandbox {
         for node in &files {
             let gpath = guest_path_of(&nodes, *node, guest_dir);
             let p = local_of(*node);
-            sum.bytes += self.download_with(&client, &gpath, &p, None).await?;
+            let left = max_bytes.map(|m| m.saturating_sub(sum.bytes));
+            sum.bytes += self.download_with(&client, &gpath, &p, left).await?;
             sum.files += 1;
         }
         for (node, target) in &links {
