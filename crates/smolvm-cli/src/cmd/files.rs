@@ -54,9 +54,23 @@ fn basename(p: &str) -> &str {
     p.trim_end_matches('/').rsplit('/').next().unwrap_or(p)
 }
 
+/// "3 files, 2 directories, 1 symlink" (and the special files skipped).
+fn tree_summary(s: &smolvm::sandbox::TreeSummary) -> String {
+    let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let mut out = format!(
+        "{}, {}, {}",
+        plural(s.files, "file", "files"),
+        plural(s.dirs, "directory", "directories"),
+        plural(s.symlinks, "symlink", "symlinks")
+    );
+    if s.skipped > 0 {
+        out.push_str(&format!(", {} special files skipped", s.skipped));
+    }
+    out
+}
+
 pub async fn cp(a: CpArgs) -> anyhow::Result<u8> {
     let t = Instant::now();
-    let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     let (summary, bytes) = match (guest_spec(&a.src), guest_spec(&a.dst)) {
         (Some(_), Some(_)) => anyhow::bail!(
             "both paths are in sandboxes; copy through the host (smolvm cp ID:/a LOCAL, then smolvm cp LOCAL ID2:/b)"
@@ -84,15 +98,7 @@ pub async fn cp(a: CpArgs) -> anyhow::Result<u8> {
             }
             if md.is_dir() {
                 let s = sbx.upload_dir(&local, &dest).await?;
-                (
-                    format!(
-                        "{}, {}, {}",
-                        plural(s.files, "file", "files"),
-                        plural(s.dirs, "directory", "directories"),
-                        plural(s.symlinks, "symlink", "symlinks")
-                    ),
-                    s.bytes,
-                )
+                (tree_summary(&s), s.bytes)
             } else {
                 let n = sbx.upload_file(&local, &dest, false).await?;
                 (format!("1 file to {id}:{dest}"), n)
@@ -110,20 +116,7 @@ pub async fn cp(a: CpArgs) -> anyhow::Result<u8> {
             }
             if st.kind == smolvm::sandbox::FileKind::Dir {
                 let s = sbx.download_dir_limited(gpath, &local, a.max_bytes).await?;
-                let skipped = if s.skipped > 0 {
-                    format!(", {} special files skipped", s.skipped)
-                } else {
-                    String::new()
-                };
-                (
-                    format!(
-                        "{}, {}, {}{skipped}",
-                        plural(s.files, "file", "files"),
-                        plural(s.dirs, "directory", "directories"),
-                        plural(s.symlinks, "symlink", "symlinks")
-                    ),
-                    s.bytes,
-                )
+                (tree_summary(&s), s.bytes)
             } else {
                 let n = sbx.download_file(gpath, &local, false, a.max_bytes).await?;
                 (format!("1 file to {}", local.display()), n)

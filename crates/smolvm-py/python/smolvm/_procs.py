@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
@@ -88,32 +87,15 @@ class BackgroundProcess:
         """Its output as events (all still buffered, or only new output),
         then ``exit``. Closing the generator detaches; the process runs on.
         A ``dropped`` event says how many bytes were no longer buffered."""
+        from ._vm import _Events
+
         proc = self._vm._blocking().attach(self.handle, 0 if from_start else None)
         self._attach = proc
-        dec = {k: codecs.getincrementaldecoder("utf-8")("replace") for k in ("stdout", "stderr")}
+        # Its own timeout already ended it: the exit says so, it is no error here.
+        events = _Events(self._vm.vm_id, None, None, op="attach", raise_timeout=False)
         try:
-            while True:
-                ev = proc.next()
-                now = time.time()
-                if ev is None:
-                    return
-                kind, payload = ev
-                if kind in dec:
-                    text = dec[kind].decode(payload)
-                    if text:
-                        yield StreamEvent(kind, text, now)
-                elif kind == "attached":
-                    _offset, dropped = payload
-                    if dropped:
-                        yield StreamEvent("dropped", str(dropped), now)
-                elif kind == "exit":
-                    code, signal, _t, _ms = payload
-                    if code is None:
-                        code = 128 + signal if signal is not None else 255
-                    yield StreamEvent("exit", "", now, exit_code=code)
-                    return
-                elif kind == "error":
-                    raise _from_native(payload[0], payload[1], self._vm.vm_id, None, "attach")
+            while not events.ended:
+                yield from events.feed(proc.next())
         finally:
             proc.cancel()
 

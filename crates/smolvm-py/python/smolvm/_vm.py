@@ -198,8 +198,11 @@ class _Events:
     (UTF-8 decoded incrementally, so a character split across chunks stays
     whole); raises the command's timeout or failure."""
 
-    def __init__(self, vm_id: str, command: Any, timeout: Optional[float]) -> None:
+    def __init__(
+        self, vm_id: str, command: Any, timeout: Optional[float], op: str = "run", raise_timeout: bool = True
+    ) -> None:
         self.vm_id, self.command, self.timeout = vm_id, command, timeout
+        self.op, self.raise_timeout = op, raise_timeout
         self.ended = False
         self.dec = {k: codecs.getincrementaldecoder("utf-8")("replace") for k in ("stdout", "stderr")}
 
@@ -214,6 +217,9 @@ class _Events:
         if kind in self.dec:
             text = self.dec[kind].decode(payload)
             return [StreamEvent(kind, text, now)] if text else []
+        if kind == "attached":
+            _offset, dropped = payload
+            return [StreamEvent("dropped", str(dropped), now)] if dropped else []
         if kind == "exit":
             self.ended = True
             out = []
@@ -222,7 +228,7 @@ class _Events:
                 if rest:
                     out.append(StreamEvent(k, rest, now))
             code, signal, timed_out, duration_ms = payload
-            if timed_out:
+            if timed_out and self.raise_timeout:
                 _result(self.vm_id, self.command, self.timeout, (code, signal, True, b"", b"", False, duration_ms))
             if code is None:
                 code = 128 + signal if signal is not None else 255
@@ -230,7 +236,7 @@ class _Events:
             return out
         if kind == "error":
             self.ended = True
-            raise _from_native(payload[0], payload[1], self.vm_id, None, "run")
+            raise _from_native(payload[0], payload[1], self.vm_id, None, self.op)
         return []
 
 

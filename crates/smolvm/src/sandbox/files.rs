@@ -180,7 +180,7 @@ impl Sandbox {
         }
     }
 
-    fn client_error(&self, source: ClientError) -> Error {
+    pub(super) fn client_error(&self, source: ClientError) -> Error {
         self.forget_client();
         Error::Client {
             id: self.id.clone(),
@@ -743,15 +743,8 @@ impl Sandbox {
             }
         }
         let local_of = |node: usize| -> PathBuf {
-            let mut parts = Vec::new();
-            let mut n = node;
-            while n != 0 {
-                parts.push(nodes[n].1.as_str());
-                n = nodes[n].0;
-            }
-            parts
+            path_parts(&nodes, node)
                 .iter()
-                .rev()
                 .fold(local.to_path_buf(), |p, c| p.join(c))
         };
         // Directories, parents first. Each must end up a real directory.
@@ -807,14 +800,19 @@ impl Sandbox {
 
 /// The guest path of a node of a walked tree.
 fn guest_path_of(nodes: &[(usize, String, usize)], node: usize, root: &str) -> String {
+    path_parts(nodes, node)
+        .iter()
+        .fold(root.to_string(), |p, c| guest_join(&p, c))
+}
+
+/// The names from the root down to a node of a walked tree.
+fn path_parts(nodes: &[(usize, String, usize)], node: usize) -> Vec<&str> {
     let mut parts = Vec::new();
     let mut n = node;
     while n != 0 {
         parts.push(nodes[n].1.as_str());
         n = nodes[n].0;
     }
+    parts.reverse();
     parts
-        .iter()
-        .rev()
-        .fold(root.to_string(), |p, c| guest_join(&p, c))
 }

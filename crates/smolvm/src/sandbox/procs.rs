@@ -28,8 +28,8 @@ impl Sandbox {
         let mut s = client
             .open_stream(HostMsg::Spawn(req))
             .await
-            .map_err(|e| self.client_err(e))?;
-        let sp = match s.recv().await.map_err(|e| self.client_err(e))? {
+            .map_err(|e| self.client_error(e))?;
+        let sp = match s.recv().await.map_err(|e| self.client_error(e))? {
             GuestMsg::Spawned { handle, pid } => Spawned { handle, pid },
             GuestMsg::Error(e) => {
                 let e: super::GuestError = e.into();
@@ -39,19 +39,12 @@ impl Sandbox {
                     message: e.message,
                 });
             }
-            _ => return Err(self.client_err(ClientError::Unexpected)),
+            _ => return Err(self.client_error(ClientError::Unexpected)),
         };
         if let Some(data) = &opts.stdin {
             self.write_process_stdin(sp.handle, data, true).await?;
         }
         Ok(sp)
-    }
-
-    fn client_err(&self, source: ClientError) -> Error {
-        Error::Client {
-            id: self.id.clone(),
-            source,
-        }
     }
 
     /// Streams a background process's output: from `from` (an output
@@ -62,7 +55,7 @@ impl Sandbox {
         client
             .exec_like(HostMsg::Attach(AttachRequest { handle, from }))
             .await
-            .map_err(|e| self.client_err(e))
+            .map_err(|e| self.client_error(e))
     }
 
     async fn proc_op(&self, req: OpRequest) -> Result<OpReply> {
@@ -70,8 +63,8 @@ impl Sandbox {
         let mut s = client
             .open_stream(HostMsg::Op(req))
             .await
-            .map_err(|e| self.client_err(e))?;
-        match s.recv().await.map_err(|e| self.client_err(e))? {
+            .map_err(|e| self.client_error(e))?;
+        match s.recv().await.map_err(|e| self.client_error(e))? {
             GuestMsg::Op(r) => Ok(r),
             GuestMsg::Error(e) => {
                 let e: super::GuestError = e.into();
@@ -87,7 +80,7 @@ impl Sandbox {
                     message: crate::text::escape_line(&e.message),
                 })
             }
-            _ => Err(self.client_err(ClientError::Unexpected)),
+            _ => Err(self.client_error(ClientError::Unexpected)),
         }
     }
 
@@ -96,7 +89,7 @@ impl Sandbox {
     pub async fn processes(&self) -> Result<Vec<ProcInfo>> {
         match self.proc_op(OpRequest::Procs).await? {
             OpReply::Procs(p) => Ok(p),
-            _ => Err(self.client_err(ClientError::Unexpected)),
+            _ => Err(self.client_error(ClientError::Unexpected)),
         }
     }
 
@@ -127,7 +120,7 @@ impl Sandbox {
                 .await?;
             let n = match r {
                 OpReply::Written(n) => usize::try_from(n).unwrap_or(0),
-                _ => return Err(self.client_err(ClientError::Unexpected)),
+                _ => return Err(self.client_error(ClientError::Unexpected)),
             };
             sent += n;
             if n < c.len() {
