@@ -9,7 +9,7 @@
 //! the host does not drain leaves its pipes full and its process blocked.
 
 use crate::reaper::{self, STATUS_LEN};
-use crate::streams::{Credit, InMsg, InputRx, Streams};
+use crate::streams::{Credit, InMsg, InputRx, Slot, Streams};
 use crate::sys::{boottime_ms, cvt, kill, os_message, poll_timeout, readable_now};
 use crate::writer::Outbox;
 use smolvm_proto::{
@@ -51,25 +51,26 @@ pub fn start(
     req: &ExecRequest,
     out: &Outbox,
 ) -> Result<(), ErrorInfo> {
-    let (credit, input) = streams.open(stream, true, req.stdin || req.pty.is_some(), out)?;
+    let (slot, credit, input) = streams.open(stream, true, req.stdin || req.pty.is_some(), out)?;
     let r = match credit {
-        Some(credit) => launch(streams, stream, req, out, credit, input),
+        Some(credit) => launch(streams, slot, req, out, credit, input),
         None => Err(ErrorInfo::new(ErrorKind::Other, "no credit for the stream")),
     };
     if r.is_err() {
-        streams.close(stream);
+        streams.close(slot);
     }
     r
 }
 
 fn launch(
     streams: &Arc<Streams>,
-    stream: u32,
+    slot: Slot,
     req: &ExecRequest,
     out: &Outbox,
     credit: Arc<Credit>,
     input: Option<InputRx>,
 ) -> Result<(), ErrorInfo> {
+    let stream = slot.stream;
     let (mut cmd, program, master) = build_command(req)?;
     let started = Instant::now();
     let started_ms = boottime_ms();
@@ -81,7 +82,7 @@ fn launch(
     drop(child); // never wait on it: the reaper owns that
                  // (`cmd` still holds the slave's dups: dropped with it below.)
     drop(cmd);
-    streams.set_pgid(stream, pid);
+    streams.set_pgid(slot, pid);
     // A new stream has its whole window: this never waits.
     credit.send(
         out,
@@ -102,7 +103,7 @@ fn launch(
             // Input and output both go through the master.
             let dup = |m: &OwnedFd| m.try_clone().ok().map(File::from);
             if let Ok(r) = m.try_clone() {
-                streams.set_pty(stream, r);
+                streams.set_pty(slot, r);
             }
             (dup(&m), [Some(File::from(m)), None])
         }
@@ -111,10 +112,11 @@ fn launch(
     if let (Some(pipe), Some(input)) = (input_fd, input) {
         if let Err(e) = start_stdin(stream, pipe, input, is_pty) {
             error!("stream {stream}: no stdin thread ({e}); stdin is closed");
-            streams.drop_input(stream);
+            streams.drop_input(slot);
         }
     }
     let io = Io {
+        slot,
         stream,
         pid,
         out: out.clone(),
@@ -368,6 +370,7 @@ fn start_stdin(stream: u32, mut pipe: File, mut input: InputRx, pty: bool) -> io
 
 /// The I/O side of one running exec.
 struct Io {
+    slot: Slot,
     stream: u32,
     pid: libc::pid_t,
     out: Outbox,
@@ -384,7 +387,7 @@ struct Io {
 impl Io {
     fn run(mut self, streams: &Streams) {
         let finished = self.serve(streams);
-        streams.close(self.stream);
+        streams.close(self.slot);
         if let Some(status) = finished {
             self.out.send(self.stream, GuestMsg::Exited(status));
         }
@@ -470,7 +473,7 @@ impl Io {
                 exit_seen = Some(Instant::now());
                 // Reaped: its pid is free for reuse, so no signal may go to
                 // it any more.
-                streams.set_pgid(self.stream, 0);
+                streams.set_pgid(self.slot, 0);
             }
         }
 

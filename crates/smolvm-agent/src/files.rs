@@ -141,16 +141,16 @@ pub fn read_file(
             format!("{}: is not a regular file", req.path),
         ));
     };
-    let (credit, _) = streams.open(stream, true, false, out)?;
+    let (slot, credit, _) = streams.open(stream, true, false, out)?;
     let Some(credit) = credit else {
-        streams.close(stream);
+        streams.close(slot);
         return Err(err(ErrorKind::Other, "no credit for the stream"));
     };
     let (out, me) = (out.clone(), Arc::clone(streams));
     let stat = stat_of(&md, &path);
     let r = spawn(&format!("read-{stream}"), move || {
         let end = send_file(file, stat, &credit, stream, &out, &req.path);
-        me.close(stream);
+        me.close(slot);
         match end {
             Some(Ok(n)) => out.send(stream, GuestMsg::Done { bytes: n }),
             Some(Err(e)) => out.send(stream, GuestMsg::Error(e)),
@@ -158,7 +158,7 @@ pub fn read_file(
         }
     });
     if r.is_err() {
-        streams.close(stream);
+        streams.close(slot);
     }
     r
 }
@@ -245,7 +245,7 @@ pub fn write_file(
         .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)
         .map_err(|e| io_error(&req.path, &e))?;
-    let (_, input) = match streams.open(stream, false, true, out) {
+    let (slot, _, input) = match streams.open(stream, false, true, out) {
         Ok(x) => x,
         Err(e) => {
             let _ = fs::remove_file(&tmp);
@@ -254,7 +254,7 @@ pub fn write_file(
     };
     let Some(input) = input else {
         let _ = fs::remove_file(&tmp);
-        streams.close(stream);
+        streams.close(slot);
         return Err(err(ErrorKind::Other, "no input for the stream"));
     };
     let (out, me) = (out.clone(), Arc::clone(streams));
@@ -264,7 +264,7 @@ pub fn write_file(
         if !matches!(end, Some(Ok(_))) {
             let _ = fs::remove_file(&t);
         }
-        me.close(stream);
+        me.close(slot);
         match end {
             Some(Ok(n)) => out.send(stream, GuestMsg::Done { bytes: n }),
             Some(Err(e)) => out.send(stream, GuestMsg::Error(e)),
@@ -273,7 +273,7 @@ pub fn write_file(
     });
     if r.is_err() {
         let _ = fs::remove_file(&tmp);
-        streams.close(stream);
+        streams.close(slot);
     }
     r
 }
@@ -363,7 +363,8 @@ pub fn op(
     out: &Outbox,
 ) -> Result<(), ErrorInfo> {
     // Listings send data: they need credit, and the stream's slot.
-    let (credit, _) = streams.open(stream, matches!(req, OpRequest::List { .. }), false, out)?;
+    let (slot, credit, _) =
+        streams.open(stream, matches!(req, OpRequest::List { .. }), false, out)?;
     let (out, me) = (out.clone(), Arc::clone(streams));
     let r = spawn(&format!("op-{stream}"), move || {
         let listing = matches!(req, OpRequest::List { .. });
@@ -371,7 +372,7 @@ pub fn op(
             (OpRequest::List { path }, Some(c)) => list(&path, &c, stream, &out),
             (req, _) => Some(run_op(req)),
         };
-        me.close(stream);
+        me.close(slot);
         let msg = match r {
             Some(Ok(reply)) => GuestMsg::Op(reply),
             Some(Err(e)) => GuestMsg::Error(e),
@@ -385,7 +386,7 @@ pub fn op(
         }
     });
     if r.is_err() {
-        streams.close(stream);
+        streams.close(slot);
     }
     r
 }

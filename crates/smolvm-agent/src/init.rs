@@ -97,18 +97,23 @@ pub fn setup() {
     dev_links(devpts_ok);
 }
 
-/// Sets the hostname (the VM id).
-pub fn set_hostname(name: &str) {
+/// Sets the hostname at boot (the VM id), logging a failure.
+pub fn boot_hostname(name: &str) {
     if name.is_empty() || name.len() > 64 {
         error!("hostname {name:?}: must be 1 to 64 bytes");
         return;
     }
-    // SAFETY: the pointer and length describe `name`'s bytes, which live for
-    // the duration of the call.
-    let r = cvt(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) });
-    if let Err(e) = r {
+    if let Err(e) = set_hostname(name) {
         error!("sethostname {name}: {}", os_message(&e));
     }
+}
+
+/// `sethostname(2)`: the kernel's hostname only (the boot path writes no
+/// /etc/hostname or /etc/hosts either; `Reinit` does the same).
+pub fn set_hostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes, which live for
+    // the duration of the call.
+    cvt(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) }).map(drop)
 }
 
 fn mount(

@@ -18,6 +18,7 @@ mod channel;
 mod cmdline;
 mod exec;
 mod files;
+mod identity;
 mod init;
 mod net;
 mod procs;
@@ -61,7 +62,7 @@ fn guest_main(start_ms: u64) -> ! {
         error!("ignoring kernel parameter {bad}");
     }
     if let Some(id) = &cfg.id {
-        init::set_hostname(id);
+        init::boot_hostname(id);
     }
     net::configure(&cfg);
     if cfg.grow_root {

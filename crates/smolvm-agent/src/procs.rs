@@ -231,9 +231,9 @@ impl Procs {
         out: &Outbox,
     ) -> Result<(), ErrorInfo> {
         let proc = self.get(req.handle)?;
-        let (credit, _) = streams.open(stream, true, false, out)?;
+        let (slot, credit, _) = streams.open(stream, true, false, out)?;
         let Some(credit) = credit else {
-            streams.close(stream);
+            streams.close(slot);
             return Err(err(ErrorKind::Other, "no credit for the stream"));
         };
         let (out, st, from) = (out.clone(), Arc::clone(streams), req.from);
@@ -242,14 +242,14 @@ impl Procs {
             .stack_size(128 * 1024)
             .spawn(move || {
                 let exit = follow(&proc, from, &credit, stream, &out);
-                st.close(stream);
+                st.close(slot);
                 if let Some(e) = exit {
                     out.send(stream, GuestMsg::Exited(e));
                 }
             })
             .map(drop)
             .map_err(|e| {
-                streams.close(stream);
+                streams.close(slot);
                 err(ErrorKind::Other, format!("cannot start a thread: {e}"))
             })
     }

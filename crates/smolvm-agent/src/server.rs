@@ -7,8 +7,8 @@ use crate::streams::Streams;
 use crate::sys::boottime_ms;
 use crate::writer::{self, OnWriteError, Outbox};
 use smolvm_proto::{
-    decode_payload, Decoder, ErrorInfo, ErrorKind, Frame, GuestHello, GuestMsg, HostMsg, OpRequest,
-    CONTROL_STREAM, MAX_CHUNK_LEN, PROTOCOL_VERSION,
+    decode_payload, Decoder, ErrorInfo, ErrorKind, Frame, GuestHello, GuestMsg, HostMsg, Identity,
+    OpRequest, CONTROL_STREAM, MAX_CHUNK_LEN, PROTOCOL_VERSION,
 };
 use std::fs::File;
 use std::io::{self, Read};
@@ -131,12 +131,12 @@ impl Server {
         let stream = frame.stream;
         match frame.msg {
             HostMsg::Hello(h) => {
-                if stream != CONTROL_STREAM {
-                    return self.error(
-                        stream,
-                        ErrorKind::InvalidRequest,
-                        "Hello belongs on stream 0",
-                    );
+                if !self.on_control_stream(stream, "Hello") {
+                    return;
+                }
+                // A host that skipped `Reinit` (or an older one).
+                if self.out.thaw() {
+                    info!("a hello ended the quiesce");
                 }
                 if h.version != PROTOCOL_VERSION {
                     error!(
@@ -189,9 +189,10 @@ impl Server {
                 if self.opens_stream(stream) {
                     // A stream slot (bounded like every request) and its own
                     // thread: a stdin write may wait for the process.
-                    if let Err(e) = self.streams.open(stream, false, false, &self.out) {
-                        return self.out.send_control(stream, GuestMsg::Error(e));
-                    }
+                    let slot = match self.streams.open(stream, false, false, &self.out) {
+                        Ok((slot, _, _)) => slot,
+                        Err(e) => return self.out.send_control(stream, GuestMsg::Error(e)),
+                    };
                     let (procs, out, st) =
                         (self.procs.clone(), self.out.clone(), self.streams.clone());
                     let r = std::thread::Builder::new()
@@ -202,11 +203,11 @@ impl Server {
                                 Ok(r) => GuestMsg::Op(r),
                                 Err(e) => GuestMsg::Error(e),
                             };
-                            st.close(stream);
+                            st.close(slot);
                             out.send_control(stream, msg);
                         });
                     if let Err(e) = r {
-                        self.streams.close(stream);
+                        self.streams.close(slot);
                         self.error(
                             stream,
                             ErrorKind::Busy,
@@ -245,6 +246,69 @@ impl Server {
             HostMsg::Resize(size) => self.streams.resize(stream, size),
             HostMsg::Signal { signal } => crate::exec::signal(&self.streams, stream, signal),
             HostMsg::Shutdown => self.shutdown(stream),
+            HostMsg::Quiesce => {
+                if self.on_control_stream(stream, "Quiesce") {
+                    info!("quiesce: the writer stops after Quiesced");
+                    self.out.quiesce();
+                }
+            }
+            HostMsg::Thaw => {
+                if self.on_control_stream(stream, "Thaw") && self.out.thaw() {
+                    info!("thawed");
+                }
+            }
+            HostMsg::Reinit(id) => {
+                if self.on_control_stream(stream, "Reinit") {
+                    self.reinit(&id);
+                }
+            }
+        }
+    }
+
+    /// Messages about the connection itself belong on stream 0; elsewhere
+    /// they get an error on their stream.
+    fn on_control_stream(&self, stream: u32, what: &str) -> bool {
+        if stream != CONTROL_STREAM {
+            self.error(
+                stream,
+                ErrorKind::InvalidRequest,
+                &format!("{what} belongs on stream 0"),
+            );
+            return false;
+        }
+        true
+    }
+
+    /// `Reinit`, synchronously (a `Hello` right after it is answered only
+    /// once it took effect): forget the previous connection's streams and
+    /// their queued frames, become `id`, answer `Reinited`, end a quiesce.
+    fn reinit(&self, id: &Identity) {
+        let streams = self.streams.cancel_all();
+        let frames = self.out.new_connection();
+        info!(
+            "reinit as {:?}: cancelled {streams} streams of the previous connection, dropped {frames} of their queued frames",
+            id.hostname
+        );
+        let done = crate::identity::apply(id);
+        info!(
+            "reinit: hostname {}, entropy {}, clock {}",
+            if done.hostname_set { "set" } else { "NOT set" },
+            if done.reseeded {
+                "mixed in"
+            } else {
+                "NOT mixed in"
+            },
+            if done.clock_set { "set" } else { "NOT set" },
+        );
+        self.out.send_control(
+            CONTROL_STREAM,
+            GuestMsg::Reinited {
+                clock_set: done.clock_set,
+                reseeded: done.reseeded,
+            },
+        );
+        if self.out.thaw() {
+            info!("the reinit ended the quiesce");
         }
     }
 

@@ -217,7 +217,22 @@ impl InputRx {
     }
 }
 
+/// One opening of a stream id, as its worker holds it: the worker's own
+/// updates (`close`, `set_pgid`, ...) act on this opening only, never on a
+/// later stream that reuses the id (after a `Reinit` a new host connection
+/// may reuse it while the old worker is still winding down).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub stream: u32,
+    serial: u64,
+}
+
+/// What `open` hands the worker: its slot, its credit (a stream that
+/// sends), its input (a stream that takes input).
+pub type Opened = (Slot, Option<Arc<Credit>>, Option<InputRx>);
+
 struct Entry {
+    serial: u64,
     credit: Option<Arc<Credit>>,
     input: Option<Input>,
     /// Process group of an exec (= pid of its session leader); 0 otherwise.
@@ -226,10 +241,27 @@ struct Entry {
     pty: Option<OwnedFd>,
 }
 
+impl Entry {
+    /// The worker stops; an exec's process group is killed.
+    fn cancel(&mut self) {
+        if let Some(c) = &self.credit {
+            c.cancel();
+        }
+        if let Some(input) = self.input.take() {
+            let _ = input.tx.send(InMsg::Cancel);
+        }
+        if self.pgid > 0 {
+            crate::exec::kill_group(self.pgid);
+        }
+    }
+}
+
 /// The open streams, by stream id.
 #[derive(Default)]
 pub struct Streams {
     table: Mutex<HashMap<u32, Entry>>,
+    /// The serial of the last opening (one per `open`).
+    serials: AtomicU64,
 }
 
 impl Streams {
@@ -237,15 +269,25 @@ impl Streams {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Runs `f` on the entry of `slot`, if that opening is still open.
+    fn with_slot(&self, slot: Slot, f: impl FnOnce(&mut Entry)) {
+        if let Some(e) = self.lock().get_mut(&slot.stream) {
+            if e.serial == slot.serial {
+                f(e);
+            }
+        }
+    }
+
     /// Opens `stream`: with send credit when `sends`, with an input when
-    /// `input` (returned for the worker).
+    /// `input` (returned for the worker), and the [`Slot`] the worker acts
+    /// on it through.
     pub fn open(
         &self,
         stream: u32,
         sends: bool,
         input: bool,
         out: &Outbox,
-    ) -> Result<(Option<Arc<Credit>>, Option<InputRx>), ErrorInfo> {
+    ) -> Result<Opened, ErrorInfo> {
         let mut t = self.lock();
         if t.contains_key(&stream) {
             return Err(ErrorInfo::new(
@@ -285,32 +327,34 @@ impl Streams {
         } else {
             (None, None)
         };
+        let serial = self.serials.fetch_add(1, Ordering::Relaxed) + 1;
         t.insert(
             stream,
             Entry {
+                serial,
                 credit: credit.clone(),
                 input,
                 pgid: 0,
                 pty: None,
             },
         );
-        Ok((credit, rx))
+        Ok((Slot { stream, serial }, credit, rx))
     }
 
-    pub fn close(&self, stream: u32) {
-        self.lock().remove(&stream);
-    }
-
-    pub fn set_pgid(&self, stream: u32, pgid: libc::pid_t) {
-        if let Some(e) = self.lock().get_mut(&stream) {
-            e.pgid = pgid;
+    /// The stream's worker is done: its id is free again.
+    pub fn close(&self, slot: Slot) {
+        let mut t = self.lock();
+        if t.get(&slot.stream).is_some_and(|e| e.serial == slot.serial) {
+            t.remove(&slot.stream);
         }
     }
 
-    pub fn set_pty(&self, stream: u32, master: OwnedFd) {
-        if let Some(e) = self.lock().get_mut(&stream) {
-            e.pty = Some(master);
-        }
+    pub fn set_pgid(&self, slot: Slot, pgid: libc::pid_t) {
+        self.with_slot(slot, |e| e.pgid = pgid);
+    }
+
+    pub fn set_pty(&self, slot: Slot, master: OwnedFd) {
+        self.with_slot(slot, |e| e.pty = Some(master));
     }
 
     /// Resizes the stream's terminal; ignored for streams without one.
@@ -326,10 +370,8 @@ impl Streams {
 
     /// Drops a stream's input (its worker sees the channel end): for an
     /// input nobody consumes (the process closed its stdin).
-    pub fn drop_input(&self, stream: u32) {
-        if let Some(e) = self.lock().get_mut(&stream) {
-            e.input = None;
-        }
+    pub fn drop_input(&self, slot: Slot) {
+        self.with_slot(slot, |e| e.input = None);
     }
 
     /// `Data` from the host: passed on within its credit; past it the input
@@ -375,19 +417,23 @@ impl Streams {
     /// `Cancel` from the host: the stream's worker stops; an exec's process
     /// group is killed.
     pub fn cancel(&self, stream: u32) {
-        let mut t = self.lock();
-        let Some(e) = t.get_mut(&stream) else {
-            return;
-        };
-        if let Some(c) = &e.credit {
-            c.cancel();
+        if let Some(e) = self.lock().get_mut(&stream) {
+            e.cancel();
         }
-        if let Some(input) = e.input.take() {
-            let _ = input.tx.send(InMsg::Cancel);
+    }
+
+    /// Cancels every open stream as `cancel` would and forgets them all
+    /// (`Reinit`: they belong to a host connection that no longer exists,
+    /// and the new one may reuse their ids at once; the old workers' own
+    /// `close` then finds nothing). Background processes are no streams:
+    /// they run on, and only their `Attach` streams end. Returns how many
+    /// streams were open.
+    pub fn cancel_all(&self) -> usize {
+        let mut old: Vec<Entry> = self.lock().drain().map(|(_, e)| e).collect();
+        for e in &mut old {
+            e.cancel();
         }
-        if e.pgid > 0 {
-            crate::exec::kill_group(e.pgid);
-        }
+        old.len()
     }
 
     /// SIGKILLs every running exec's process group.
@@ -397,5 +443,35 @@ impl Streams {
                 crate::exec::kill_group(e.pgid);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancel_all_forgets_the_streams_and_their_workers_cannot_touch_new_ones() {
+        let (st, out) = (Streams::default(), Outbox::detached());
+        let (old, credit, input) = st.open(1, true, true, &out).unwrap();
+        let (credit, input) = (credit.unwrap(), input.unwrap());
+        st.open(2, false, false, &out).unwrap();
+        assert_eq!(st.cancel_all(), 2);
+        // Each was cancelled as `Cancel` would.
+        assert!(credit.is_cancelled());
+        assert!(matches!(input.rx.try_recv(), Ok(InMsg::Cancel)));
+        // The ids are free at once for the new connection ...
+        let (new, _, _) = st.open(1, false, false, &out).unwrap();
+        st.set_pgid(new, 4242);
+        // ... and the old worker winding down cannot close or change them.
+        st.close(old);
+        st.set_pgid(old, 0);
+        assert_eq!(st.pgid(1), Some(4242));
+        let e = st.open(1, false, false, &out).err().map(|e| e.kind);
+        assert_eq!(e, Some(ErrorKind::InvalidRequest));
+        st.close(new);
+        assert!(st.open(1, false, false, &out).is_ok());
+        assert_eq!(st.cancel_all(), 1);
+        assert_eq!(st.cancel_all(), 0);
     }
 }

@@ -18,7 +18,7 @@
 mod common;
 
 use common::{argv, shell, Conn, WAIT};
-use smolvm_proto::{GuestMsg, HostHello, HostMsg, PROTOCOL_VERSION};
+use smolvm_proto::{Bytes, GuestMsg, HostHello, HostMsg, Identity, PROTOCOL_VERSION};
 use std::ffi::CStr;
 use std::fs::File;
 use std::io::Read;
@@ -254,6 +254,34 @@ fn agent_as_pid1_in_namespaces() {
         }
     }
     assert!(zombies.is_empty(), "zombies left: {zombies}");
+
+    // A restored machine's Reinit: the hostname changes (in the UTS
+    // namespace), the entropy goes into the kernel's pool. No time: this
+    // agent holds CAP_SYS_TIME and CLOCK_REALTIME has no namespace, so a
+    // time would set the test machine's clock.
+    let mut entropy = vec![0u8; 64];
+    File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut entropy)
+        .unwrap();
+    a.send(
+        0,
+        HostMsg::Reinit(Identity {
+            hostname: "ns-test-2".into(),
+            entropy: Bytes(entropy),
+            unix_time_ns: 0,
+        }),
+    );
+    let m = a.wait_until(0, WAIT, |m| m.len() == 2);
+    assert_eq!(
+        m[1],
+        GuestMsg::Reinited {
+            clock_set: false,
+            reseeded: true
+        }
+    );
+    let o = a.exec(6, argv(&["cat", "/proc/sys/kernel/hostname"]));
+    assert_eq!(o.stdout_str(), "ns-test-2\n");
 
     // Shutdown with a process still running: the agent ends it and the
     // machine (here: the namespace) goes away.

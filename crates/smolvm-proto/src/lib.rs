@@ -38,7 +38,8 @@ pub use messages::*;
 /// `HostMsg`/`GuestMsg`. The `Hello` variants and their structs are frozen
 /// forever so that any two versions can at least tell each other apart.
 /// 2: per-stream credit windows, file transfer, filesystem requests.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: `Quiesce`/`Thaw`/`Reinit` (snapshots, restored machines).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Credit each stream starts with in each direction, in data bytes: what a
 /// peer may send on a new stream before the receiver hands credit back, and

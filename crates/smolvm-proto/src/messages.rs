@@ -61,6 +61,32 @@ pub enum HostMsg {
     /// it comes, then `Exited` once it ended. `Cancel` detaches (the
     /// process runs on).
     Attach(AttachRequest),
+    /// On stream 0, before a snapshot: the agent answers `Quiesced` as the
+    /// last frame it writes, then writes nothing more (its queues wait in
+    /// guest memory) until a `Thaw`, a `Reinit` or a `Hello` arrives, or a
+    /// guest-time timeout passes. The host sends nothing after it until it
+    /// has the answer, so the snapshot cuts the channel between frames in
+    /// both directions.
+    Quiesce,
+    /// Ends a `Quiesce` on the same machine (the source of a snapshot).
+    Thaw,
+    /// On stream 0, first thing on a restored or forked machine: become
+    /// this machine (new identity, fresh entropy, host time), forget every
+    /// stream of the previous connection, and answer `Reinited`. Ends a
+    /// `Quiesce`.
+    Reinit(Identity),
+}
+
+/// Who a restored machine is now, and what it needs to be unique.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The VM id: the guest's new hostname.
+    pub hostname: String,
+    /// Fresh host entropy, mixed into the kernel's pool (credited) before
+    /// the pool is reseeded.
+    pub entropy: crate::Bytes,
+    /// Host wall-clock time, ns since the Unix epoch, when sent.
+    pub unix_time_ns: u64,
 }
 
 /// Messages the agent sends to the host.
@@ -112,6 +138,14 @@ pub enum GuestMsg {
         offset: u64,
         dropped: u64,
     },
+    /// Answer to `Quiesce`: the last frame before the agent's writer stops.
+    Quiesced,
+    /// Answer to `Reinit`: the identity was applied (`clock_set`: the
+    /// guest clock was set; `reseeded`: the kernel pool took the entropy).
+    Reinited {
+        clock_set: bool,
+        reseeded: bool,
+    },
 }
 
 impl GuestMsg {
@@ -126,6 +160,8 @@ impl GuestMsg {
                 | GuestMsg::Done { .. }
                 | GuestMsg::Op(_)
                 | GuestMsg::Spawned { .. }
+                | GuestMsg::Quiesced
+                | GuestMsg::Reinited { .. }
         )
     }
 

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the client↔supervisor protocol. 2: failures carry a kind
 /// ([`ControlError`]). 3: agent protocol v2 inside (credit, files).
-pub const SUPERVISOR_PROTOCOL_VERSION: u32 = 3;
+/// 4: `Snapshot`.
+pub const SUPERVISOR_PROTOCOL_VERSION: u32 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientMsg {
@@ -48,6 +49,45 @@ pub enum ControlRequest {
     Pause,
     /// Continues the vCPUs.
     Resume,
+    /// Writes a memory snapshot into `dir` and freezes the root disk
+    /// (see [`SnapshotRequest`]); answered by `Snapshot`.
+    Snapshot(SnapshotRequest),
+}
+
+/// What a snapshot writes, prepared by the library: `dir` exists, holds a
+/// hard link to the VM's current disk (the file that becomes the frozen
+/// disk), and `next_disk` is the new writable overlay (in the VM's
+/// directory, backed by the frozen disk's final path) that the VM
+/// switches to and that is renamed over its disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRequest {
+    /// Where `state` (device state) and `memory` (guest RAM) are written.
+    pub dir: std::path::PathBuf,
+    pub next_disk: std::path::PathBuf,
+    /// Continue the vCPUs afterwards (else the VM stays paused).
+    pub resume: bool,
+}
+
+/// What a snapshot did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotReport {
+    /// The disk was switched to `next_disk`: the frozen disk is in use as
+    /// its backing from now on, whether or not the rest succeeded.
+    pub disk_switched: bool,
+    /// Bytes of device state written.
+    pub state_bytes: u64,
+    /// Bytes of guest RAM written (allocated, not the file's length).
+    pub memory_bytes: u64,
+    /// Whether guest RAM went into `state` (a VM whose RAM is a private
+    /// mapping) rather than into `memory`.
+    pub memory_in_state: bool,
+    /// How long the vCPUs were stopped, ms.
+    pub downtime_ms: u64,
+    /// The whole operation, ms.
+    pub total_ms: u64,
+    /// Whether the VM was running before (it is running afterwards when
+    /// this and `resume` hold).
+    pub was_running: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +96,7 @@ pub enum ControlResponse {
     Ready(ReadyInfo),
     Status(SupervisorStatus),
     Error(ControlError),
+    Snapshot(SnapshotReport),
 }
 
 /// Why a lifecycle request (or the supervisor's start) failed: a kind for

@@ -11,7 +11,7 @@
 use proptest::prelude::*;
 use smolvm_proto::supervisor::{
     ClientMsg, ControlError, ControlErrorKind, ControlRequest, ControlResponse, ReadyInfo,
-    SupervisorMsg, SupervisorStatus, VmRunState,
+    SnapshotReport, SnapshotRequest, SupervisorMsg, SupervisorStatus, VmRunState,
 };
 use smolvm_proto::*;
 
@@ -205,6 +205,15 @@ fn arb_host() -> impl Strategy<Value = HostMsg> {
         arb_exec().prop_map(HostMsg::Spawn),
         (any::<u64>(), proptest::option::of(any::<u64>()))
             .prop_map(|(handle, from)| HostMsg::Attach(AttachRequest { handle, from })),
+        Just(HostMsg::Quiesce),
+        Just(HostMsg::Thaw),
+        (arb_string(), arb_bytes(), any::<u64>()).prop_map(|(hostname, entropy, unix_time_ns)| {
+            HostMsg::Reinit(Identity {
+                hostname,
+                entropy,
+                unix_time_ns,
+            })
+        }),
     ]
 }
 
@@ -257,6 +266,11 @@ fn arb_guest() -> impl Strategy<Value = GuestMsg> {
         (any::<u64>(), any::<u32>()).prop_map(|(handle, pid)| GuestMsg::Spawned { handle, pid }),
         (any::<u64>(), any::<u64>())
             .prop_map(|(offset, dropped)| GuestMsg::Attached { offset, dropped }),
+        Just(GuestMsg::Quiesced),
+        (any::<bool>(), any::<bool>()).prop_map(|(clock_set, reseeded)| GuestMsg::Reinited {
+            clock_set,
+            reseeded
+        }),
     ]
 }
 
@@ -293,6 +307,13 @@ fn arb_control_request() -> impl Strategy<Value = ControlRequest> {
         Just(ControlRequest::Kill),
         Just(ControlRequest::Pause),
         Just(ControlRequest::Resume),
+        (arb_string(), arb_string(), any::<bool>()).prop_map(|(dir, next_disk, resume)| {
+            ControlRequest::Snapshot(SnapshotRequest {
+                dir: dir.into(),
+                next_disk: next_disk.into(),
+                resume,
+            })
+        }),
     ]
 }
 
@@ -325,6 +346,20 @@ fn arb_control_response() -> impl Strategy<Value = ControlResponse> {
                     console_tail,
                 }
             )),
+        (any::<(bool, u64, u64, bool)>(), any::<(u64, u64, bool)>()).prop_map(
+            |(
+                (disk_switched, state_bytes, memory_bytes, memory_in_state),
+                (downtime_ms, total_ms, was_running),
+            )| ControlResponse::Snapshot(SnapshotReport {
+                disk_switched,
+                state_bytes,
+                memory_bytes,
+                memory_in_state,
+                downtime_ms,
+                total_ms,
+                was_running,
+            })
+        ),
     ]
 }
 
@@ -458,9 +493,12 @@ fn host_variant(m: &HostMsg) -> usize {
         HostMsg::Resize(_) => 12,
         HostMsg::Spawn(_) => 13,
         HostMsg::Attach(_) => 14,
+        HostMsg::Quiesce => 15,
+        HostMsg::Thaw => 16,
+        HostMsg::Reinit(_) => 17,
     }
 }
-const HOST_VARIANTS: usize = 15;
+const HOST_VARIANTS: usize = 18;
 
 fn guest_variant(m: &GuestMsg) -> usize {
     match m {
@@ -480,9 +518,11 @@ fn guest_variant(m: &GuestMsg) -> usize {
         GuestMsg::Op(_) => 13,
         GuestMsg::Spawned { .. } => 14,
         GuestMsg::Attached { .. } => 15,
+        GuestMsg::Quiesced => 16,
+        GuestMsg::Reinited { .. } => 17,
     }
 }
-const GUEST_VARIANTS: usize = 16;
+const GUEST_VARIANTS: usize = 18;
 
 fn op_request_variant(m: &OpRequest) -> usize {
     match m {
@@ -513,6 +553,30 @@ fn op_reply_variant(m: &OpReply) -> usize {
     }
 }
 const OP_REPLY_VARIANTS: usize = 5;
+
+fn control_request_variant(m: &ControlRequest) -> usize {
+    match m {
+        ControlRequest::Status => 0,
+        ControlRequest::WaitReady { .. } => 1,
+        ControlRequest::Stop { .. } => 2,
+        ControlRequest::Kill => 3,
+        ControlRequest::Pause => 4,
+        ControlRequest::Resume => 5,
+        ControlRequest::Snapshot(_) => 6,
+    }
+}
+const CONTROL_REQUEST_VARIANTS: usize = 7;
+
+fn control_response_variant(m: &ControlResponse) -> usize {
+    match m {
+        ControlResponse::Ok => 0,
+        ControlResponse::Ready(_) => 1,
+        ControlResponse::Status(_) => 2,
+        ControlResponse::Error(_) => 3,
+        ControlResponse::Snapshot(_) => 4,
+    }
+}
+const CONTROL_RESPONSE_VARIANTS: usize = 5;
 
 fn client_variant(m: &ClientMsg) -> usize {
     match m {
@@ -575,6 +639,20 @@ fn strategies_cover_every_variant() {
     assert!(
         replies.iter().all(|&c| c > 0),
         "arb_op_reply misses a variant: {replies:?}"
+    );
+    let requests = variant_counts(arb_control_request(), CONTROL_REQUEST_VARIANTS, |m| {
+        vec![control_request_variant(m)]
+    });
+    assert!(
+        requests.iter().all(|&c| c > 0),
+        "arb_control_request misses a variant: {requests:?}"
+    );
+    let responses = variant_counts(arb_control_response(), CONTROL_RESPONSE_VARIANTS, |m| {
+        vec![control_response_variant(m)]
+    });
+    assert!(
+        responses.iter().all(|&c| c > 0),
+        "arb_control_response misses a variant: {responses:?}"
     );
     let client = variant_counts(arb_client(), 3, |m| vec![client_variant(m)]);
     assert!(

@@ -19,7 +19,8 @@
 use serde::{de::DeserializeOwned, Serialize};
 use smolvm_proto::supervisor::{
     ClientMsg, ControlError, ControlErrorKind, ControlRequest, ControlResponse, ReadyInfo,
-    SupervisorMsg, SupervisorStatus, VmRunState, SUPERVISOR_PROTOCOL_VERSION,
+    SnapshotReport, SnapshotRequest, SupervisorMsg, SupervisorStatus, VmRunState,
+    SUPERVISOR_PROTOCOL_VERSION,
 };
 use smolvm_proto::*;
 use std::fmt::Debug;
@@ -37,7 +38,8 @@ variant 0 (Hello) unchanged, then update the pinned bytes in tests/wire_stabilit
 failure above prints the new encoding). If it is not deliberate, undo it: new variants go at \
 the end, types never change.";
 
-/// The stream of every sample that is not a hello.
+/// The stream of every sample that is not a connection-level message
+/// (hello, quiesce, reinit: those travel on `CONTROL_STREAM`).
 const S: u32 = 5;
 
 fn hex(b: &[u8]) -> String {
@@ -130,7 +132,7 @@ fn stat(kind: FileKind) -> FileStat {
 
 fn guest_hello() -> GuestHello {
     GuestHello {
-        version: 2,
+        version: 3,
         agent_version: "0.1.0".into(),
         agent_start_ms: 1200,
         ready_ms: 1210,
@@ -140,7 +142,7 @@ fn guest_hello() -> GuestHello {
 
 fn host_sample(m: &HostMsg) -> (HostMsg, &'static str) {
     match m {
-        HostMsg::Hello(_) => (HostMsg::Hello(HostHello { version: 2 }), "03000000 000002"),
+        HostMsg::Hello(_) => (HostMsg::Hello(HostHello { version: 3 }), "03000000 000003"),
         HostMsg::Ping { .. } => (HostMsg::Ping { nonce: 300 }, "04000000 0501ac02"),
         HostMsg::Exec(_) => (
             HostMsg::Exec(ExecRequest {
@@ -209,6 +211,16 @@ fn host_sample(m: &HostMsg) -> (HostMsg, &'static str) {
             }),
             "06000000 050e0301ac02",
         ),
+        HostMsg::Quiesce => (HostMsg::Quiesce, "02000000 000f"),
+        HostMsg::Thaw => (HostMsg::Thaw, "02000000 0010"),
+        HostMsg::Reinit(_) => (
+            HostMsg::Reinit(Identity {
+                hostname: "vm2".into(),
+                entropy: Bytes(vec![0xaa, 0x55, 0, 0xff]),
+                unix_time_ns: 1_700_000_000_000_000_000,
+            }),
+            "14000000 001103766d3204aa5500ff8080a8b1e39fe7cb17",
+        ),
     }
 }
 
@@ -216,7 +228,7 @@ fn guest_sample(m: &GuestMsg) -> (GuestMsg, &'static str) {
     match m {
         GuestMsg::Hello(_) => (
             GuestMsg::Hello(guest_hello()),
-            "0f000000 00000205302e312e30b009ba09940a",
+            "0f000000 00000305302e312e30b009ba09940a",
         ),
         GuestMsg::Pong { .. } => (GuestMsg::Pong { nonce: 300 }, "04000000 0501ac02"),
         GuestMsg::Started { .. } => (GuestMsg::Started { pid: 1234 }, "04000000 0502d209"),
@@ -298,12 +310,20 @@ fn guest_sample(m: &GuestMsg) -> (GuestMsg, &'static str) {
             },
             "04000000 050f0102",
         ),
+        GuestMsg::Quiesced => (GuestMsg::Quiesced, "02000000 0010"),
+        GuestMsg::Reinited { .. } => (
+            GuestMsg::Reinited {
+                clock_set: true,
+                reseeded: false,
+            },
+            "04000000 00110100",
+        ),
     }
 }
 
 fn client_sample(m: &ClientMsg) -> (ClientMsg, &'static str) {
     match m {
-        ClientMsg::Hello { .. } => (ClientMsg::Hello { version: 3 }, "03000000 000003"),
+        ClientMsg::Hello { .. } => (ClientMsg::Hello { version: 4 }, "03000000 000004"),
         ClientMsg::Agent(_) => (ClientMsg::Agent(HostMsg::Cancel), "03000000 050108"),
         ClientMsg::Control(_) => (
             ClientMsg::Control(ControlRequest::Stop { timeout_ms: 5000 }),
@@ -316,10 +336,10 @@ fn supervisor_sample(m: &SupervisorMsg) -> (SupervisorMsg, &'static str) {
     match m {
         SupervisorMsg::Hello { .. } => (
             SupervisorMsg::Hello {
-                version: 3,
+                version: 4,
                 vm_id: "vm1".into(),
             },
-            "07000000 00000303766d31",
+            "07000000 00000403766d31",
         ),
         SupervisorMsg::Agent(_) => (
             SupervisorMsg::Agent(GuestMsg::Done { bytes: 7 }),
@@ -346,6 +366,14 @@ fn control_request_sample(r: &ControlRequest) -> (ControlRequest, &'static str) 
         ControlRequest::Kill => (ControlRequest::Kill, "03000000 050203"),
         ControlRequest::Pause => (ControlRequest::Pause, "03000000 050204"),
         ControlRequest::Resume => (ControlRequest::Resume, "03000000 050205"),
+        ControlRequest::Snapshot(_) => (
+            ControlRequest::Snapshot(SnapshotRequest {
+                dir: "/s".into(),
+                next_disk: "/d.qcow2".into(),
+                resume: true,
+            }),
+            "10000000 050206022f73082f642e71636f773201",
+        ),
     }
 }
 
@@ -358,7 +386,7 @@ fn control_response_sample(r: &ControlResponse) -> (ControlResponse, &'static st
                 vmm_start_ms: 40,
                 ready_ms: 250,
             }),
-            "13000000 0502010205302e312e30b009ba09940a28fa01",
+            "13000000 0502010305302e312e30b009ba09940a28fa01",
         ),
         ControlResponse::Status(_) => (
             ControlResponse::Status(SupervisorStatus {
@@ -375,6 +403,18 @@ fn control_response_sample(r: &ControlResponse) -> (ControlResponse, &'static st
                 console_tail: Some("tail".into()),
             }),
             "0f000000 05020300046c61746501047461696c",
+        ),
+        ControlResponse::Snapshot(_) => (
+            ControlResponse::Snapshot(SnapshotReport {
+                disk_switched: true,
+                state_bytes: 300,
+                memory_bytes: 1 << 30,
+                memory_in_state: false,
+                downtime_ms: 120,
+                total_ms: 1500,
+                was_running: true,
+            }),
+            "10000000 05020401ac0280808080040078dc0b01",
         ),
     }
 }
@@ -546,7 +586,10 @@ fn command_sample(c: &Command) -> (Command, &'static str) {
 #[test]
 fn host_messages_are_pinned() {
     check("HostMsg", BUMP_AGENT, host_sample, |m| {
-        let stream = if matches!(m, HostMsg::Hello(_)) {
+        let stream = if matches!(
+            m,
+            HostMsg::Hello(_) | HostMsg::Quiesce | HostMsg::Thaw | HostMsg::Reinit(_)
+        ) {
             CONTROL_STREAM
         } else {
             S
@@ -558,7 +601,10 @@ fn host_messages_are_pinned() {
 #[test]
 fn guest_messages_are_pinned() {
     check("GuestMsg", BUMP_AGENT, guest_sample, |m| {
-        let stream = if matches!(m, GuestMsg::Hello(_)) {
+        let stream = if matches!(
+            m,
+            GuestMsg::Hello(_) | GuestMsg::Quiesced | GuestMsg::Reinited { .. }
+        ) {
             CONTROL_STREAM
         } else {
             S
@@ -700,11 +746,11 @@ fn protocol_constants_are_pinned() {
     // Bumping a version is a deliberate act: it comes with new pinned bytes
     // above, so it must come with a change here too.
     assert_eq!(
-        PROTOCOL_VERSION, 2,
+        PROTOCOL_VERSION, 3,
         "PROTOCOL_VERSION changed: {BUMP_AGENT}"
     );
     assert_eq!(
-        SUPERVISOR_PROTOCOL_VERSION, 3,
+        SUPERVISOR_PROTOCOL_VERSION, 4,
         "SUPERVISOR_PROTOCOL_VERSION changed: {BUMP_SUPERVISOR}"
     );
     assert_eq!(
@@ -773,13 +819,13 @@ fn pins_follow_postcard_format_by_hand() {
     ];
     assert_eq!(pinned(pin), frame(&exec));
 
-    // GuestMsg::Hello (frozen): stream 0, variant 0, version 2,
+    // GuestMsg::Hello (frozen): stream 0, variant 0, version 3,
     // agent_version "0.1.0", then three u64 varints 1200 = 9*128 + 48,
     // 1210 = 9*128 + 58, 1300 = 10*128 + 20.
     let (_, pin) = guest_sample(&GuestMsg::Hello(guest_hello()));
     #[rustfmt::skip]
     let hello = [
-        0, 0, 2,
+        0, 0, 3,
         5, b'0', b'.', b'1', b'.', b'0',
         0x80 | 48, 9, 0x80 | 58, 9, 0x80 | 20, 10,
     ];
@@ -796,4 +842,26 @@ fn pins_follow_postcard_format_by_hand() {
         1, b'd', 1, 0, 0xed, 0x03, 0, 0,          // "d": Dir, 0, 0o755, 0, None
     ];
     assert_eq!(pinned(pin), frame(&entries));
+
+    // GuestMsg::Reinited on stream 0: variant 17, then two bools
+    // (clock_set true, reseeded false).
+    let (_, pin) = guest_sample(&GuestMsg::Reinited {
+        clock_set: false,
+        reseeded: false,
+    });
+    assert_eq!(pinned(pin), frame(&[0, 17, 1, 0]));
+
+    // ControlRequest::Snapshot: ClientMsg::Control (2), variant 6, then a
+    // PathBuf is its string (length, UTF-8 bytes), then the bool.
+    let (_, pin) = control_request_sample(&ControlRequest::Snapshot(SnapshotRequest {
+        dir: "".into(),
+        next_disk: "".into(),
+        resume: false,
+    }));
+    let mut snapshot = vec![5, 2, 6, 2];
+    snapshot.extend(b"/s");
+    snapshot.push(8);
+    snapshot.extend(b"/d.qcow2");
+    snapshot.push(1);
+    assert_eq!(pinned(pin), frame(&snapshot));
 }

@@ -122,6 +122,10 @@ pub struct SandboxConfig {
     /// variables win over these).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Always boot (never start from the shape's warm boot snapshot, and
+    /// leave none).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cold: bool,
 }
 
 fn default_image() -> String {
@@ -149,6 +153,7 @@ impl Default for SandboxConfig {
             network: true,
             backend: crate::backend::BackendKind::default(),
             env: BTreeMap::new(),
+            cold: false,
         }
     }
 }

@@ -61,6 +61,13 @@ pub enum ErrorKind {
     /// No background process with that handle (never started in this
     /// boot of the VM, or forgotten).
     ProcessNotFound,
+    /// No snapshot with that id.
+    SnapshotNotFound,
+    /// A snapshot with that id exists already.
+    SnapshotAlreadyExists,
+    /// A snapshot cannot be used: files missing, truncated or corrupt, or
+    /// made by another VMM or for another machine.
+    SnapshotInvalid,
 }
 
 impl ErrorKind {
@@ -87,6 +94,9 @@ impl ErrorKind {
             ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::NoSpace => "no_space",
             ErrorKind::ProcessNotFound => "process_not_found",
+            ErrorKind::SnapshotNotFound => "snapshot_not_found",
+            ErrorKind::SnapshotAlreadyExists => "snapshot_already_exists",
+            ErrorKind::SnapshotInvalid => "snapshot_invalid",
         }
     }
 }
@@ -185,6 +195,13 @@ pub enum Error {
         kind: ErrorKind,
         message: String,
     },
+    #[error("snapshot '{0}' not found; `smolvm snapshot ls` lists snapshots")]
+    SnapshotNotFound(String),
+    #[error("a snapshot named '{0}' exists already; choose another name or remove it with `smolvm snapshot rm {0}`")]
+    SnapshotExists(String),
+    /// A snapshot that cannot be restored; nothing was changed.
+    #[error("snapshot '{id}' cannot be used: {reason}")]
+    SnapshotInvalid { id: String, reason: String },
     #[error("{context}")]
     Io {
         context: String,
@@ -234,6 +251,9 @@ impl Error {
             Error::HostUnsupported(_) => ErrorKind::HostUnsupported,
             Error::Invalid(_) => ErrorKind::InvalidInput,
             Error::GuestPath { kind, .. } => *kind,
+            Error::SnapshotNotFound(_) => ErrorKind::SnapshotNotFound,
+            Error::SnapshotExists(_) => ErrorKind::SnapshotAlreadyExists,
+            Error::SnapshotInvalid { .. } => ErrorKind::SnapshotInvalid,
             Error::Io { .. } => ErrorKind::Io,
         }
     }

@@ -24,6 +24,7 @@ pub mod paths;
 pub(crate) mod private;
 pub mod sandbox;
 pub mod state;
+pub mod snapshot;
 pub(crate) mod supervisor;
 pub(crate) mod sys;
 pub mod text;

@@ -77,6 +77,11 @@ pub fn locks_dir() -> PathBuf {
     data_dir().join("locks")
 }
 
+/// Snapshots, one directory each (`<data_dir>/snapshots/<uid>`).
+pub fn snapshots_dir() -> PathBuf {
+    data_dir().join("snapshots")
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -72,6 +72,15 @@ pub fn create(path: &Path) -> std::io::Result<File> {
     Ok(f)
 }
 
+/// Creates `path` (`0600`) for writing; fails when it exists.
+pub fn create_new(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)
+}
+
 /// Opens `path` for appending (created `0600`).
 pub fn append(path: &Path) -> std::io::Result<File> {
     let f = OpenOptions::new()

@@ -182,3 +182,51 @@ mod tests {
         assert!(!kill(me, libc::SIGKILL), "gone");
     }
 }
+
+/// Copies `src` to a new file `dst` (`0600`), keeping it sparse: only the
+/// ranges `src` has allocated are copied (found with SEEK_DATA/SEEK_HOLE),
+/// and blocks of zeros inside them are left as holes. Returns the bytes
+/// written. `dst` has `src`'s length.
+pub fn sparse_copy(src: &std::path::Path, dst: &std::path::Path) -> std::io::Result<u64> {
+    use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+    const BLOCK: usize = 64 * 1024;
+    let mut inp = std::fs::File::open(src)?;
+    let len = inp.metadata()?.len();
+    let mut out = crate::private::create_new(dst)?;
+    out.set_len(len)?;
+    let fd = inp.as_raw_fd();
+    let mut buf = vec![0u8; BLOCK];
+    let mut written = 0u64;
+    let mut pos: i64 = 0;
+    let end = i64::try_from(len).map_err(std::io::Error::other)?;
+    while pos < end {
+        // SAFETY: lseek on an fd we own; no memory is involved.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after `pos`
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut at = data;
+        inp.seek(SeekFrom::Start(at as u64))?;
+        while at < hole {
+            let n = usize::try_from((hole - at).min(BLOCK as i64)).unwrap_or(BLOCK);
+            inp.read_exact(&mut buf[..n])?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                out.seek(SeekFrom::Start(at as u64))?;
+                out.write_all(&buf[..n])?;
+                written += n as u64;
+            }
+            at += n as i64;
+        }
+        pos = hole;
+    }
+    Ok(written)
+}

@@ -31,6 +31,8 @@ struct Inbox {
     credit_in: HashMap<u32, u64>,
     /// Streams whose output we do not credit back automatically.
     held: HashSet<u32>,
+    /// Every frame in arrival order, `Credit` included.
+    log: Vec<(u32, GuestMsg)>,
     closed: bool,
 }
 
@@ -111,6 +113,7 @@ impl Conn {
                     .next_frame::<GuestMsg>()
                     .expect("agent sent a bad frame")
                 {
+                    g.log.push((f.stream, f.msg.clone()));
                     if let GuestMsg::Credit { bytes } = f.msg {
                         *g.credit_in.entry(f.stream).or_default() += u64::from(bytes);
                         continue;
@@ -179,6 +182,21 @@ impl Conn {
             self.sent.insert(stream, need);
             self.send(stream, HostMsg::Data(Bytes(chunk.to_vec())));
         }
+    }
+
+    /// Every frame received so far, in arrival order (`Credit` included).
+    pub fn log(&self) -> Vec<(u32, GuestMsg)> {
+        self.inbox.0.lock().unwrap().log.clone()
+    }
+
+    /// Forgets what the stream carried (as a new host connection would
+    /// before it reuses the id).
+    pub fn forget(&mut self, stream: u32) {
+        let mut g = self.inbox.0.lock().unwrap();
+        g.by_stream.remove(&stream);
+        g.credit_in.remove(&stream);
+        drop(g);
+        self.sent.remove(&stream);
     }
 
     /// Input credit the agent granted so far on `stream`.

@@ -43,6 +43,27 @@ pub struct LaunchSpec {
     /// was made larger than the image).
     #[serde(default)]
     pub grow_root: bool,
+    /// Continue a snapshot instead of booting (see [`RestoreSpec`]).
+    #[serde(default)]
+    pub restore: Option<RestoreSpec>,
+}
+
+/// Where a restored VM's machine comes from. The rest of the launch spec
+/// (memory, vCPUs, devices, kernel) must be the snapshot's own: the device
+/// state only loads into the same machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreSpec {
+    /// The device state (a migration stream).
+    pub state: PathBuf,
+    /// Guest RAM. `None`: the RAM is inside `state` (a snapshot of a VM
+    /// whose RAM was a private mapping) and is loaded into a fresh RAM file.
+    pub memory: Option<PathBuf>,
+    /// Map `memory` privately: copy-on-write and lazy, the file is never
+    /// written (forks share its clean pages through the page cache). When
+    /// false, `memory` is the VM's own copy and is moved into the VM
+    /// directory as its RAM file.
+    pub private: bool,
 }
 
 impl LaunchSpec {

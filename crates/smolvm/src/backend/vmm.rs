@@ -49,6 +49,16 @@ pub trait Backend: Send + Sync {
         size: Option<u64>,
     ) -> BoxFuture<'a, Result<(), VmmError>>;
 
+    /// Creates a qcow2 layer at `disk` over the qcow2 image named
+    /// `backing` (stored as given: relative names resolve against `disk`'s
+    /// directory; it need not exist yet), of `size` bytes.
+    fn create_layer<'a>(
+        &'a self,
+        backing: &'a str,
+        disk: &'a Path,
+        size: u64,
+    ) -> BoxFuture<'a, Result<(), VmmError>>;
+
     /// Resolves `requested` to the accelerator to use (probing `auto`;
     /// blocking: it may boot a probe VM).
     fn resolve_accel(&self, requested: Accel, kernel: &Path, initramfs: &Path) -> AccelVerdict;
@@ -58,8 +68,28 @@ pub trait Backend: Send + Sync {
     /// with it: parent-death signal).
     fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<Box<dyn Vmm>, VmmError>>;
 
+    /// The VMM program this host runs (its identity is part of what a
+    /// snapshot needs to load).
+    fn vmm_binary(&self) -> Option<std::path::PathBuf>;
+
     /// Host checks this backend needs (`smolvm doctor`), as (name, result).
     fn host_checks(&self) -> Vec<(&'static str, Result<String, String>)>;
+}
+
+/// What a snapshot did (see [`Vmm::snapshot`]).
+#[derive(Debug, Default, Clone)]
+pub struct SnapshotOutcome {
+    /// The VM writes to the new overlay now: the frozen disk is in use.
+    pub disk_switched: bool,
+    pub state_bytes: u64,
+    /// Allocated bytes of the RAM copy.
+    pub memory_bytes: u64,
+    /// RAM went into the device state (the VM's RAM was a private mapping).
+    pub memory_in_state: bool,
+    /// How long the vCPUs were stopped.
+    pub downtime: std::time::Duration,
+    pub total: std::time::Duration,
+    pub was_running: bool,
 }
 
 /// The operations on a launched VMM.
@@ -83,6 +113,18 @@ pub trait Vmm: Send {
     fn wait(&mut self) -> BoxFuture<'_, VmmExit>;
     /// True while the VMM process exists.
     fn is_alive(&mut self) -> bool;
+    /// Snapshots the stopped machine into `dir` (device state, RAM) and
+    /// switches the root disk to `next_disk` (an overlay over the current
+    /// disk's frozen file, renamed onto the disk's path). The vCPUs
+    /// continue afterwards when they ran before and `resume` is set. On
+    /// failure the outcome says what had happened (the disk switch
+    /// cannot be undone).
+    fn snapshot<'a>(
+        &'a mut self,
+        dir: &'a Path,
+        next_disk: &'a Path,
+        resume: bool,
+    ) -> BoxFuture<'a, Result<SnapshotOutcome, (VmmError, SnapshotOutcome)>>;
 }
 
 /// The backend of `kind`.

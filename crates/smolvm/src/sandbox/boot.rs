@@ -84,7 +84,7 @@ impl Sandbox {
             )
         })?;
         tracing::info!(vm = %self.id, accel = %verdict.accel, reason = %verdict.reason, "accelerator");
-        let spec = LaunchSpec {
+        let mut spec = LaunchSpec {
             id: self.id.clone(),
             vm_dir: self.vm_dir.path().to_path_buf(),
             kernel: image.kernel.clone(),
@@ -96,14 +96,67 @@ impl Sandbox {
             backend,
             network: self.config.network,
             grow_root: self.config.disk_size_mib.is_some(),
+            restore: None,
         };
+        self.relative_base();
+        // A sandbox that never ran starts from its shape's boot snapshot
+        // when there is one (and takes it when there is not).
+        let warm = if prior == VmState::Created && !self.config.cold {
+            super::snapshot::warm_key(&self.config, &image, &spec).ok()
+        } else {
+            None
+        };
+        if let Some(key) = &warm {
+            match self.warm_start(key, &mut spec, prior, boot_timeout).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(vm = %self.id, "warm start failed ({}); booting cold", chain(&e));
+                    spec.restore = None;
+                }
+            }
+        }
+        self.launch_and_wait(&spec, prior, boot_timeout, format!("booting ({} accelerator)", verdict.accel))
+            .await?;
+        if let Some(key) = &warm {
+            self.leave_warm_snapshot(key).await;
+        }
+        if verdict.accel == ResolvedAccel::Tcg {
+            tracing::debug!(vm = %self.id, "running under TCG: {}", verdict.reason);
+        }
+        Ok(())
+    }
+
+    /// A disk made by an older smolvm names its base by absolute path:
+    /// name it relatively (the VMM is not running), as new disks do.
+    fn relative_base(&self) {
+        let disk = self.vm_dir.disk();
+        let base = self.vm_dir.base_disk();
+        if let Ok(h) = crate::snapshot::qcow2::header(&disk) {
+            if h.backing.as_deref().map(std::path::Path::new) == Some(base.as_path()) {
+                let _ = crate::snapshot::qcow2::set_backing_in_place(
+                    &disk,
+                    crate::backend::files::BASE_DISK,
+                );
+            }
+        }
+    }
+
+    /// Writes `spec`, starts the supervisor and waits for the guest.
+    pub(super) async fn launch_and_wait(
+        &self,
+        spec: &LaunchSpec,
+        prior: VmState,
+        boot_timeout: Duration,
+        step: String,
+    ) -> Result<()> {
         let spec_path = self.vm_dir.launch_spec();
         let bytes = serde_json::to_vec_pretty(&spec)
             .map_err(|e| Error::io("cannot encode the launch spec", e.into()))?;
         write_atomic(&spec_path, &bytes)?;
         let s = store()?;
         s.begin_boot(&self.id)?;
-        self.step(format!("booting ({} accelerator)", verdict.accel));
+        self.step(step);
         let dir = self.vm_dir.path().to_path_buf();
         let spawned = crate::supervisor::spawn(&dir).await;
         if let Err(source) = spawned {
@@ -120,11 +173,7 @@ impl Sandbox {
             return Err(e);
         }
         let client = self.connect().await?;
-        self.wait_ready(prior, &client, boot_timeout).await?;
-        if verdict.accel == ResolvedAccel::Tcg {
-            tracing::debug!(vm = %self.id, "running under TCG: {}", verdict.reason);
-        }
-        Ok(())
+        self.wait_ready(prior, &client, boot_timeout).await
     }
 
     /// Waits for the booting guest's agent; records `running`, or ends the

@@ -52,20 +52,35 @@ impl Sandbox {
         config: SandboxConfig,
         progress: Option<ProgressFn>,
     ) -> Result<Sandbox> {
+        Self::create_inner(config, progress, None).await
+    }
+
+    /// Creates a VM whose disk is a new layer over the image (`from`
+    /// `None`) or over the frozen disk of the snapshot directory `from`.
+    pub(super) async fn create_inner(
+        config: SandboxConfig,
+        progress: Option<ProgressFn>,
+        from: Option<&std::path::Path>,
+    ) -> Result<Sandbox> {
         config.validate()?;
-        let image = ensure_image(&config.image, progress.clone()).await?;
-        let image_mib = std::fs::metadata(&image.rootfs)
-            .map_err(|e| Error::io(format!("cannot read {}", image.rootfs.display()), e))?
-            .len()
-            .div_ceil(1024 * 1024);
-        if let Some(size) = config.disk_size_mib {
-            if size < image_mib {
-                return Err(crate::config::ConfigError::DiskTooSmall {
-                    size,
-                    min: image_mib,
-                    image: config.image.clone(),
+        let image = match from {
+            Some(_) => None,
+            None => Some(ensure_image(&config.image, progress.clone()).await?),
+        };
+        if let Some(image) = &image {
+            let image_mib = std::fs::metadata(&image.rootfs)
+                .map_err(|e| Error::io(format!("cannot read {}", image.rootfs.display()), e))?
+                .len()
+                .div_ceil(1024 * 1024);
+            if let Some(size) = config.disk_size_mib {
+                if size < image_mib {
+                    return Err(crate::config::ConfigError::DiskTooSmall {
+                        size,
+                        min: image_mib,
+                        image: config.image.clone(),
+                    }
+                    .into());
                 }
-                .into());
             }
         }
         let json = serde_json::to_string(&config)
@@ -104,6 +119,21 @@ impl Sandbox {
             crate::private::dir_all(&vm_dir)
                 .map_err(|e| Error::io(format!("cannot create {}", vm_dir.display()), e))?;
             let disk = vm_dir.disk();
+            let Some(image) = &image else {
+                // Over a snapshot's frozen disk, at its size.
+                let snap = from.unwrap_or(std::path::Path::new(""));
+                let frozen = snap.join(crate::snapshot::files::DISK);
+                let size = crate::snapshot::qcow2::header(&frozen)
+                    .map_err(|e| Error::io(format!("cannot read {}", frozen.display()), e))?
+                    .virtual_size;
+                return backend
+                    .create_layer(&crate::snapshot::backing_name(snap), &disk, size)
+                    .await
+                    .map_err(|e| match e.missing_tool {
+                        Some(m) => Error::Tool(m),
+                        None => Error::io(format!("VM '{id}'"), std::io::Error::other(e.message)),
+                    });
+            };
             // Bounded by `validate` (MAX_DISK_MIB): cannot overflow.
             let size = config.disk_size_mib.map(|m| m.saturating_mul(1024 * 1024));
             // Pin the base: a hard link survives an image rebuild swapping a
@@ -361,6 +391,8 @@ impl Sandbox {
         }
         store()?.delete(&self.id)?;
         let _ = std::fs::remove_file(crate::paths::lock_path(&self.id));
+        // Retired snapshots only this VM was layered on go with it.
+        super::snapshot::collect_snapshots().await;
         Ok(())
     }
 
@@ -409,7 +441,7 @@ impl Sandbox {
         }
     }
 
-    async fn control_ok(&self, req: ControlRequest) -> Result<()> {
+    pub(super) async fn control_ok(&self, req: ControlRequest) -> Result<()> {
         let c = self.open_connection().await?;
         match c.control(req).await {
             Ok(ControlResponse::Ok) => Ok(()),
@@ -430,9 +462,9 @@ impl Sandbox {
 }
 
 /// Removes a half-created VM (its directory and row) unless disarmed.
-struct UndoCreate {
-    id: Option<String>,
-    dir: PathBuf,
+pub(super) struct UndoCreate {
+    pub(super) id: Option<String>,
+    pub(super) dir: PathBuf,
 }
 
 impl Drop for UndoCreate {

@@ -30,7 +30,12 @@ impl VmLock {
     /// waits for its blocking threads on shutdown): so this tries without
     /// blocking and sleeps between tries.
     pub async fn acquire(id: &str) -> Result<VmLock> {
-        let path = crate::paths::lock_path(id);
+        Self::acquire_at(&crate::paths::lock_path(id), id).await
+    }
+
+    /// The lock at `path`, named `id` in errors.
+    pub async fn acquire_at(path: &std::path::Path, id: &str) -> Result<VmLock> {
+        let path = path.to_path_buf();
         if let Some(d) = path.parent() {
             crate::private::dir_all(d)
                 .map_err(|e| Error::io(format!("cannot create {}", d.display()), e))?;

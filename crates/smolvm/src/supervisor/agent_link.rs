@@ -31,9 +31,22 @@ pub(super) async fn hello_sender(agent_tx: AgentTx, shared: SharedRef) {
         return;
     };
     loop {
-        {
+        let (restored, id) = {
             let s = lock(&shared);
             if s.hello.is_some() || s.fatal.is_some() {
+                return;
+            }
+            (s.restored, s.id.clone())
+        };
+        if restored {
+            // A restored machine becomes this VM before it answers the
+            // hello (the agent handles frames in order): nothing runs in it
+            // before its identity, entropy and clock are its own.
+            let Some(reinit) = frame(smolvm_proto::CONTROL_STREAM, HostMsg::Reinit(identity(&id)))
+            else {
+                return;
+            };
+            if agent_tx.send(reinit, Lane::Control).await.is_err() {
                 return;
             }
         }
@@ -41,6 +54,27 @@ pub(super) async fn hello_sender(agent_tx: AgentTx, shared: SharedRef) {
             return;
         }
         tokio::time::sleep(HELLO_RESEND).await;
+    }
+}
+
+/// Bytes of host entropy a restored guest gets.
+const REINIT_ENTROPY: usize = 64;
+
+/// Who a restored machine is now: this VM's id, fresh entropy, host time.
+fn identity(id: &str) -> smolvm_proto::Identity {
+    let mut entropy = vec![0u8; REINIT_ENTROPY];
+    if getrandom::fill(&mut entropy).is_err() {
+        // Never send a predictable seed as if it were one: the guest then
+        // reports it could not reseed, and the start fails.
+        entropy.clear();
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    smolvm_proto::Identity {
+        hostname: id.to_string(),
+        entropy: smolvm_proto::Bytes(entropy),
+        unix_time_ns: now,
     }
 }
 
@@ -146,6 +180,14 @@ fn accept_hello(h: smolvm_proto::GuestHello, shared: &SharedRef) -> Option<Optio
         );
         log!("{msg}");
         s.fatal = Some(ControlError::new(ControlErrorKind::AgentIncompatible, msg));
+    } else if s.restored && s.reinited.is_none_or(|(_, reseeded)| !reseeded) {
+        // Two forks must never share their random pool: a restored guest
+        // that could not reseed is never handed out.
+        let msg = "the restored guest could not reseed its random pool (its agent answered the \
+                   hello without taking the new identity); the VM was not started"
+            .to_string();
+        log!("{msg}");
+        s.fatal = Some(ControlError::new(ControlErrorKind::BootFailed, msg));
     } else {
         let ready_ms = crate::sys::millis(s.launched.elapsed());
         log!("agent {} ready after {ready_ms} ms", h.agent_version);
@@ -173,6 +215,23 @@ pub(super) async fn handle_guest_frame(
     ready_tx: &watch::Sender<()>,
 ) -> Result<(), String> {
     if f.stream == smolvm_proto::CONTROL_STREAM {
+        match f.msg {
+            GuestMsg::Quiesced => {
+                if let Some(t) = lock(shared).quiesce_waiter.take() {
+                    let _ = t.send(());
+                }
+                return Ok(());
+            }
+            GuestMsg::Reinited { clock_set, reseeded } => {
+                let mut s = lock(shared);
+                if s.restored && s.hello.is_none() {
+                    log!("restored guest re-initialised (clock set: {clock_set}, pool reseeded: {reseeded})");
+                    s.reinited = Some((clock_set, reseeded));
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
         if let GuestMsg::Hello(h) = f.msg {
             let Some(record_running) = accept_hello(h, shared) else {
                 return Ok(());

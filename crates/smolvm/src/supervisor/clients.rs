@@ -255,10 +255,13 @@ async fn forward_to_agent(
             ));
         }
         match msg {
-            HostMsg::Hello(_) => {
+            HostMsg::Hello(_)
+            | HostMsg::Quiesce
+            | HostMsg::Thaw
+            | HostMsg::Reinit(_) => {
                 return Err(ErrorInfo::new(
                     ErrorKind::InvalidRequest,
-                    "the supervisor owns the agent hello",
+                    "the supervisor owns the agent's hello, quiesce and identity",
                 ))
             }
             // Requests open a stream.
@@ -390,6 +393,32 @@ async fn control(
                         )
                     }
                 }
+            }
+        }
+        ControlRequest::Snapshot(req) => {
+            // Only into the data dir's snapshots, and only this VM's disk.
+            let in_snapshots = req.dir.starts_with(crate::paths::snapshots_dir());
+            let own_disk = req.next_disk.parent() == Some(vm_dir.path());
+            if !in_snapshots || !own_disk {
+                return ControlResponse::Error(ControlError::new(
+                    ControlErrorKind::Other,
+                    "a snapshot goes into the data dir's snapshots, from this VM's own disk",
+                ));
+            }
+            let (t, r) = oneshot::channel();
+            if vm_tx.send(VmCmd::Snapshot(req, t)).await.is_err() {
+                return ControlResponse::Error(ControlError::new(
+                    ControlErrorKind::ShuttingDown,
+                    "the VM is stopping",
+                ));
+            }
+            match r.await {
+                Ok(Ok(rep)) => ControlResponse::Snapshot(rep),
+                Ok(Err(e)) => ControlResponse::Error(e),
+                Err(_) => ControlResponse::Error(ControlError::new(
+                    ControlErrorKind::ShuttingDown,
+                    "the VM stopped during the snapshot",
+                )),
             }
         }
         ControlRequest::Pause => vm_cmd(VmCmd::Pause).await,

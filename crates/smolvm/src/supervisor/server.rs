@@ -28,6 +28,16 @@ const AGENT_QUEUE: usize = 256;
 pub(super) struct AgentTx {
     control: mpsc::Sender<Vec<u8>>,
     data: mpsc::Sender<Vec<u8>>,
+    hold: mpsc::Sender<Hold>,
+}
+
+/// Stops or restarts the agent writer (snapshots: the channel is cut
+/// between frames).
+enum Hold {
+    /// Write this frame (the `Quiesce`) as the last one, then nothing more.
+    After(Vec<u8>, oneshot::Sender<()>),
+    /// Write these frames first, then go on with the queues.
+    Release(Vec<Vec<u8>>),
 }
 
 impl AgentTx {
@@ -40,18 +50,53 @@ impl AgentTx {
         };
         tx.send(buf).await.map_err(drop)
     }
+
+    /// Writes `last` and then holds the writer: nothing queued reaches the
+    /// agent until [`AgentTx::release`]. Returns once `last` is written.
+    pub(super) async fn hold_after(&self, last: Vec<u8>) -> Result<(), ()> {
+        let (t, r) = oneshot::channel();
+        self.hold.send(Hold::After(last, t)).await.map_err(drop)?;
+        r.await.map_err(drop)
+    }
+
+    /// Writes `first`, then lets the queues flow again.
+    pub(super) async fn release(&self, first: Vec<Vec<u8>>) {
+        let _ = self.hold.send(Hold::Release(first)).await;
+    }
 }
 
 /// The agent writer: control lane first.
 fn agent_writer(mut w: tokio::net::unix::OwnedWriteHalf) -> AgentTx {
     let (ctx, mut crx) = mpsc::channel::<Vec<u8>>(AGENT_QUEUE);
     let (dtx, mut drx) = mpsc::channel::<Vec<u8>>(AGENT_QUEUE);
+    let (htx, mut hrx) = mpsc::channel::<Hold>(4);
     tokio::spawn(async move {
+        let mut held = false;
         loop {
             let buf = tokio::select! {
                 biased;
-                Some(b) = crx.recv() => b,
-                Some(b) = drx.recv() => b,
+                Some(h) = hrx.recv() => {
+                    match h {
+                        Hold::After(last, done) => {
+                            if w.write_all(&last).await.is_err() {
+                                return;
+                            }
+                            held = true;
+                            let _ = done.send(());
+                        }
+                        Hold::Release(first) => {
+                            for b in first {
+                                if w.write_all(&b).await.is_err() {
+                                    return;
+                                }
+                            }
+                            held = false;
+                        }
+                    }
+                    continue;
+                }
+                Some(b) = crx.recv(), if !held => b,
+                Some(b) = drx.recv(), if !held => b,
                 else => return,
             };
             if w.write_all(&buf).await.is_err() {
@@ -62,6 +107,7 @@ fn agent_writer(mut w: tokio::net::unix::OwnedWriteHalf) -> AgentTx {
     AgentTx {
         control: ctx,
         data: dtx,
+        hold: htx,
     }
 }
 
@@ -72,6 +118,10 @@ pub(super) enum VmCmd {
     Resume(Reply),
     Stop(u64, Reply),
     Kill(Reply),
+    Snapshot(
+        smolvm_proto::supervisor::SnapshotRequest,
+        oneshot::Sender<Result<smolvm_proto::supervisor::SnapshotReport, ControlError>>,
+    ),
 }
 
 fn vmm_failure(e: VmmError) -> ControlError {
@@ -103,6 +153,12 @@ pub(super) struct Shared {
     pub(super) vmm_pid: u32,
     pub(super) launched: Instant,
     pub(super) vmm_start_ms: u64,
+    /// Told when the agent answers `Quiesce`.
+    pub(super) quiesce_waiter: Option<oneshot::Sender<()>>,
+    /// A restored machine: the identity sent before the hello.
+    pub(super) restored: bool,
+    /// What the restored agent said of its `Reinit`.
+    pub(super) reinited: Option<(bool, bool)>,
 }
 
 impl Shared {
@@ -123,6 +179,9 @@ impl Shared {
             vmm_pid,
             launched,
             vmm_start_ms,
+            quiesce_waiter: None,
+            restored: false,
+            reinited: None,
         }
     }
 }
@@ -224,6 +283,7 @@ pub async fn serve(spec: LaunchSpec, vm_dir: VmDir, mut ready: std::fs::File) ->
         launched,
         vmm_start_ms,
     )));
+    lock(&shared).restored = spec.restore.is_some();
     // Signals "something changed about readiness" to waiters.
     let (ready_tx, ready_rx) = watch::channel(());
 
@@ -264,6 +324,9 @@ async fn vm_loop(
 ) -> (VmmExit, bool) {
     let mut stop_requested = false;
     let mut stop_replies: Vec<Reply> = Vec::new();
+    // The agent is quiesced and our writer to it held (a snapshot that
+    // left the VM paused): the next resume or stop thaws it first.
+    let mut agent_held = false;
     // Set when a control request timed out: the VMM's vCPUs may not be as
     // recorded until it answers again and is reconciled.
     let mut reconcile = false;
@@ -291,8 +354,19 @@ async fn vm_loop(
                     }
                     let _ = reply.send(r);
                 }
+                VmCmd::Snapshot(req, reply) => {
+                    let r = snapshot(vm, shared, agent_tx, &req, &mut agent_held).await;
+                    if let Err(e) = &r {
+                        reconcile |= e.kind == ControlErrorKind::VmmUnresponsive;
+                    }
+                    let _ = reply.send(r);
+                }
                 VmCmd::Resume(reply) => {
                     let r = vm.resume().await.map_err(vmm_failure);
+                    if r.is_ok() && agent_held {
+                        thaw(agent_tx).await;
+                        agent_held = false;
+                    }
                     reconcile |= unresponsive(&r);
                     if r.is_ok() {
                         let mut s = lock(shared);
@@ -325,6 +399,9 @@ async fn vm_loop(
                         // flushes its caches to the disk).
                         let _ = tokio::time::timeout_at(deadline, vm.resume()).await;
                     }
+                    if agent_held {
+                        let _ = tokio::time::timeout_at(deadline, thaw(agent_tx)).await;
+                    }
                     if !agent_up {
                         // Nothing in the guest can act on a shutdown request.
                         let _ = tokio::time::timeout_at(deadline, vm.quit()).await;
@@ -355,6 +432,103 @@ async fn vm_loop(
                     }
                 }
             }
+        }
+    }
+}
+
+/// How long the agent gets to answer `Quiesce`.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Lets the agent write again (after a snapshot of this same machine).
+async fn thaw(agent_tx: &AgentTx) {
+    let bufs = frame(smolvm_proto::CONTROL_STREAM, HostMsg::Thaw)
+        .into_iter()
+        .collect();
+    agent_tx.release(bufs).await;
+}
+
+/// Quiesces the agent (unless it already is), then has the backend
+/// snapshot the machine into `req.dir`.
+async fn snapshot(
+    vm: &mut Box<dyn Vmm>,
+    shared: &SharedRef,
+    agent_tx: &AgentTx,
+    req: &smolvm_proto::supervisor::SnapshotRequest,
+    agent_held: &mut bool,
+) -> Result<smolvm_proto::supervisor::SnapshotReport, ControlError> {
+    let (state, agent_up) = {
+        let s = lock(shared);
+        (s.run_state, s.hello.is_some())
+    };
+    if !agent_up || !matches!(state, VmRunState::Running | VmRunState::Paused) {
+        return Err(ControlError::new(
+            ControlErrorKind::InvalidState,
+            format!("a snapshot needs a booted VM; this one is {state:?}"),
+        ));
+    }
+    let started = Instant::now();
+    let was_paused = state == VmRunState::Paused;
+    if !*agent_held {
+        if was_paused {
+            // The agent answers only on running vCPUs: run it for the
+            // moment the quiesce takes (it may have been paused mid-frame).
+            vm.resume().await.map_err(vmm_failure)?;
+        }
+        let (t, r) = oneshot::channel();
+        lock(shared).quiesce_waiter = Some(t);
+        let buf = frame(smolvm_proto::CONTROL_STREAM, HostMsg::Quiesce)
+            .ok_or_else(|| ControlError::new(ControlErrorKind::Other, "cannot encode Quiesce"))?;
+        if agent_tx.hold_after(buf).await.is_err() {
+            return Err(ControlError::new(ControlErrorKind::BootFailed, "the agent channel is closed"));
+        }
+        if tokio::time::timeout(QUIESCE_TIMEOUT, r).await.map_or(true, |r| r.is_err()) {
+            lock(shared).quiesce_waiter = None;
+            thaw(agent_tx).await;
+            if was_paused {
+                let _ = vm.pause().await;
+            }
+            return Err(ControlError::new(
+                ControlErrorKind::Other,
+                format!(
+                    "the guest agent did not get ready for the snapshot within {} s (busy or stuck); nothing was changed",
+                    QUIESCE_TIMEOUT.as_secs()
+                ),
+            ));
+        }
+        *agent_held = true;
+    }
+    let r = vm.snapshot(&req.dir, &req.next_disk, req.resume).await;
+    let running = match &r {
+        Ok(_) => req.resume,
+        Err(_) => {
+            // The backend left the vCPUs as they were before the call.
+            if was_paused {
+                let _ = vm.pause().await;
+            }
+            !was_paused
+        }
+    };
+    if running {
+        thaw(agent_tx).await;
+        *agent_held = false;
+    }
+    lock(shared).run_state = if running { VmRunState::Running } else { VmRunState::Paused };
+    match r {
+        Ok(o) => Ok(smolvm_proto::supervisor::SnapshotReport {
+            disk_switched: o.disk_switched,
+            state_bytes: o.state_bytes,
+            memory_bytes: o.memory_bytes,
+            memory_in_state: o.memory_in_state,
+            downtime_ms: crate::sys::millis(o.downtime),
+            total_ms: crate::sys::millis(started.elapsed()),
+            was_running: !was_paused,
+        }),
+        Err((e, o)) => {
+            let mut err = vmm_failure(e);
+            if o.disk_switched {
+                err.message.push_str(" (the VM's disk was already switched to a new layer over the frozen one)");
+            }
+            Err(err)
         }
     }
 }

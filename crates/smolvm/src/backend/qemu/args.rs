@@ -72,6 +72,20 @@ fn kernel_cmdline(accel: ResolvedAccel, extra: &str) -> String {
     c
 }
 
+/// Guest RAM: the VM's own file, mapped shared (so a snapshot copies the
+/// file and leaves RAM out of the device state), or a snapshot's file
+/// mapped privately (copy-on-write: the file is never written).
+fn memory_backend(spec: &LaunchSpec, size: &str) -> String {
+    let (path, share) = match &spec.restore {
+        Some(r) if r.private => match &r.memory {
+            Some(m) => (opt_value(&s(m)), "off"),
+            None => (files::MEMORY_FILE.to_string(), "on"),
+        },
+        _ => (files::MEMORY_FILE.to_string(), "on"),
+    };
+    format!("memory-backend-file,id=mem,size={size},mem-path={path},share={share}")
+}
+
 fn s(p: &Path) -> String {
     p.display().to_string()
 }
@@ -79,7 +93,11 @@ fn s(p: &Path) -> String {
 /// Launch paths must be UTF-8: QEMU takes them as text, and a lossy
 /// rendering would name another file.
 pub fn check_paths(spec: &LaunchSpec) -> Result<(), String> {
-    for p in [&spec.vm_dir, &spec.kernel, &spec.initramfs, &spec.disk] {
+    let restore = spec.restore.iter().flat_map(|r| [Some(&r.state), r.memory.as_ref()]);
+    for p in [&spec.vm_dir, &spec.kernel, &spec.initramfs, &spec.disk]
+        .into_iter()
+        .chain(restore.flatten())
+    {
         if p.to_str().is_none() {
             return Err(format!(
                 "path {} is not valid UTF-8; QEMU cannot be given it",
@@ -111,10 +129,7 @@ pub fn launch_args(spec: &LaunchSpec) -> Vec<String> {
         "-smp".into(),
         spec.cpus.to_string(),
         "-object".into(),
-        format!(
-            "memory-backend-file,id=mem,size={mem},mem-path={},share=on",
-            files::MEMORY_FILE
-        ),
+        memory_backend(spec, &mem),
         "-nodefaults".into(),
         "-no-user-config".into(),
         "-nographic".into(),
@@ -161,6 +176,10 @@ pub fn launch_args(spec: &LaunchSpec) -> Vec<String> {
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", files::QMP_SOCKET),
     ]);
+    if spec.restore.is_some() {
+        // The device state arrives over a descriptor once QMP is up.
+        a.extend(["-incoming".into(), "defer".into()]);
+    }
     if spec.network {
         a.extend([
             "-netdev".into(),
@@ -241,6 +260,7 @@ mod tests {
             backend: crate::backend::BackendKind::Qemu,
             network,
             grow_root: false,
+            restore: None,
         }
     }
 
@@ -281,6 +301,28 @@ mod tests {
         use std::os::unix::ffi::OsStrExt;
         sp.disk = PathBuf::from(std::ffi::OsStr::from_bytes(b"/d/\xff/disk"));
         assert!(check_paths(&sp).is_err());
+    }
+
+    #[test]
+    fn a_restore_maps_the_snapshot_privately_and_waits_for_its_state() {
+        let mut sp = spec(ResolvedAccel::Tcg, false);
+        sp.restore = Some(crate::backend::RestoreSpec {
+            state: PathBuf::from("/s/state"),
+            memory: Some(PathBuf::from("/s,x/memory")),
+            private: true,
+        });
+        let a = launch_args(&sp).join(" ");
+        assert!(a.contains("mem-path=/s,,x/memory,share=off"), "{a}");
+        assert!(a.ends_with("-incoming defer") || a.contains("-incoming defer "));
+        // A warm start's own copy is the VM's RAM file, shared.
+        sp.restore = Some(crate::backend::RestoreSpec {
+            state: PathBuf::from("/s/state"),
+            memory: Some(PathBuf::from("/d/memory.restore")),
+            private: false,
+        });
+        let a = launch_args(&sp).join(" ");
+        assert!(a.contains("mem-path=memory,share=on"), "{a}");
+        assert!(a.contains("-incoming defer"));
     }
 
     #[test]

@@ -28,6 +28,19 @@ impl Backend for QemuBackend {
         })
     }
 
+    fn create_layer<'a>(
+        &'a self,
+        backing: &'a str,
+        disk: &'a Path,
+        size: u64,
+    ) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(async move {
+            super::create_layer(backing, disk, size)
+                .await
+                .map_err(|e| e.into_vmm_error("cannot create the disk layer"))
+        })
+    }
+
     fn resolve_accel(&self, requested: Accel, kernel: &Path, initramfs: &Path) -> AccelVerdict {
         super::resolve_accel(requested, kernel, initramfs)
     }
@@ -39,6 +52,10 @@ impl Backend for QemuBackend {
                 .map(|vm| Box::new(vm) as Box<dyn Vmm>)
                 .map_err(|e| e.into_vmm_error("the VMM failed to start"))
         })
+    }
+
+    fn vmm_binary(&self) -> Option<std::path::PathBuf> {
+        crate::hosttools::find(QEMU_BINARY)
     }
 
     fn host_checks(&self) -> Vec<(&'static str, Result<String, String>)> {

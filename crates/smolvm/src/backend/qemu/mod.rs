@@ -13,4 +13,4 @@ pub use backend::{confine_child, QemuBackend};
 pub use net::{has_default_route, GuestNet, NetError};
 pub use probe::{forget_cached_verdict, resolve_accel};
 pub use qmp::{Qmp, QmpError, REPLY_TIMEOUT as QMP_REPLY_TIMEOUT};
-pub use vm::{create_overlay, QemuError, QemuVm};
+pub use vm::{create_layer, create_overlay, QemuError, QemuVm, SNAPSHOT_MEMORY, SNAPSHOT_STATE};

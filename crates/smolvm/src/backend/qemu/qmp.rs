@@ -90,6 +90,39 @@ impl Qmp {
         }
     }
 
+    /// `getfd`: hands QEMU the descriptor `fd` under `name` (sent as
+    /// SCM_RIGHTS with the command; QEMU keeps its own copy).
+    pub async fn send_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), QmpError> {
+        let mut bytes = serde_json::to_vec(&json!({
+            "execute": "getfd",
+            "arguments": { "fdname": name },
+        }))
+        .map_err(|e| QmpError::Protocol(e.to_string()))?;
+        bytes.push(b'\n');
+        use std::os::fd::AsRawFd as _;
+        let sock = self.writer.as_ref();
+        let raw = sock.as_raw_fd();
+        let fd = fd.as_raw_fd();
+        let sent = tokio::time::timeout(REPLY_TIMEOUT, async {
+            loop {
+                sock.writable().await?;
+                match sock.try_io(tokio::io::Interest::WRITABLE, || send_with_fd(raw, &bytes, fd)) {
+                    Ok(n) => return Ok::<usize, std::io::Error>(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await
+        .map_err(|_| QmpError::Timeout("getfd".into()))??;
+        if sent != bytes.len() {
+            // The descriptor went with the first byte; the rest of the line
+            // follows as plain bytes.
+            self.writer.write_all(&bytes[sent..]).await?;
+        }
+        self.read_reply("getfd").await.map(drop)
+    }
+
     /// Runs one command and returns its `return` value. Events that arrive
     /// meanwhile are kept (see [`Qmp::take_events`]).
     pub async fn execute(
@@ -103,8 +136,15 @@ impl Qmp {
         }
         let mut bytes = serde_json::to_vec(&msg).map_err(|e| QmpError::Protocol(e.to_string()))?;
         bytes.push(b'\n');
+        tokio::time::timeout(REPLY_TIMEOUT, self.writer.write_all(&bytes))
+            .await
+            .map_err(|_| QmpError::Timeout(command.to_string()))??;
+        self.read_reply(command).await
+    }
+
+    /// Reads the reply to the command just sent.
+    async fn read_reply(&mut self, command: &str) -> Result<Value, QmpError> {
         let fut = async {
-            self.writer.write_all(&bytes).await?;
             loop {
                 let m = self.read_message().await?;
                 if m.get("event").is_some() {
@@ -137,5 +177,40 @@ impl Qmp {
         tokio::time::timeout(REPLY_TIMEOUT, fut)
             .await
             .map_err(|_| QmpError::Timeout(command.to_string()))?
+    }
+}
+
+/// One `sendmsg` of `bytes` carrying `fd` as SCM_RIGHTS.
+fn send_with_fd(sock: std::os::fd::RawFd, bytes: &[u8], fd: std::os::fd::RawFd) -> std::io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // Room for one descriptor, aligned for cmsghdr.
+    let mut cbuf = [0u64; 4];
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    debug_assert!(space <= std::mem::size_of_val(&cbuf));
+    // SAFETY: an all-zero msghdr is valid; the fields are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points at `cbuf`, large enough for one cmsghdr
+    // with one int (checked above); CMSG_FIRSTHDR/CMSG_DATA stay inside it.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), fd);
+    }
+    // SAFETY: `msg` and everything it points at live across the call.
+    let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }

@@ -1,6 +1,6 @@
 //! A running QEMU process and its QMP connection.
 
-use super::super::{files, BoxFuture, LaunchSpec, Vmm, VmmError, VmmExit};
+use super::super::{files, BoxFuture, LaunchSpec, SnapshotOutcome, Vmm, VmmError, VmmExit};
 use super::{
     check_paths, confine_child, launch_args, GuestNet, NetError, Qmp, QmpError, QEMU_BINARY,
 };
@@ -44,6 +44,8 @@ pub enum QemuError {
     Unresponsive,
     #[error(transparent)]
     Qmp(#[from] QmpError),
+    #[error("{0}")]
+    Migration(String),
 }
 
 pub struct QemuVm {
@@ -58,6 +60,24 @@ pub struct QemuVm {
     /// succeeded (the VMM starts stopped: `-S`).
     want_running: bool,
     exit: Option<VmmExit>,
+    dir: crate::backend::VmDir,
+    /// The root disk's path (a snapshot renames the new overlay onto it).
+    disk: std::path::PathBuf,
+    /// Guest RAM is a private mapping of a snapshot's file: a snapshot
+    /// carries it in the device state.
+    private_memory: bool,
+}
+
+/// The descriptor name a migration stream is handed to QEMU under.
+const MIGRATION_FD: &str = "smolvm-migration";
+/// The longest a snapshot's migration may take (RAM in the stream: GiBs).
+const MIGRATION_DEADLINE: Duration = Duration::from_secs(300);
+/// File names a snapshot directory holds for the backend.
+pub const SNAPSHOT_STATE: &str = "state";
+pub const SNAPSHOT_MEMORY: &str = "memory";
+
+fn ignore_shared() -> serde_json::Value {
+    serde_json::json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
 }
 
 fn to_exit(st: std::process::ExitStatus) -> VmmExit {
@@ -79,6 +99,15 @@ impl QemuVm {
         // old guest memory).
         for f in files::VMM_RUNTIME {
             let _ = std::fs::remove_file(dir.join(f));
+        }
+        if let Some(r) = spec.restore.as_ref().filter(|r| !r.private) {
+            // The VM's own copy of the snapshot's RAM becomes its RAM file.
+            if let Some(m) = &r.memory {
+                std::fs::rename(m, dir.memory()).map_err(|source| QemuError::Log {
+                    path: m.display().to_string(),
+                    source,
+                })?;
+            }
         }
         // Blocking for at most a few seconds, on purpose on this thread:
         // the helpers' parent-death signal follows the thread that spawns
@@ -145,7 +174,7 @@ impl QemuVm {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
-        Ok(QemuVm {
+        let mut vm = QemuVm {
             child,
             _net: net,
             pid,
@@ -153,7 +182,156 @@ impl QemuVm {
             qmp_path: dir.qmp_socket(),
             want_running: false,
             exit: None,
-        })
+            dir: dir.clone(),
+            disk: spec.disk.clone(),
+            private_memory: spec.restore.as_ref().is_some_and(|r| r.private && r.memory.is_some()),
+        };
+        if let Some(r) = &spec.restore {
+            if let Err(e) = vm.incoming(&r.state).await {
+                let _ = vm.child.start_kill();
+                return Err(e);
+            }
+        }
+        Ok(vm)
+    }
+
+    /// Loads a snapshot's device state into this (`-incoming defer`) VMM;
+    /// the vCPUs stay stopped.
+    async fn incoming(&mut self, state: &Path) -> Result<(), QemuError> {
+        let file = std::fs::File::open(state).map_err(|source| QemuError::Log {
+            path: state.display().to_string(),
+            source,
+        })?;
+        let qmp = self.qmp().await?;
+        qmp.execute("migrate-set-capabilities", Some(ignore_shared())).await?;
+        use std::os::fd::AsFd as _;
+        qmp.send_fd(MIGRATION_FD, file.as_fd()).await?;
+        drop(file);
+        qmp.execute(
+            "migrate-incoming",
+            Some(serde_json::json!({ "uri": format!("fd:{MIGRATION_FD}") })),
+        )
+        .await?;
+        self.wait_migration("restore").await
+    }
+
+    /// Polls `query-migrate` until the migration in progress ends.
+    async fn wait_migration(&mut self, what: &str) -> Result<(), QemuError> {
+        let start = Instant::now();
+        loop {
+            if !self.is_alive() {
+                return Err(QemuError::EarlyExit {
+                    exit: self.exit.clone().map(|e| e.to_string()).unwrap_or_default(),
+                    stderr: crate::text::tail_file(&self.dir.vmm_log(), 2000),
+                });
+            }
+            let st = self.qmp().await?.execute("query-migrate", None).await?;
+            match st.get("status").and_then(serde_json::Value::as_str) {
+                Some("completed") => return Ok(()),
+                Some("failed" | "cancelled") => {
+                    let why = st
+                        .get("error-desc")
+                        .and_then(serde_json::Value::as_str)
+                        .unwrap_or("no reason given");
+                    return Err(QemuError::Migration(format!("{what} failed: {why}")));
+                }
+                _ => {}
+            }
+            if start.elapsed() > MIGRATION_DEADLINE {
+                return Err(QemuError::Migration(format!(
+                    "{what} did not finish within {MIGRATION_DEADLINE:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// See [`Vmm::snapshot`]: fills `out` as it goes.
+    async fn snapshot_into(
+        &mut self,
+        dir: &Path,
+        next_disk: &Path,
+        resume: bool,
+        out: &mut SnapshotOutcome,
+    ) -> Result<(), QemuError> {
+        let start = Instant::now();
+        let was_running = self.want_running;
+        out.was_running = was_running;
+        self.command("stop").await?;
+        let stopped = Instant::now();
+        let r = self.snapshot_stopped(dir, next_disk, out).await;
+        if was_running && (resume || r.is_err()) {
+            // A failed snapshot leaves the VM running as it was.
+            let c = self.command("cont").await;
+            if r.is_ok() {
+                c?;
+            }
+        }
+        out.downtime = stopped.elapsed();
+        out.total = start.elapsed();
+        r
+    }
+
+    async fn snapshot_stopped(&mut self, dir: &Path, next_disk: &Path, out: &mut SnapshotOutcome) -> Result<(), QemuError> {
+        let qmp = self.qmp().await?;
+        qmp.execute("migrate-set-capabilities", Some(ignore_shared())).await?;
+        // Stopped: no downtime limit applies, only the bandwidth cap
+        // (128 MiB/s by default) would slow a stream that carries RAM.
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(serde_json::json!({ "max-bandwidth": 64u64 << 30 })),
+        )
+        .await?;
+        // Freeze the disk: the VM writes to `next_disk` from now on, over
+        // the current file (already linked into the snapshot).
+        let next = next_disk.to_str().ok_or_else(|| QemuError::Invalid("the new disk path is not UTF-8".into()))?;
+        qmp.execute(
+            "blockdev-snapshot-sync",
+            Some(serde_json::json!({
+                "device": "root",
+                "snapshot-file": next,
+                "format": "qcow2",
+                "mode": "existing",
+            })),
+        )
+        .await?;
+        out.disk_switched = true;
+        std::fs::rename(next_disk, &self.disk).map_err(|source| QemuError::Log {
+            path: self.disk.display().to_string(),
+            source,
+        })?;
+        let state_path = dir.join(SNAPSHOT_STATE);
+        let state = crate::private::create_new(&state_path).map_err(|source| QemuError::Log {
+            path: state_path.display().to_string(),
+            source,
+        })?;
+        use std::os::fd::AsFd as _;
+        let qmp = self.qmp().await?;
+        qmp.send_fd(MIGRATION_FD, state.as_fd()).await?;
+        qmp.execute(
+            "migrate",
+            Some(serde_json::json!({ "uri": format!("fd:{MIGRATION_FD}") })),
+        )
+        .await?;
+        self.wait_migration("the snapshot").await?;
+        out.state_bytes = state.metadata().map(|m| m.len()).unwrap_or(0);
+        drop(state);
+        out.memory_in_state = self.private_memory;
+        if !self.private_memory {
+            // Before `cont`: the guest writes its RAM file as soon as it runs.
+            let dst = dir.join(SNAPSHOT_MEMORY);
+            let src = self.dir.memory();
+            let d = dst.clone();
+            // Off the event loop: GiBs of RAM take a while.
+            let copied = tokio::task::spawn_blocking(move || crate::sys::sparse_copy(&src, &d))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            out.memory_bytes = copied.map_err(|source| QemuError::Log {
+                path: dst.display().to_string(),
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     /// The QMP connection, reconnecting when an earlier command timed out
@@ -269,6 +447,21 @@ impl Vmm for QemuVm {
         Box::pin(self.wait_exit())
     }
 
+    fn snapshot<'a>(
+        &'a mut self,
+        dir: &'a Path,
+        next_disk: &'a Path,
+        resume: bool,
+    ) -> BoxFuture<'a, Result<SnapshotOutcome, (VmmError, SnapshotOutcome)>> {
+        Box::pin(async move {
+            let mut out = SnapshotOutcome::default();
+            match self.snapshot_into(dir, next_disk, resume, &mut out).await {
+                Ok(()) => Ok(out),
+                Err(e) => Err((e.into_vmm_error("the snapshot failed"), out)),
+            }
+        })
+    }
+
     fn is_alive(&mut self) -> bool {
         if self.exit.is_some() {
             return false;
@@ -289,6 +482,12 @@ impl Vmm for QemuVm {
 pub async fn create_overlay(base: &Path, disk: &Path, size: Option<u64>) -> Result<(), QemuError> {
     let mut std_cmd = crate::hosttools::command("qemu-img")?;
     confine_child(&mut std_cmd);
+    // A base beside the disk is named relatively, so the layer stays valid
+    // when linked into a snapshot directory next to its own base link.
+    let base = match (base.parent(), disk.parent(), base.file_name()) {
+        (Some(b), Some(d), Some(name)) if b == d => Path::new(name),
+        _ => base,
+    };
     // The backing file name after `-b` is a plain value (not an option
     // list), so commas in it need no escaping.
     std_cmd
@@ -298,6 +497,22 @@ pub async fn create_overlay(base: &Path, disk: &Path, size: Option<u64>) -> Resu
     if let Some(s) = size {
         std_cmd.arg(s.to_string());
     }
+    run_qemu_img(std_cmd, disk).await
+}
+
+/// Creates a qcow2 layer over the qcow2 image `backing` without opening it
+/// (`-u`: it may not exist yet at that name).
+pub async fn create_layer(backing: &str, disk: &Path, size: u64) -> Result<(), QemuError> {
+    let mut std_cmd = crate::hosttools::command("qemu-img")?;
+    confine_child(&mut std_cmd);
+    std_cmd
+        .args(["create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b", backing])
+        .arg(disk)
+        .arg(size.to_string());
+    run_qemu_img(std_cmd, disk).await
+}
+
+async fn run_qemu_img(std_cmd: std::process::Command, disk: &Path) -> Result<(), QemuError> {
     let mut cmd = tokio::process::Command::from(std_cmd);
     let out = cmd
         .stdin(Stdio::null())
