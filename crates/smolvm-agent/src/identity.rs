@@ -151,10 +151,10 @@ mod tests {
 
     #[test]
     fn hostnames() {
-        for good in ["a", "sbx-1", "VM0", &"a".repeat(63)] {
+        for good in ["a", "sbx-1", "VM0", "my_vm", &"a".repeat(63)] {
             assert_eq!(check_hostname(good), Ok(()), "{good}");
         }
-        for bad in ["", &"a".repeat(64), "my_vm", "a.b", "a b", "é", "a\0"] {
+        for bad in ["", &"a".repeat(64), "a.b", "a b", "é", "a\0"] {
             assert!(check_hostname(bad).is_err(), "{bad:?}");
         }
     }

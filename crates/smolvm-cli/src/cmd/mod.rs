@@ -7,6 +7,7 @@ mod files;
 mod image;
 mod procs;
 mod run;
+mod snapshot;
 mod tty;
 mod vm;
 
@@ -62,6 +63,11 @@ pub enum Command {
     /// Build, list and remove guest images.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Memory and disk snapshots: create, list, inspect, restore, remove.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
+    /// New sandboxes from a running sandbox or a snapshot (prints their ids).
+    Fork(snapshot::ForkArgs),
 }
 
 /// Runs a subcommand; returns the process exit status.
@@ -88,6 +94,8 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<u8> {
         Command::Doctor(a) => doctor::doctor(a).await,
         Command::Bench(a) => bench::bench(a).await,
         Command::Image(c) => image::image(c).await,
+        Command::Snapshot(c) => snapshot::snapshot(c).await,
+        Command::Fork(a) => snapshot::fork(a).await,
     }
 }
 
@@ -147,6 +155,10 @@ pub struct VmFlags {
     /// No guest network.
     #[arg(long)]
     pub no_network: bool,
+    /// Always boot the kernel (never start from the warm boot snapshot of
+    /// this image and shape, and leave none).
+    #[arg(long)]
+    pub cold: bool,
 }
 
 impl VmFlags {
@@ -165,6 +177,7 @@ impl VmFlags {
                 None => default_accel()?,
             },
             network: !self.no_network,
+            cold: self.cold,
             ..smolvm::SandboxConfig::default()
         })
     }

@@ -230,7 +230,7 @@ fn clip(s: &str, max: usize) -> String {
     out
 }
 
-fn age(ms: i64) -> String {
+pub(super) fn age(ms: i64) -> String {
     let secs = (smolvm::state::now_ms() - ms).max(0) / 1000;
     match secs {
         s if s < 60 => format!("{s}s ago"),

@@ -41,6 +41,9 @@ vm_files! {
     disk => DISK,
     /// The pinned image root filesystem backing the disk.
     base_disk => BASE_DISK,
+    /// Names the disk layer on top while a VMM that was snapshotted runs
+    /// (see [`VmDir::settle_disk`]).
+    disk_top => DISK_TOP,
 }
 
 impl VmDir {
@@ -62,6 +65,51 @@ impl VmDir {
     pub fn remove_runtime(&self) {
         files::remove_runtime(&self.0);
     }
+
+    /// The root disk's top layer as the running VMM knows it: the layer a
+    /// snapshot switched it to, else the disk.
+    pub fn current_disk(&self) -> PathBuf {
+        match std::fs::read_to_string(self.disk_top()) {
+            Ok(name) if is_layer_name(name.trim()) => self.0.join(name.trim()),
+            _ => self.disk(),
+        }
+    }
+
+    /// With no VMM running: puts the top layer a snapshot left under the
+    /// disk's name, and removes layers that never became the top (a
+    /// snapshot that failed or was interrupted).
+    pub fn settle_disk(&self) -> std::io::Result<()> {
+        let top = self.current_disk();
+        if top != self.disk() {
+            std::fs::rename(&top, self.disk())?;
+        }
+        let _ = std::fs::remove_file(self.disk_top());
+        for e in std::fs::read_dir(&self.0)?.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if is_layer_name(&n) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        if let Ok(d) = std::fs::File::open(&self.0) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// A name for a new disk layer.
+    pub fn new_layer(&self) -> PathBuf {
+        let mut rnd = [0u8; 6];
+        let _ = getrandom::fill(&mut rnd);
+        let hex: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
+        self.0.join(format!("{}{hex}.qcow2", files::LAYER_PREFIX))
+    }
+}
+
+/// `disk.layer-<hex>.qcow2`.
+fn is_layer_name(n: &str) -> bool {
+    n.strip_prefix(files::LAYER_PREFIX)
+        .and_then(|r| r.strip_suffix(".qcow2"))
+        .is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 impl std::ops::Deref for VmDir {
@@ -100,6 +148,9 @@ pub mod files {
     pub const DISK: &str = "disk.qcow2";
     /// Hard link to the image's root filesystem that backs `DISK`.
     pub const BASE_DISK: &str = "base.ext4";
+    pub const DISK_TOP: &str = "disk.top";
+    /// Disk layers a snapshot adds while the VMM runs.
+    pub const LAYER_PREFIX: &str = "disk.layer-";
 
     /// What the VMM and its network create while the VM runs: sockets and
     /// the guest RAM file (as large as the guest's memory). Together with

@@ -130,6 +130,9 @@ impl Sandbox {
     /// A disk made by an older smolvm names its base by absolute path:
     /// name it relatively (the VMM is not running), as new disks do.
     fn relative_base(&self) {
+        if let Err(e) = self.vm_dir.settle_disk() {
+            tracing::warn!(vm = %self.id, "cannot settle the disk layers: {e}");
+        }
         let disk = self.vm_dir.disk();
         let base = self.vm_dir.base_disk();
         if let Ok(h) = crate::snapshot::qcow2::header(&disk) {

@@ -152,7 +152,13 @@ impl Sandbox {
         }
         let dir = snap::new_dir(&lock)?;
         let mut guard = DirGuard(Some(dir.clone()));
-        let vm_disk = self.vm_dir.disk();
+        if kind == SnapshotKind::Disk {
+            self.vm_dir
+                .settle_disk()
+                .map_err(|e| Error::io("cannot settle the VM's disk layers", e))?;
+        }
+        // The layer the VM writes now becomes the frozen disk.
+        let vm_disk = self.vm_dir.current_disk();
         let frozen = dir.join(files::DISK);
         std::fs::hard_link(&vm_disk, &frozen).map_err(|e| {
             Error::io(
@@ -218,8 +224,7 @@ impl Sandbox {
             });
         }
         // The VM's next layer, over the frozen disk's final name.
-        let next = self.vm_dir.path().join("disk.next.qcow2");
-        let _ = std::fs::remove_file(&next);
+        let next = self.vm_dir.new_layer();
         crate::backend::get(self.config.backend)
             .create_layer(&snap::backing_name(&dir), &next, header.virtual_size)
             .await
@@ -231,7 +236,9 @@ impl Sandbox {
             guard.0 = None;
         } else {
             let rep = self.snapshot_request(&dir, &next, resume).await;
-            let _ = std::fs::remove_file(&next);
+            if self.vm_dir.current_disk() != next {
+                let _ = std::fs::remove_file(&next);
+            }
             match rep {
                 Ok(rep) => {
                     guard.0 = None;
@@ -285,8 +292,7 @@ impl Sandbox {
         match r {
             Ok(ControlResponse::Snapshot(rep)) => Ok(rep),
             Ok(ControlResponse::Error(e)) => {
-                let switched = !next.exists() || e.message.contains("already switched");
-                Err((Error::from_control(&self.id, e), switched))
+                Err((Error::from_control(&self.id, e), self.vm_dir.current_disk() == next))
             }
             Ok(o) => Err((
                 Error::Control {
@@ -294,14 +300,14 @@ impl Sandbox {
                     kind: crate::ErrorKind::Io,
                     message: format!("unexpected answer {o:?}"),
                 },
-                !next.exists(),
+                self.vm_dir.current_disk() == next,
             )),
             Err(source) => Err((
                 Error::Client {
                     id: self.id.clone(),
                     source,
                 },
-                !next.exists(),
+                self.vm_dir.current_disk() == next,
             )),
         }
     }
@@ -416,14 +422,15 @@ impl Sandbox {
                 vm.set_progress(progress);
                 let vm_lock = VmLock::acquire(t).await?;
                 vm.end_run().await?;
-                let layer = vm.vm_dir.path().join("disk.restore.qcow2");
-                let _ = std::fs::remove_file(&layer);
+                let layer = vm.vm_dir.new_layer();
                 crate::backend::get(vm.config.backend)
                     .create_layer(&snap::backing_name(&stored.dir), &layer, m.disk_virtual_size)
                     .await
                     .map_err(|e| Error::io("cannot create the disk layer", std::io::Error::other(e.message)))?;
+                let _ = std::fs::remove_file(vm.vm_dir.disk_top());
                 std::fs::rename(&layer, vm.vm_dir.disk())
                     .map_err(|e| Error::io("cannot replace the VM's disk", e))?;
+                let _ = vm.vm_dir.settle_disk();
                 drop(lock);
                 vm.boot_from(&stored, VmState::Stopped, opts).await?;
                 drop(vm_lock);

@@ -385,12 +385,24 @@ pub fn users(dir: &Path) -> Vec<String> {
     let vms = crate::paths::data_dir().join("vms");
     let mut out = Vec::new();
     for e in std::fs::read_dir(vms).into_iter().flatten().flatten() {
-        let vdisk = e.path().join(crate::backend::files::DISK);
-        if qcow2::chain(&vdisk).iter().any(|l| same_file(l, &target)) {
+        let vm = crate::backend::VmDir::at(e.path());
+        let uses = vm_layers(&vm).iter().any(|l| same_file(l, &target));
+        if uses {
             out.push(e.file_name().to_string_lossy().into_owned());
         }
     }
     out.sort();
+    out
+}
+
+/// Every layer a VM's disk stands on, its own layers included (the top a
+/// running snapshotted VMM writes, and the disk).
+fn vm_layers(vm: &crate::backend::VmDir) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for top in [vm.current_disk(), vm.disk()] {
+        out.push(top.clone());
+        out.extend(qcow2::chain(&top));
+    }
     out
 }
 
@@ -420,18 +432,18 @@ pub fn collect(_lock: &SnapshotsLock) {
     // Every layer in use: the chains of all VM disks and committed snapshots.
     let mut in_use: Vec<(u64, u64)> = Vec::new();
     let vms = crate::paths::data_dir().join("vms");
-    let mut tops: Vec<PathBuf> = std::fs::read_dir(vms)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path().join(crate::backend::files::DISK))
-        .collect();
-    tops.extend(all().into_iter().map(|s| s.path(files::DISK)));
-    for top in &tops {
-        for l in std::iter::once(top.clone()).chain(qcow2::chain(top)) {
-            if let Ok(m) = std::fs::metadata(&l) {
-                in_use.push((m.dev(), m.ino()));
-            }
+    let mut layers: Vec<PathBuf> = Vec::new();
+    for e in std::fs::read_dir(vms).into_iter().flatten().flatten() {
+        layers.extend(vm_layers(&crate::backend::VmDir::at(e.path())));
+    }
+    for s in all() {
+        let top = s.path(files::DISK);
+        layers.extend(qcow2::chain(&top));
+        layers.push(top);
+    }
+    for l in &layers {
+        if let Ok(m) = std::fs::metadata(l) {
+            in_use.push((m.dev(), m.ino()));
         }
     }
     for e in rd.flatten() {

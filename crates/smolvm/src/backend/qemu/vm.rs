@@ -296,8 +296,14 @@ impl QemuVm {
         )
         .await?;
         out.disk_switched = true;
-        std::fs::rename(next_disk, &self.disk).map_err(|source| QemuError::Log {
-            path: self.disk.display().to_string(),
+        // QEMU reopens its images by name when their permissions change
+        // (at migration and `cont`): the new layer keeps its name while this
+        // VMM runs, and is renamed onto the disk's before the next boot.
+        // The marker says which layer is on top.
+        self.disk = next_disk.to_path_buf();
+        let top = next_disk.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        crate::private::write_atomic(&self.dir.disk_top(), top.as_bytes()).map_err(|source| QemuError::Log {
+            path: self.dir.disk_top().display().to_string(),
             source,
         })?;
         let state_path = dir.join(SNAPSHOT_STATE);
