@@ -155,34 +155,6 @@ fn write_proc(path: &std::ffi::CStr, data: &[u8]) -> std::io::Result<()> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kill_by_identity_spares_a_changed_start_time() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
-        let me = ProcessId::of(child.id()).unwrap();
-        let wrong = ProcessId {
-            start_time: me.start_time + 1,
-            ..me
-        };
-        assert!(
-            !kill(wrong, libc::SIGKILL),
-            "a different process is never signalled"
-        );
-        assert!(child.try_wait().unwrap().is_none());
-        assert!(kill(me, libc::SIGKILL));
-        let st = child.wait().unwrap();
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(st.signal(), Some(libc::SIGKILL));
-        assert!(!kill(me, libc::SIGKILL), "gone");
-    }
-}
-
 /// Copies `src` to a new file `dst` (`0600`), keeping it sparse: only the
 /// ranges `src` has allocated are copied (found with SEEK_DATA/SEEK_HOLE),
 /// and blocks of zeros inside them are left as holes. Returns the bytes
@@ -215,18 +187,46 @@ pub fn sparse_copy(src: &std::path::Path, dst: &std::path::Path) -> std::io::Res
             return Err(std::io::Error::last_os_error());
         }
         let mut at = data;
-        inp.seek(SeekFrom::Start(at as u64))?;
+        inp.seek(SeekFrom::Start(at.cast_unsigned()))?;
         while at < hole {
-            let n = usize::try_from((hole - at).min(BLOCK as i64)).unwrap_or(BLOCK);
+            let n = usize::try_from(hole - at).map_or(BLOCK, |left| left.min(BLOCK));
             inp.read_exact(&mut buf[..n])?;
             if buf[..n].iter().any(|&b| b != 0) {
-                out.seek(SeekFrom::Start(at as u64))?;
+                out.seek(SeekFrom::Start(at.cast_unsigned()))?;
                 out.write_all(&buf[..n])?;
                 written += n as u64;
             }
-            at += n as i64;
+            at += i64::try_from(n).unwrap_or(i64::MAX);
         }
         pos = hole;
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kill_by_identity_spares_a_changed_start_time() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let me = ProcessId::of(child.id()).unwrap();
+        let wrong = ProcessId {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(
+            !kill(wrong, libc::SIGKILL),
+            "a different process is never signalled"
+        );
+        assert!(child.try_wait().unwrap().is_none());
+        assert!(kill(me, libc::SIGKILL));
+        let st = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(st.signal(), Some(libc::SIGKILL));
+        assert!(!kill(me, libc::SIGKILL), "gone");
+    }
 }

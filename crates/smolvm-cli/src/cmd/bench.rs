@@ -34,6 +34,13 @@ pub struct BenchArgs {
     /// cannot import smolvm).
     #[arg(long)]
     python: Option<std::path::PathBuf>,
+    /// Forked sandboxes to keep alive at once for the density figure
+    /// (0: not measured; ~60 MiB of host memory each).
+    #[arg(long, default_value_t = 0)]
+    density: usize,
+    /// Only the snapshot section (warm/cold starts, restore, fork).
+    #[arg(long)]
+    snapshots_only: bool,
 }
 
 /// The Python SDK next to the library, measured in the same run.
@@ -288,6 +295,7 @@ struct Results {
     floors: Floors,
     load: Option<Load>,
     python: Option<PyBench>,
+    snapshots: Option<super::bench_snapshots::SnapBench>,
 }
 
 /// The agent surface, on the exec VM.
@@ -741,6 +749,18 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
     })
     .await??;
     r.image_build_cached_s = t.elapsed().as_secs_f64();
+    if a.snapshots_only {
+        eprintln!("bench: snapshots: warm vs cold `smolvm run` ...");
+        let b = super::bench_snapshots::run(a.boots, a.density).await?;
+        println!("{:<44} {:>12}", "metric", "value");
+        super::bench_snapshots::print(&b, &|k: &str, v: String| println!("{k:<44} {v:>12}"));
+        r.snapshots = Some(b);
+        if let Some(d) = a.out.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::write(&a.out, serde_json::to_vec_pretty(&r)?)?;
+        return Ok(0);
+    }
     eprintln!("bench: floors (bare QEMU boot, raw virtio-serial echo) ...");
     r.floors = measure_floors(floor).await;
 
@@ -750,7 +770,13 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
     );
     for _ in 0..a.boots {
         let t = Instant::now();
-        let vm = Sandbox::create(SandboxConfig::default()).await?;
+        // A real boot: the floors are boots (warm starts are measured in
+        // the snapshot section).
+        let vm = Sandbox::create(SandboxConfig {
+            cold: true,
+            ..SandboxConfig::default()
+        })
+        .await?;
         vm.start(Duration::from_secs(120)).await?;
         let out = vm.run("true").await?;
         let total = ms(t.elapsed());
@@ -841,6 +867,9 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
         eprintln!("bench: {n} idle VMs, then {n} more at once ...");
         r.load = Some(under_load(n).await?);
     }
+
+    eprintln!("bench: snapshots: warm vs cold starts, restore, fork ...");
+    r.snapshots = Some(super::bench_snapshots::run(a.boots, a.density).await?);
 
     println!(
         "smolvm benchmark (accelerator: {}, host cpus: {})",
@@ -1035,6 +1064,9 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
                 .clone()
                 .unwrap_or_else(|| "not measured".into()),
         ),
+    }
+    if let Some(b) = &r.snapshots {
+        super::bench_snapshots::print(b, &row);
     }
     if let Some(d) = a.out.parent() {
         std::fs::create_dir_all(d)?;

@@ -188,8 +188,11 @@ fn send_with_fd(sock: std::os::fd::RawFd, bytes: &[u8], fd: std::os::fd::RawFd) 
     };
     // Room for one descriptor, aligned for cmsghdr.
     let mut cbuf = [0u64; 4];
+    // The size of one descriptor (4: fits any integer type).
+    #[allow(clippy::cast_possible_truncation)]
+    const INT: u32 = std::mem::size_of::<libc::c_int>() as u32;
     // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    let space = unsafe { libc::CMSG_SPACE(INT) } as usize;
     debug_assert!(space <= std::mem::size_of_val(&cbuf));
     // SAFETY: an all-zero msghdr is valid; the fields are set below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -203,7 +206,7 @@ fn send_with_fd(sock: std::os::fd::RawFd, bytes: &[u8], fd: std::os::fd::RawFd) 
         let c = libc::CMSG_FIRSTHDR(&msg);
         (*c).cmsg_level = libc::SOL_SOCKET;
         (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+        (*c).cmsg_len = libc::CMSG_LEN(INT) as _;
         std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), fd);
     }
     // SAFETY: `msg` and everything it points at live across the call.
@@ -211,6 +214,6 @@ fn send_with_fd(sock: std::os::fd::RawFd, bytes: &[u8], fd: std::os::fd::RawFd) 
     if n < 0 {
         Err(std::io::Error::last_os_error())
     } else {
-        Ok(n as usize)
+        Ok(n.cast_unsigned())
     }
 }
