@@ -69,7 +69,10 @@ pub fn check_hostname(name: &str) -> Result<(), &'static str> {
     if name.is_empty() || name.len() > MAX_HOSTNAME {
         return Err("must be 1 to 63 characters");
     }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
         return Err("only letters, digits, '-' and '_' are allowed (the VM naming rule)");
     }
     Ok(())

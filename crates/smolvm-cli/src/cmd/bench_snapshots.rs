@@ -108,7 +108,8 @@ pub async fn run(boots: usize, density: usize) -> anyhow::Result<SnapBench> {
     wall(&["run", "--", "true"]).await?;
     for _ in 0..boots {
         b.run_true_warm_ms.push(wall(&["run", "--", "true"]).await?);
-        b.run_true_cold_ms.push(wall(&["run", "--cold", "--", "true"]).await?);
+        b.run_true_cold_ms
+            .push(wall(&["run", "--cold", "--", "true"]).await?);
     }
 
     eprintln!("bench: restore -> first command vs cold create -> first command ...");
@@ -172,7 +173,9 @@ pub async fn run(boots: usize, density: usize) -> anyhow::Result<SnapBench> {
     for k in &kids {
         if let Some(pid) = k.info().await?.vmm_pid {
             #[allow(clippy::cast_precision_loss)]
-            private.push(mapping_kib(pid, &snap.dir.display().to_string(), "Private_Dirty:") as f64 / 1024.0);
+            private.push(
+                mapping_kib(pid, &snap.dir.display().to_string(), "Private_Dirty:") as f64 / 1024.0,
+            );
         }
     }
     b.fork_child_private_ram_mib = median(&private);
@@ -197,7 +200,10 @@ pub async fn run(boots: usize, density: usize) -> anyhow::Result<SnapBench> {
         }
         let mut answering = 0;
         for vm in &alive {
-            if matches!(tokio::time::timeout(Duration::from_secs(1), vm.ping()).await, Ok(Ok(_))) {
+            if matches!(
+                tokio::time::timeout(Duration::from_secs(1), vm.ping()).await,
+                Ok(Ok(_))
+            ) {
                 answering += 1;
             }
         }
@@ -240,26 +246,50 @@ pub async fn run(boots: usize, density: usize) -> anyhow::Result<SnapBench> {
 pub fn print(b: &SnapBench, row: &dyn Fn(&str, String)) {
     let (w, c) = (median(&b.run_true_warm_ms), median(&b.run_true_cold_ms));
     row("`smolvm run -- true`, warm (ms, median)", format!("{w:.0}"));
-    row("`smolvm run --cold -- true` (ms, median)", format!("{c:.0}"));
+    row(
+        "`smolvm run --cold -- true` (ms, median)",
+        format!("{c:.0}"),
+    );
     row("  cold / warm", format!("{:.1}x", c / w.max(1e-6)));
     let (r, cc) = (
         median(&b.restore_to_first_output_ms),
         median(&b.cold_create_to_first_output_ms),
     );
     row("restore -> first output (ms, median)", format!("{r:.0}"));
-    row("cold create -> first output (ms, median)", format!("{cc:.0}"));
+    row(
+        "cold create -> first output (ms, median)",
+        format!("{cc:.0}"),
+    );
     row("  cold / restore", format!("{:.1}x", cc / r.max(1e-6)));
     for s in &b.snapshot {
         #[allow(clippy::cast_precision_loss)]
         let mib = s.bytes as f64 / (1024.0 * 1024.0);
-        row(&format!("snapshot, {} MiB guest (ms)", s.memory_mib), format!("{:.0}", s.total_ms));
-        row(&format!("snapshot, {} MiB guest (MiB written)", s.memory_mib), format!("{mib:.1}"));
+        row(
+            &format!("snapshot, {} MiB guest (ms)", s.memory_mib),
+            format!("{:.0}", s.total_ms),
+        );
+        row(
+            &format!("snapshot, {} MiB guest (MiB written)", s.memory_mib),
+            format!("{mib:.1}"),
+        );
     }
     row("fork of 10 (ms)", format!("{:.0}", b.fork10_ms));
-    row("  one restore (ms, median)", format!("{:.0}", b.one_restore_ms));
-    row("  fork of 10 / one restore", format!("{:.1}x", b.fork10_ms / b.one_restore_ms.max(1e-6)));
-    row("fork child private guest RAM (MiB)", format!("{:.1}", b.fork_child_private_ram_mib));
-    row("cold VM resident guest RAM (MiB)", format!("{:.1}", b.cold_vm_ram_mib));
+    row(
+        "  one restore (ms, median)",
+        format!("{:.0}", b.one_restore_ms),
+    );
+    row(
+        "  fork of 10 / one restore",
+        format!("{:.1}x", b.fork10_ms / b.one_restore_ms.max(1e-6)),
+    );
+    row(
+        "fork child private guest RAM (MiB)",
+        format!("{:.1}", b.fork_child_private_ram_mib),
+    );
+    row(
+        "cold VM resident guest RAM (MiB)",
+        format!("{:.1}", b.cold_vm_ram_mib),
+    );
     if let (Some(a), Some(t)) = (b.density_alive, b.density_tried) {
         row("forks alive, answering ping < 1 s", format!("{a}/{t}"));
     }

@@ -54,9 +54,11 @@ pub async fn image(c: ImageCommand) -> anyhow::Result<u8> {
                             "kernel_version": i.kernel_version,
                             "agent_sha256_short": i.agent_sha256_short,
                             "problem": i.problem,
+                            "warm_snapshots": warm_json(&i.name),
                         })
                     })
                     .collect();
+
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!("NAME         SIZE       KERNEL                   AGENT          PROBLEM");
@@ -70,6 +72,28 @@ pub async fn image(c: ImageCommand) -> anyhow::Result<u8> {
                         i.problem.as_deref().unwrap_or("-")
                     );
                 }
+                let warm = smolvm::snapshot::warm();
+                if !warm.is_empty() {
+                    println!();
+                    println!("WARM BOOT SNAPSHOTS (fresh sandboxes of this shape start from them; `--cold` boots)");
+                    println!("IMAGE        MEMORY  CPUS  NETWORK  DISK       SIZE");
+                    for w in &warm {
+                        let c = &w.manifest.config;
+                        let size = w.manifest.state.as_ref().map_or(0, |s| s.bytes)
+                            + w.manifest.memory_bytes
+                            + w.manifest.disk_bytes;
+                        println!(
+                            "{:<12} {:>5}M  {:>4}  {:<7}  {:<9}  {:>6.1}M",
+                            c.image,
+                            c.memory_mib,
+                            c.cpus,
+                            if c.network { "yes" } else { "no" },
+                            c.disk_size_mib
+                                .map_or("image".to_string(), |d| format!("{d}M")),
+                            size as f64 / (1024.0 * 1024.0)
+                        );
+                    }
+                }
             }
             Ok(0)
         }
@@ -79,4 +103,25 @@ pub async fn image(c: ImageCommand) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
+}
+
+/// The warm boot snapshots of image `name`, as JSON.
+fn warm_json(name: &str) -> Vec<serde_json::Value> {
+    smolvm::snapshot::warm()
+        .iter()
+        .filter(|w| w.manifest.config.image == name)
+        .map(|w| {
+            let c = &w.manifest.config;
+            serde_json::json!({
+                "memory_mib": c.memory_mib,
+                "cpus": c.cpus,
+                "network": c.network,
+                "disk_size_mib": c.disk_size_mib,
+                "size_bytes": w.manifest.state.as_ref().map_or(0, |s| s.bytes)
+                    + w.manifest.memory_bytes
+                    + w.manifest.disk_bytes,
+                "created_at_ms": w.manifest.created_at_ms,
+            })
+        })
+        .collect()
 }

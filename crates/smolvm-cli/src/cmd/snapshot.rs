@@ -97,10 +97,17 @@ fn print_table(list: &[SnapshotInfo]) {
             ]
         })
         .collect();
-    let header = ["ID", "KIND", "SOURCE", "MEMORY", "SIZE", "CREATED", "USED BY"];
+    let header = [
+        "ID", "KIND", "SOURCE", "MEMORY", "SIZE", "CREATED", "USED BY",
+    ];
     let mut w = [0usize; 7];
     for (i, h) in header.iter().enumerate() {
-        w[i] = rows.iter().map(|r| r[i].len()).max().unwrap_or(0).max(h.len());
+        w[i] = rows
+            .iter()
+            .map(|r| r[i].len())
+            .max()
+            .unwrap_or(0)
+            .max(h.len());
     }
     let line = |cells: [&str; 7]| {
         let mut s = String::new();

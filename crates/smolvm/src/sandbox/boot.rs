@@ -116,8 +116,13 @@ impl Sandbox {
                 }
             }
         }
-        self.launch_and_wait(&spec, prior, boot_timeout, format!("booting ({} accelerator)", verdict.accel))
-            .await?;
+        self.launch_and_wait(
+            &spec,
+            prior,
+            boot_timeout,
+            format!("booting ({} accelerator)", verdict.accel),
+        )
+        .await?;
         if let Some(key) = &warm {
             self.leave_warm_snapshot(key).await;
         }

@@ -22,6 +22,8 @@ pub use lock::VmLock;
 pub use procs::{ProcInfo, Spawned};
 pub use prune::{prune, PruneItem};
 pub use record::VmInfo;
-pub use snapshot::{delete_snapshot, list_snapshots, snapshot_info, RestoreOptions, SnapshotOptions, MAX_FORK};
 pub use smolvm_proto::{DirEntry, FileKind};
+pub use snapshot::{
+    delete_snapshot, list_snapshots, snapshot_info, RestoreOptions, SnapshotOptions, MAX_FORK,
+};
 pub use types::{BootTimings, Command, ExitStatus, GuestError};

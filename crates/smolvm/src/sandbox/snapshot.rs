@@ -162,7 +162,10 @@ impl Sandbox {
         let frozen = dir.join(files::DISK);
         std::fs::hard_link(&vm_disk, &frozen).map_err(|e| {
             Error::io(
-                format!("cannot link {} into the snapshot (the data dir must be one filesystem)", vm_disk.display()),
+                format!(
+                    "cannot link {} into the snapshot (the data dir must be one filesystem)",
+                    vm_disk.display()
+                ),
                 e,
             )
         })?;
@@ -228,7 +231,12 @@ impl Sandbox {
         crate::backend::get(self.config.backend)
             .create_layer(&snap::backing_name(&dir), &next, header.virtual_size)
             .await
-            .map_err(|e| Error::io("cannot create the disk layer", std::io::Error::other(e.message)))?;
+            .map_err(|e| {
+                Error::io(
+                    "cannot create the disk layer",
+                    std::io::Error::other(e.message),
+                )
+            })?;
         if kind == SnapshotKind::Disk {
             // Stopped: no VMM holds the disk; switch it ourselves.
             std::fs::rename(&next, &vm_disk)
@@ -245,7 +253,9 @@ impl Sandbox {
                     manifest.memory_in_state = rep.memory_in_state;
                     manifest.memory_bytes = rep.memory_bytes;
                     if !rep.memory_in_state {
-                        manifest.memory_len = std::fs::metadata(dir.join(files::MEMORY)).ok().map(|m| m.len());
+                        manifest.memory_len = std::fs::metadata(dir.join(files::MEMORY))
+                            .ok()
+                            .map(|m| m.len());
                     }
                     tracing::info!(vm = %self.id, snapshot = name, downtime_ms = rep.downtime_ms, total_ms = rep.total_ms, state = rep.state_bytes, memory = rep.memory_bytes, "snapshot taken");
                 }
@@ -261,7 +271,9 @@ impl Sandbox {
             let st = dir.join(files::STATE);
             let checked = tokio::task::spawn_blocking(move || snap::checked(&st))
                 .await
-                .map_err(|e| Error::io("checksum task failed", std::io::Error::other(e.to_string())))??;
+                .map_err(|e| {
+                    Error::io("checksum task failed", std::io::Error::other(e.to_string()))
+                })??;
             manifest.state = Some(checked);
         }
         manifest.disk_bytes = snap::allocated(&frozen);
@@ -291,9 +303,10 @@ impl Sandbox {
             .await;
         match r {
             Ok(ControlResponse::Snapshot(rep)) => Ok(rep),
-            Ok(ControlResponse::Error(e)) => {
-                Err((Error::from_control(&self.id, e), self.vm_dir.current_disk() == next))
-            }
+            Ok(ControlResponse::Error(e)) => Err((
+                Error::from_control(&self.id, e),
+                self.vm_dir.current_disk() == next,
+            )),
             Ok(o) => Err((
                 Error::Control {
                     id: self.id.clone(),
@@ -324,7 +337,10 @@ impl Sandbox {
                 return Err(Error::InvalidState {
                     id: self.id.clone(),
                     state: rec.state,
-                    hint: format!("forking needs a running or paused VM; `smolvm start {}` first", self.id),
+                    hint: format!(
+                        "forking needs a running or paused VM; `smolvm start {}` first",
+                        self.id
+                    ),
                 });
             }
             let name = new_name(&format!("fork-{}", truncate(&self.id, 40)));
@@ -343,7 +359,11 @@ impl Sandbox {
     }
 
     /// `count` new VMs from snapshot `id`, restored side by side.
-    pub async fn fork_snapshot(id: &str, count: u32, progress: Option<ProgressFn>) -> Result<Vec<Sandbox>> {
+    pub async fn fork_snapshot(
+        id: &str,
+        count: u32,
+        progress: Option<ProgressFn>,
+    ) -> Result<Vec<Sandbox>> {
         check_count(count)?;
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..count {
@@ -362,7 +382,10 @@ impl Sandbox {
                     first_err.get_or_insert(e);
                 }
                 Err(e) => {
-                    first_err.get_or_insert(Error::io("a restore task failed", std::io::Error::other(e.to_string())));
+                    first_err.get_or_insert(Error::io(
+                        "a restore task failed",
+                        std::io::Error::other(e.to_string()),
+                    ));
                 }
             }
         }
@@ -379,7 +402,11 @@ impl Sandbox {
     /// Restores snapshot `id` (see [`RestoreOptions`]). The snapshot is
     /// checked whole before anything changes: a damaged one is an error
     /// and leaves the target as it was.
-    pub async fn restore_snapshot(id: &str, opts: &RestoreOptions, progress: Option<ProgressFn>) -> Result<Sandbox> {
+    pub async fn restore_snapshot(
+        id: &str,
+        opts: &RestoreOptions,
+        progress: Option<ProgressFn>,
+    ) -> Result<Sandbox> {
         let target = match &opts.into {
             Some(t) => Target::Named(t.clone()),
             None => Target::Source,
@@ -415,7 +442,9 @@ impl Sandbox {
             if let Some(rec) = store()?.get(t)? {
                 let replace_source = into_source && rec.created_at == m.source_created_at;
                 if !replace_source {
-                    return Err(Error::Store(crate::state::StoreError::AlreadyExists(t.clone())));
+                    return Err(Error::Store(crate::state::StoreError::AlreadyExists(
+                        t.clone(),
+                    )));
                 }
                 // Back into its source: replace the source's run and disk.
                 let mut vm = Sandbox::from_id(t).await?;
@@ -424,9 +453,18 @@ impl Sandbox {
                 vm.end_run().await?;
                 let layer = vm.vm_dir.new_layer();
                 crate::backend::get(vm.config.backend)
-                    .create_layer(&snap::backing_name(&stored.dir), &layer, m.disk_virtual_size)
+                    .create_layer(
+                        &snap::backing_name(&stored.dir),
+                        &layer,
+                        m.disk_virtual_size,
+                    )
                     .await
-                    .map_err(|e| Error::io("cannot create the disk layer", std::io::Error::other(e.message)))?;
+                    .map_err(|e| {
+                        Error::io(
+                            "cannot create the disk layer",
+                            std::io::Error::other(e.message),
+                        )
+                    })?;
                 let _ = std::fs::remove_file(vm.vm_dir.disk_top());
                 std::fs::rename(&layer, vm.vm_dir.disk())
                     .map_err(|e| Error::io("cannot replace the VM's disk", e))?;
@@ -475,7 +513,12 @@ impl Sandbox {
 
     /// Starts this VM from `stored` (its disk is already layered on it):
     /// continues the machine of a full snapshot, boots a disk-only one.
-    async fn boot_from(&self, stored: &Stored, prior: VmState, opts: &RestoreOptions) -> Result<()> {
+    async fn boot_from(
+        &self,
+        stored: &Stored,
+        prior: VmState,
+        opts: &RestoreOptions,
+    ) -> Result<()> {
         let m = &stored.manifest;
         let Some(machine) = m.machine.as_ref().filter(|_| m.kind != SnapshotKind::Disk) else {
             return self.boot(prior, opts.boot_timeout).await;
@@ -498,8 +541,13 @@ impl Sandbox {
                 private: !m.memory_in_state,
             }),
         };
-        self.launch_and_wait(&spec, prior, opts.boot_timeout, format!("restoring snapshot {}", m.id))
-            .await?;
+        self.launch_and_wait(
+            &spec,
+            prior,
+            opts.boot_timeout,
+            format!("restoring snapshot {}", m.id),
+        )
+        .await?;
         if !opts.resume {
             self.control_ok(ControlRequest::Pause).await?;
             store()?.set_state(&self.id, VmState::Paused, None)?;
@@ -530,7 +578,12 @@ impl Sandbox {
         let memory = self.vm_dir.path().join("memory.restore");
         let _ = std::fs::remove_file(&staged);
         let _ = std::fs::remove_file(&memory);
-        let (wd, wm, st, mm) = (warm.path(files::DISK), warm.path(files::MEMORY), staged.clone(), memory.clone());
+        let (wd, wm, st, mm) = (
+            warm.path(files::DISK),
+            warm.path(files::MEMORY),
+            staged.clone(),
+            memory.clone(),
+        );
         let copied = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             // The boot's few disk writes (its layer over the same base) and
             // its RAM: this VM's own copies, so it depends on nothing.
@@ -554,7 +607,12 @@ impl Sandbox {
             private: false,
         });
         match self
-            .launch_and_wait(spec, prior, boot_timeout, "starting from the warm boot snapshot".into())
+            .launch_and_wait(
+                spec,
+                prior,
+                boot_timeout,
+                "starting from the warm boot snapshot".into(),
+            )
             .await
         {
             Ok(()) => {

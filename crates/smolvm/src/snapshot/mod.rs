@@ -68,7 +68,10 @@ impl FileId {
         let m = std::fs::metadata(path)?;
         Ok(FileId {
             size: m.size(),
-            mtime_ns: m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()),
+            mtime_ns: m
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.mtime_nsec()),
             ino: m.ino(),
         })
     }
@@ -202,7 +205,8 @@ pub async fn lock() -> Result<SnapshotsLock> {
 pub fn new_dir(_lock: &SnapshotsLock) -> Result<PathBuf> {
     let root = crate::paths::snapshots_dir();
     let mut rnd = [0u8; 8];
-    getrandom::fill(&mut rnd).map_err(|e| Error::io("no randomness", std::io::Error::other(e.to_string())))?;
+    getrandom::fill(&mut rnd)
+        .map_err(|e| Error::io("no randomness", std::io::Error::other(e.to_string())))?;
     let uid: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
     let dir = root.join(uid);
     crate::private::dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
@@ -213,7 +217,10 @@ pub fn new_dir(_lock: &SnapshotsLock) -> Result<PathBuf> {
 /// frozen disk in `snap_dir` (both sit two levels under the data dir, so
 /// the relative name holds wherever the data dir moves).
 pub fn backing_name(snap_dir: &Path) -> String {
-    let uid = snap_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let uid = snap_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     format!("../../snapshots/{uid}/{}", files::DISK)
 }
 
@@ -243,7 +250,10 @@ pub fn all() -> Vec<Stored> {
 
 /// The user-visible snapshots (not warm ones).
 pub fn list() -> Vec<Stored> {
-    all().into_iter().filter(|s| s.manifest.kind != SnapshotKind::Warm).collect()
+    all()
+        .into_iter()
+        .filter(|s| s.manifest.kind != SnapshotKind::Warm)
+        .collect()
 }
 
 /// The snapshot named `id`.
@@ -260,12 +270,15 @@ pub fn find(id: &str) -> Result<Stored> {
 pub fn commit(dir: &Path, m: &Manifest) -> Result<()> {
     for f in [files::STATE, files::MEMORY, files::DISK] {
         if let Ok(file) = std::fs::File::open(dir.join(f)) {
-            file.sync_all().map_err(io(format!("cannot sync {}", dir.join(f).display())))?;
+            file.sync_all()
+                .map_err(io(format!("cannot sync {}", dir.join(f).display())))?;
         }
     }
-    let bytes = serde_json::to_vec_pretty(m).map_err(|e| Error::io("cannot encode the manifest", e.into()))?;
+    let bytes = serde_json::to_vec_pretty(m)
+        .map_err(|e| Error::io("cannot encode the manifest", e.into()))?;
     let path = dir.join(files::MANIFEST);
-    crate::private::write_atomic(&path, &bytes).map_err(io(format!("cannot write {}", path.display())))?;
+    crate::private::write_atomic(&path, &bytes)
+        .map_err(io(format!("cannot write {}", path.display())))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
@@ -281,7 +294,9 @@ pub fn checked(path: &Path) -> Result<Checked> {
     let mut buf = vec![0u8; 1 << 20];
     let mut bytes = 0u64;
     loop {
-        let n = f.read(&mut buf).map_err(io(format!("cannot read {}", path.display())))?;
+        let n = f
+            .read(&mut buf)
+            .map_err(io(format!("cannot read {}", path.display())))?;
         if n == 0 {
             break;
         }
@@ -317,7 +332,10 @@ pub fn verify(s: &Stored) -> Result<()> {
     let h = qcow2::header(&disk).map_err(|e| invalid(format!("its disk: {e}")))?;
     for layer in qcow2::chain(&disk) {
         if !layer.exists() {
-            return Err(invalid(format!("a layer under its disk is missing: {}", layer.display())));
+            return Err(invalid(format!(
+                "a layer under its disk is missing: {}",
+                layer.display()
+            )));
         }
     }
     if h.virtual_size != m.disk_virtual_size {
@@ -338,7 +356,11 @@ pub fn verify(s: &Stored) -> Result<()> {
             "its device state is damaged ({} bytes, expected {}; checksum {})",
             got.bytes,
             state.bytes,
-            if got.sha256 == state.sha256 { "matches" } else { "differs" }
+            if got.sha256 == state.sha256 {
+                "matches"
+            } else {
+                "differs"
+            }
         )));
     }
     if !m.memory_in_state {
@@ -357,7 +379,9 @@ pub fn verify(s: &Stored) -> Result<()> {
     }
     for (name, want) in [(files::KERNEL, &m.kernel), (files::INITRAMFS, &m.initramfs)] {
         let Some(want) = want else { continue };
-        let len = std::fs::metadata(s.path(name)).map(|md| md.len()).unwrap_or(u64::MAX);
+        let len = std::fs::metadata(s.path(name))
+            .map(|md| md.len())
+            .unwrap_or(u64::MAX);
         if len != want.bytes {
             return Err(invalid(format!("its {name} is missing or damaged")));
         }
@@ -469,19 +493,23 @@ pub fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
         return Ok(());
     }
     let mut i = std::fs::File::open(src).map_err(io(format!("cannot read {}", src.display())))?;
-    let mut o = crate::private::create_new(dst).map_err(io(format!("cannot create {}", dst.display())))?;
+    let mut o =
+        crate::private::create_new(dst).map_err(io(format!("cannot create {}", dst.display())))?;
     std::io::copy(&mut i, &mut o).map_err(io(format!("cannot copy {}", src.display())))?;
     Ok(())
 }
 
 /// A warm snapshot of one image and machine shape, if committed.
 pub fn find_warm(key: &str) -> Option<Stored> {
-    all()
-        .into_iter()
-        .find(|s| s.manifest.kind == SnapshotKind::Warm && s.manifest.warm_key.as_deref() == Some(key))
+    all().into_iter().find(|s| {
+        s.manifest.kind == SnapshotKind::Warm && s.manifest.warm_key.as_deref() == Some(key)
+    })
 }
 
 /// The warm snapshots, for `smolvm image ls`.
 pub fn warm() -> Vec<Stored> {
-    all().into_iter().filter(|s| s.manifest.kind == SnapshotKind::Warm).collect()
+    all()
+        .into_iter()
+        .filter(|s| s.manifest.kind == SnapshotKind::Warm)
+        .collect()
 }

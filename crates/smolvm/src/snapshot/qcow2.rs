@@ -31,7 +31,8 @@ fn bad(path: &Path, what: &str) -> std::io::Error {
 pub fn header(path: &Path) -> std::io::Result<Header> {
     let mut f = std::fs::File::open(path)?;
     let mut h = [0u8; 32];
-    f.read_exact(&mut h).map_err(|_| bad(path, "short header"))?;
+    f.read_exact(&mut h)
+        .map_err(|_| bad(path, "short header"))?;
     if &h[0..4] != MAGIC {
         return Err(bad(path, "no qcow2 magic"));
     }

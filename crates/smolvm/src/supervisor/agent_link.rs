@@ -222,7 +222,10 @@ pub(super) async fn handle_guest_frame(
                 }
                 return Ok(());
             }
-            GuestMsg::Reinited { clock_set, reseeded } => {
+            GuestMsg::Reinited {
+                clock_set,
+                reseeded,
+            } => {
                 let mut s = lock(shared);
                 if s.restored && s.hello.is_none() {
                     log!("restored guest re-initialised (clock set: {clock_set}, pool reseeded: {reseeded})");

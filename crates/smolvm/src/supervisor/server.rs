@@ -479,9 +479,15 @@ async fn snapshot(
         let buf = frame(smolvm_proto::CONTROL_STREAM, HostMsg::Quiesce)
             .ok_or_else(|| ControlError::new(ControlErrorKind::Other, "cannot encode Quiesce"))?;
         if agent_tx.hold_after(buf).await.is_err() {
-            return Err(ControlError::new(ControlErrorKind::BootFailed, "the agent channel is closed"));
+            return Err(ControlError::new(
+                ControlErrorKind::BootFailed,
+                "the agent channel is closed",
+            ));
         }
-        if tokio::time::timeout(QUIESCE_TIMEOUT, r).await.map_or(true, |r| r.is_err()) {
+        if tokio::time::timeout(QUIESCE_TIMEOUT, r)
+            .await
+            .map_or(true, |r| r.is_err())
+        {
             lock(shared).quiesce_waiter = None;
             thaw(agent_tx).await;
             if was_paused {
@@ -512,7 +518,11 @@ async fn snapshot(
         thaw(agent_tx).await;
         *agent_held = false;
     }
-    lock(shared).run_state = if running { VmRunState::Running } else { VmRunState::Paused };
+    lock(shared).run_state = if running {
+        VmRunState::Running
+    } else {
+        VmRunState::Paused
+    };
     match r {
         Ok(o) => Ok(smolvm_proto::supervisor::SnapshotReport {
             disk_switched: o.disk_switched,
@@ -526,7 +536,9 @@ async fn snapshot(
         Err((e, o)) => {
             let mut err = vmm_failure(e);
             if o.disk_switched {
-                err.message.push_str(" (the VM's disk was already switched to a new layer over the frozen one)");
+                err.message.push_str(
+                    " (the VM's disk was already switched to a new layer over the frozen one)",
+                );
             }
             Err(err)
         }

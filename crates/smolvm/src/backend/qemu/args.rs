@@ -93,7 +93,10 @@ fn s(p: &Path) -> String {
 /// Launch paths must be UTF-8: QEMU takes them as text, and a lossy
 /// rendering would name another file.
 pub fn check_paths(spec: &LaunchSpec) -> Result<(), String> {
-    let restore = spec.restore.iter().flat_map(|r| [Some(&r.state), r.memory.as_ref()]);
+    let restore = spec
+        .restore
+        .iter()
+        .flat_map(|r| [Some(&r.state), r.memory.as_ref()]);
     for p in [&spec.vm_dir, &spec.kernel, &spec.initramfs, &spec.disk]
         .into_iter()
         .chain(restore.flatten())

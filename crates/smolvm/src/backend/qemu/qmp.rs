@@ -92,7 +92,11 @@ impl Qmp {
 
     /// `getfd`: hands QEMU the descriptor `fd` under `name` (sent as
     /// SCM_RIGHTS with the command; QEMU keeps its own copy).
-    pub async fn send_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), QmpError> {
+    pub async fn send_fd(
+        &mut self,
+        name: &str,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), QmpError> {
         let mut bytes = serde_json::to_vec(&json!({
             "execute": "getfd",
             "arguments": { "fdname": name },
@@ -106,7 +110,9 @@ impl Qmp {
         let sent = tokio::time::timeout(REPLY_TIMEOUT, async {
             loop {
                 sock.writable().await?;
-                match sock.try_io(tokio::io::Interest::WRITABLE, || send_with_fd(raw, &bytes, fd)) {
+                match sock.try_io(tokio::io::Interest::WRITABLE, || {
+                    send_with_fd(raw, &bytes, fd)
+                }) {
                     Ok(n) => return Ok::<usize, std::io::Error>(n),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Err(e),
@@ -181,7 +187,11 @@ impl Qmp {
 }
 
 /// One `sendmsg` of `bytes` carrying `fd` as SCM_RIGHTS.
-fn send_with_fd(sock: std::os::fd::RawFd, bytes: &[u8], fd: std::os::fd::RawFd) -> std::io::Result<usize> {
+fn send_with_fd(
+    sock: std::os::fd::RawFd,
+    bytes: &[u8],
+    fd: std::os::fd::RawFd,
+) -> std::io::Result<usize> {
     let mut iov = libc::iovec {
         iov_base: bytes.as_ptr() as *mut libc::c_void,
         iov_len: bytes.len(),

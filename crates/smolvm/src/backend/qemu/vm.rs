@@ -184,7 +184,10 @@ impl QemuVm {
             exit: None,
             dir: dir.clone(),
             disk: spec.disk.clone(),
-            private_memory: spec.restore.as_ref().is_some_and(|r| r.private && r.memory.is_some()),
+            private_memory: spec
+                .restore
+                .as_ref()
+                .is_some_and(|r| r.private && r.memory.is_some()),
         };
         if let Some(r) = &spec.restore {
             if let Err(e) = vm.incoming(&r.state).await {
@@ -203,7 +206,8 @@ impl QemuVm {
             source,
         })?;
         let qmp = self.qmp().await?;
-        qmp.execute("migrate-set-capabilities", Some(ignore_shared())).await?;
+        qmp.execute("migrate-set-capabilities", Some(ignore_shared()))
+            .await?;
         use std::os::fd::AsFd as _;
         qmp.send_fd(MIGRATION_FD, file.as_fd()).await?;
         drop(file);
@@ -272,9 +276,15 @@ impl QemuVm {
         r
     }
 
-    async fn snapshot_stopped(&mut self, dir: &Path, next_disk: &Path, out: &mut SnapshotOutcome) -> Result<(), QemuError> {
+    async fn snapshot_stopped(
+        &mut self,
+        dir: &Path,
+        next_disk: &Path,
+        out: &mut SnapshotOutcome,
+    ) -> Result<(), QemuError> {
         let qmp = self.qmp().await?;
-        qmp.execute("migrate-set-capabilities", Some(ignore_shared())).await?;
+        qmp.execute("migrate-set-capabilities", Some(ignore_shared()))
+            .await?;
         // Stopped: no downtime limit applies, only the bandwidth cap
         // (128 MiB/s by default) would slow a stream that carries RAM.
         qmp.execute(
@@ -284,7 +294,9 @@ impl QemuVm {
         .await?;
         // Freeze the disk: the VM writes to `next_disk` from now on, over
         // the current file (already linked into the snapshot).
-        let next = next_disk.to_str().ok_or_else(|| QemuError::Invalid("the new disk path is not UTF-8".into()))?;
+        let next = next_disk
+            .to_str()
+            .ok_or_else(|| QemuError::Invalid("the new disk path is not UTF-8".into()))?;
         qmp.execute(
             "blockdev-snapshot-sync",
             Some(serde_json::json!({
@@ -301,10 +313,15 @@ impl QemuVm {
         // VMM runs, and is renamed onto the disk's before the next boot.
         // The marker says which layer is on top.
         self.disk = next_disk.to_path_buf();
-        let top = next_disk.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        crate::private::write_atomic(&self.dir.disk_top(), top.as_bytes()).map_err(|source| QemuError::Log {
-            path: self.dir.disk_top().display().to_string(),
-            source,
+        let top = next_disk
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        crate::private::write_atomic(&self.dir.disk_top(), top.as_bytes()).map_err(|source| {
+            QemuError::Log {
+                path: self.dir.disk_top().display().to_string(),
+                source,
+            }
         })?;
         let state_path = dir.join(SNAPSHOT_STATE);
         let state = crate::private::create_new(&state_path).map_err(|source| QemuError::Log {
@@ -512,7 +529,9 @@ pub async fn create_layer(backing: &str, disk: &Path, size: u64) -> Result<(), Q
     let mut std_cmd = crate::hosttools::command("qemu-img")?;
     confine_child(&mut std_cmd);
     std_cmd
-        .args(["create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b", backing])
+        .args([
+            "create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b", backing,
+        ])
         .arg(disk)
         .arg(size.to_string());
     run_qemu_img(std_cmd, disk).await
