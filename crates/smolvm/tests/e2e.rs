@@ -296,6 +296,8 @@ async fn accelerator_probe_decides(vm: &Sandbox) -> Result<(), String> {
 async fn boot_timeout_shows_console(_: &Sandbox) -> Result<(), String> {
     let vm = Sandbox::create(SandboxConfig {
         name: Some("boot-timeout".into()),
+        // A real boot: a warm start is ready well within the timeout.
+        cold: true,
         ..Default::default()
     })
     .await

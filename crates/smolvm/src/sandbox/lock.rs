@@ -35,6 +35,15 @@ impl VmLock {
 
     /// The lock at `path`, named `id` in errors.
     pub async fn acquire_at(path: &std::path::Path, id: &str) -> Result<VmLock> {
+        Self::acquire_mode(path, id, libc::LOCK_EX).await
+    }
+
+    /// The lock at `path` shared with other shared holders (readers).
+    pub async fn acquire_shared_at(path: &std::path::Path, id: &str) -> Result<VmLock> {
+        Self::acquire_mode(path, id, libc::LOCK_SH).await
+    }
+
+    async fn acquire_mode(path: &std::path::Path, id: &str, mode: libc::c_int) -> Result<VmLock> {
         let path = path.to_path_buf();
         if let Some(d) = path.parent() {
             crate::private::dir_all(d)
@@ -54,7 +63,7 @@ impl VmLock {
         let mut file = open()?;
         loop {
             // SAFETY: flock on an fd we own; no memory is involved.
-            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            let r = unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) };
             if r == 0 {
                 // `delete` unlinks the lock file while holding it: if ours
                 // was unlinked meanwhile, lock the new one instead (two

@@ -365,6 +365,10 @@ impl Sandbox {
         progress: Option<ProgressFn>,
     ) -> Result<Vec<Sandbox>> {
         check_count(count)?;
+        {
+            let _lock = snap::lock_shared().await?;
+            verify(&snap::find(id)?).await?;
+        }
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..count {
             let (id, progress) = (id.to_string(), progress.clone());
@@ -420,12 +424,14 @@ impl Sandbox {
         opts: &RestoreOptions,
         progress: Option<ProgressFn>,
     ) -> Result<Sandbox> {
-        let lock = snap::lock().await?;
+        // Shared: restores run side by side (a fork); nothing is retired
+        // or collected until the new VM is layered on the snapshot.
+        let lock = snap::lock_shared().await?;
         let stored = snap::find(id)?;
-        let s2 = stored.clone();
-        tokio::task::spawn_blocking(move || snap::verify(&s2))
-            .await
-            .map_err(|e| Error::io("verify task failed", std::io::Error::other(e.to_string())))??;
+        if !matches!(target, Target::Generated) {
+            // A fork checks its snapshot once, before its restores.
+            verify(&stored).await?;
+        }
         let m = &stored.manifest;
         let mut config = m.config.clone();
         config.cold = true; // its disk is the snapshot's, not a fresh one
@@ -447,9 +453,21 @@ impl Sandbox {
                     )));
                 }
                 // Back into its source: replace the source's run and disk.
+                // Locks in the order everyone takes them: the VM's, then
+                // the snapshots'.
+                drop(lock);
                 let mut vm = Sandbox::from_id(t).await?;
                 vm.set_progress(progress);
                 let vm_lock = VmLock::acquire(t).await?;
+                let lock = snap::lock_shared().await?;
+                let stored = snap::find(id)?;
+                verify(&stored).await?;
+                let m = &stored.manifest;
+                if vm.record().await?.created_at != m.source_created_at {
+                    return Err(Error::Store(crate::state::StoreError::AlreadyExists(
+                        t.clone(),
+                    )));
+                }
                 vm.end_run().await?;
                 let layer = vm.vm_dir.new_layer();
                 crate::backend::get(vm.config.backend)
@@ -568,10 +586,12 @@ impl Sandbox {
         let Some(warm) = snap::find_warm(key) else {
             return Ok(false);
         };
-        let w2 = warm.clone();
-        tokio::task::spawn_blocking(move || snap::verify(&w2))
-            .await
-            .map_err(|e| Error::io("verify task failed", std::io::Error::other(e.to_string())))??;
+        if !self.disk_is_fresh() {
+            // Someone wrote to this never-started VM's disk: boot what is
+            // there, never replace it.
+            return Ok(false);
+        }
+        verify(&warm).await?;
         let disk = self.vm_dir.disk();
         let fresh = self.vm_dir.path().join("disk.fresh.qcow2");
         let staged = self.vm_dir.path().join("disk.warm.qcow2");
@@ -631,6 +651,16 @@ impl Sandbox {
         }
     }
 
+    /// Whether the VM's disk is still the empty layer `create` made over
+    /// the image (nothing written to it).
+    fn disk_is_fresh(&self) -> bool {
+        let disk = self.vm_dir.disk();
+        let small = std::fs::metadata(&disk).is_ok_and(|m| m.len() <= FRESH_LAYER_MAX);
+        small
+            && snap::qcow2::header(&disk)
+                .is_ok_and(|h| h.backing.as_deref() == Some(crate::backend::files::BASE_DISK))
+    }
+
     /// After a cold first boot: leaves the boot snapshot for its shape when
     /// there is none (later sandboxes of the shape start from it). Stale
     /// warm snapshots of the same image and shape are retired.
@@ -668,6 +698,14 @@ enum Target {
     Generated,
 }
 
+/// [`snap::verify`] off the event loop (it reads and hashes the state).
+async fn verify(s: &Stored) -> Result<()> {
+    let s = s.clone();
+    tokio::task::spawn_blocking(move || snap::verify(&s))
+        .await
+        .map_err(|e| Error::io("verify task failed", std::io::Error::other(e.to_string())))?
+}
+
 fn size_only(p: &Path) -> snap::Checked {
     snap::Checked {
         bytes: std::fs::metadata(p).map_or(0, |m| m.len()),
@@ -678,6 +716,9 @@ fn size_only(p: &Path) -> snap::Checked {
 fn truncate(s: &str, n: usize) -> &str {
     &s[..s.len().min(n)]
 }
+
+/// An empty qcow2 layer is a few clusters (header, tables): ~200 KiB.
+const FRESH_LAYER_MAX: u64 = 512 * 1024;
 
 /// Most children one fork makes.
 pub const MAX_FORK: u32 = 256;

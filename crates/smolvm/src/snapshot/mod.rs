@@ -201,6 +201,15 @@ pub async fn lock() -> Result<SnapshotsLock> {
     Ok(SnapshotsLock(l))
 }
 
+/// Takes the snapshots lock shared (restores: many at once; no snapshot
+/// is retired or collected meanwhile).
+pub async fn lock_shared() -> Result<SnapshotsLock> {
+    let root = crate::paths::snapshots_dir();
+    crate::private::dir_all(&root).map_err(io(format!("cannot create {}", root.display())))?;
+    let l = crate::sandbox::VmLock::acquire_shared_at(&root.join(".lock"), "snapshots").await?;
+    Ok(SnapshotsLock(l))
+}
+
 /// A fresh, empty snapshot directory (no manifest yet: not a snapshot).
 pub fn new_dir(_lock: &SnapshotsLock) -> Result<PathBuf> {
     let root = crate::paths::snapshots_dir();
@@ -490,6 +499,10 @@ pub fn collect(_lock: &SnapshotsLock) {
 /// Links `src` to `dst` (same filesystem), else copies it; `dst` is private.
 pub fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
     if std::fs::hard_link(src, dst).is_ok() {
+        // The inode is shared with the cache's file: tighten it there too
+        // (files smolvm writes are the owner's alone; caches made by older
+        // versions were not).
+        let _ = crate::private::tighten(dst, crate::private::FILE_MODE);
         return Ok(());
     }
     let mut i = std::fs::File::open(src).map_err(io(format!("cannot read {}", src.display())))?;

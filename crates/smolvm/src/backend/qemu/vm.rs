@@ -76,8 +76,8 @@ const MIGRATION_DEADLINE: Duration = Duration::from_secs(300);
 pub const SNAPSHOT_STATE: &str = "state";
 pub const SNAPSHOT_MEMORY: &str = "memory";
 
-fn ignore_shared() -> serde_json::Value {
-    serde_json::json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
+fn ignore_shared_caps(on: bool) -> serde_json::Value {
+    serde_json::json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": on }] })
 }
 
 fn to_exit(st: std::process::ExitStatus) -> VmmExit {
@@ -190,7 +190,7 @@ impl QemuVm {
                 .is_some_and(|r| r.private && r.memory.is_some()),
         };
         if let Some(r) = &spec.restore {
-            if let Err(e) = vm.incoming(&r.state).await {
+            if let Err(e) = vm.incoming(&r.state, r.memory.is_some()).await {
                 let _ = vm.child.start_kill();
                 return Err(e);
             }
@@ -200,14 +200,19 @@ impl QemuVm {
 
     /// Loads a snapshot's device state into this (`-incoming defer`) VMM;
     /// the vCPUs stay stopped.
-    async fn incoming(&mut self, state: &Path) -> Result<(), QemuError> {
+    /// `ignore_shared`: the RAM is not in the stream (the source's RAM
+    /// file was left out with x-ignore-shared; the capability must match).
+    async fn incoming(&mut self, state: &Path, ignore_shared: bool) -> Result<(), QemuError> {
         let file = std::fs::File::open(state).map_err(|source| QemuError::Log {
             path: state.display().to_string(),
             source,
         })?;
         let qmp = self.qmp().await?;
-        qmp.execute("migrate-set-capabilities", Some(ignore_shared()))
-            .await?;
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(ignore_shared_caps(ignore_shared)),
+        )
+        .await?;
         use std::os::fd::AsFd as _;
         qmp.send_fd(MIGRATION_FD, file.as_fd()).await?;
         drop(file);
@@ -282,8 +287,13 @@ impl QemuVm {
         next_disk: &Path,
         out: &mut SnapshotOutcome,
     ) -> Result<(), QemuError> {
+        let ignore = !self.private_memory;
         let qmp = self.qmp().await?;
-        qmp.execute("migrate-set-capabilities", Some(ignore_shared()))
+        // RAM in a file of its own stays out of the stream. A private
+        // mapping (a restored VM) goes into it, with the capability off, so
+        // that its restore loads it into a RAM file of its own (shared, and
+        // so cheap to snapshot again).
+        qmp.execute("migrate-set-capabilities", Some(ignore_shared_caps(ignore)))
             .await?;
         // Stopped: no downtime limit applies, only the bandwidth cap
         // (128 MiB/s by default) would slow a stream that carries RAM.
