@@ -9,6 +9,8 @@ use smolvm::sandbox::Progress;
 pub enum Out {
     None,
     Sandbox(Box<smolvm::Sandbox>),
+    /// New VMs (a fork's children).
+    Sandboxes(Vec<smolvm::Sandbox>),
     Info(Box<smolvm::sandbox::VmInfo>),
     List(Vec<smolvm::sandbox::VmInfo>),
     Exec(smolvm::ExecOutput),
@@ -26,6 +28,13 @@ impl Out {
         Ok(match self {
             Out::None => py.None(),
             Out::Sandbox(sb) => Py::new(py, crate::Sandbox::new(*sb))?.into_any(),
+            Out::Sandboxes(v) => {
+                let items = v
+                    .into_iter()
+                    .map(|sb| Py::new(py, crate::Sandbox::new(sb)))
+                    .collect::<PyResult<Vec<_>>>()?;
+                pyo3::types::PyList::new(py, items)?.into_any().unbind()
+            }
             Out::Info(info) => info_dict(py, &info)?.unbind(),
             Out::List(infos) => {
                 let items = infos
@@ -112,6 +121,9 @@ fn details<'py>(py: Python<'py>, e: &smolvm::Error) -> PyResult<Bound<'py, PyDic
             d.set_item("what", smolvm::text::escape_line(what))?;
         }
         smolvm::Error::Boot { timed_out, .. } => d.set_item("timed_out", *timed_out)?,
+        smolvm::Error::SnapshotNotFound(id)
+        | smolvm::Error::SnapshotExists(id)
+        | smolvm::Error::SnapshotInvalid { id, .. } => d.set_item("snapshot_id", id)?,
         _ => {}
     }
     Ok(d)

@@ -120,7 +120,11 @@ impl Sandbox {
         })?;
         let progress = progress_fn(progress);
         let name = config.name.clone();
-        run_op(py, "create", name, done, async move {
+        let opts = OpOpts {
+            owns_result: true,
+            ..OpOpts::default()
+        };
+        run_op_with(py, "create", name, done, opts, async move {
             let sb = smolvm::Sandbox::create_with_progress(config, progress).await?;
             Ok(Out::Sandbox(Box::new(sb)))
         })
@@ -150,6 +154,89 @@ impl Sandbox {
     fn list(py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
         run_op(py, "list", None, done, async move {
             Ok(Out::List(smolvm::Sandbox::list().await?))
+        })
+    }
+
+    /// Restores snapshot `snapshot_id` into VM `into` (a new id), or back
+    /// into its source when None (replacing its run; re-creating it if it
+    /// was deleted). The VM is left paused unless `resume`. Ctrl-C lets
+    /// the restore finish (it takes well under a second for a memory
+    /// snapshot), then removes a VM it made and raises.
+    #[staticmethod]
+    #[pyo3(signature = (snapshot_id, into=None, resume=false, boot_timeout=30.0, progress=None, done=None))]
+    fn restore_snapshot(
+        py: Python<'_>,
+        snapshot_id: String,
+        into: Option<String>,
+        resume: bool,
+        boot_timeout: f64,
+        progress: Option<Py<PyAny>>,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let boot_timeout = seconds("from_snapshot", "boot_timeout", boot_timeout)?;
+        let progress = progress_fn(progress);
+        // The VM the errors are about: the target, else the source.
+        let vm_id = into.clone().or_else(|| {
+            smolvm::sandbox::snapshot_info(&snapshot_id)
+                .ok()
+                .map(|i| i.source_vm)
+        });
+        let new_vm = into.is_some();
+        let ops = OpOpts {
+            finish_on_interrupt: true,
+            owns_result: new_vm,
+            ..OpOpts::default()
+        };
+        let opts = smolvm::sandbox::RestoreOptions {
+            into,
+            resume,
+            boot_timeout,
+        };
+        run_op_with(py, "from_snapshot", vm_id, done, ops, async move {
+            let sb = smolvm::Sandbox::restore_snapshot(&snapshot_id, &opts, progress).await?;
+            if !resume && sb.status().await? == smolvm::VmState::Running {
+                // A disk snapshot's restore boots the VM and leaves it
+                // running: paused, as asked.
+                if let Err(e) = sb.pause().await {
+                    if new_vm {
+                        let _ = sb.delete().await;
+                    }
+                    return Err(e);
+                }
+            }
+            Ok(Out::Sandbox(Box::new(sb)))
+        })
+    }
+
+    /// Every snapshot, as dicts (the fields of `smolvm snapshot ls --json`).
+    #[staticmethod]
+    #[pyo3(signature = (done=None))]
+    fn list_snapshots(py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+        run_op(py, "list_snapshots", None, done, async move {
+            let list = tokio::task::spawn_blocking(smolvm::sandbox::list_snapshots)
+                .await
+                .map_err(|e| smolvm::Error::Invalid(format!("listing snapshots failed: {e}")))?;
+            Ok(Out::Json(json(&list)))
+        })
+    }
+
+    /// Removes a snapshot; returns the VMs that keep its files (they go
+    /// with the last of them). Not interrupted by Ctrl-C.
+    #[staticmethod]
+    #[pyo3(signature = (snapshot_id, done=None))]
+    fn delete_snapshot(
+        py: Python<'_>,
+        snapshot_id: String,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let opts = OpOpts {
+            finish_on_interrupt: true,
+            ..OpOpts::default()
+        };
+        run_op_with(py, "delete_snapshot", None, done, opts, async move {
+            Ok(Out::Json(json(
+                &smolvm::sandbox::delete_snapshot(&snapshot_id).await?,
+            )))
         })
     }
 
@@ -252,6 +339,50 @@ impl Sandbox {
         run_op_with(py, "delete", self.id_owned(), done, opts, async move {
             sb.delete().await?;
             Ok(Out::None)
+        })
+    }
+
+    /// Snapshots the VM (memory, device state and disk; or only the disk
+    /// of a stopped VM with `disk_only`); a running VM is left paused
+    /// unless `resume`. Returns the snapshot as a dict. Ctrl-C lets it
+    /// finish (cut short, the VM's disk could be left half switched).
+    #[pyo3(signature = (name=None, resume=false, disk_only=false, done=None))]
+    fn snapshot(
+        &self,
+        py: Python<'_>,
+        name: Option<String>,
+        resume: bool,
+        disk_only: bool,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let sb = self.handle()?;
+        let opts = smolvm::sandbox::SnapshotOptions {
+            name,
+            resume,
+            disk_only,
+        };
+        let ops = OpOpts {
+            finish_on_interrupt: true,
+            ..OpOpts::default()
+        };
+        run_op_with(py, "snapshot", self.id_owned(), done, ops, async move {
+            Ok(Out::Json(json(&sb.snapshot(&opts).await?)))
+        })
+    }
+
+    /// `count` new VMs, each continuing from this one's state now (the
+    /// source goes on as it was). All or nothing; Ctrl-C lets it finish,
+    /// then removes the children and raises.
+    #[pyo3(signature = (count, done=None))]
+    fn fork(&self, py: Python<'_>, count: u32, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+        let sb = self.handle()?;
+        let ops = OpOpts {
+            finish_on_interrupt: true,
+            owns_result: true,
+            ..OpOpts::default()
+        };
+        run_op_with(py, "fork", self.id_owned(), done, ops, async move {
+            Ok(Out::Sandboxes(sb.fork(count).await?))
         })
     }
 

@@ -78,10 +78,42 @@ pub struct OpOpts {
     /// Run after the operation was cancelled (it decides itself whether
     /// there is anything to undo).
     pub on_cancel: Option<Cleanup>,
+    /// Ctrl-C lets the operation finish rather than drop it halfway (a
+    /// snapshot, restore or fork cut short can leave a VM damaged or a
+    /// half-made one behind); the interrupt is raised once it is done.
+    pub finish_on_interrupt: bool,
+    /// The VMs the operation returns are new ones nobody else knows of (a
+    /// create, a restore into a new id, a fork): those that come back
+    /// after an interrupt are deleted. Otherwise (`from_id`, a restore
+    /// into its source) they are left alone.
+    pub owns_result: bool,
 }
 
 /// How long a cancelled operation's undoing may take.
 const CLEANUP_WAIT: Duration = Duration::from_secs(30);
+
+/// How long an interrupted `finish_on_interrupt` operation is waited for.
+const FINISH_WAIT: Duration = Duration::from_secs(600);
+
+/// Deletes the VMs of a result nobody will get.
+async fn discard(out: Out) {
+    let vms = match out {
+        Out::Sandbox(sb) => vec![*sb],
+        Out::Sandboxes(v) => v,
+        _ => return,
+    };
+    for sb in vms {
+        let why = match tokio::time::timeout(CLEANUP_WAIT, sb.delete()).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer in {}s", CLEANUP_WAIT.as_secs()),
+        };
+        crate::warn(&format!(
+            "removing VM {} (made by an interrupted call): {why}",
+            sb.id()
+        ));
+    }
+}
 
 /// A running operation started with a `done` callback.
 #[pyclass(frozen, module = "smolvm._native")]
@@ -195,17 +227,23 @@ where
                             // Dropping the operation undoes what it began
                             // (a create's row and directory, a command),
                             // and `on_cancel` the rest (a boot under way).
-                            task.abort();
+                            let wait = if opts.finish_on_interrupt {
+                                FINISH_WAIT
+                            } else {
+                                task.abort();
+                                CLEANUP_WAIT
+                            };
                             let rt2 = rt.clone();
                             let cleanup = opts.on_cancel;
+                            let owns = opts.owns_result;
                             py.detach(move || {
-                                let late = rx.recv_timeout(CLEANUP_WAIT);
+                                let late = rx.recv_timeout(wait);
                                 rt2.block_on(async {
-                                    // It finished just before the abort: a
-                                    // VM it made is nobody's now.
-                                    if let Ok(Ok(Out::Sandbox(sb))) = late {
-                                        let _ =
-                                            tokio::time::timeout(CLEANUP_WAIT, sb.delete()).await;
+                                    // It finished (just before the abort, or
+                                    // as it was let to): VMs it made are
+                                    // nobody's now.
+                                    if let (true, Ok(Ok(out))) = (owns, late) {
+                                        discard(out).await;
                                     }
                                     if let Some(c) = cleanup {
                                         let _ = tokio::time::timeout(CLEANUP_WAIT, c).await;

@@ -211,7 +211,8 @@ def _processes_of(info):
 
 
 def test_ctrl_c_during_start_ends_the_boot(make_vm):
-    vm = make_vm()
+    # A cold boot: from the warm boot snapshot it would be over in time.
+    vm = make_vm(cold=True)
     timer = _interrupt_after(1.0)
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -234,7 +235,7 @@ def test_failed_start_in_a_with_block_leaves_no_vm(new_name, vm_ids):
     timer = _interrupt_after(1.0)
     try:
         with pytest.raises(KeyboardInterrupt):
-            with SmolVM(name=name):
+            with SmolVM(name=name, cold=True):
                 pytest.fail("the block ran although start was interrupted")
     finally:
         timer.cancel()

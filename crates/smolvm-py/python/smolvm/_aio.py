@@ -16,11 +16,15 @@ from typing import Any, Callable, Optional
 async def call(
     start: Callable[[Callable[[bool, Any], None]], Any],
     orphan: Optional[Callable[[Any], None]] = None,
+    cancel_op: bool = True,
 ) -> Any:
     """Runs ``start(done)`` and waits for ``done`` without blocking the loop.
 
     ``orphan(value)`` is called with a result that arrives after the
-    awaiting task was cancelled (a VM made just before: nobody has it)."""
+    awaiting task was cancelled (a VM made just before: nobody has it).
+    With ``cancel_op=False`` cancelling the awaiting task lets the
+    operation finish (one cut short would do damage: a snapshot, a
+    restore); its result then goes to ``orphan``."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future = loop.create_future()
 
@@ -44,5 +48,6 @@ async def call(
     try:
         return await fut
     except asyncio.CancelledError:
-        task.cancel()
+        if cancel_op:
+            task.cancel()
         raise

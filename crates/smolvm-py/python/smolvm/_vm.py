@@ -29,7 +29,7 @@ from .exceptions import (
     ValidationError,
     _from_native,
 )
-from .types import CommandResult, StreamEvent, VMConfig, VMInfo, VMState
+from .types import CommandResult, SnapshotInfo, SnapshotType, StreamEvent, VMConfig, VMInfo, VMState
 
 __all__ = ["SmolVM"]
 
@@ -185,7 +185,7 @@ def _result(vm_id: str, command: Any, timeout: Optional[float], out: tuple) -> C
     )
 
 
-_DEFAULTS = {"memory": 512, "vcpus": 1, "network": True}
+_DEFAULTS = {"memory": 512, "vcpus": 1, "network": True, "cold": False}
 
 #: Most bytes :meth:`SmolVM.run` keeps of each output stream by default:
 #: a guest cannot make one call hold gigabytes of host memory (decoded
@@ -272,6 +272,7 @@ def _create_spec(
     backend: Optional[str],
     os: Optional[str],
     comm_channel: Optional[str],
+    cold: bool = False,
 ) -> str:
     """The library's SandboxConfig (JSON) for these arguments, checked."""
     if config is not None and not isinstance(config, VMConfig):
@@ -309,6 +310,8 @@ def _create_spec(
         raise _validation(f"name must be a string, not {name!r}")
     if not isinstance(network, bool):
         raise _validation(f"network must be True or False, not {network!r}")
+    if not isinstance(cold, bool):
+        raise _validation(f"cold must be True or False, not {cold!r}")
     spec: Dict[str, Any] = {
         "name": name,
         "image": image,
@@ -317,11 +320,71 @@ def _create_spec(
         "disk_size_mib": _disk_mib(disk_size),
         "network": network,
         "env": _env("env", env),
+        "cold": cold,
     }
     for key in ("memory_mib", "cpus", "disk_size_mib"):
         if spec[key] is not None and spec[key] < 0:
             raise _validation(f"{key} must not be negative")
     return json.dumps(spec)
+
+
+def _opt_str(name: str, value: Any, op: str, vm_id: Optional[str] = None) -> Optional[str]:
+    if value is not None and not isinstance(value, str):
+        raise _validation(f"{name} must be a string or None, not {value!r}", op, vm_id)
+    return value
+
+
+def _flag(name: str, value: Any, op: str, vm_id: Optional[str] = None) -> bool:
+    if not isinstance(value, bool):
+        raise _validation(f"{name} must be True or False, not {value!r}", op, vm_id)
+    return value
+
+
+def _disk_only(snapshot_type: Any, vm_id: str) -> bool:
+    """Whether ``snapshot_type`` asks for a disk-only snapshot."""
+    kind = _value(snapshot_type)
+    if isinstance(kind, str):
+        kind = kind.lower()
+    if kind == "diff":
+        raise _validation(
+            "diff snapshots are not supported: every snapshot's disk is a layer over what the VM "
+            "was made from already (a full snapshot stores only what the VM wrote); use "
+            "SnapshotType.FULL (or SnapshotType.DISK for a stopped VM)",
+            "snapshot",
+            vm_id,
+        )
+    if kind not in ("full", "disk"):
+        raise _validation(
+            f"snapshot_type must be SnapshotType.FULL or SnapshotType.DISK, not {snapshot_type!r}", "snapshot", vm_id
+        )
+    return kind == "disk"
+
+
+def _restore_args(snapshot_id: Any, vm_id: Any, backend: Any, resume_vm: Any, boot_timeout: Any) -> tuple:
+    """Checked arguments of :meth:`SmolVM.from_snapshot` for the native call."""
+    if not isinstance(snapshot_id, str):
+        raise _validation(f"snapshot_id must be a string, not {snapshot_id!r}", "from_snapshot")
+    into = _opt_str("vm_id", vm_id, "from_snapshot")
+    _check_backend(backend)
+    resume = _flag("resume_vm", resume_vm, "from_snapshot", into)
+    t = _seconds("from_snapshot", "boot_timeout", boot_timeout, vm_id=into, positive=True)
+    return snapshot_id, into, resume, t
+
+
+#: Most VMs one :meth:`SmolVM.fork` makes.
+MAX_FORK = 256
+
+
+def _fork_count(count: Any, vm_id: str) -> int:
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_FORK:
+        raise _validation(f"count must be an int from 1 to {MAX_FORK}, not {count!r}", "fork", vm_id)
+    return count
+
+
+def _snapshot_id_arg(snapshot_id: Any, op: str) -> str:
+    if not isinstance(snapshot_id, str):
+        raise _validation(f"snapshot_id must be a string, not {snapshot_id!r}", op)
+    return snapshot_id
 
 
 def _no_running_loop(method: str) -> None:
@@ -349,6 +412,10 @@ class SmolVM:
         with SmolVM() as vm:
             print(vm.run("hostname").output)
 
+    A running VM can be snapshotted (:meth:`snapshot`), restored
+    (:meth:`from_snapshot`: into a new VM or back into itself) and forked
+    into copies (:meth:`fork`), each in well under a second.
+
     A VM outlives its handle: ``close()`` it, and ``SmolVM.from_id(vm_id)``
     reaches it again from any process (closing a handle inside a ``with``
     block keeps the VM: the block then leaves it alone). A handle is safe to
@@ -373,6 +440,11 @@ class SmolVM:
         os: ``"debian"``; other systems have no image yet
             (:class:`ValidationError`).
         comm_channel: ``"vsock"`` (the guest agent's channel, the default).
+        cold: Always boot the guest. By default a VM's first start
+            continues the warm boot snapshot of its image and shape (made
+            by the first VM of that shape to boot): much faster, with
+            identity (hostname, machine id, entropy) made anew; ``cold=True``
+            neither uses one nor leaves one.
         on_progress: Called with a line of text at each step of an image
             build or boot, instead of printing image steps to stderr.
 
@@ -398,6 +470,7 @@ class SmolVM:
         backend: Optional[str] = None,
         os: Optional[str] = None,
         comm_channel: Optional[str] = None,
+        cold: bool = False,
         on_progress: Optional[ProgressCallback] = None,
     ) -> None:
         self._on_progress = on_progress
@@ -407,7 +480,7 @@ class SmolVM:
                 k
                 for k, v in dict(
                     config=config, name=name, image=image, disk_size=disk_size, env=env, os=os,
-                    memory=memory, vcpus=vcpus, network=network,
+                    memory=memory, vcpus=vcpus, network=network, cold=cold,
                 ).items()
                 if v is not None and v != _DEFAULTS.get(k)
             )
@@ -418,7 +491,9 @@ class SmolVM:
             self._native = _native.Sandbox.from_id(_vm_id_arg(vm_id), _progress(on_progress))
             self._owns_vm = False
             return
-        spec = _create_spec(config, name, image, memory, vcpus, disk_size, network, env, backend, os, comm_channel)
+        spec = _create_spec(
+            config, name, image, memory, vcpus, disk_size, network, env, backend, os, comm_channel, cold
+        )
         # No warning on an event loop: `async with SmolVM() as vm` is the
         # documented form, and a create takes milliseconds once the image
         # exists (`await SmolVM.async_create()` when it may not).
@@ -449,6 +524,7 @@ class SmolVM:
         backend: Optional[str] = None,
         os: Optional[str] = None,
         comm_channel: Optional[str] = None,
+        cold: bool = False,
         on_progress: Optional[ProgressCallback] = None,
     ) -> "SmolVM":
         """``SmolVM(...)`` without blocking the event loop (an image build
@@ -457,7 +533,9 @@ class SmolVM:
             async with await SmolVM.async_create(memory=1024) as vm:
                 print((await vm.async_run("hostname")).output)
         """
-        spec = _create_spec(config, name, image, memory, vcpus, disk_size, network, env, backend, os, comm_channel)
+        spec = _create_spec(
+            config, name, image, memory, vcpus, disk_size, network, env, backend, os, comm_channel, cold
+        )
         progress = _progress(on_progress)
         handle = await _aio.call(
             lambda done: _native.Sandbox.create(spec, progress, done),
@@ -958,6 +1036,194 @@ class SmolVM:
     def list_env_vars(self) -> Dict[str, str]:
         """The VM's persistent environment."""
         return dict(self._blocking().env("list", {}))
+
+    # -- snapshots -----------------------------------------------------
+
+    def _snapshot_args(self, snapshot_id: Any, resume_source: Any, snapshot_type: Any) -> tuple:
+        vm_id = self.vm_id
+        name = _opt_str("snapshot_id", snapshot_id, "snapshot", vm_id)
+        resume = _flag("resume_source", resume_source, "snapshot", vm_id)
+        return name, resume, _disk_only(snapshot_type, vm_id)
+
+    def snapshot(
+        self,
+        snapshot_id: Optional[str] = None,
+        resume_source: bool = False,
+        snapshot_type: Union[SnapshotType, str] = SnapshotType.FULL,
+    ) -> SnapshotInfo:
+        """Takes a snapshot of the VM and returns it.
+
+        ``SnapshotType.FULL`` (the default) keeps the memory, device state
+        and disk of a running or paused VM: a restore continues it where it
+        was, processes and all. The VM is left paused (``resume_source=True``
+        continues it: it is paused only while its RAM is saved).
+        ``SnapshotType.DISK`` keeps the disk of a stopped VM (a restore boots
+        it). The snapshot does not depend on the VM: it stays when the VM is
+        deleted, until :meth:`delete_snapshot`. Ctrl-C does not cut a
+        snapshot short (that could damage the VM's disk): it is raised after.
+
+        Args:
+            snapshot_id: Its id (the VM naming rule); generated
+                (``snap-xxxxxxxx``) when None.
+            resume_source: Leave the VM running afterwards.
+            snapshot_type: ``SnapshotType.FULL`` or ``SnapshotType.DISK``
+                (``DIFF``: :class:`ValidationError`).
+
+        Raises:
+            InvalidStateError: A full snapshot of a VM that is not running
+                or paused, or a disk snapshot of one that is not stopped.
+            SnapshotAlreadyExistsError: ``snapshot_id`` is taken.
+            ValidationError: A bad argument or id.
+        """
+        args = self._snapshot_args(snapshot_id, resume_source, snapshot_type)
+        _no_running_loop("snapshot")
+        return SnapshotInfo._from_native(self._h.snapshot(*args))
+
+    async def async_snapshot(
+        self,
+        snapshot_id: Optional[str] = None,
+        resume_source: bool = False,
+        snapshot_type: Union[SnapshotType, str] = SnapshotType.FULL,
+    ) -> SnapshotInfo:
+        """:meth:`snapshot` without blocking the event loop. Once begun it
+        finishes even if the awaiting task is cancelled."""
+        name, resume, disk_only = self._snapshot_args(snapshot_id, resume_source, snapshot_type)
+        h = self._h
+        d = await _aio.call(lambda done: h.snapshot(name, resume, disk_only, done), cancel_op=False)
+        return SnapshotInfo._from_native(d)
+
+    @classmethod
+    def from_snapshot(
+        cls,
+        snapshot_id: str,
+        vm_id: Optional[str] = None,
+        backend: Optional[str] = None,
+        resume_vm: bool = False,
+        *,
+        boot_timeout: float = 30.0,
+        on_progress: Optional[ProgressCallback] = None,
+    ) -> "SmolVM":
+        """Restores a snapshot and returns a handle on the restored VM.
+
+        A full snapshot's VM continues exactly where it was (under a
+        second); its guest is told of its new identity (a new ``vm_id``
+        gets its own hostname and fresh entropy). A disk snapshot's VM is
+        booted. The VM is left paused unless ``resume_vm`` (``start()`` or
+        ``resume()`` continues it; a ``with`` block starts it). The handle
+        is like one from :meth:`from_id`: leaving a ``with`` block stops the
+        VM but does not delete it. Ctrl-C does not cut a restore short: it
+        is raised after, and a new VM it made is deleted.
+
+        Args:
+            snapshot_id: The snapshot (:meth:`list_snapshots`).
+            vm_id: The new VM's id. None: back into the snapshot's source
+                VM, whose current run and disk are replaced (it is
+                re-created when it was deleted).
+            backend: None, ``"auto"`` or ``"qemu"`` (as for ``SmolVM()``).
+            resume_vm: Leave the VM running.
+            boot_timeout: Seconds for the VM to be ready.
+            on_progress: As for ``SmolVM()``.
+
+        Raises:
+            SnapshotNotFoundError: No snapshot has that id.
+            SnapshotError: The snapshot cannot be used (damaged, or made by
+                another VMM build); nothing was changed.
+            VMAlreadyExistsError: ``vm_id`` is taken (or the source's id is,
+                by another VM since).
+            BootError: The restored VM did not come up.
+        """
+        sid, into, resume, t = _restore_args(snapshot_id, vm_id, backend, resume_vm, boot_timeout)
+        _no_running_loop("from_snapshot")
+        handle = _native.Sandbox.restore_snapshot(sid, into, resume, t, _progress(on_progress))
+        return cls._adopt(handle, False, on_progress)
+
+    @classmethod
+    async def async_from_snapshot(
+        cls,
+        snapshot_id: str,
+        vm_id: Optional[str] = None,
+        backend: Optional[str] = None,
+        resume_vm: bool = False,
+        *,
+        boot_timeout: float = 30.0,
+        on_progress: Optional[ProgressCallback] = None,
+    ) -> "SmolVM":
+        """:meth:`from_snapshot` without blocking the event loop. Once begun
+        it finishes even if the awaiting task is cancelled (then a new VM
+        it made is deleted)."""
+        sid, into, resume, t = _restore_args(snapshot_id, vm_id, backend, resume_vm, boot_timeout)
+        progress = _progress(on_progress)
+        handle = await _aio.call(
+            lambda done: _native.Sandbox.restore_snapshot(sid, into, resume, t, progress, done),
+            orphan=(lambda h: h.delete(lambda ok, value: None)) if into is not None else None,
+            cancel_op=False,
+        )
+        return cls._adopt(handle, False, on_progress)
+
+    def fork(self, count: int) -> List["SmolVM"]:
+        """``count`` new VMs (1-256), each continuing from this VM's state
+        now: its processes, memory and disk, with its own id, hostname
+        (its id), machine identity and entropy; each writes a disk of its
+        own. This VM goes on as it was (paused only while its RAM is
+        saved). The children are running. All or nothing: if one cannot
+        be made, none is left. Ctrl-C does not cut a fork short: it is
+        raised after, and the children are deleted.
+
+        The handles are like :meth:`from_id`'s: leaving a ``with`` block
+        stops a child but does not delete it; ``delete()`` each when done.
+
+        Raises:
+            InvalidStateError: The VM is not running or paused.
+            ValidationError: A bad ``count``.
+        """
+        n = _fork_count(count, self.vm_id)
+        _no_running_loop("fork")
+        return [type(self)._adopt(h, False, None) for h in self._h.fork(n)]
+
+    async def async_fork(self, count: int) -> List["SmolVM"]:
+        """:meth:`fork` without blocking the event loop. Once begun it
+        finishes even if the awaiting task is cancelled (then the children
+        are deleted)."""
+        n = _fork_count(count, self.vm_id)
+        h = self._h
+
+        def orphan(handles: Any) -> None:
+            for c in handles:
+                c.delete(lambda ok, value: None)
+
+        handles = await _aio.call(lambda done: h.fork(n, done), orphan=orphan, cancel_op=False)
+        return [type(self)._adopt(c, False, None) for c in handles]
+
+    @staticmethod
+    def list_snapshots() -> List[SnapshotInfo]:
+        """Every snapshot of this user (``smolvm snapshot ls`` shows the
+        same ones), oldest first."""
+        return [SnapshotInfo._from_native(d) for d in _native.Sandbox.list_snapshots()]
+
+    @staticmethod
+    async def async_list_snapshots() -> List[SnapshotInfo]:
+        """:meth:`list_snapshots` without blocking the event loop."""
+        items = await _aio.call(lambda done: _native.Sandbox.list_snapshots(done))
+        return [SnapshotInfo._from_native(d) for d in items]
+
+    @staticmethod
+    def delete_snapshot(snapshot_id: str) -> None:
+        """Removes a snapshot: it is no longer listed or restorable. Its
+        files stay while VMs restored from it use them (they go with the
+        last of those VMs).
+
+        Raises:
+            SnapshotNotFoundError: No snapshot has that id.
+        """
+        sid = _snapshot_id_arg(snapshot_id, "delete_snapshot")
+        _no_running_loop("delete_snapshot")
+        _native.Sandbox.delete_snapshot(sid)
+
+    @staticmethod
+    async def async_delete_snapshot(snapshot_id: str) -> None:
+        """:meth:`delete_snapshot` without blocking the event loop."""
+        sid = _snapshot_id_arg(snapshot_id, "delete_snapshot")
+        await _aio.call(lambda done: _native.Sandbox.delete_snapshot(sid, done), cancel_op=False)
 
     # -- asyncio -----------------------------------------------------
 

@@ -20,6 +20,9 @@ start)
 ``image``                                :class:`ImageError`
 ``host_tool_missing``,                   :class:`HostError`
 ``host_unsupported``
+``snapshot_not_found``                   :class:`SnapshotNotFoundError`
+``snapshot_already_exists``              :class:`SnapshotAlreadyExistsError`
+``snapshot_invalid``                     :class:`SnapshotError`
 ``busy``, ``vmm_died``, ``io``           :class:`SmolVMError`
 =======================================  ==========================================
 """
@@ -40,6 +43,11 @@ __all__ = [
     "CommandExecutionUnavailableError",
     "ImageError",
     "HostError",
+    "GuestFileError",
+    "ProcessNotFoundError",
+    "SnapshotError",
+    "SnapshotNotFoundError",
+    "SnapshotAlreadyExistsError",
 ]
 
 
@@ -219,7 +227,48 @@ class ProcessNotFoundError(SmolVMError):
     kind = "process_not_found"
 
 
+class SnapshotError(SmolVMError):
+    """A snapshot cannot be used: its files are missing, truncated or
+    corrupt, or it was made by another VMM build (nothing was changed).
+    The base class of the other snapshot errors; ``.snapshot_id`` names
+    the snapshot."""
+
+    kind = "snapshot_invalid"
+
+    @property
+    def snapshot_id(self) -> Optional[str]:
+        return self.details.get("snapshot_id")
+
+
+class SnapshotNotFoundError(SnapshotError):
+    """No snapshot with that id (or it was deleted)."""
+
+    kind = "snapshot_not_found"
+
+    def __init__(self, snapshot_id: str) -> None:
+        super().__init__(
+            f"snapshot '{snapshot_id}' not found; SmolVM.list_snapshots() lists snapshots",
+            {"snapshot_id": snapshot_id},
+        )
+
+
+class SnapshotAlreadyExistsError(SnapshotError):
+    """A snapshot with that id exists already."""
+
+    kind = "snapshot_already_exists"
+
+    def __init__(self, snapshot_id: str) -> None:
+        super().__init__(
+            f"a snapshot named '{snapshot_id}' exists already; choose another name or "
+            f"remove it with SmolVM.delete_snapshot({snapshot_id!r})",
+            {"snapshot_id": snapshot_id},
+        )
+
+
 _BY_KIND: dict[str, type[SmolVMError]] = {
+    "snapshot_not_found": SnapshotNotFoundError,
+    "snapshot_already_exists": SnapshotAlreadyExistsError,
+    "snapshot_invalid": SnapshotError,
     "process_not_found": ProcessNotFoundError,
     "path_not_found": GuestFileError,
     "path_exists": GuestFileError,
@@ -243,6 +292,10 @@ _BY_KIND: dict[str, type[SmolVMError]] = {
 # is a method. Each pattern is one the library writes (error.rs,
 # transitions.rs, record.rs).
 _CLI_TO_PYTHON = [
+    (re.compile(r"remove it with `smolvm snapshot rm ([^`]*)`"), r"remove it with SmolVM.delete_snapshot('\1')"),
+    (re.compile(r"`smolvm snapshot ls`"), "SmolVM.list_snapshots()"),
+    (re.compile(r"take a disk-only snapshot"), "take a disk-only snapshot (snapshot_type=SnapshotType.DISK)"),
+    (re.compile(r"take a full snapshot"), "take a full snapshot (snapshot_type=SnapshotType.FULL)"),
     (re.compile(r"remove it with `smolvm rm ([^`]*)`"), r"reach it with SmolVM.from_id('\1') (and .delete() it)"),
     (re.compile(r"run `smolvm (start|resume|pause) [^`]*` first"), r"call vm.\1() first"),
     (re.compile(r"`smolvm (start|resume|pause|stop) [^`]*`"), r"vm.\1()"),
@@ -258,7 +311,7 @@ def _python_terms(message: str) -> str:
 
 
 # Operations during which a dying VMM means the boot failed.
-_BOOTING = frozenset({"start"})
+_BOOTING = frozenset({"start", "from_snapshot", "fork"})
 
 
 def _from_native(

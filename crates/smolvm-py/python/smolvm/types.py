@@ -6,7 +6,7 @@ import datetime as _dt
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 __all__ = [
     "VMState",
@@ -32,9 +32,12 @@ class VMState(str, Enum):
 
 
 class SnapshotType(str, Enum):
-    """What a snapshot keeps: ``FULL`` (memory and a self-contained disk),
-    ``DIFF`` (memory and the disk's changes over its image), ``DISK`` (the
-    disk only; restoring it boots afresh)."""
+    """What a snapshot keeps: ``FULL`` (memory, device state and disk of a
+    running or paused VM; a restore continues it where it was), ``DISK``
+    (the disk of a stopped VM; a restore boots it). ``DIFF`` is not
+    supported (:class:`ValidationError`): every snapshot's disk is a layer
+    over what it was made from already, so a ``FULL`` one stores only what
+    the VM wrote."""
 
     FULL = "full"
     DIFF = "diff"
@@ -188,14 +191,62 @@ class VMInfo:
 
 @dataclass(frozen=True)
 class SnapshotInfo:
-    """A snapshot of a VM (the value type; taking snapshots comes with the
-    snapshot capability)."""
+    """A snapshot (:meth:`SmolVM.snapshot`, :meth:`SmolVM.list_snapshots`).
+
+    Attributes:
+        snapshot_id: Its id (the VM naming rule: 1-63 of ``a-z 0-9 _ -``).
+        vm_id: The VM it was taken of (a restore with ``vm_id=None`` goes
+            back into that id).
+        snapshot_type: ``FULL`` or ``DISK``.
+        created_at: When it was taken.
+        path: Its directory on the host.
+        memory_mib: The source's guest memory (MiB).
+        vcpus: The source's vCPUs.
+        size_bytes: Bytes it takes on disk (device state, guest RAM and
+            the disk layer it froze; the image under it is shared).
+        used_by: The VMs whose disk is layered on it: its files stay while
+            there are any, even after :meth:`SmolVM.delete_snapshot`.
+        image: The source's guest image.
+        state_bytes: Of ``size_bytes``: the device state.
+        memory_bytes: Of ``size_bytes``: the guest RAM.
+        disk_bytes: Of ``size_bytes``: the frozen disk layer.
+    """
 
     snapshot_id: str
     vm_id: str
-    snapshot_type: SnapshotType = SnapshotType.FULL
+    snapshot_type: Union[SnapshotType, str] = SnapshotType.FULL
     created_at: Optional[_dt.datetime] = None
     path: Optional[Path] = None
+    memory_mib: int = 0
+    vcpus: int = 0
+    size_bytes: int = 0
+    used_by: List[str] = field(default_factory=list)
+    image: Optional[str] = None
+    state_bytes: int = 0
+    memory_bytes: int = 0
+    disk_bytes: int = 0
+
+    @classmethod
+    def _from_native(cls, d: Mapping[str, Any]) -> "SnapshotInfo":
+        try:
+            kind: Union[SnapshotType, str] = SnapshotType(d["kind"])
+        except ValueError:
+            kind = str(d["kind"])
+        return cls(
+            snapshot_id=d["id"],
+            vm_id=d["source_vm"],
+            snapshot_type=kind,
+            created_at=_dt.datetime.fromtimestamp(d["created_at_ms"] / 1000, tz=_dt.timezone.utc),
+            path=Path(d["dir"]) if d.get("dir") else None,
+            memory_mib=int(d.get("memory_mib", 0)),
+            vcpus=int(d.get("cpus", 0)),
+            size_bytes=int(d.get("size_bytes", 0)),
+            used_by=list(d.get("used_by") or []),
+            image=d.get("image"),
+            state_bytes=int(d.get("state_bytes", 0)),
+            memory_bytes=int(d.get("memory_bytes", 0)),
+            disk_bytes=int(d.get("disk_bytes", 0)),
+        )
 
 
 @dataclass(frozen=True)
