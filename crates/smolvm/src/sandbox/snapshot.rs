@@ -66,6 +66,9 @@ pub async fn delete_snapshot(id: &str) -> Result<Vec<String>> {
 /// Removes what retired snapshots left once nothing uses it (after a VM
 /// is deleted).
 pub(super) async fn collect_snapshots() {
+    if !crate::paths::snapshots_dir().exists() {
+        return;
+    }
     if let Ok(lock) = snap::lock().await {
         snap::collect(&lock);
     }
@@ -539,7 +542,8 @@ impl Sandbox {
     ) -> Result<()> {
         let m = &stored.manifest;
         let Some(machine) = m.machine.as_ref().filter(|_| m.kind != SnapshotKind::Disk) else {
-            return self.boot(prior, opts.boot_timeout).await;
+            self.boot(prior, opts.boot_timeout).await?;
+            return self.pause_unless(opts.resume).await;
         };
         let spec = LaunchSpec {
             id: self.id.clone(),
@@ -566,7 +570,12 @@ impl Sandbox {
             format!("restoring snapshot {}", m.id),
         )
         .await?;
-        if !opts.resume {
+        self.pause_unless(opts.resume).await
+    }
+
+    /// Pauses the just-started VM unless it is to run (the VM lock is held).
+    async fn pause_unless(&self, resume: bool) -> Result<()> {
+        if !resume {
             self.control_ok(ControlRequest::Pause).await?;
             store()?.set_state(&self.id, VmState::Paused, None)?;
         }
