@@ -99,6 +99,8 @@ pub async fn image(c: ImageCommand) -> anyhow::Result<u8> {
         }
         ImageCommand::Rm { name } => {
             smolvm::image::remove(&name)?;
+            // Its warm boot snapshots go with it.
+            smolvm::sandbox::forget_warm(Some(&name)).await?;
             println!("{name}");
             Ok(0)
         }

@@ -143,6 +143,11 @@ pub async fn snapshot(c: SnapshotCommand) -> anyhow::Result<u8> {
                 .await?;
             reporter.clear();
             println!("{}", info.id);
+            if !resume && !disk_only {
+                eprintln!(
+                    "note: {id} is paused; `smolvm resume {id}` continues it (--resume next time)"
+                );
+            }
         }
         SnapshotCommand::Ls { json } => {
             let list = smolvm::sandbox::list_snapshots();
@@ -174,16 +179,25 @@ pub async fn snapshot(c: SnapshotCommand) -> anyhow::Result<u8> {
             println!("{}", vm.id());
         }
         SnapshotCommand::Rm { snapshots } => {
+            let mut failed = 0u8;
             for s in snapshots {
-                let kept = smolvm::sandbox::delete_snapshot(&s).await?;
-                if !kept.is_empty() {
-                    eprintln!(
-                        "note: the files of {s} stay until the sandboxes layered on it are removed: {}",
-                        kept.join(", ")
-                    );
+                match smolvm::sandbox::delete_snapshot(&s).await {
+                    Ok(kept) => {
+                        if !kept.is_empty() {
+                            eprintln!(
+                                "note: {s}'s disk stays until the sandboxes layered on it are removed: {}",
+                                kept.join(", ")
+                            );
+                        }
+                        println!("{s}");
+                    }
+                    Err(e) => {
+                        crate::print_error(&anyhow::Error::new(e));
+                        failed = crate::EXIT_SMOLVM_ERROR;
+                    }
                 }
-                println!("{s}");
             }
+            return Ok(failed);
         }
     }
     Ok(0)

@@ -70,7 +70,9 @@ impl VmDir {
     /// snapshot switched it to, else the disk.
     pub fn current_disk(&self) -> PathBuf {
         match std::fs::read_to_string(self.disk_top()) {
-            Ok(name) if is_layer_name(name.trim()) => self.0.join(name.trim()),
+            Ok(name) if is_layer_name(name.trim()) && self.0.join(name.trim()).exists() => {
+                self.0.join(name.trim())
+            }
             _ => self.disk(),
         }
     }
@@ -81,7 +83,12 @@ impl VmDir {
     pub fn settle_disk(&self) -> std::io::Result<()> {
         let top = self.current_disk();
         if top != self.disk() {
-            std::fs::rename(&top, self.disk())?;
+            match std::fs::rename(&top, self.disk()) {
+                Ok(()) => {}
+                // Renamed already (a crash before the marker went).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
         let _ = std::fs::remove_file(self.disk_top());
         for e in std::fs::read_dir(&self.0)?.flatten() {

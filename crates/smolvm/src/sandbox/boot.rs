@@ -101,8 +101,10 @@ impl Sandbox {
         self.relative_base();
         // A sandbox that never ran starts from its shape's boot snapshot
         // when there is one (and takes it when there is not).
-        let warm = if prior == VmState::Created && !self.config.cold {
-            super::snapshot::warm_key(&self.config, &image, &spec).ok()
+        // Only over the untouched disk `create` made: a disk someone wrote
+        // to is booted as it is, and leaves no warm snapshot.
+        let warm = if prior == VmState::Created && !self.config.cold && self.disk_is_fresh() {
+            super::snapshot::warm_key(&self.config, &image, &spec, &self.vm_dir).ok()
         } else {
             None
         };

@@ -52,16 +52,17 @@ impl Sandbox {
         config: SandboxConfig,
         progress: Option<ProgressFn>,
     ) -> Result<Sandbox> {
-        Self::create_inner(config, progress, None).await
+        Ok(Self::create_inner(config, progress, None).await?.0)
     }
 
     /// Creates a VM whose disk is a new layer over the image (`from`
     /// `None`) or over the frozen disk of the snapshot directory `from`.
+    /// Returns the VM's lock, still held.
     pub(super) async fn create_inner(
         config: SandboxConfig,
         progress: Option<ProgressFn>,
         from: Option<&std::path::Path>,
-    ) -> Result<Sandbox> {
+    ) -> Result<(Sandbox, VmLock)> {
         config.validate()?;
         let image = match from {
             Some(_) => None,
@@ -87,7 +88,7 @@ impl Sandbox {
             .map_err(|e| Error::io("cannot encode the config", e.into()))?;
         // Lock the id before its row exists, so no other process can start
         // or delete the VM before its disk is made.
-        let (id, _lock) = loop {
+        let (id, lock) = loop {
             let candidate = config.name.clone().unwrap_or_else(crate::state::random_id);
             let lock = VmLock::acquire(&candidate).await?;
             match store().and_then(|s| Ok(s.insert_new(Some(&candidate), &json)?)) {
@@ -169,7 +170,7 @@ impl Sandbox {
             .map(|r| r.created_at)
             .ok_or_else(|| Error::NotFound(id.clone()))?;
         undo.id = None;
-        Ok(Sandbox {
+        let sbx = Sandbox {
             id,
             vm_dir,
             config,
@@ -177,7 +178,8 @@ impl Sandbox {
             progress,
             last_boot: Mutex::new(None),
             created_at,
-        })
+        };
+        Ok((sbx, lock))
     }
 
     /// A handle on an existing VM, from any process.
@@ -362,6 +364,14 @@ impl Sandbox {
     /// Removes the VM and everything it has on disk (stopping it first).
     /// The handle stays, but every later operation on it is `NotFound`.
     pub async fn delete(&self) -> Result<()> {
+        self.delete_locked().await?;
+        // Retired snapshots only this VM was layered on go with it (after
+        // its lock is released: locks are taken VM first, then snapshots).
+        super::snapshot::collect_snapshots().await;
+        Ok(())
+    }
+
+    async fn delete_locked(&self) -> Result<()> {
         let _lock = VmLock::acquire(&self.id).await?;
         let rec = match refresh(&self.id).await {
             Ok(r) if r.created_at == self.created_at => Some(r),
@@ -391,8 +401,6 @@ impl Sandbox {
         }
         store()?.delete(&self.id)?;
         let _ = std::fs::remove_file(crate::paths::lock_path(&self.id));
-        // Retired snapshots only this VM was layered on go with it.
-        super::snapshot::collect_snapshots().await;
         Ok(())
     }
 

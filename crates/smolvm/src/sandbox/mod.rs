@@ -24,6 +24,7 @@ pub use prune::{prune, PruneItem};
 pub use record::VmInfo;
 pub use smolvm_proto::{DirEntry, FileKind};
 pub use snapshot::{
-    delete_snapshot, list_snapshots, snapshot_info, RestoreOptions, SnapshotOptions, MAX_FORK,
+    delete_snapshot, forget_warm, list_snapshots, snapshot_info, RestoreOptions, SnapshotOptions,
+    MAX_FORK,
 };
 pub use types::{BootTimings, Command, ExitStatus, GuestError};

@@ -63,6 +63,24 @@ pub async fn delete_snapshot(id: &str) -> Result<Vec<String>> {
     snap::retire(&lock, &s)
 }
 
+/// Removes the warm boot snapshots of `image` (all images: `None`); the
+/// next fresh sandbox of each shape boots cold and leaves a new one.
+/// Returns how many were removed.
+pub async fn forget_warm(image: Option<&str>) -> Result<usize> {
+    if !crate::paths::snapshots_dir().exists() {
+        return Ok(0);
+    }
+    let lock = snap::lock().await?;
+    let mut n = 0;
+    for w in snap::warm() {
+        if image.is_none_or(|i| w.manifest.config.image == i) {
+            snap::retire(&lock, &w)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Removes what retired snapshots left once nothing uses it (after a VM
 /// is deleted).
 pub(super) async fn collect_snapshots() {
@@ -152,6 +170,10 @@ impl Sandbox {
         let lock = snap::lock().await?;
         if kind != SnapshotKind::Warm && snap::list().iter().any(|s| s.manifest.id == name) {
             return Err(Error::SnapshotExists(name.to_string()));
+        }
+        if let Some(key) = warm_key.filter(|k| snap::find_warm(k).is_some()) {
+            // Another first boot of this shape left it meanwhile.
+            return Err(Error::SnapshotExists(format!("warm-{key}")));
         }
         let dir = snap::new_dir(&lock)?;
         let mut guard = DirGuard(Some(dir.clone()));
@@ -246,13 +268,14 @@ impl Sandbox {
                 .map_err(|e| Error::io(format!("cannot replace {}", vm_disk.display()), e))?;
             guard.0 = None;
         } else {
+            // From here the VM may be layered on the frozen disk at any
+            // moment: nothing is removed on a guess (a dropped future, a
+            // lost supervisor). Uncommitted, the directory is collected
+            // once nothing uses it.
+            guard.0 = None;
             let rep = self.snapshot_request(&dir, &next, resume).await;
-            if self.vm_dir.current_disk() != next {
-                let _ = std::fs::remove_file(&next);
-            }
             match rep {
                 Ok(rep) => {
-                    guard.0 = None;
                     manifest.memory_in_state = rep.memory_in_state;
                     manifest.memory_bytes = rep.memory_bytes;
                     if !rep.memory_in_state {
@@ -262,11 +285,11 @@ impl Sandbox {
                     }
                     tracing::info!(vm = %self.id, snapshot = name, downtime_ms = rep.downtime_ms, total_ms = rep.total_ms, state = rep.state_bytes, memory = rep.memory_bytes, "snapshot taken");
                 }
-                Err((e, switched)) => {
-                    if switched {
-                        // The VM is layered on the frozen disk now: the
-                        // directory stays (uncommitted; collected with the VM).
-                        guard.0 = None;
+                Err((e, maybe_switched)) => {
+                    if !maybe_switched {
+                        // The supervisor says the disk was not switched.
+                        let _ = std::fs::remove_file(&next);
+                        let _ = std::fs::remove_dir_all(&dir);
                     }
                     return Err(e);
                 }
@@ -288,8 +311,9 @@ impl Sandbox {
         Ok(Stored { dir, manifest })
     }
 
-    /// Asks the supervisor for the snapshot; `Err` says whether the disk
-    /// had been switched.
+    /// Asks the supervisor for the snapshot. `Err` says whether the disk
+    /// may have been switched (true unless the supervisor answered that it
+    /// was not: it puts the top-layer marker back when the switch fails).
     async fn snapshot_request(
         &self,
         dir: &Path,
@@ -306,25 +330,28 @@ impl Sandbox {
             .await;
         match r {
             Ok(ControlResponse::Snapshot(rep)) => Ok(rep),
-            Ok(ControlResponse::Error(e)) => Err((
-                Error::from_control(&self.id, e),
-                self.vm_dir.current_disk() == next,
-            )),
+            Ok(ControlResponse::Error(e)) => {
+                let maybe = self.vm_dir.current_disk() == next;
+                Err((Error::from_control(&self.id, e), maybe))
+            }
             Ok(o) => Err((
                 Error::Control {
                     id: self.id.clone(),
                     kind: crate::ErrorKind::Io,
                     message: format!("unexpected answer {o:?}"),
                 },
-                self.vm_dir.current_disk() == next,
+                true,
             )),
-            Err(source) => Err((
-                Error::Client {
-                    id: self.id.clone(),
-                    source,
-                },
-                self.vm_dir.current_disk() == next,
-            )),
+            Err(source) => {
+                self.forget_client();
+                Err((
+                    Error::Client {
+                        id: self.id.clone(),
+                        source,
+                    },
+                    true,
+                ))
+            }
         }
     }
 
@@ -490,18 +517,22 @@ impl Sandbox {
                 std::fs::rename(&layer, vm.vm_dir.disk())
                     .map_err(|e| Error::io("cannot replace the VM's disk", e))?;
                 let _ = vm.vm_dir.settle_disk();
+                let r = vm.boot_from(&stored, VmState::Stopped, opts).await;
                 drop(lock);
-                vm.boot_from(&stored, VmState::Stopped, opts).await?;
                 drop(vm_lock);
+                r?;
                 return Ok(vm);
             }
         }
         config.name = target;
-        let mut vm = Sandbox::create_inner(config, progress, Some(&stored.dir)).await?;
-        drop(lock); // the VM's disk is layered on the snapshot now
-        let _vm_lock = VmLock::acquire(&vm.id).await?;
-        if let Err(e) = vm.boot_from(&stored, VmState::Created, opts).await {
-            drop(_vm_lock);
+        // The new VM's lock stays held from its creation to its start
+        // (nobody can act on it half made), and the snapshots lock until
+        // its VMM maps the snapshot's files.
+        let (mut vm, vm_lock) = Sandbox::create_inner(config, progress, Some(&stored.dir)).await?;
+        let r = vm.boot_from(&stored, VmState::Created, opts).await;
+        drop(lock);
+        drop(vm_lock);
+        if let Err(e) = r {
             let _ = vm.delete().await;
             return Err(e);
         }
@@ -595,11 +626,6 @@ impl Sandbox {
         let Some(warm) = snap::find_warm(key) else {
             return Ok(false);
         };
-        if !self.disk_is_fresh() {
-            // Someone wrote to this never-started VM's disk: boot what is
-            // there, never replace it.
-            return Ok(false);
-        }
         verify(&warm).await?;
         let disk = self.vm_dir.disk();
         let fresh = self.vm_dir.path().join("disk.fresh.qcow2");
@@ -628,7 +654,10 @@ impl Sandbox {
             let _ = std::fs::remove_file(&memory);
             return Err(Error::io("cannot copy the warm snapshot", e));
         }
-        std::fs::rename(&disk, &fresh).map_err(|e| Error::io("cannot set the disk aside", e))?;
+        // Never without a disk: the fresh one is linked aside, then the
+        // warm copy renamed over it.
+        let _ = std::fs::remove_file(&fresh);
+        std::fs::hard_link(&disk, &fresh).map_err(|e| Error::io("cannot set the disk aside", e))?;
         std::fs::rename(&staged, &disk).map_err(|e| Error::io("cannot place the disk", e))?;
         spec.restore = Some(RestoreSpec {
             state: warm.path(files::STATE),
@@ -662,7 +691,7 @@ impl Sandbox {
 
     /// Whether the VM's disk is still the empty layer `create` made over
     /// the image (nothing written to it).
-    fn disk_is_fresh(&self) -> bool {
+    pub(super) fn disk_is_fresh(&self) -> bool {
         let disk = self.vm_dir.disk();
         let small = std::fs::metadata(&disk).is_ok_and(|m| m.len() <= FRESH_LAYER_MAX);
         small
@@ -685,7 +714,7 @@ impl Sandbox {
                     && c.cpus == self.config.cpus
                     && c.network == self.config.network
                     && c.disk_size_mib == self.config.disk_size_mib;
-                if same_shape {
+                if same_shape && w.manifest.warm_key.as_deref() != Some(key) {
                     let _ = snap::retire(&lock, &w);
                 }
             }
@@ -747,7 +776,12 @@ pub(super) fn warm_key(
     config: &crate::SandboxConfig,
     image: &crate::image::Image,
     spec: &LaunchSpec,
+    vm_dir: &crate::backend::VmDir,
 ) -> std::io::Result<String> {
+    // The root filesystem this VM's disk is layered on (pinned at create:
+    // an image rebuilt since has another), else the image's.
+    let rootfs =
+        snap::FileId::of(&vm_dir.base_disk()).or_else(|_| snap::FileId::of(&image.rootfs))?;
     use sha2::Digest as _;
     let vmm = crate::backend::get(spec.backend)
         .vmm_binary()
@@ -757,7 +791,7 @@ pub(super) fn warm_key(
         "image": config.image,
         "kernel": snap::FileId::of(&image.kernel)?,
         "initramfs": snap::FileId::of(&image.initramfs)?,
-        "rootfs": snap::FileId::of(&image.rootfs)?,
+        "rootfs": rootfs,
         "vmm": snap::FileId::of(&vmm)?,
         "backend": spec.backend,
         "accel": spec.accel,

@@ -431,12 +431,20 @@ pub fn users(dir: &Path) -> Vec<String> {
 /// Every layer a VM's disk stands on, its own layers included (the top a
 /// running snapshotted VMM writes, and the disk).
 fn vm_layers(vm: &crate::backend::VmDir) -> Vec<PathBuf> {
+    vm_layers_checked(vm).0
+}
+
+/// [`vm_layers`], and whether every chain was read whole.
+fn vm_layers_checked(vm: &crate::backend::VmDir) -> (Vec<PathBuf>, bool) {
     let mut out = Vec::new();
+    let mut whole = true;
     for top in [vm.current_disk(), vm.disk()] {
         out.push(top.clone());
-        out.extend(qcow2::chain(&top));
+        let (c, ok) = qcow2::chain_checked(&top);
+        whole &= ok;
+        out.extend(c);
     }
-    out
+    (out, whole)
 }
 
 fn same_file(p: &Path, m: &std::fs::Metadata) -> bool {
@@ -466,13 +474,24 @@ pub fn collect(_lock: &SnapshotsLock) {
     let mut in_use: Vec<(u64, u64)> = Vec::new();
     let vms = crate::paths::data_dir().join("vms");
     let mut layers: Vec<PathBuf> = Vec::new();
+    let mut whole = true;
     for e in std::fs::read_dir(vms).into_iter().flatten().flatten() {
-        layers.extend(vm_layers(&crate::backend::VmDir::at(e.path())));
+        let (l, ok) = vm_layers_checked(&crate::backend::VmDir::at(e.path()));
+        whole &= ok;
+        layers.extend(l);
     }
     for s in all() {
         let top = s.path(files::DISK);
-        layers.extend(qcow2::chain(&top));
+        let (l, ok) = qcow2::chain_checked(&top);
+        whole &= ok;
+        layers.extend(l);
         layers.push(top);
+    }
+    if !whole {
+        // A chain that could not be read to its end may pass through any
+        // directory: remove nothing rather than a layer still in use.
+        tracing::warn!("a disk chain could not be read whole; no snapshot directory is removed");
+        return;
     }
     for l in &layers {
         if let Ok(m) = std::fs::metadata(l) {
@@ -489,10 +508,38 @@ pub fn collect(_lock: &SnapshotsLock) {
         }
         let used = std::fs::metadata(dir.join(files::DISK))
             .is_ok_and(|m| in_use.contains(&(m.dev(), m.ino())));
-        if !used {
+        if used {
+            // Only its disk is needed (VMs are layered on it): the RAM and
+            // device state go unless a running VM maps them.
+            trim(&dir);
+        } else {
             tracing::debug!("removing unused snapshot directory {}", dir.display());
             let _ = std::fs::remove_dir_all(&dir);
         }
+    }
+}
+
+/// Removes the RAM and device state of an uncommitted snapshot directory
+/// unless a VM that is up was restored from them (its RAM maps the file).
+fn trim(dir: &Path) {
+    let vms = crate::paths::data_dir().join("vms");
+    let mapped = std::fs::read_dir(vms)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            let vm = crate::backend::VmDir::at(e.path());
+            let up = vm.supervisor_socket().exists();
+            let spec: Option<crate::backend::LaunchSpec> = std::fs::read(vm.launch_spec())
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            up && spec.and_then(|s| s.restore).is_some_and(|r| {
+                r.state.starts_with(dir) || r.memory.is_some_and(|m| m.starts_with(dir))
+            })
+        });
+    if !mapped {
+        let _ = std::fs::remove_file(dir.join(files::MEMORY));
+        let _ = std::fs::remove_file(dir.join(files::STATE));
     }
 }
 

@@ -72,21 +72,45 @@ pub fn backing_path(image: &Path) -> std::io::Result<Option<PathBuf>> {
     }))
 }
 
+/// Longest backing chain followed.
+pub const MAX_CHAIN: usize = 4096;
+
 /// Every file in `image`'s backing chain (not `image` itself), nearest
 /// first; stops at a file that is not qcow2 (the raw base) or is missing.
 pub fn chain(image: &Path) -> Vec<PathBuf> {
+    chain_checked(image).0
+}
+
+/// [`chain`], and whether it is known whole: false when it was cut short
+/// (too long, or a layer that exists but cannot be read), so that nothing
+/// below it may be taken for unused.
+pub fn chain_checked(image: &Path) -> (Vec<PathBuf>, bool) {
     let mut out = Vec::new();
     let mut cur = image.to_path_buf();
-    while out.len() < 64 {
+    loop {
+        if out.len() >= MAX_CHAIN {
+            return (out, false);
+        }
         match backing_path(&cur) {
             Ok(Some(b)) => {
                 out.push(b.clone());
                 cur = b;
             }
-            _ => break,
+            Ok(None) => return (out, true),
+            // The raw base is not qcow2; a missing file ends the chain.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                let raw = std::fs::File::open(&cur)
+                    .and_then(|mut f| {
+                        let mut m = [0u8; 4];
+                        std::io::Read::read_exact(&mut f, &mut m).map(|()| m)
+                    })
+                    .is_ok_and(|m| &m != MAGIC);
+                return (out, raw);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (out, true),
+            Err(_) => return (out, false),
         }
     }
-    out
 }
 
 /// Rewrites the backing file name of a closed image in place to `name`,

@@ -54,6 +54,9 @@ fn control_deadline(req: &ControlRequest) -> Duration {
         ControlRequest::WaitReady { timeout_ms } | ControlRequest::Stop { timeout_ms } => {
             Duration::from_millis(*timeout_ms).saturating_add(margin)
         }
+        // Quiesce, the migration (RAM in the stream: GiBs) and the RAM
+        // copy: the supervisor's own deadlines bound each.
+        ControlRequest::Snapshot(_) => Duration::from_secs(20 * 60),
         _ => margin,
     }
 }

@@ -394,8 +394,15 @@ async fn control(
         }
         ControlRequest::Snapshot(req) => {
             // Only into the data dir's snapshots, and only this VM's disk.
-            let in_snapshots = req.dir.starts_with(crate::paths::snapshots_dir());
-            let own_disk = req.next_disk.parent() == Some(vm_dir.path());
+            let in_snapshots = req.dir.parent() == Some(crate::paths::snapshots_dir().as_path())
+                && std::fs::symlink_metadata(&req.dir).is_ok_and(|m| m.is_dir());
+            let own_disk = req.next_disk.parent() == Some(vm_dir.path())
+                && req
+                    .next_disk
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(crate::backend::files::LAYER_PREFIX))
+                && std::fs::symlink_metadata(&req.next_disk).is_ok_and(|m| m.is_file());
             if !in_snapshots || !own_disk {
                 return ControlResponse::Error(ControlError::new(
                     ControlErrorKind::Other,

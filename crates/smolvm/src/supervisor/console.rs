@@ -15,8 +15,11 @@ pub const MAX_CONSOLE_LOG: u64 = 4 * 1024 * 1024;
 /// file writes happen on a thread of their own (a slow disk must not stall
 /// the supervisor's event loop); the socket is read only as fast as they
 /// complete, so nothing is buffered without bound.
-pub async fn pump(mut stream: UnixStream, vm_dir: VmDir) {
+pub async fn pump(mut stream: UnixStream, vm_dir: VmDir, preamble: Option<String>) {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+    if let Some(p) = preamble {
+        let _ = tx.try_send(p.into_bytes());
+    }
     let writer = std::thread::spawn(move || write_log(&vm_dir, rx));
     let mut buf = vec![0u8; 16 * 1024];
     loop {

@@ -59,9 +59,13 @@ impl AgentTx {
         r.await.map_err(drop)
     }
 
-    /// Writes `first`, then lets the queues flow again.
-    pub(super) async fn release(&self, first: Vec<Vec<u8>>) {
-        let _ = self.hold.send(Hold::Release(first)).await;
+    /// Writes `first`, then lets the queues flow again. Never waits: the
+    /// writer may be stuck on a guest that stopped reading (it takes the
+    /// release, in order, once it moves).
+    pub(super) fn release(&self, first: Vec<Vec<u8>>) {
+        if self.hold.try_send(Hold::Release(first)).is_err() {
+            log!("the agent writer is not taking requests; the release waits in its queue");
+        }
     }
 }
 
@@ -69,7 +73,7 @@ impl AgentTx {
 fn agent_writer(mut w: tokio::net::unix::OwnedWriteHalf) -> AgentTx {
     let (ctx, mut crx) = mpsc::channel::<Vec<u8>>(AGENT_QUEUE);
     let (dtx, mut drx) = mpsc::channel::<Vec<u8>>(AGENT_QUEUE);
-    let (htx, mut hrx) = mpsc::channel::<Hold>(4);
+    let (htx, mut hrx) = mpsc::channel::<Hold>(64);
     tokio::spawn(async move {
         let mut held = false;
         loop {
@@ -253,7 +257,21 @@ pub async fn serve(spec: LaunchSpec, vm_dir: VmDir, mut ready: std::fs::File) ->
         }
     };
     let console = match super::connect_in_dir(&vm_dir, files::CONSOLE_SOCKET).await {
-        Ok(c) => Some(tokio::spawn(super::console::pump(c, vm_dir.clone()))),
+        Ok(c) => {
+            // A restored machine never boots: say so where its boot
+            // messages would be.
+            let preamble = spec.restore.as_ref().map(|_| {
+                format!(
+                    "[smolvm] {id} continues a snapshot's running machine (it did not boot here; \
+                     its kernel's boot messages are in the console of the VM the snapshot was taken from)\n"
+                )
+            });
+            Some(tokio::spawn(super::console::pump(
+                c,
+                vm_dir.clone(),
+                preamble,
+            )))
+        }
         Err(e) => {
             log!("cannot connect to the console: {e}; the console will not be logged");
             None
@@ -364,7 +382,7 @@ async fn vm_loop(
                 VmCmd::Resume(reply) => {
                     let r = vm.resume().await.map_err(vmm_failure);
                     if r.is_ok() && agent_held {
-                        thaw(agent_tx).await;
+                        thaw(agent_tx);
                         agent_held = false;
                     }
                     reconcile |= unresponsive(&r);
@@ -400,7 +418,7 @@ async fn vm_loop(
                         let _ = tokio::time::timeout_at(deadline, vm.resume()).await;
                     }
                     if agent_held {
-                        let _ = tokio::time::timeout_at(deadline, thaw(agent_tx)).await;
+                        thaw(agent_tx);
                     }
                     if !agent_up {
                         // Nothing in the guest can act on a shutdown request.
@@ -440,11 +458,11 @@ async fn vm_loop(
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Lets the agent write again (after a snapshot of this same machine).
-async fn thaw(agent_tx: &AgentTx) {
+fn thaw(agent_tx: &AgentTx) {
     let bufs = frame(smolvm_proto::CONTROL_STREAM, HostMsg::Thaw)
         .into_iter()
         .collect();
-    agent_tx.release(bufs).await;
+    agent_tx.release(bufs);
 }
 
 /// Quiesces the agent (unless it already is), then has the backend
@@ -478,18 +496,16 @@ async fn snapshot(
         lock(shared).quiesce_waiter = Some(t);
         let buf = frame(smolvm_proto::CONTROL_STREAM, HostMsg::Quiesce)
             .ok_or_else(|| ControlError::new(ControlErrorKind::Other, "cannot encode Quiesce"))?;
-        if agent_tx.hold_after(buf).await.is_err() {
-            return Err(ControlError::new(
-                ControlErrorKind::BootFailed,
-                "the agent channel is closed",
-            ));
-        }
-        if tokio::time::timeout(QUIESCE_TIMEOUT, r)
-            .await
-            .map_or(true, |r| r.is_err())
-        {
+        // One deadline for both: the writer taking the hold (it may be
+        // stuck on a guest that stopped reading) and the agent's answer.
+        let quiesced = tokio::time::timeout(QUIESCE_TIMEOUT, async {
+            agent_tx.hold_after(buf).await?;
+            r.await.map_err(drop)
+        })
+        .await;
+        if !matches!(quiesced, Ok(Ok(()))) {
             lock(shared).quiesce_waiter = None;
-            thaw(agent_tx).await;
+            thaw(agent_tx);
             if was_paused {
                 let _ = vm.pause().await;
             }
@@ -515,7 +531,7 @@ async fn snapshot(
         }
     };
     if running {
-        thaw(agent_tx).await;
+        thaw(agent_tx);
         *agent_held = false;
     }
     lock(shared).run_state = if running {

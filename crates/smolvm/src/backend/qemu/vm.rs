@@ -307,32 +307,45 @@ impl QemuVm {
         let next = next_disk
             .to_str()
             .ok_or_else(|| QemuError::Invalid("the new disk path is not UTF-8".into()))?;
-        qmp.execute(
-            "blockdev-snapshot-sync",
-            Some(serde_json::json!({
-                "device": "root",
-                "snapshot-file": next,
-                "format": "qcow2",
-                "mode": "existing",
-            })),
-        )
-        .await?;
-        out.disk_switched = true;
         // QEMU reopens its images by name when their permissions change
         // (at migration and `cont`): the new layer keeps its name while this
         // VMM runs, and is renamed onto the disk's before the next boot.
-        // The marker says which layer is on top.
-        self.disk = next_disk.to_path_buf();
+        // `disk.top` names it, written *before* the switch: an empty layer
+        // over a link of the live disk shows the same data, so the marker
+        // is right whether or not the switch happens (a crash in between
+        // loses nothing), and it is put back when the switch fails.
+        let marker = self.dir.disk_top();
+        let before = std::fs::read(&marker).ok();
         let top = next_disk
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        crate::private::write_atomic(&self.dir.disk_top(), top.as_bytes()).map_err(|source| {
-            QemuError::Log {
-                path: self.dir.disk_top().display().to_string(),
-                source,
-            }
+        crate::private::write_atomic(&marker, top.as_bytes()).map_err(|source| QemuError::Log {
+            path: marker.display().to_string(),
+            source,
         })?;
+        let switched = self
+            .qmp()
+            .await?
+            .execute(
+                "blockdev-snapshot-sync",
+                Some(serde_json::json!({
+                    "device": "root",
+                    "snapshot-file": next,
+                    "format": "qcow2",
+                    "mode": "existing",
+                })),
+            )
+            .await;
+        if let Err(e) = switched {
+            let _ = match before {
+                Some(b) => crate::private::write_atomic(&marker, &b),
+                None => std::fs::remove_file(&marker),
+            };
+            return Err(e.into());
+        }
+        out.disk_switched = true;
+        self.disk = next_disk.to_path_buf();
         let state_path = dir.join(SNAPSHOT_STATE);
         let state = crate::private::create_new(&state_path).map_err(|source| QemuError::Log {
             path: state_path.display().to_string(),
