@@ -568,6 +568,12 @@ async fn snapshot_of_a_paused_vm() -> Result<(), String> {
         handle(SRC).await?.status().await.map_err(e2s)?,
         VmState::Paused
     );
+    // A second snapshot of the VM the first left stopped (QEMU refuses to
+    // migrate a VM "paused due to previous migration" until it ran again).
+    let again = format!("{PAUSED}-2");
+    vm.snapshot(&snap_opts(&again, false)).await.map_err(e2s)?;
+    check_eq!(vm.status().await.map_err(e2s)?, VmState::Paused);
+    delete_snapshot(&again).await.map_err(e2s)?;
     vm.resume().await.map_err(e2s)?;
     check_eq!(vm.status().await.map_err(e2s)?, VmState::Running);
     check_eq!(sh(&vm, "echo ok").await?, "ok");

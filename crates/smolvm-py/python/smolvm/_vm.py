@@ -443,7 +443,7 @@ class SmolVM:
         cold: Always boot the guest. By default a VM's first start
             continues the warm boot snapshot of its image and shape (made
             by the first VM of that shape to boot): much faster, with
-            identity (hostname, machine id, entropy) made anew; ``cold=True``
+            identity (hostname, entropy, clock) made anew; ``cold=True``
             neither uses one nor leaves one.
         on_progress: Called with a line of text at each step of an image
             build or boot, instead of printing image steps to stderr.

@@ -486,12 +486,14 @@ async fn snapshot(
     }
     let started = Instant::now();
     let was_paused = state == VmRunState::Paused;
+    if was_paused {
+        // Run it for the moment this takes: the agent answers only on
+        // running vCPUs (it may have been paused mid-frame), and QEMU
+        // migrates a VM left stopped by an earlier snapshot only once it
+        // ran again ("paused due to previous migration").
+        vm.resume().await.map_err(vmm_failure)?;
+    }
     if !*agent_held {
-        if was_paused {
-            // The agent answers only on running vCPUs: run it for the
-            // moment the quiesce takes (it may have been paused mid-frame).
-            vm.resume().await.map_err(vmm_failure)?;
-        }
         let (t, r) = oneshot::channel();
         lock(shared).quiesce_waiter = Some(t);
         let buf = frame(smolvm_proto::CONTROL_STREAM, HostMsg::Quiesce)
