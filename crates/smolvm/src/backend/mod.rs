@@ -11,7 +11,7 @@ mod vmm;
 
 pub use layout::{files, VmDir};
 pub(crate) use qemu::has_default_route;
-pub use qemu::{SNAPSHOT_MEMORY, SNAPSHOT_STATE};
+pub use qemu::{MACHINE_ABI, SNAPSHOT_MEMORY, SNAPSHOT_STATE};
 pub use spec::{BackendKind, LaunchSpec, ResolvedAccel, RestoreSpec, VmmExit};
 pub use vmm::AccelVerdict;
 pub(crate) use vmm::{get, Backend, BoxFuture, SnapshotOutcome, Vmm, VmmError};

@@ -249,6 +249,7 @@ impl Sandbox {
                 vmm: snap::FileId::of(&vmm_path)
                     .map_err(|e| Error::io(format!("cannot read {}", vmm_path.display()), e))?,
                 vmm_path,
+                machine_abi: crate::backend::MACHINE_ABI,
             });
         }
         // The VM's next layer, over the frozen disk's final name.
@@ -800,6 +801,7 @@ pub(super) fn warm_key(
         "network": spec.network,
         "disk": config.disk_size_mib,
         "protocol": smolvm_proto::PROTOCOL_VERSION,
+        "machine": crate::backend::MACHINE_ABI,
     });
     let h = sha2::Sha256::digest(key.to_string().as_bytes());
     Ok(h.iter().map(|b| format!("{b:02x}")).collect())

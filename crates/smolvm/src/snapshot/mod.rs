@@ -88,6 +88,13 @@ pub struct Machine {
     /// The VMM binary that wrote the state (only it can load it).
     pub vmm: FileId,
     pub vmm_path: PathBuf,
+    /// The machine layout (`backend::MACHINE_ABI`) the state belongs to.
+    #[serde(default = "first_abi")]
+    pub machine_abi: u32,
+}
+
+fn first_abi() -> u32 {
+    1
 }
 
 /// Size and SHA-256 of a small file.
@@ -394,6 +401,14 @@ pub fn verify(s: &Stored) -> Result<()> {
         if len != want.bytes {
             return Err(invalid(format!("its {name} is missing or damaged")));
         }
+    }
+    if machine.machine_abi != crate::backend::MACHINE_ABI {
+        return Err(invalid(format!(
+            "it was made for machine layout {} and this smolvm builds layout {}; \
+             device state only loads into the machine it came from — take a new snapshot",
+            machine.machine_abi,
+            crate::backend::MACHINE_ABI
+        )));
     }
     match FileId::of(&machine.vmm_path) {
         Ok(id) if id == machine.vmm => Ok(()),

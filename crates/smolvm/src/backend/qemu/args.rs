@@ -6,6 +6,12 @@ use std::path::Path;
 
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 
+/// Version of the machine these arguments make (devices, their order and
+/// options). Device state only loads into the same machine: bump it with any
+/// change to the device set, and older snapshots are refused with a clear
+/// error (warm ones are made anew).
+pub const MACHINE_ABI: u32 = 1;
+
 /// QEMU's seccomp sandbox: no obsolete syscalls, no privilege changes, no
 /// fork/exec, no scheduler or affinity changes. (`spawn=deny` rules out
 /// `migrate exec:`; snapshots hand QEMU a file descriptor instead.)

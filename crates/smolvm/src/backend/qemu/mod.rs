@@ -8,7 +8,7 @@ mod probe;
 mod qmp;
 mod vm;
 
-pub use args::{check_paths, launch_args, probe_args, QEMU_BINARY, SANDBOX};
+pub use args::{check_paths, launch_args, probe_args, MACHINE_ABI, QEMU_BINARY, SANDBOX};
 pub use backend::{confine_child, QemuBackend};
 pub use net::{has_default_route, GuestNet, NetError};
 pub use probe::{forget_cached_verdict, resolve_accel};
