@@ -246,10 +246,10 @@ impl Server {
             HostMsg::Resize(size) => self.streams.resize(stream, size),
             HostMsg::Signal { signal } => crate::exec::signal(&self.streams, stream, signal),
             HostMsg::Shutdown => self.shutdown(stream),
-            HostMsg::Quiesce => {
+            HostMsg::Quiesce { nonce } => {
                 if self.on_control_stream(stream, "Quiesce") {
                     info!("quiesce: the writer stops after Quiesced");
-                    self.out.quiesce();
+                    self.out.quiesce(nonce);
                 }
             }
             HostMsg::Thaw => {

@@ -39,7 +39,7 @@ enum Item {
     /// `Quiesced` for the quiesce with this number: the writer writes it
     /// as the last frame of its write, then stops until that quiesce is
     /// released.
-    Quiesce(u64),
+    Quiesce(u64, u64),
 }
 
 impl Item {
@@ -158,11 +158,11 @@ impl Outbox {
     /// `Quiesce`: queues `Quiesced` on stream 0 in the control lane (after
     /// the control frames queued so far); once the writer wrote it, it
     /// writes nothing more until [`thaw`](Self::thaw).
-    pub fn quiesce(&self) {
+    pub fn quiesce(&self, nonce: u64) {
         let mut l = self.lanes();
         l.quiesces += 1;
         let n = l.quiesces;
-        l.control.push_back(Item::Quiesce(n));
+        l.control.push_back(Item::Quiesce(n, nonce));
         drop(l);
         self.shared.ready.notify_one();
     }
@@ -223,7 +223,7 @@ impl Outbox {
             }
         }
         while let Some(item) = l.control.pop_front() {
-            let stop = matches!(item, Item::Quiesce(n) if n > l.released);
+            let stop = matches!(item, Item::Quiesce(n, _) if n > l.released);
             batch.push(item);
             if stop {
                 l.stopped = Some(Instant::now());
@@ -272,8 +272,8 @@ fn run(mut out: File, outbox: &Outbox, on_error: OnWriteError) {
                     Err(e) => error!("dropping a frame for stream {}: {e}", f.stream),
                 },
                 Item::Flush(ack) => acks.push(ack),
-                Item::Quiesce(_) => {
-                    match encode_frame(&Frame::new(CONTROL_STREAM, GuestMsg::Quiesced)) {
+                Item::Quiesce(_, nonce) => {
+                    match encode_frame(&Frame::new(CONTROL_STREAM, GuestMsg::Quiesced { nonce })) {
                         Ok(bytes) => buf.extend_from_slice(&bytes),
                         Err(e) => error!("cannot encode Quiesced: {e}"),
                     }
@@ -327,7 +327,9 @@ mod tests {
             .iter()
             .filter_map(|i| match i {
                 Item::Frame(f) => Some((f.stream, f.msg.clone())),
-                Item::Quiesce(_) => Some((CONTROL_STREAM, GuestMsg::Quiesced)),
+                Item::Quiesce(_, nonce) => {
+                    Some((CONTROL_STREAM, GuestMsg::Quiesced { nonce: *nonce }))
+                }
                 Item::Flush(_) => None,
             })
             .collect()
@@ -373,13 +375,16 @@ mod tests {
         let (a, b, c) = (out(1, b"a"), out(1, b"b"), out(2, b"c"));
         o.send(a.0, a.1.clone());
         o.send_control(0, pong(0, 1).1);
-        o.quiesce();
+        o.quiesce(9);
         o.send_control(0, pong(0, 2).1);
         o.send(b.0, b.1.clone());
         o.send(c.0, c.1.clone());
         // Control frames queued before the quiesce go first; the data lane
         // waits, and so does everything queued after it.
-        assert_eq!(take(&o), vec![pong(0, 1), (0, GuestMsg::Quiesced)]);
+        assert_eq!(
+            take(&o),
+            vec![pong(0, 1), (0, GuestMsg::Quiesced { nonce: 9 })]
+        );
         assert!(stopped(&o));
         assert!(o.thaw());
         assert!(!stopped(&o));
@@ -390,10 +395,13 @@ mod tests {
     #[test]
     fn a_thaw_that_overtakes_its_quiesced_does_not_stop_the_writer() {
         let o = Outbox::detached();
-        o.quiesce();
+        o.quiesce(9);
         assert!(o.thaw());
         o.send(1, out(1, b"x").1);
-        assert_eq!(take(&o), vec![(0, GuestMsg::Quiesced), out(1, b"x")]);
+        assert_eq!(
+            take(&o),
+            vec![(0, GuestMsg::Quiesced { nonce: 9 }), out(1, b"x")]
+        );
         assert!(!stopped(&o));
     }
 
@@ -405,7 +413,7 @@ mod tests {
         old.send_control(3, GuestMsg::Credit { bytes: 10 });
         old.send(3, out(3, b"old").1);
         o.send(0, out(0, b"zero").1);
-        o.quiesce();
+        o.quiesce(9);
         assert_eq!(o.new_connection(), 2);
         // What the old worker still sends is dropped too, but not on stream 0.
         old.send(3, out(3, b"late").1);
@@ -416,7 +424,7 @@ mod tests {
         o.send(4, out(4, b"root").1);
         assert_eq!(
             take(&o),
-            vec![pong(0, 1), (0, GuestMsg::Quiesced)],
+            vec![pong(0, 1), (0, GuestMsg::Quiesced { nonce: 9 })],
             "the quiesce is kept"
         );
         o.thaw();
@@ -434,7 +442,7 @@ mod tests {
     fn the_writer_writes_nothing_after_quiesced_until_thawed() {
         let (o, rx) = piped(QUIESCE_TIMEOUT);
         o.send(1, out(1, b"before").1);
-        o.quiesce();
+        o.quiesce(9);
         for i in 0..50u8 {
             o.send(1, out(1, &[i]).1);
             o.send_control(7, pong(7, u64::from(i)).1);
@@ -442,14 +450,14 @@ mod tests {
         let mut got = Vec::new();
         loop {
             let m = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-            let last = m.1 == GuestMsg::Quiesced;
+            let last = m.1 == GuestMsg::Quiesced { nonce: 9 };
             got.push(m);
             if last {
                 break;
             }
         }
         assert!(
-            got.len() == 1 || got == vec![out(1, b"before"), (0, GuestMsg::Quiesced)],
+            got.len() == 1 || got == vec![out(1, b"before"), (0, GuestMsg::Quiesced { nonce: 9 })],
             "{got:?}"
         );
         // Flushing waits too (its marker is queued behind the stop).
@@ -474,10 +482,10 @@ mod tests {
     fn a_quiesce_nobody_thaws_ends_by_itself() {
         let (o, rx) = piped(Duration::from_millis(200));
         let at = Instant::now();
-        o.quiesce();
+        o.quiesce(9);
         assert_eq!(
             rx.recv_timeout(Duration::from_secs(10)).unwrap(),
-            (0, GuestMsg::Quiesced)
+            (0, GuestMsg::Quiesced { nonce: 9 })
         );
         o.send(1, out(1, b"later").1);
         assert_eq!(

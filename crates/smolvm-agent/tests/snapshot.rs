@@ -84,12 +84,14 @@ fn hellos(m: &[GuestMsg]) -> usize {
 }
 
 fn quiesce(a: &mut Conn) {
-    a.send(0, HostMsg::Quiesce);
-    a.wait_until(0, WAIT, |m| m.last() == Some(&GuestMsg::Quiesced));
+    a.send(0, HostMsg::Quiesce { nonce: 9 });
+    a.wait_until(0, WAIT, |m| {
+        m.last() == Some(&GuestMsg::Quiesced { nonce: 9 })
+    });
     // Quiesced was the last frame of all.
     assert_eq!(
         a.log().last(),
-        Some(&(0, GuestMsg::Quiesced)),
+        Some(&(0, GuestMsg::Quiesced { nonce: 9 })),
         "{:?}",
         a.log()
     );
@@ -180,7 +182,7 @@ fn a_hello_ends_a_quiesce() {
 fn snapshot_requests_belong_on_stream_0() {
     let mut a = agent();
     for (stream, msg) in [
-        (5, HostMsg::Quiesce),
+        (5, HostMsg::Quiesce { nonce: 9 }),
         (6, HostMsg::Thaw),
         (7, HostMsg::Reinit(identity("elsewhere"))),
     ] {
@@ -236,7 +238,7 @@ fn reinit_forgets_the_old_connection_and_answers_before_the_hello() {
         }),
     );
     let m = a.wait_until(0, WAIT, |m| hellos(m) == 2);
-    let [GuestMsg::Hello(_), GuestMsg::Quiesced, GuestMsg::Pong { nonce: 7 }, GuestMsg::Reinited {
+    let [GuestMsg::Hello(_), GuestMsg::Quiesced { nonce: 9 }, GuestMsg::Pong { nonce: 7 }, GuestMsg::Reinited {
         clock_set,
         reseeded,
     }, GuestMsg::Hello(_)] = m[..]
@@ -256,7 +258,7 @@ fn reinit_forgets_the_old_connection_and_answers_before_the_hello() {
     for s in 1..=5u32 {
         let after: Vec<_> = log
             .iter()
-            .skip_while(|(_, m)| *m != GuestMsg::Quiesced)
+            .skip_while(|(_, m)| *m != GuestMsg::Quiesced { nonce: 9 })
             .filter(|(st, _)| *st == s)
             .collect();
         assert!(after.is_empty(), "stream {s} after the quiesce: {after:?}");

@@ -67,7 +67,7 @@ pub enum HostMsg {
     /// guest-time timeout passes. The host sends nothing after it until it
     /// has the answer, so the snapshot cuts the channel between frames in
     /// both directions.
-    Quiesce,
+    Quiesce { nonce: u64 },
     /// Ends a `Quiesce` on the same machine (the source of a snapshot).
     Thaw,
     /// On stream 0, first thing on a restored or forked machine: become
@@ -138,8 +138,11 @@ pub enum GuestMsg {
         offset: u64,
         dropped: u64,
     },
-    /// Answer to `Quiesce`: the last frame before the agent's writer stops.
-    Quiesced,
+    /// Answer to `Quiesce` (its nonce: a late answer to an earlier one is
+    /// told apart): the last frame before the agent's writer stops.
+    Quiesced {
+        nonce: u64,
+    },
     /// Answer to `Reinit`: the identity was applied (`clock_set`: the
     /// guest clock was set; `reseeded`: the kernel pool took the entropy).
     Reinited {
@@ -160,7 +163,7 @@ impl GuestMsg {
                 | GuestMsg::Done { .. }
                 | GuestMsg::Op(_)
                 | GuestMsg::Spawned { .. }
-                | GuestMsg::Quiesced
+                | GuestMsg::Quiesced { .. }
                 | GuestMsg::Reinited { .. }
         )
     }

@@ -205,7 +205,7 @@ fn arb_host() -> impl Strategy<Value = HostMsg> {
         arb_exec().prop_map(HostMsg::Spawn),
         (any::<u64>(), proptest::option::of(any::<u64>()))
             .prop_map(|(handle, from)| HostMsg::Attach(AttachRequest { handle, from })),
-        Just(HostMsg::Quiesce),
+        any::<u64>().prop_map(|nonce| HostMsg::Quiesce { nonce }),
         Just(HostMsg::Thaw),
         (arb_string(), arb_bytes(), any::<u64>()).prop_map(|(hostname, entropy, unix_time_ns)| {
             HostMsg::Reinit(Identity {
@@ -266,7 +266,7 @@ fn arb_guest() -> impl Strategy<Value = GuestMsg> {
         (any::<u64>(), any::<u32>()).prop_map(|(handle, pid)| GuestMsg::Spawned { handle, pid }),
         (any::<u64>(), any::<u64>())
             .prop_map(|(offset, dropped)| GuestMsg::Attached { offset, dropped }),
-        Just(GuestMsg::Quiesced),
+        any::<u64>().prop_map(|nonce| GuestMsg::Quiesced { nonce }),
         (any::<bool>(), any::<bool>()).prop_map(|(clock_set, reseeded)| GuestMsg::Reinited {
             clock_set,
             reseeded
@@ -493,7 +493,7 @@ fn host_variant(m: &HostMsg) -> usize {
         HostMsg::Resize(_) => 12,
         HostMsg::Spawn(_) => 13,
         HostMsg::Attach(_) => 14,
-        HostMsg::Quiesce => 15,
+        HostMsg::Quiesce { .. } => 15,
         HostMsg::Thaw => 16,
         HostMsg::Reinit(_) => 17,
     }
@@ -518,7 +518,7 @@ fn guest_variant(m: &GuestMsg) -> usize {
         GuestMsg::Op(_) => 13,
         GuestMsg::Spawned { .. } => 14,
         GuestMsg::Attached { .. } => 15,
-        GuestMsg::Quiesced => 16,
+        GuestMsg::Quiesced { .. } => 16,
         GuestMsg::Reinited { .. } => 17,
     }
 }

@@ -211,7 +211,7 @@ fn host_sample(m: &HostMsg) -> (HostMsg, &'static str) {
             }),
             "06000000 050e0301ac02",
         ),
-        HostMsg::Quiesce => (HostMsg::Quiesce, "02000000 000f"),
+        HostMsg::Quiesce { .. } => (HostMsg::Quiesce { nonce: 300 }, "04000000 000fac02"),
         HostMsg::Thaw => (HostMsg::Thaw, "02000000 0010"),
         HostMsg::Reinit(_) => (
             HostMsg::Reinit(Identity {
@@ -310,7 +310,7 @@ fn guest_sample(m: &GuestMsg) -> (GuestMsg, &'static str) {
             },
             "04000000 050f0102",
         ),
-        GuestMsg::Quiesced => (GuestMsg::Quiesced, "02000000 0010"),
+        GuestMsg::Quiesced { .. } => (GuestMsg::Quiesced { nonce: 300 }, "04000000 0010ac02"),
         GuestMsg::Reinited { .. } => (
             GuestMsg::Reinited {
                 clock_set: true,
@@ -588,7 +588,7 @@ fn host_messages_are_pinned() {
     check("HostMsg", BUMP_AGENT, host_sample, |m| {
         let stream = if matches!(
             m,
-            HostMsg::Hello(_) | HostMsg::Quiesce | HostMsg::Thaw | HostMsg::Reinit(_)
+            HostMsg::Hello(_) | HostMsg::Quiesce { .. } | HostMsg::Thaw | HostMsg::Reinit(_)
         ) {
             CONTROL_STREAM
         } else {
@@ -603,7 +603,7 @@ fn guest_messages_are_pinned() {
     check("GuestMsg", BUMP_AGENT, guest_sample, |m| {
         let stream = if matches!(
             m,
-            GuestMsg::Hello(_) | GuestMsg::Quiesced | GuestMsg::Reinited { .. }
+            GuestMsg::Hello(_) | GuestMsg::Quiesced { .. } | GuestMsg::Reinited { .. }
         ) {
             CONTROL_STREAM
         } else {

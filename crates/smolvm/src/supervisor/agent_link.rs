@@ -216,9 +216,14 @@ pub(super) async fn handle_guest_frame(
 ) -> Result<(), String> {
     if f.stream == smolvm_proto::CONTROL_STREAM {
         match f.msg {
-            GuestMsg::Quiesced => {
-                if let Some(t) = lock(shared).quiesce_waiter.take() {
-                    let _ = t.send(());
+            GuestMsg::Quiesced { nonce } => {
+                // Only the answer to the quiesce being waited for: a late
+                // one (from a quiesce that timed out) releases nothing.
+                let mut s = lock(shared);
+                if s.quiesce_waiter.as_ref().is_some_and(|(n, _)| *n == nonce) {
+                    if let Some((_, t)) = s.quiesce_waiter.take() {
+                        let _ = t.send(());
+                    }
                 }
                 return Ok(());
             }
@@ -352,6 +357,25 @@ mod tests {
         assert_eq!(
             g.ready.as_ref().map(|r| r.hello.agent_version.as_str()),
             Some("9.9.9")
+        );
+    }
+
+    #[tokio::test]
+    async fn only_the_awaited_quiesce_answer_releases_a_snapshot() {
+        let s = shared();
+        let (tx, _rx) = watch::channel(());
+        let (t, mut r) = oneshot::channel();
+        lock(&s).quiesce_waiter = Some((42, t));
+        let quiesced =
+            |nonce| Frame::new(smolvm_proto::CONTROL_STREAM, GuestMsg::Quiesced { nonce });
+        // A late answer to an earlier quiesce (or a forged one).
+        handle_guest_frame(quiesced(41), &s, &tx).await.unwrap();
+        assert!(r.try_recv().is_err(), "a stale Quiesced released the wait");
+        assert!(lock(&s).quiesce_waiter.is_some());
+        handle_guest_frame(quiesced(42), &s, &tx).await.unwrap();
+        assert!(
+            r.try_recv().is_ok(),
+            "the awaited Quiesced did not release the wait"
         );
     }
 

@@ -255,7 +255,7 @@ async fn forward_to_agent(
             ));
         }
         match msg {
-            HostMsg::Hello(_) | HostMsg::Quiesce | HostMsg::Thaw | HostMsg::Reinit(_) => {
+            HostMsg::Hello(_) | HostMsg::Quiesce { .. } | HostMsg::Thaw | HostMsg::Reinit(_) => {
                 return Err(ErrorInfo::new(
                     ErrorKind::InvalidRequest,
                     "the supervisor owns the agent's hello, quiesce and identity",

@@ -157,8 +157,8 @@ pub(super) struct Shared {
     pub(super) vmm_pid: u32,
     pub(super) launched: Instant,
     pub(super) vmm_start_ms: u64,
-    /// Told when the agent answers `Quiesce`.
-    pub(super) quiesce_waiter: Option<oneshot::Sender<()>>,
+    /// Told when the agent answers the `Quiesce` with this nonce.
+    pub(super) quiesce_waiter: Option<(u64, oneshot::Sender<()>)>,
     /// A restored machine: the identity sent before the hello.
     pub(super) restored: bool,
     /// What the restored agent said of its `Reinit`.
@@ -495,8 +495,11 @@ async fn snapshot(
     }
     if !*agent_held {
         let (t, r) = oneshot::channel();
-        lock(shared).quiesce_waiter = Some(t);
-        let buf = frame(smolvm_proto::CONTROL_STREAM, HostMsg::Quiesce)
+        let mut nonce = [0u8; 8];
+        let _ = getrandom::fill(&mut nonce);
+        let nonce = u64::from_le_bytes(nonce);
+        lock(shared).quiesce_waiter = Some((nonce, t));
+        let buf = frame(smolvm_proto::CONTROL_STREAM, HostMsg::Quiesce { nonce })
             .ok_or_else(|| ControlError::new(ControlErrorKind::Other, "cannot encode Quiesce"))?;
         // One deadline for both: the writer taking the hold (it may be
         // stuck on a guest that stopped reading) and the agent's answer.
