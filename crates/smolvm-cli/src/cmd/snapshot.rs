@@ -27,14 +27,19 @@ pub enum SnapshotCommand {
     },
     /// List snapshots.
     Ls {
+        /// Print them as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Show one snapshot (JSON).
-    Info { snapshot: String },
+    Info {
+        /// The snapshot's id.
+        snapshot: String,
+    },
     /// Restore a snapshot into its source sandbox (replacing its current
     /// run; re-created if it was removed) or, with --as, into a new one.
     Restore {
+        /// The snapshot's id (`smolvm snapshot ls`).
         snapshot: String,
         /// The new sandbox's id.
         #[arg(long = "as", value_name = "NEW_ID")]
@@ -45,12 +50,16 @@ pub enum SnapshotCommand {
         /// Seconds to wait for the restored guest.
         #[arg(long, default_value_t = 30.0)]
         boot_timeout: f64,
+        /// No progress output.
         #[arg(short, long)]
         quiet: bool,
     },
-    /// Remove a snapshot (its files stay while sandboxes restored from it
-    /// exist, and go with the last of them).
-    Rm { snapshots: Vec<String> },
+    /// Remove snapshots (the disk layer of one stays while sandboxes are
+    /// layered on it, the source included, and goes with the last of them).
+    Rm {
+        #[arg(required = true, value_name = "SNAPSHOT")]
+        snapshots: Vec<String>,
+    },
 }
 
 /// `smolvm fork ID|SNAPSHOT --count N`.
@@ -62,6 +71,7 @@ pub struct ForkArgs {
     /// How many sandboxes to make.
     #[arg(short = 'n', long, default_value_t = 1)]
     pub count: u32,
+    /// No progress output.
     #[arg(short, long)]
     pub quiet: bool,
 }
