@@ -43,6 +43,23 @@ def pytest_configure(config):
     os.environ["SMOLVM_DATA_DIR"] = _data_dir
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that failed on a boot shows the guest console's last lines
+    (the VM itself is usually deleted by then): flaky boots stay
+    diagnosable from the CI log."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.excinfo is None:
+        return
+    import smolvm
+
+    err = call.excinfo.value
+    tail = getattr(err, "console_tail", None) if isinstance(err, smolvm.BootError) else None
+    if tail:
+        report.sections.append(("guest console, last lines", smolvm.escape_text(tail)))
+
+
 def pytest_unconfigure(config):
     if _saved_data_dir is None:
         os.environ.pop("SMOLVM_DATA_DIR", None)
