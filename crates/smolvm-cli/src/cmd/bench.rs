@@ -579,11 +579,11 @@ fn stats(mut v: Vec<f64>) -> Stats {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(super) fn median(v: &[f64]) -> f64 {
     stats(v.to_vec()).median
 }
 

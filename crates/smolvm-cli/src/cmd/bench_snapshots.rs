@@ -42,15 +42,7 @@ pub struct SnapCost {
     pub bytes: u64,
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
+use super::bench::{median, ms};
 
 async fn wall(args: &[&str]) -> anyhow::Result<f64> {
     let exe = std::env::current_exe()?;

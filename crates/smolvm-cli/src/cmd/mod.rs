@@ -270,3 +270,27 @@ pub fn seconds(v: f64, what: &str) -> anyhow::Result<std::time::Duration> {
     }
     Ok(std::time::Duration::from_secs_f64(v))
 }
+
+/// Prints `rows` under `header` in left-aligned columns two spaces apart.
+pub fn print_columns<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+    let mut w = [0usize; N];
+    for (i, h) in header.iter().enumerate() {
+        w[i] = rows
+            .iter()
+            .map(|r| r[i].len())
+            .max()
+            .unwrap_or(0)
+            .max(h.len());
+    }
+    let line = |cells: [&str; N]| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            s.push_str(&format!("{:<width$}  ", c, width = w[i]));
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header);
+    for r in rows {
+        line(std::array::from_fn(|i| r[i].as_str()));
+    }
+}

@@ -107,29 +107,12 @@ fn print_table(list: &[SnapshotInfo]) {
             ]
         })
         .collect();
-    let header = [
-        "ID", "KIND", "SOURCE", "MEMORY", "SIZE", "CREATED", "USED BY",
-    ];
-    let mut w = [0usize; 7];
-    for (i, h) in header.iter().enumerate() {
-        w[i] = rows
-            .iter()
-            .map(|r| r[i].len())
-            .max()
-            .unwrap_or(0)
-            .max(h.len());
-    }
-    let line = |cells: [&str; 7]| {
-        let mut s = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            s.push_str(&format!("{:<width$}  ", c, width = w[i]));
-        }
-        println!("{}", s.trim_end());
-    };
-    line(header);
-    for r in &rows {
-        line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6]]);
-    }
+    super::print_columns(
+        [
+            "ID", "KIND", "SOURCE", "MEMORY", "SIZE", "CREATED", "USED BY",
+        ],
+        &rows,
+    );
 }
 
 pub async fn snapshot(c: SnapshotCommand) -> anyhow::Result<u8> {

@@ -267,27 +267,10 @@ pub async fn ls(a: LsArgs) -> anyhow::Result<u8> {
             ]
         })
         .collect();
-    let header = ["ID", "STATE", "IMAGE", "CPUS", "MEMORY", "CREATED", "ERROR"];
-    let mut w = [0usize; 7];
-    for (i, h) in header.iter().enumerate() {
-        w[i] = rows
-            .iter()
-            .map(|r| r[i].len())
-            .max()
-            .unwrap_or(0)
-            .max(h.len());
-    }
-    let line = |cells: [&str; 7]| {
-        let mut s = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            s.push_str(&format!("{:<width$}  ", c, width = w[i]));
-        }
-        println!("{}", s.trim_end());
-    };
-    line(header);
-    for r in &rows {
-        line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6]]);
-    }
+    super::print_columns(
+        ["ID", "STATE", "IMAGE", "CPUS", "MEMORY", "CREATED", "ERROR"],
+        &rows,
+    );
     Ok(0)
 }
 

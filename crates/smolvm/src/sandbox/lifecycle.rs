@@ -127,13 +127,7 @@ impl Sandbox {
                 let size = crate::snapshot::qcow2::header(&frozen)
                     .map_err(|e| Error::io(format!("cannot read {}", frozen.display()), e))?
                     .virtual_size;
-                return backend
-                    .create_layer(&crate::snapshot::backing_name(snap), &disk, size)
-                    .await
-                    .map_err(|e| match e.missing_tool {
-                        Some(m) => Error::Tool(m),
-                        None => Error::io(format!("VM '{id}'"), std::io::Error::other(e.message)),
-                    });
+                return super::snapshot::layer_over(config.backend, snap, &disk, size).await;
             };
             // Bounded by `validate` (MAX_DISK_MIB): cannot overflow.
             let size = config.disk_size_mib.map(|m| m.saturating_mul(1024 * 1024));

@@ -254,15 +254,7 @@ impl Sandbox {
         }
         // The VM's next layer, over the frozen disk's final name.
         let next = self.vm_dir.new_layer();
-        crate::backend::get(self.config.backend)
-            .create_layer(&snap::backing_name(&dir), &next, header.virtual_size)
-            .await
-            .map_err(|e| {
-                Error::io(
-                    "cannot create the disk layer",
-                    std::io::Error::other(e.message),
-                )
-            })?;
+        layer_over(self.config.backend, &dir, &next, header.virtual_size).await?;
         if kind == SnapshotKind::Disk {
             // Stopped: no VMM holds the disk; switch it ourselves.
             std::fs::rename(&next, &vm_disk)
@@ -459,10 +451,9 @@ impl Sandbox {
         // or collected until the new VM is layered on the snapshot.
         let lock = snap::lock_shared().await?;
         let stored = snap::find(id)?;
-        if !matches!(target, Target::Generated) {
-            // A fork checks its snapshot once, before its restores.
-            verify(&stored).await?;
-        }
+        // A fork checks its snapshot once, before its restores; a restore
+        // back into its source checks it under the locks it takes there.
+        let check = !matches!(target, Target::Generated);
         let m = &stored.manifest;
         let mut config = m.config.clone();
         config.cold = true; // its disk is the snapshot's, not a fresh one
@@ -479,6 +470,9 @@ impl Sandbox {
             if let Some(rec) = store()?.get(t)? {
                 let replace_source = into_source && rec.created_at == m.source_created_at;
                 if !replace_source {
+                    if check {
+                        verify(&stored).await?;
+                    }
                     return Err(Error::Store(crate::state::StoreError::AlreadyExists(
                         t.clone(),
                     )));
@@ -501,19 +495,7 @@ impl Sandbox {
                 }
                 vm.end_run().await?;
                 let layer = vm.vm_dir.new_layer();
-                crate::backend::get(vm.config.backend)
-                    .create_layer(
-                        &snap::backing_name(&stored.dir),
-                        &layer,
-                        m.disk_virtual_size,
-                    )
-                    .await
-                    .map_err(|e| {
-                        Error::io(
-                            "cannot create the disk layer",
-                            std::io::Error::other(e.message),
-                        )
-                    })?;
+                layer_over(vm.config.backend, &stored.dir, &layer, m.disk_virtual_size).await?;
                 let _ = std::fs::remove_file(vm.vm_dir.disk_top());
                 std::fs::rename(&layer, vm.vm_dir.disk())
                     .map_err(|e| Error::io("cannot replace the VM's disk", e))?;
@@ -524,6 +506,9 @@ impl Sandbox {
                 r?;
                 return Ok(vm);
             }
+        }
+        if check {
+            verify(&stored).await?;
         }
         config.name = target;
         // The new VM's lock stays held from its creation to its start
@@ -727,6 +712,26 @@ impl Sandbox {
             Err(e) => tracing::warn!(vm = %self.id, "no warm boot snapshot: {}", chain(&e)),
         }
     }
+}
+
+/// Creates a qcow2 layer at `disk` over the frozen disk of the snapshot
+/// directory `snap_dir` (named relatively; it may not be committed yet).
+pub(super) async fn layer_over(
+    backend: crate::backend::BackendKind,
+    snap_dir: &Path,
+    disk: &Path,
+    size: u64,
+) -> Result<()> {
+    crate::backend::get(backend)
+        .create_layer(&snap::backing_name(snap_dir), disk, size)
+        .await
+        .map_err(|e| match e.missing_tool {
+            Some(m) => Error::Tool(m),
+            None => Error::io(
+                "cannot create the disk layer",
+                std::io::Error::other(e.message),
+            ),
+        })
 }
 
 /// Which VM a restore makes or replaces.
