@@ -393,6 +393,10 @@ pub fn op(
 
 fn run_op(req: OpRequest) -> Result<OpReply, ErrorInfo> {
     match req {
+        OpRequest::SshStart { .. } => Err(ErrorInfo::new(
+            ErrorKind::Unsupported,
+            "SSH is not built yet",
+        )),
         OpRequest::Stat { path, follow } => {
             let p = check_path(&path)?;
             let md = if follow {

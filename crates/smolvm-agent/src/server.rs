@@ -239,6 +239,11 @@ impl Server {
                     }
                 }
             }
+            HostMsg::Connect { .. } => {
+                if self.opens_stream(stream) {
+                    self.error(stream, ErrorKind::Unsupported, "tunnels are not built yet");
+                }
+            }
             HostMsg::Data(data) => self.streams.data(stream, data),
             HostMsg::Eof => self.streams.eof(stream),
             HostMsg::Credit { bytes } => self.streams.credit(stream, bytes),

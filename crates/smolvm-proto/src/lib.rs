@@ -39,7 +39,8 @@ pub use messages::*;
 /// forever so that any two versions can at least tell each other apart.
 /// 2: per-stream credit windows, file transfer, filesystem requests.
 /// 3: `Quiesce`/`Thaw`/`Reinit` (snapshots, restored machines).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: `Connect` tunnels (port forwards), `SshStart`.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Credit each stream starts with in each direction, in data bytes: what a
 /// peer may send on a new stream before the receiver hands credit back, and

@@ -75,6 +75,13 @@ pub enum HostMsg {
     /// stream of the previous connection, and answer `Reinited`. Ends a
     /// `Quiesce`.
     Reinit(Identity),
+    /// Opens a TCP connection from the guest to `127.0.0.1:port` (a tunnel:
+    /// a host port forward, or SSH). Answered by `Connected` (or `Error`);
+    /// then `Data`/`Eof` carry bytes to the guest service and
+    /// `GuestMsg::Data`/`GuestMsg::Eof` bytes back, each direction closed
+    /// on its own (half-close). `Done` ends the stream once both directions
+    /// ended; `Cancel` resets the connection.
+    Connect { port: u16 },
 }
 
 /// Who a restored machine is now, and what it needs to be unique.
@@ -149,6 +156,12 @@ pub enum GuestMsg {
         clock_set: bool,
         reseeded: bool,
     },
+    /// A `Connect` reached its guest service.
+    Connected,
+    /// Bytes from a tunnel's guest service.
+    Data(Bytes),
+    /// A tunnel's guest service ended its side (the host may still send).
+    Eof,
 }
 
 impl GuestMsg {
@@ -176,7 +189,10 @@ impl GuestMsg {
     /// is applied, never queued).
     pub fn credit_cost(&self) -> u64 {
         match self {
-            GuestMsg::Stdout(b) | GuestMsg::Stderr(b) | GuestMsg::FileData(b) => b.len() as u64,
+            GuestMsg::Stdout(b)
+            | GuestMsg::Stderr(b)
+            | GuestMsg::FileData(b)
+            | GuestMsg::Data(b) => b.len() as u64,
             GuestMsg::Entries(e) => e.iter().map(DirEntry::wire_cost).sum::<u64>() + MESSAGE_COST,
             GuestMsg::FileStart(st) => {
                 MESSAGE_COST + st.link_target.as_ref().map_or(0, |t| t.len() as u64)
@@ -362,6 +378,14 @@ pub enum OpRequest {
     ProcStdin { handle: u64, data: Bytes, eof: bool },
     /// Forgets a finished background process (its buffered output goes).
     ProcForget { handle: u64 },
+    /// Makes sure the guest's SSH server runs on its loopback (host key
+    /// made when missing, or anew when `new_host_key`: a fork must not
+    /// share its parent's) and lets `authorized_key` (one OpenSSH public
+    /// key line) log in as root. Answered by `OpReply::Ssh`.
+    SshStart {
+        authorized_key: String,
+        new_host_key: bool,
+    },
 }
 
 /// Starts streaming a background process's output.
@@ -400,6 +424,10 @@ pub enum OpReply {
     /// Bytes of a `ProcStdin` the process took (all of them unless it
     /// stopped reading).
     Written(u64),
+    /// The SSH server runs; its host public key (`ssh-ed25519 AAAA...`).
+    Ssh {
+        host_key: String,
+    },
 }
 
 /// Why a request failed.

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the client↔supervisor protocol. 2: failures carry a kind
 /// ([`ControlError`]). 3: agent protocol v2 inside (credit, files).
-/// 4: `Snapshot`.
-pub const SUPERVISOR_PROTOCOL_VERSION: u32 = 4;
+/// 4: `Snapshot`. 5: port forwards, egress policy.
+pub const SUPERVISOR_PROTOCOL_VERSION: u32 = 5;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientMsg {
@@ -52,6 +52,51 @@ pub enum ControlRequest {
     /// Writes a memory snapshot into `dir` and freezes the root disk
     /// (see [`SnapshotRequest`]); answered by `Snapshot`.
     Snapshot(SnapshotRequest),
+    /// Opens a host port forward to the guest (see [`PortForward`]);
+    /// answered by `Port` with the host port actually bound.
+    PortAdd(PortForward),
+    /// Closes the forward on `host_port` (its open connections end).
+    PortRemove { host_port: u16 },
+    /// Answered by `Ports`.
+    PortList,
+    /// Applies an egress policy to the running guest's network (atomic:
+    /// the old policy holds until the new one is in force; open
+    /// connections the new one does not allow are cut). Answered by `Ok`.
+    SetEgress(EgressPolicy),
+}
+
+/// A host TCP port forwarded to a port on the guest's loopback, carried
+/// over the agent channel (one stream per connection): no guest NIC
+/// needed, and services bound to the guest's 127.0.0.1 are reachable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortForward {
+    /// Host address to listen on (127.0.0.1 unless asked otherwise).
+    pub host_addr: std::net::IpAddr,
+    /// Host port; 0 in a request picks a free one.
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+/// What the guest may reach on the network (docs/network.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EgressPolicy {
+    /// Anything but the host's own services.
+    #[default]
+    Open,
+    /// Nothing: no NIC when set at creation; on a VM that has one, every
+    /// packet is dropped.
+    Off,
+    /// Only these destinations: names (exact, or `*.suffix` for names
+    /// below the suffix) resolve and connect to the addresses their
+    /// answers carry each time; CIDRs connect. Validated, normalised
+    /// entries (lowercase names without a trailing dot, `a.b.c.d/n`).
+    Allowlist {
+        #[serde(default)]
+        domains: Vec<String>,
+        #[serde(default)]
+        cidrs: Vec<String>,
+    },
 }
 
 /// What a snapshot writes, prepared by the library: `dir` exists, holds a
@@ -97,6 +142,8 @@ pub enum ControlResponse {
     Status(SupervisorStatus),
     Error(ControlError),
     Snapshot(SnapshotReport),
+    Port(PortForward),
+    Ports(Vec<PortForward>),
 }
 
 /// Why a lifecycle request (or the supervisor's start) failed: a kind for

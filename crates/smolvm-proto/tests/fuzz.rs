@@ -10,8 +10,9 @@
 
 use proptest::prelude::*;
 use smolvm_proto::supervisor::{
-    ClientMsg, ControlError, ControlErrorKind, ControlRequest, ControlResponse, ReadyInfo,
-    SnapshotReport, SnapshotRequest, SupervisorMsg, SupervisorStatus, VmRunState,
+    ClientMsg, ControlError, ControlErrorKind, ControlRequest, ControlResponse, EgressPolicy,
+    PortForward, ReadyInfo, SnapshotReport, SnapshotRequest, SupervisorMsg, SupervisorStatus,
+    VmRunState,
 };
 use smolvm_proto::*;
 
@@ -128,6 +129,12 @@ fn arb_op_request() -> impl Strategy<Value = OpRequest> {
         (any::<u64>(), arb_bytes(), any::<bool>())
             .prop_map(|(handle, data, eof)| OpRequest::ProcStdin { handle, data, eof }),
         any::<u64>().prop_map(|handle| OpRequest::ProcForget { handle }),
+        (arb_string(), any::<bool>()).prop_map(|(authorized_key, new_host_key)| {
+            OpRequest::SshStart {
+                authorized_key,
+                new_host_key,
+            }
+        }),
     ]
 }
 
@@ -170,6 +177,7 @@ fn arb_op_reply() -> impl Strategy<Value = OpReply> {
         any::<bool>().prop_map(OpReply::PortOpen),
         proptest::collection::vec(arb_proc_info(), 0..4).prop_map(OpReply::Procs),
         any::<u64>().prop_map(OpReply::Written),
+        arb_string().prop_map(|host_key| OpReply::Ssh { host_key }),
     ]
 }
 
@@ -214,6 +222,7 @@ fn arb_host() -> impl Strategy<Value = HostMsg> {
                 unix_time_ns,
             })
         }),
+        any::<u16>().prop_map(|port| HostMsg::Connect { port }),
     ]
 }
 
@@ -271,6 +280,9 @@ fn arb_guest() -> impl Strategy<Value = GuestMsg> {
             clock_set,
             reseeded
         }),
+        Just(GuestMsg::Connected),
+        arb_bytes().prop_map(GuestMsg::Data),
+        Just(GuestMsg::Eof),
     ]
 }
 
@@ -314,6 +326,32 @@ fn arb_control_request() -> impl Strategy<Value = ControlRequest> {
                 resume,
             })
         }),
+        arb_port_forward().prop_map(ControlRequest::PortAdd),
+        any::<u16>().prop_map(|host_port| ControlRequest::PortRemove { host_port }),
+        Just(ControlRequest::PortList),
+        arb_egress().prop_map(ControlRequest::SetEgress),
+    ]
+}
+
+fn arb_port_forward() -> impl Strategy<Value = PortForward> {
+    (any::<[u8; 4]>(), any::<u16>(), any::<u16>()).prop_map(|(a, host_port, guest_port)| {
+        PortForward {
+            host_addr: std::net::IpAddr::from(a),
+            host_port,
+            guest_port,
+        }
+    })
+}
+
+fn arb_egress() -> impl Strategy<Value = EgressPolicy> {
+    prop_oneof![
+        Just(EgressPolicy::Open),
+        Just(EgressPolicy::Off),
+        (
+            proptest::collection::vec(arb_string(), 0..4),
+            proptest::collection::vec(arb_string(), 0..4)
+        )
+            .prop_map(|(domains, cidrs)| EgressPolicy::Allowlist { domains, cidrs }),
     ]
 }
 
@@ -360,6 +398,8 @@ fn arb_control_response() -> impl Strategy<Value = ControlResponse> {
                 was_running,
             })
         ),
+        arb_port_forward().prop_map(ControlResponse::Port),
+        proptest::collection::vec(arb_port_forward(), 0..4).prop_map(ControlResponse::Ports),
     ]
 }
 
@@ -496,9 +536,10 @@ fn host_variant(m: &HostMsg) -> usize {
         HostMsg::Quiesce { .. } => 15,
         HostMsg::Thaw => 16,
         HostMsg::Reinit(_) => 17,
+        HostMsg::Connect { .. } => 18,
     }
 }
-const HOST_VARIANTS: usize = 18;
+const HOST_VARIANTS: usize = 19;
 
 fn guest_variant(m: &GuestMsg) -> usize {
     match m {
@@ -520,9 +561,12 @@ fn guest_variant(m: &GuestMsg) -> usize {
         GuestMsg::Attached { .. } => 15,
         GuestMsg::Quiesced { .. } => 16,
         GuestMsg::Reinited { .. } => 17,
+        GuestMsg::Connected => 18,
+        GuestMsg::Data(_) => 19,
+        GuestMsg::Eof => 20,
     }
 }
-const GUEST_VARIANTS: usize = 18;
+const GUEST_VARIANTS: usize = 21;
 
 fn op_request_variant(m: &OpRequest) -> usize {
     match m {
@@ -539,9 +583,10 @@ fn op_request_variant(m: &OpRequest) -> usize {
         OpRequest::ProcSignal { .. } => 10,
         OpRequest::ProcStdin { .. } => 11,
         OpRequest::ProcForget { .. } => 12,
+        OpRequest::SshStart { .. } => 13,
     }
 }
-const OP_REQUEST_VARIANTS: usize = 13;
+const OP_REQUEST_VARIANTS: usize = 14;
 
 fn op_reply_variant(m: &OpReply) -> usize {
     match m {
@@ -550,9 +595,10 @@ fn op_reply_variant(m: &OpReply) -> usize {
         OpReply::PortOpen(_) => 2,
         OpReply::Procs(_) => 3,
         OpReply::Written(_) => 4,
+        OpReply::Ssh { .. } => 5,
     }
 }
-const OP_REPLY_VARIANTS: usize = 5;
+const OP_REPLY_VARIANTS: usize = 6;
 
 fn control_request_variant(m: &ControlRequest) -> usize {
     match m {
@@ -563,9 +609,13 @@ fn control_request_variant(m: &ControlRequest) -> usize {
         ControlRequest::Pause => 4,
         ControlRequest::Resume => 5,
         ControlRequest::Snapshot(_) => 6,
+        ControlRequest::PortAdd(_) => 7,
+        ControlRequest::PortRemove { .. } => 8,
+        ControlRequest::PortList => 9,
+        ControlRequest::SetEgress(_) => 10,
     }
 }
-const CONTROL_REQUEST_VARIANTS: usize = 7;
+const CONTROL_REQUEST_VARIANTS: usize = 11;
 
 fn control_response_variant(m: &ControlResponse) -> usize {
     match m {
@@ -574,9 +624,11 @@ fn control_response_variant(m: &ControlResponse) -> usize {
         ControlResponse::Status(_) => 2,
         ControlResponse::Error(_) => 3,
         ControlResponse::Snapshot(_) => 4,
+        ControlResponse::Port(_) => 5,
+        ControlResponse::Ports(_) => 6,
     }
 }
-const CONTROL_RESPONSE_VARIANTS: usize = 5;
+const CONTROL_RESPONSE_VARIANTS: usize = 7;
 
 fn client_variant(m: &ClientMsg) -> usize {
     match m {

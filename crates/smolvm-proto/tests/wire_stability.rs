@@ -18,9 +18,9 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 use smolvm_proto::supervisor::{
-    ClientMsg, ControlError, ControlErrorKind, ControlRequest, ControlResponse, ReadyInfo,
-    SnapshotReport, SnapshotRequest, SupervisorMsg, SupervisorStatus, VmRunState,
-    SUPERVISOR_PROTOCOL_VERSION,
+    ClientMsg, ControlError, ControlErrorKind, ControlRequest, ControlResponse, EgressPolicy,
+    PortForward, ReadyInfo, SnapshotReport, SnapshotRequest, SupervisorMsg, SupervisorStatus,
+    VmRunState, SUPERVISOR_PROTOCOL_VERSION,
 };
 use smolvm_proto::*;
 use std::fmt::Debug;
@@ -221,6 +221,7 @@ fn host_sample(m: &HostMsg) -> (HostMsg, &'static str) {
             }),
             "14000000 001103766d3204aa5500ff8080a8b1e39fe7cb17",
         ),
+        HostMsg::Connect { .. } => (HostMsg::Connect { port: 8080 }, "04000000 0512903f"),
     }
 }
 
@@ -318,6 +319,9 @@ fn guest_sample(m: &GuestMsg) -> (GuestMsg, &'static str) {
             },
             "04000000 00110100",
         ),
+        GuestMsg::Connected => (GuestMsg::Connected, "02000000 0512"),
+        GuestMsg::Data(_) => (GuestMsg::Data(Bytes(b"hi".to_vec())), "05000000 0513026869"),
+        GuestMsg::Eof => (GuestMsg::Eof, "02000000 0514"),
     }
 }
 
@@ -374,6 +378,26 @@ fn control_request_sample(r: &ControlRequest) -> (ControlRequest, &'static str) 
             }),
             "10000000 050206022f73082f642e71636f773201",
         ),
+        ControlRequest::PortAdd(_) => (
+            ControlRequest::PortAdd(PortForward {
+                host_addr: std::net::Ipv4Addr::LOCALHOST.into(),
+                host_port: 0,
+                guest_port: 22,
+            }),
+            "0a000000 050207007f0000010016",
+        ),
+        ControlRequest::PortRemove { .. } => (
+            ControlRequest::PortRemove { host_port: 300 },
+            "05000000 050208ac02",
+        ),
+        ControlRequest::PortList => (ControlRequest::PortList, "03000000 050209"),
+        ControlRequest::SetEgress(_) => (
+            ControlRequest::SetEgress(EgressPolicy::Allowlist {
+                domains: vec!["a".into()],
+                cidrs: vec![],
+            }),
+            "08000000 05020a0201016100",
+        ),
     }
 }
 
@@ -416,6 +440,15 @@ fn control_response_sample(r: &ControlResponse) -> (ControlResponse, &'static st
             }),
             "10000000 05020401ac0280808080040078dc0b01",
         ),
+        ControlResponse::Port(_) => (
+            ControlResponse::Port(PortForward {
+                host_addr: std::net::Ipv4Addr::LOCALHOST.into(),
+                host_port: 40000,
+                guest_port: 22,
+            }),
+            "0c000000 050205007f000001c0b80216",
+        ),
+        ControlResponse::Ports(_) => (ControlResponse::Ports(vec![]), "04000000 05020600"),
     }
 }
 
@@ -511,6 +544,13 @@ fn op_request_sample(r: &OpRequest) -> (OpRequest, &'static str) {
             "08000000 050b0b0202686901",
         ),
         OpRequest::ProcForget { .. } => (OpRequest::ProcForget { handle: 2 }, "04000000 050b0c02"),
+        OpRequest::SshStart { .. } => (
+            OpRequest::SshStart {
+                authorized_key: "k".into(),
+                new_host_key: true,
+            },
+            "06000000 050b0d016b01",
+        ),
     }
 }
 
@@ -541,6 +581,12 @@ fn op_reply_sample(r: &OpReply) -> (OpReply, &'static str) {
             "12000000 050d0301014d07736c6565702039000a0005",
         ),
         OpReply::Written(_) => (OpReply::Written(300), "05000000 050d04ac02"),
+        OpReply::Ssh { .. } => (
+            OpReply::Ssh {
+                host_key: "k".into(),
+            },
+            "05000000 050d05016b",
+        ),
     }
 }
 
@@ -746,11 +792,11 @@ fn protocol_constants_are_pinned() {
     // Bumping a version is a deliberate act: it comes with new pinned bytes
     // above, so it must come with a change here too.
     assert_eq!(
-        PROTOCOL_VERSION, 3,
+        PROTOCOL_VERSION, 4,
         "PROTOCOL_VERSION changed: {BUMP_AGENT}"
     );
     assert_eq!(
-        SUPERVISOR_PROTOCOL_VERSION, 4,
+        SUPERVISOR_PROTOCOL_VERSION, 5,
         "SUPERVISOR_PROTOCOL_VERSION changed: {BUMP_SUPERVISOR}"
     );
     assert_eq!(

@@ -126,6 +126,19 @@ pub struct SandboxConfig {
     /// leave none).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cold: bool,
+    /// What the guest may reach (default open). `Off` means no NIC
+    /// (`network: false`).
+    #[serde(default, skip_serializing_if = "is_open")]
+    pub egress: EgressPolicy,
+    /// Host ports forwarded to the guest whenever it runs (`-p`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortForward>,
+}
+
+pub use smolvm_proto::supervisor::{EgressPolicy, PortForward};
+
+fn is_open(p: &EgressPolicy) -> bool {
+    *p == EgressPolicy::Open
 }
 
 fn default_image() -> String {
@@ -154,6 +167,8 @@ impl Default for SandboxConfig {
             backend: crate::backend::BackendKind::default(),
             env: BTreeMap::new(),
             cold: false,
+            egress: EgressPolicy::Open,
+            ports: Vec::new(),
         }
     }
 }

@@ -269,6 +269,7 @@ async fn forward_to_agent(
             | HostMsg::WriteFile(_)
             | HostMsg::Spawn(_)
             | HostMsg::Attach(_)
+            | HostMsg::Connect { .. }
             | HostMsg::Op(_) => {
                 let lane = match msg {
                     HostMsg::Ping { .. } | HostMsg::Op(_) => Lane::Control,
@@ -425,6 +426,16 @@ async fn control(
                 )),
             }
         }
+        ControlRequest::PortAdd(_)
+        | ControlRequest::PortRemove { .. }
+        | ControlRequest::PortList => ControlResponse::Error(ControlError::new(
+            ControlErrorKind::Other,
+            "port forwards are not built yet",
+        )),
+        ControlRequest::SetEgress(_) => ControlResponse::Error(ControlError::new(
+            ControlErrorKind::Other,
+            "egress policies are not built yet",
+        )),
         ControlRequest::Pause => vm_cmd(VmCmd::Pause).await,
         ControlRequest::Resume => vm_cmd(VmCmd::Resume).await,
         ControlRequest::Kill => vm_cmd(VmCmd::Kill).await,
