@@ -393,10 +393,6 @@ pub fn op(
 
 fn run_op(req: OpRequest) -> Result<OpReply, ErrorInfo> {
     match req {
-        OpRequest::SshStart { .. } => Err(ErrorInfo::new(
-            ErrorKind::Unsupported,
-            "SSH is not built yet",
-        )),
         OpRequest::Stat { path, follow } => {
             let p = check_path(&path)?;
             let md = if follow {
@@ -485,7 +481,8 @@ fn run_op(req: OpRequest) -> Result<OpReply, ErrorInfo> {
         OpRequest::Procs
         | OpRequest::ProcSignal { .. }
         | OpRequest::ProcStdin { .. }
-        | OpRequest::ProcForget { .. } => Err(err(
+        | OpRequest::ProcForget { .. }
+        | OpRequest::SshStart { .. } => Err(err(
             ErrorKind::InvalidRequest,
             "process requests are not filesystem requests",
         )),

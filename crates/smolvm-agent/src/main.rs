@@ -25,8 +25,10 @@ mod procs;
 mod reaper;
 mod server;
 mod shutdown;
+mod ssh;
 mod streams;
 mod sys;
+mod tunnel;
 mod writer;
 
 use server::Mode;

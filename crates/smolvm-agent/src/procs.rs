@@ -308,6 +308,25 @@ impl Procs {
         }
     }
 
+    /// A background process's state and the last `max` bytes of its
+    /// output (lossy UTF-8); `None` once forgotten.
+    pub fn status(&self, handle: u64, max: usize) -> Option<(ProcInfo, String)> {
+        let p = self.lock().1.get(&handle).cloned()?;
+        let info = p.info();
+        let o = p.lock();
+        let mut tail: Vec<u8> = Vec::new();
+        for (_, _, b) in o.chunks.iter().rev() {
+            if tail.len() >= max {
+                break;
+            }
+            let mut next = b.clone();
+            next.extend_from_slice(&tail);
+            tail = next;
+        }
+        let cut = tail.len().saturating_sub(max);
+        Some((info, String::from_utf8_lossy(&tail[cut..]).into_owned()))
+    }
+
     /// SIGKILLs every running background process.
     pub fn kill_all(&self) {
         for p in self.lock().1.values() {

@@ -184,7 +184,8 @@ impl Server {
                 req @ (OpRequest::Procs
                 | OpRequest::ProcSignal { .. }
                 | OpRequest::ProcStdin { .. }
-                | OpRequest::ProcForget { .. }),
+                | OpRequest::ProcForget { .. }
+                | OpRequest::SshStart { .. }),
             ) => {
                 if self.opens_stream(stream) {
                     // A stream slot (bounded like every request) and its own
@@ -199,7 +200,14 @@ impl Server {
                         .name(format!("procop-{stream}"))
                         .stack_size(128 * 1024)
                         .spawn(move || {
-                            let msg = match procs.op(req) {
+                            let r = match req {
+                                OpRequest::SshStart {
+                                    authorized_key,
+                                    new_host_key,
+                                } => crate::ssh::start(&procs, &authorized_key, new_host_key),
+                                req => procs.op(req),
+                            };
+                            let msg = match r {
                                 Ok(r) => GuestMsg::Op(r),
                                 Err(e) => GuestMsg::Error(e),
                             };
@@ -239,9 +247,11 @@ impl Server {
                     }
                 }
             }
-            HostMsg::Connect { .. } => {
+            HostMsg::Connect { port } => {
                 if self.opens_stream(stream) {
-                    self.error(stream, ErrorKind::Unsupported, "tunnels are not built yet");
+                    if let Err(e) = crate::tunnel::connect(&self.streams, stream, port, &self.out) {
+                        self.out.send(stream, GuestMsg::Error(e));
+                    }
                 }
             }
             HostMsg::Data(data) => self.streams.data(stream, data),
