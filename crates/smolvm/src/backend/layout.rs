@@ -33,6 +33,9 @@ vm_files! {
     pasta_pid => NET_PASTA_PID,
     /// The network gate's `ip -batch` rules.
     net_rules => NET_RULES,
+    /// The run's port forwards (the supervisor writes them as they change;
+    /// a snapshot records them).
+    ports => PORTS,
     qmp_socket => QMP_SOCKET,
     supervisor_socket => SUPERVISOR_SOCKET,
     /// Guest RAM (a memory-backend file).
@@ -152,6 +155,7 @@ pub mod files {
     pub const NET_LOG: &str = "net.log";
     pub const NET_PASTA_PID: &str = "pasta.pid";
     pub const NET_RULES: &str = "net.rules";
+    pub const PORTS: &str = "ports.json";
     pub const DISK: &str = "disk.qcow2";
     /// Hard link to the image's root filesystem that backs `DISK`.
     pub const BASE_DISK: &str = "base.ext4";
@@ -171,6 +175,7 @@ pub mod files {
         NET_PASTA_PID,
         NET_RULES,
         MEMORY_FILE,
+        PORTS,
     ];
 
     /// Removes the runtime files of the VM in `vm_dir` (best effort).

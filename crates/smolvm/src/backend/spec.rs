@@ -46,6 +46,10 @@ pub struct LaunchSpec {
     /// Continue a snapshot instead of booting (see [`RestoreSpec`]).
     #[serde(default)]
     pub restore: Option<RestoreSpec>,
+    /// Host ports forwarded to the guest for this run (bound before the
+    /// VMM starts: a port in use fails the start).
+    #[serde(default)]
+    pub ports: Vec<smolvm_proto::supervisor::PortForward>,
 }
 
 /// Where a restored VM's machine comes from. The rest of the launch spec

@@ -137,6 +137,10 @@ pub struct Manifest {
     /// Warm snapshots: the shape key they serve.
     #[serde(default)]
     pub warm_key: Option<String>,
+    /// The port forwards of the source's run (full snapshots): a restore
+    /// opens them again (on free host ports when it is another VM).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forwards: Vec<crate::config::PortForward>,
 }
 
 /// A snapshot as listed.

@@ -428,10 +428,25 @@ async fn control(
         }
         ControlRequest::PortAdd(_)
         | ControlRequest::PortRemove { .. }
-        | ControlRequest::PortList => ControlResponse::Error(ControlError::new(
-            ControlErrorKind::Other,
-            "port forwards are not built yet",
-        )),
+        | ControlRequest::PortList => {
+            let Some(ports) = lock(shared).ports.clone() else {
+                return ControlResponse::Error(ControlError::new(
+                    ControlErrorKind::InvalidState,
+                    "the VM is not up yet",
+                ));
+            };
+            let failed =
+                |e: String| ControlResponse::Error(ControlError::new(ControlErrorKind::Other, e));
+            match req {
+                ControlRequest::PortAdd(f) => {
+                    ports.add(f).map_or_else(failed, ControlResponse::Port)
+                }
+                ControlRequest::PortRemove { host_port } => ports
+                    .remove(host_port)
+                    .map_or_else(failed, ControlResponse::Port),
+                _ => ControlResponse::Ports(ports.list()),
+            }
+        }
         ControlRequest::SetEgress(_) => ControlResponse::Error(ControlError::new(
             ControlErrorKind::Other,
             "egress policies are not built yet",

@@ -17,9 +17,11 @@ mod clients;
 mod console;
 mod daemon;
 mod outbox;
+pub mod ports;
 mod routes;
 mod server;
 mod sock;
+pub mod tunnel;
 
 pub use client::{
     AgentStream, ClientError, ExecEvent, ExecStream, StreamWriter, SupervisorClient, GUEST_GRACE,

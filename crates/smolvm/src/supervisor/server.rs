@@ -163,6 +163,8 @@ pub(super) struct Shared {
     pub(super) restored: bool,
     /// What the restored agent said of its `Reinit`.
     pub(super) reinited: Option<(bool, bool)>,
+    /// The run's port forwards (set once the run is up).
+    pub(super) ports: Option<Arc<super::ports::Ports>>,
 }
 
 impl Shared {
@@ -186,6 +188,7 @@ impl Shared {
             quiesce_waiter: None,
             restored: false,
             reinited: None,
+            ports: None,
         }
     }
 }
@@ -215,6 +218,18 @@ pub async fn serve(spec: LaunchSpec, vm_dir: VmDir, mut ready: std::fs::File) ->
             return 1;
         }
     };
+    // The run's forwards are bound first: a host port in use fails the
+    // start before anything else is spent on it.
+    let mut listeners = Vec::new();
+    for f in &spec.ports {
+        match super::ports::bind(f) {
+            Ok(l) => listeners.push((f.clone(), l)),
+            Err(e) => {
+                fail_start(&mut ready, ControlError::new(ControlErrorKind::Other, e));
+                return 1;
+            }
+        }
+    }
     let launched = Instant::now();
     let backend = crate::backend::get(spec.backend);
     let mut vm = match backend.launch(&spec).await {
@@ -304,6 +319,13 @@ pub async fn serve(spec: LaunchSpec, vm_dir: VmDir, mut ready: std::fs::File) ->
     lock(&shared).restored = spec.restore.is_some();
     // Signals "something changed about readiness" to waiters.
     let (ready_tx, ready_rx) = watch::channel(());
+    let ports = super::ports::Ports::new(vm_dir.clone(), shared.clone(), ready_rx.clone());
+    for (f, l) in listeners {
+        if let Err(e) = ports.add_bound(&f, l) {
+            log!("port forward {f:?}: {e}");
+        }
+    }
+    lock(&shared).ports = Some(ports);
 
     let (agent_r, agent_w) = agent.into_split();
     let agent_tx = agent_writer(agent_w);

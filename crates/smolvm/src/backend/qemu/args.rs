@@ -270,6 +270,7 @@ mod tests {
             network,
             grow_root: false,
             restore: None,
+            ports: vec![],
         }
     }
 
