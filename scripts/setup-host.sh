@@ -85,6 +85,7 @@ check passt passt passt --version
 check pasta passt pasta --version
 check ip iproute2 ip -V
 check ssh openssh-client ssh -V
+check ssh-keygen openssh-client test -x "$(command -v ssh-keygen || echo /nonexistent)"
 check python3 python3-venv py_ok
 if [ $fail -ne 0 ]; then
     echo "setup-host: host set-up is incomplete (see above)" >&2

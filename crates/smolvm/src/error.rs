@@ -68,6 +68,10 @@ pub enum ErrorKind {
     /// A snapshot cannot be used: files missing, truncated or corrupt, or
     /// made by another VMM or for another machine.
     SnapshotInvalid,
+    /// A network operation failed: a port forward could not be opened
+    /// (host port in use), a tunnel or SSH connection failed, the egress
+    /// policy could not be applied.
+    Network,
 }
 
 impl ErrorKind {
@@ -97,6 +101,7 @@ impl ErrorKind {
             ErrorKind::SnapshotNotFound => "snapshot_not_found",
             ErrorKind::SnapshotAlreadyExists => "snapshot_already_exists",
             ErrorKind::SnapshotInvalid => "snapshot_invalid",
+            ErrorKind::Network => "network",
         }
     }
 }
@@ -202,6 +207,8 @@ pub enum Error {
     /// A snapshot that cannot be restored; nothing was changed.
     #[error("snapshot '{id}' cannot be used: {reason}")]
     SnapshotInvalid { id: String, reason: String },
+    #[error("VM '{id}': {message}")]
+    Network { id: String, message: String },
     #[error("{context}")]
     Io {
         context: String,
@@ -254,6 +261,7 @@ impl Error {
             Error::SnapshotNotFound(_) => ErrorKind::SnapshotNotFound,
             Error::SnapshotExists(_) => ErrorKind::SnapshotAlreadyExists,
             Error::SnapshotInvalid { .. } => ErrorKind::SnapshotInvalid,
+            Error::Network { .. } => ErrorKind::Network,
             Error::Io { .. } => ErrorKind::Io,
         }
     }

@@ -81,6 +81,11 @@ pub const TOOLS: &[HostTool] = &[
         package: "openssh-client",
         purpose: "`smolvm ssh` into a sandbox",
     },
+    HostTool {
+        name: "ssh-keygen",
+        package: "openssh-client",
+        purpose: "makes smolvm's SSH client key",
+    },
 ];
 
 /// Tools needed only in unusual cases (kernels whose payload is not lz4);

@@ -82,6 +82,11 @@ pub fn snapshots_dir() -> PathBuf {
     data_dir().join("snapshots")
 }
 
+/// smolvm's SSH client key pair (`id_ed25519`, `id_ed25519.pub`).
+pub fn ssh_dir() -> PathBuf {
+    data_dir().join("ssh")
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -6,6 +6,7 @@ mod doctor;
 mod env;
 mod files;
 mod image;
+mod ports;
 mod procs;
 mod run;
 mod snapshot;
@@ -69,6 +70,15 @@ pub enum Command {
     Snapshot(snapshot::SnapshotCommand),
     /// New sandboxes from a running sandbox or a snapshot (prints their ids).
     Fork(snapshot::ForkArgs),
+    /// Host ports forwarded to a running sandbox's loopback (over the agent
+    /// channel: work with the network off).
+    #[command(subcommand)]
+    Port(ports::PortCommand),
+    /// SSH into a running sandbox with the system ssh client (sshd starts
+    /// on demand; the host key is pinned per sandbox).
+    Ssh(ports::SshArgs),
+    /// Connect stdin/stdout to a port on a sandbox's loopback.
+    Tunnel(ports::TunnelArgs),
 }
 
 /// Runs a subcommand; returns the process exit status.
@@ -97,6 +107,9 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<u8> {
         Command::Image(c) => image::image(c).await,
         Command::Snapshot(c) => snapshot::snapshot(c).await,
         Command::Fork(a) => snapshot::fork(a).await,
+        Command::Port(c) => ports::port(c).await,
+        Command::Ssh(a) => ports::ssh(a).await,
+        Command::Tunnel(a) => ports::tunnel(a).await,
     }
 }
 
@@ -160,6 +173,10 @@ pub struct VmFlags {
     /// this image and shape, and leave none).
     #[arg(long)]
     pub cold: bool,
+    /// Forward a host port to the guest's loopback whenever it runs
+    /// (`[[ADDRESS:]HOST:]GUEST`; repeatable).
+    #[arg(short = 'p', long = "publish", value_name = "[HOST:]GUEST")]
+    pub publish: Vec<String>,
 }
 
 impl VmFlags {
@@ -179,6 +196,11 @@ impl VmFlags {
             },
             network: !self.no_network,
             cold: self.cold,
+            ports: self
+                .publish
+                .iter()
+                .map(|p| smolvm::sandbox::parse_forward(p))
+                .collect::<Result<_, _>>()?,
             ..smolvm::SandboxConfig::default()
         })
     }

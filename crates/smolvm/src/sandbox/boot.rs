@@ -97,6 +97,7 @@ impl Sandbox {
             network: self.config.network,
             grow_root: self.config.disk_size_mib.is_some(),
             restore: None,
+            ports: self.config.ports.clone(),
         };
         self.relative_base();
         // A sandbox that never ran starts from its shape's boot snapshot

@@ -285,6 +285,7 @@ impl Sandbox {
             return self.end_interrupted_boot(&rec).await;
         }
         self.step("stopping");
+        self.close_ssh_master();
         let r = match self.open_connection().await {
             Ok(client) => {
                 client

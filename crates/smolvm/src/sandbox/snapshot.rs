@@ -221,6 +221,11 @@ impl Sandbox {
             kernel: None,
             initramfs: None,
             warm_key: warm_key.map(str::to_string),
+            forwards: if kind == SnapshotKind::Full {
+                crate::supervisor::ports::saved(&self.vm_dir)
+            } else {
+                Vec::new()
+            },
         };
         if kind == SnapshotKind::Full || kind == SnapshotKind::Warm {
             let spec = launched.ok_or_else(|| {
@@ -562,7 +567,25 @@ impl Sandbox {
             self.boot(prior, opts.boot_timeout).await?;
             return self.pause_unless(opts.resume).await;
         };
+        // A new machine: the old run's SSH pin and connection are of
+        // another machine (a restore into a new VM has neither).
+        self.close_ssh_master();
+        super::ssh::forget_host_key(self.vm_dir.path());
+        // The source's forwards again: the same host ports for the source
+        // itself, free ones for any other VM (the source may still hold
+        // its ports).
+        let mut ports = if m.forwards.is_empty() {
+            self.config.ports.clone()
+        } else {
+            m.forwards.clone()
+        };
+        if m.source_vm != self.id {
+            for p in &mut ports {
+                p.host_port = 0;
+            }
+        }
         let spec = LaunchSpec {
+            ports,
             id: self.id.clone(),
             vm_dir: self.vm_dir.path().to_path_buf(),
             kernel: stored.path(files::KERNEL),
