@@ -336,7 +336,7 @@ impl Sandbox {
             // ssh's own failure (connection, authentication, host key).
             return Err(self.ssh_error(format!(
                 "ssh failed: {}",
-                crate::text::escape_line(String::from_utf8_lossy(&out.stderr).trim())
+                crate::text::escape_multiline(String::from_utf8_lossy(&out.stderr).trim())
             )));
         }
         Ok((code, out.stdout, out.stderr))

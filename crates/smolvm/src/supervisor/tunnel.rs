@@ -67,6 +67,9 @@ where
             m = s.recv() => match m? {
                 GuestMsg::Data(Bytes(b)) => {
                     w.write_all(&b).await.map_err(TunnelError::Local)?;
+                    // Buffered writers (stdout) must pass each chunk on:
+                    // the peer may wait for it before it sends more.
+                    w.flush().await.map_err(TunnelError::Local)?;
                     moved.from_guest += b.len() as u64;
                 }
                 GuestMsg::Eof => {
