@@ -11,6 +11,12 @@
 //! other VM is deleted after its case. Nothing here uses the guest network
 //! (no packet leaves the VMs), so nothing can reach off this machine.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 mod common;
 
 use common::*;
