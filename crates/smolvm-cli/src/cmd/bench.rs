@@ -41,6 +41,10 @@ pub struct BenchArgs {
     /// Only the snapshot section (warm/cold starts, restore, fork).
     #[arg(long)]
     snapshots_only: bool,
+    /// Only the network section (agent vs SSH exec, forward throughput,
+    /// connection set-up).
+    #[arg(long)]
+    network_only: bool,
 }
 
 /// The Python SDK next to the library, measured in the same run.
@@ -296,6 +300,7 @@ struct Results {
     load: Option<Load>,
     python: Option<PyBench>,
     snapshots: Option<super::bench_snapshots::SnapBench>,
+    network: Option<super::bench_network::NetBench>,
 }
 
 /// The agent surface, on the exec VM.
@@ -545,15 +550,15 @@ async fn parallel_boot(n: usize) -> anyhow::Result<Parallel> {
 }
 
 #[derive(Serialize, Default, Clone)]
-struct Stats {
-    n: usize,
-    median: f64,
-    p99: f64,
-    min: f64,
-    max: f64,
+pub(super) struct Stats {
+    pub n: usize,
+    pub median: f64,
+    pub p99: f64,
+    pub min: f64,
+    pub max: f64,
 }
 
-fn stats(mut v: Vec<f64>) -> Stats {
+pub(super) fn stats(mut v: Vec<f64>) -> Stats {
     if v.is_empty() {
         return Stats::default();
     }
@@ -749,6 +754,18 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
     })
     .await??;
     r.image_build_cached_s = t.elapsed().as_secs_f64();
+    if a.network_only {
+        let b = super::bench_network::run(a.iterations).await?;
+        println!("{:<44} {:>12}", "metric", "value");
+        super::bench_network::print(&b, &|k: &str, v: String| println!("{k:<44} {v:>12}"));
+        r.network = Some(b);
+        if let Some(d) = a.out.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::write(&a.out, serde_json::to_vec_pretty(&r)?)?;
+        eprintln!("bench: wrote {}", a.out.display());
+        return Ok(0);
+    }
     if a.snapshots_only {
         eprintln!("bench: snapshots: warm vs cold `smolvm run` ...");
         let b = super::bench_snapshots::run(a.boots, a.density).await?;
@@ -870,6 +887,7 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
 
     eprintln!("bench: snapshots: warm vs cold starts, restore, fork ...");
     r.snapshots = Some(super::bench_snapshots::run(a.boots, a.density).await?);
+    r.network = Some(super::bench_network::run(a.iterations).await?);
 
     println!(
         "smolvm benchmark (accelerator: {}, host cpus: {})",
@@ -1067,6 +1085,9 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<u8> {
     }
     if let Some(b) = &r.snapshots {
         super::bench_snapshots::print(b, &row);
+    }
+    if let Some(b) = &r.network {
+        super::bench_network::print(b, &row);
     }
     if let Some(d) = a.out.parent() {
         std::fs::create_dir_all(d)?;

@@ -1,6 +1,7 @@
 //! Subcommands.
 
 mod bench;
+mod bench_network;
 mod bench_snapshots;
 mod doctor;
 mod env;
