@@ -68,6 +68,9 @@ pub enum ErrorKind {
     /// A snapshot cannot be used: files missing, truncated or corrupt, or
     /// made by another VMM or for another machine.
     SnapshotInvalid,
+    /// The guest network failed: an egress policy could not be applied
+    /// (nft failed, the network helper died).
+    Network,
 }
 
 impl ErrorKind {
@@ -97,6 +100,7 @@ impl ErrorKind {
             ErrorKind::SnapshotNotFound => "snapshot_not_found",
             ErrorKind::SnapshotAlreadyExists => "snapshot_already_exists",
             ErrorKind::SnapshotInvalid => "snapshot_invalid",
+            ErrorKind::Network => "network_error",
         }
     }
 }
