@@ -192,6 +192,12 @@ impl SandboxConfig {
             return Err(ConfigError::BadDiskSize(d));
         }
         crate::egress::normalize(&self.egress)?;
+        if !self.network && matches!(self.egress, EgressPolicy::Allowlist { .. }) {
+            return Err(ConfigError::BadEgress(
+                "an allowlist needs the guest network; drop `--no-network` (or use egress `off`)"
+                    .into(),
+            ));
+        }
         validate_env(&self.env)
     }
 }

@@ -6,6 +6,7 @@ mod doctor;
 mod env;
 mod files;
 mod image;
+mod network;
 mod procs;
 mod run;
 mod snapshot;
@@ -69,6 +70,8 @@ pub enum Command {
     Snapshot(snapshot::SnapshotCommand),
     /// New sandboxes from a running sandbox or a snapshot (prints their ids).
     Fork(snapshot::ForkArgs),
+    /// A sandbox's egress policy: show it, or `set` it (live).
+    Network(network::NetworkArgs),
 }
 
 /// Runs a subcommand; returns the process exit status.
@@ -97,6 +100,7 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<u8> {
         Command::Image(c) => image::image(c).await,
         Command::Snapshot(c) => snapshot::snapshot(c).await,
         Command::Fork(a) => snapshot::fork(a).await,
+        Command::Network(a) => network::network(a).await,
     }
 }
 
@@ -160,6 +164,8 @@ pub struct VmFlags {
     /// this image and shape, and leave none).
     #[arg(long)]
     pub cold: bool,
+    #[command(flatten)]
+    pub egress: network::EgressFlags,
 }
 
 impl VmFlags {
@@ -179,6 +185,7 @@ impl VmFlags {
             },
             network: !self.no_network,
             cold: self.cold,
+            egress: self.egress.policy()?,
             ..smolvm::SandboxConfig::default()
         })
     }
