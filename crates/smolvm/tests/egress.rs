@@ -14,6 +14,12 @@
 //! Uses the CLI next to the test binary (`scripts/build.sh dev`; or
 //! `SMOLVM_CLI_BIN`) for the cases that check what the CLI refuses.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 mod common;
 
 use common::*;
