@@ -71,6 +71,8 @@ pub struct GuestNet {
 struct Control {
     stdin: std::process::ChildStdin,
     acks: std::sync::mpsc::Receiver<String>,
+    /// Set when the host has no nft: then only `open` can be applied.
+    no_nft: Option<crate::hosttools::MissingTool>,
 }
 
 /// How long the holder gets to apply a policy (one nft transaction).
@@ -79,6 +81,11 @@ const POLICY_DEADLINE: Duration = Duration::from_secs(10);
 impl Control {
     fn send(&mut self, policy: &crate::config::EgressPolicy) -> Result<(), NetError> {
         use std::io::Write as _;
+        if let Some(m) = self.no_nft.as_ref() {
+            if *policy != crate::config::EgressPolicy::Open {
+                return Err(NetError::Missing(m.clone()));
+            }
+        }
         // Answers to earlier lines that timed out are stale.
         while self.acks.try_recv().is_ok() {}
         let mut line = serde_json::to_string(policy)
@@ -246,10 +253,10 @@ impl GuestNet {
         let passt_bin = crate::hosttools::require(PASST)?;
         let ip_bin = crate::hosttools::require("ip")?;
         // nft programs every policy but `open` (which then needs no nft).
-        let nft_bin = match crate::hosttools::require("nft") {
-            Ok(p) => p,
+        let (nft_bin, no_nft) = match crate::hosttools::require("nft") {
+            Ok(p) => (p, None),
             Err(e) if *policy != crate::config::EgressPolicy::Open => return Err(e.into()),
-            Err(_) => "-".into(),
+            Err(e) => ("-".into(), Some(e)),
         };
         let pasta_bin = crate::hosttools::require(PASTA)?;
         // SAFETY: getuid/getgid have no preconditions.
@@ -316,7 +323,11 @@ impl GuestNet {
                 )));
             }
         };
-        let control = std::sync::Arc::new(std::sync::Mutex::new(Control { stdin, acks }));
+        let control = std::sync::Arc::new(std::sync::Mutex::new(Control {
+            stdin,
+            acks,
+            no_nft,
+        }));
         let mut net = GuestNet {
             passt,
             pasta,

@@ -492,9 +492,14 @@ impl Vmm for QemuVm {
             let r = tokio::task::spawn_blocking(move || handle.set_policy(&policy)).await;
             match r {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => {
-                    Err(QemuError::Net(e).into_vmm_error("cannot change the egress policy"))
-                }
+                Ok(Err(NetError::Missing(m))) => Err(QemuError::Net(NetError::Missing(m))
+                    .into_vmm_error("cannot change the egress policy")),
+                // Not a host defect (as at start): the network failed.
+                Ok(Err(e)) => Err(VmmError {
+                    kind: smolvm_proto::supervisor::ControlErrorKind::Other,
+                    message: format!("cannot change the egress policy: {e}"),
+                    missing_tool: None,
+                }),
                 Err(e) => Err(VmmError {
                     kind: smolvm_proto::supervisor::ControlErrorKind::Other,
                     message: format!("cannot change the egress policy: {e}"),
