@@ -13,7 +13,7 @@ export LC_ALL=C
 set -euo pipefail
 
 PKGS=(mmdebstrap debian-archive-keyring busybox-static lz4 cpio e2fsprogs
-      openssh-client uidmap ca-certificates passt util-linux iproute2)
+      openssh-client uidmap ca-certificates passt util-linux iproute2 nftables)
 QEMU_PKGS=(qemu-system-x86 qemu-utils)
 
 SUDO=""
@@ -84,6 +84,7 @@ check newuidmap uidmap test -x "$(command -v newuidmap || echo /nonexistent)"
 check passt passt passt --version
 check pasta passt pasta --version
 check ip iproute2 ip -V
+check nft nftables nft --version
 check ssh openssh-client ssh -V
 check ssh-keygen openssh-client test -x "$(command -v ssh-keygen || echo /nonexistent)"
 check python3 python3-venv py_ok

@@ -87,6 +87,9 @@ pub enum ConfigError {
          {MAX_ENV_VARS} variables and {MAX_ENV_BYTES} bytes"
     )]
     EnvTooLarge { vars: usize, bytes: usize },
+    /// An egress policy entry is unusable (the message names it and the fix).
+    #[error("{0}")]
+    BadEgress(String),
 }
 
 /// How a sandbox is built. Unknown fields are rejected.
@@ -187,6 +190,13 @@ impl SandboxConfig {
         }
         if let Some(d) = self.disk_size_mib.filter(|d| *d > MAX_DISK_MIB) {
             return Err(ConfigError::BadDiskSize(d));
+        }
+        crate::egress::normalize(&self.egress)?;
+        if !self.network && matches!(self.egress, EgressPolicy::Allowlist { .. }) {
+            return Err(ConfigError::BadEgress(
+                "an allowlist needs the guest network; drop `--no-network` (or use egress `off`)"
+                    .into(),
+            ));
         }
         validate_env(&self.env)
     }

@@ -47,6 +47,11 @@ pub const TOOLS: &[HostTool] = &[
         purpose: "closes the guest's own subnet inside its network namespace",
     },
     HostTool {
+        name: "nft",
+        package: "nftables",
+        purpose: "enforces egress policies (off, allowlists) in the guest network's namespace",
+    },
+    HostTool {
         name: "mmdebstrap",
         package: "mmdebstrap",
         purpose: "builds the Debian root filesystem and fetches the kernel",

@@ -16,6 +16,7 @@
 pub mod backend;
 pub mod config;
 pub mod doctor;
+pub mod egress;
 pub mod error;
 pub mod hosttools;
 pub mod image;

@@ -7,6 +7,7 @@ mod doctor;
 mod env;
 mod files;
 mod image;
+mod network;
 mod ports;
 mod procs;
 mod run;
@@ -71,6 +72,8 @@ pub enum Command {
     Snapshot(snapshot::SnapshotCommand),
     /// New sandboxes from a running sandbox or a snapshot (prints their ids).
     Fork(snapshot::ForkArgs),
+    /// A sandbox's egress policy: show it, or `set` it (live).
+    Network(network::NetworkArgs),
     /// Host ports forwarded to a running sandbox's loopback (over the agent
     /// channel: work with the network off).
     #[command(subcommand)]
@@ -108,6 +111,7 @@ pub async fn dispatch(cmd: Command) -> anyhow::Result<u8> {
         Command::Image(c) => image::image(c).await,
         Command::Snapshot(c) => snapshot::snapshot(c).await,
         Command::Fork(a) => snapshot::fork(a).await,
+        Command::Network(a) => network::network(a).await,
         Command::Port(c) => ports::port(c).await,
         Command::Ssh(a) => ports::ssh(a).await,
         Command::Tunnel(a) => ports::tunnel(a).await,
@@ -174,6 +178,8 @@ pub struct VmFlags {
     /// this image and shape, and leave none).
     #[arg(long)]
     pub cold: bool,
+    #[command(flatten)]
+    pub egress: network::EgressFlags,
     /// Forward a host port to the guest's loopback whenever it runs
     /// (`[[ADDRESS:]HOST:]GUEST`; repeatable).
     #[arg(short = 'p', long = "publish", value_name = "[HOST:]GUEST")]
@@ -197,6 +203,7 @@ impl VmFlags {
             },
             network: !self.no_network,
             cold: self.cold,
+            egress: self.egress.policy()?,
             ports: self
                 .publish
                 .iter()

@@ -285,6 +285,7 @@ pub async fn info(a: InfoArgs) -> anyhow::Result<u8> {
         println!("cpus:        {}", info.cpus);
         println!("memory:      {} MiB", info.memory_mib);
         println!("network:     {}", if info.network { "on" } else { "off" });
+        println!("egress:      {}", super::network::describe(&info.egress));
         println!("accelerator: {}", info.accel.as_deref().unwrap_or("-"));
         println!("created:     {}", age(info.created_at));
         println!("boots:       {}", info.boot_count);

@@ -39,6 +39,10 @@ pub struct LaunchSpec {
     #[serde(default)]
     pub backend: BackendKind,
     pub network: bool,
+    /// What the guest may reach at first (changed live through the
+    /// supervisor). Only meaningful with `network`.
+    #[serde(default)]
+    pub egress: crate::config::EgressPolicy,
     /// Grow the guest's root filesystem to fill `disk` at boot (the disk
     /// was made larger than the image).
     #[serde(default)]

@@ -100,6 +100,22 @@ pub trait Vmm: Send {
     fn pause(&mut self) -> BoxFuture<'_, Result<(), VmmError>>;
     /// Continues the vCPUs.
     fn resume(&mut self) -> BoxFuture<'_, Result<(), VmmError>>;
+    /// Changes what the guest may reach (a normalised policy), at once:
+    /// connections the new policy does not admit are cut. A VM without a
+    /// NIC takes only `Off`.
+    fn set_egress(
+        &mut self,
+        policy: &crate::config::EgressPolicy,
+    ) -> BoxFuture<'_, Result<(), VmmError>> {
+        let _ = policy;
+        Box::pin(async {
+            Err(VmmError {
+                kind: ControlErrorKind::Other,
+                message: "this backend cannot change the egress policy".into(),
+                missing_tool: None,
+            })
+        })
+    }
     /// After a control request timed out (a VMM stopped or hung for a
     /// while): reconnects when it answers again and puts the vCPUs back as
     /// the last successful request left them (a timed-out request may have

@@ -95,6 +95,7 @@ impl Sandbox {
             accel: verdict.accel,
             backend,
             network: self.config.network,
+            egress: self.launch_egress().await,
             grow_root: self.config.disk_size_mib.is_some(),
             restore: None,
             ports: self.config.ports.clone(),

@@ -59,11 +59,17 @@ impl Sandbox {
     /// `None`) or over the frozen disk of the snapshot directory `from`.
     /// Returns the VM's lock, still held.
     pub(super) async fn create_inner(
-        config: SandboxConfig,
+        mut config: SandboxConfig,
         progress: Option<ProgressFn>,
         from: Option<&std::path::Path>,
     ) -> Result<(Sandbox, VmLock)> {
         config.validate()?;
+        config.egress = crate::egress::normalize(&config.egress)?;
+        // A new VM with egress `off` gets no NIC at all (a restore keeps
+        // the snapshot's device set).
+        if from.is_none() && config.egress == crate::config::EgressPolicy::Off {
+            config.network = false;
+        }
         let image = match from {
             Some(_) => None,
             None => Some(ensure_image(&config.image, progress.clone()).await?),

@@ -6,6 +6,7 @@ mod exec;
 mod files;
 mod lifecycle;
 pub(crate) mod lock;
+mod network;
 mod ports;
 mod procs;
 mod prune;

@@ -20,6 +20,8 @@ pub struct VmInfo {
     pub memory_mib: u32,
     pub cpus: u32,
     pub network: bool,
+    /// What the guest may reach (docs/network.md).
+    pub egress: crate::config::EgressPolicy,
     /// Root disk size asked for at create (the image's size when absent).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk_size_mib: Option<u64>,
@@ -58,6 +60,7 @@ pub(super) fn info_of(rec: &VmRecord) -> VmInfo {
         memory_mib: cfg.memory_mib,
         cpus: cfg.cpus,
         network: cfg.network,
+        egress: cfg.egress,
         disk_size_mib: cfg.disk_size_mib,
         env: cfg.env,
         accel: rec.accel.clone(),

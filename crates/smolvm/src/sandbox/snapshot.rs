@@ -596,6 +596,7 @@ impl Sandbox {
             accel: machine.accel,
             backend: machine.backend,
             network: machine.network,
+            egress: self.launch_egress().await,
             grow_root: false,
             restore: Some(RestoreSpec {
                 state: stored.path(files::STATE),

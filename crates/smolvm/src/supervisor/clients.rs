@@ -447,10 +447,22 @@ async fn control(
                 _ => ControlResponse::Ports(ports.list()),
             }
         }
-        ControlRequest::SetEgress(_) => ControlResponse::Error(ControlError::new(
-            ControlErrorKind::Other,
-            "egress policies are not built yet",
-        )),
+        ControlRequest::SetEgress(policy) => match crate::egress::normalize(&policy) {
+            Err(e) => {
+                ControlResponse::Error(ControlError::new(ControlErrorKind::Other, e.to_string()))
+            }
+            Ok(policy) => {
+                let (t, r) = oneshot::channel();
+                if vm_tx.send(VmCmd::SetEgress(policy, t)).await.is_err() {
+                    return exited();
+                }
+                match r.await {
+                    Ok(Ok(())) => ControlResponse::Ok,
+                    Ok(Err(e)) => ControlResponse::Error(e),
+                    Err(_) => exited(),
+                }
+            }
+        },
         ControlRequest::Pause => vm_cmd(VmCmd::Pause).await,
         ControlRequest::Resume => vm_cmd(VmCmd::Resume).await,
         ControlRequest::Kill => vm_cmd(VmCmd::Kill).await,

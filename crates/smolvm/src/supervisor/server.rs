@@ -122,6 +122,7 @@ pub(super) enum VmCmd {
     Resume(Reply),
     Stop(u64, Reply),
     Kill(Reply),
+    SetEgress(crate::config::EgressPolicy, Reply),
     Snapshot(
         smolvm_proto::supervisor::SnapshotRequest,
         oneshot::Sender<Result<smolvm_proto::supervisor::SnapshotReport, ControlError>>,
@@ -392,6 +393,10 @@ async fn vm_loop(
                     if r.is_ok() {
                         lock(shared).run_state = VmRunState::Paused;
                     }
+                    let _ = reply.send(r);
+                }
+                VmCmd::SetEgress(policy, reply) => {
+                    let r = vm.set_egress(&policy).await.map_err(vmm_failure);
                     let _ = reply.send(r);
                 }
                 VmCmd::Snapshot(req, reply) => {

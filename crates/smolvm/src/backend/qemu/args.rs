@@ -268,6 +268,7 @@ mod tests {
             accel,
             backend: crate::backend::BackendKind::Qemu,
             network,
+            egress: Default::default(),
             grow_root: false,
             restore: None,
             ports: vec![],

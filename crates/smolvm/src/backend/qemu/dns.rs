@@ -13,9 +13,12 @@
 //! packets reach that address, so a guest cannot talk to the resolver
 //! past the relay.
 
+use super::dns_msg;
+use crate::config::EgressPolicy;
+use crate::egress::Cidr4;
 use std::collections::HashMap;
-use std::io::BufRead as _;
-use std::net::{SocketAddr, UdpSocket};
+use std::io::{BufRead as _, Read as _};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,8 +36,22 @@ const MAX_PENDING: usize = 256;
 /// How long an answer may take.
 const ANSWER_WAIT: Duration = Duration::from_secs(5);
 
-/// Queries waiting for their answer: our id -> (who asked, their id, when).
-type Pending = Mutex<HashMap<u16, (SocketAddr, u16, Instant)>>;
+/// A query waiting for its answer.
+struct Asked {
+    from: SocketAddr,
+    /// The guest's id.
+    orig: u16,
+    when: Instant,
+    /// The policy generation it was judged under.
+    generation: u32,
+    /// The question's name (lowercase, dotted).
+    name: String,
+    /// The sanitised query (for an answer made here).
+    query: Vec<u8>,
+}
+
+/// Queries waiting for their answer, by our id.
+type Pending = Mutex<HashMap<u16, Asked>>;
 
 /// The query in `q`, rebuilt from what was parsed: the header (id, the
 /// recursion-desired bit) and one question. `None` for anything that is
@@ -72,31 +89,49 @@ pub fn sanitize_query(q: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// The holder's entry: `--net-holder RULES IP PASST [PASST ARGS...]`.
+/// The holder's entry: `--net-holder RULES IP NFT PASST [PASST ARGS...]`
+/// (`NFT` is `-` where nft is not installed: then only `open` works).
+///
+/// Standard input is the supervisor's line protocol: the first line opens
+/// the gate and carries the initial egress policy (JSON), each later line
+/// a new policy. Every line is answered on standard output with `ok` or
+/// `err MESSAGE` (the log is standard error).
 pub fn holder_main(args: &[String]) -> ! {
     let die = |m: String| -> ! {
         eprintln!("smolvm net holder: {m}");
+        println!("err {}", one_line(&m));
         std::process::exit(1)
     };
-    let [rules, ip, passt, passt_args @ ..] = args else {
-        die("usage: --net-holder RULES IP PASST [ARGS...]".into())
+    let [rules, ip, nft, passt, passt_args @ ..] = args else {
+        die("usage: --net-holder RULES IP NFT PASST [ARGS...]".into())
     };
+    let nft = (nft != "-").then(|| std::path::PathBuf::from(nft));
     // 1. The gate: pasta has configured the namespace when a line comes.
     let mut line = String::new();
     if std::io::stdin().lock().read_line(&mut line).unwrap_or(0) == 0 {
         die("the gate closed".into());
     }
+    let policy = match parse_policy(&line) {
+        Ok(p) => p,
+        Err(e) => die(e),
+    };
     // 2. The rules (the host's addresses, the guest's subnet, the
     //    upstream DNS address for marked packets only).
     match std::process::Command::new(ip)
         .arg("-batch")
         .arg(rules)
+        .stdout(std::process::Stdio::null())
         .status()
     {
         Ok(s) if s.success() => {}
         other => die(format!("`ip -batch {rules}` failed: {other:?}")),
     }
-    // 3. The guest's resolver address, then passt.
+    // 3. The egress policy, before the guest can send anything.
+    let relay = Arc::new(Relay::new(nft));
+    if let Err(e) = relay.set_policy(policy) {
+        die(e);
+    }
+    // 4. The guest's resolver address, then passt.
     let listen = match UdpSocket::bind((super::net::DNS, 53)) {
         Ok(s) => s,
         Err(e) => die(format!("cannot bind {}:53: {e}", super::net::DNS)),
@@ -113,25 +148,226 @@ pub fn holder_main(args: &[String]) -> ! {
     }
     let mut cmd = std::process::Command::new(passt);
     cmd.args(passt_args).stdin(std::process::Stdio::null());
+    // passt's output goes to the log, never into the answers.
+    if let Ok(fd) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
+        cmd.stdout(fd);
+    }
     crate::sys::die_with_parent(&mut cmd);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => die(format!("cannot start passt: {e}")),
     };
-    // 4. Relay until passt ends (the VM is gone): then end too.
+    // 5. Relay until passt ends (the VM is gone): then end too.
     let pending: Arc<Pending> = Arc::default();
-    let (l2, u2, p2) = match (listen.try_clone(), upstream.try_clone()) {
-        (Ok(l), Ok(u)) => (l, u, pending.clone()),
+    let (l2, u2, p2, r2) = match (listen.try_clone(), upstream.try_clone()) {
+        (Ok(l), Ok(u)) => (l, u, pending.clone(), relay.clone()),
         _ => die("cannot share the relay sockets".into()),
     };
-    std::thread::spawn(move || answers(&u2, &l2, &p2));
-    std::thread::spawn(move || queries(&listen, &upstream, &pending));
+    std::thread::spawn(move || answers(&u2, &l2, &p2, &r2));
+    let r3 = relay.clone();
+    std::thread::spawn(move || queries(&listen, &upstream, &pending, &r3));
+    ack(Ok(()));
+    // 6. Policy changes, one line each, until the supervisor goes.
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            // Bounded: a line longer than any policy is an error.
+            match (&mut stdin).take(MAX_POLICY_LINE).read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) if !line.ends_with('\n') => {
+                    ack(Err("policy line too long".into()));
+                    return;
+                }
+                Ok(_) => ack(parse_policy(&line).and_then(|p| relay.set_policy(p))),
+            }
+        }
+    });
     let code = child.wait().ok().and_then(|s| s.code()).unwrap_or(1);
     std::process::exit(code)
 }
 
-/// Guest queries in, sanitized queries out (with an id of ours).
-fn queries(listen: &UdpSocket, upstream: &UdpSocket, pending: &Pending) {
+/// Longest policy line the holder reads (256 names of 253 characters and
+/// 256 CIDRs fit well inside).
+const MAX_POLICY_LINE: u64 = 256 * 1024;
+
+fn one_line(m: &str) -> String {
+    m.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn ack(r: Result<(), String>) {
+    use std::io::Write as _;
+    let mut o = std::io::stdout().lock();
+    let _ = match r {
+        Ok(()) => writeln!(o, "ok"),
+        Err(e) => writeln!(o, "err {}", one_line(&e)),
+    };
+    let _ = o.flush();
+}
+
+/// A policy line: JSON, checked again here (the holder trusts no input).
+fn parse_policy(line: &str) -> Result<EgressPolicy, String> {
+    let p: EgressPolicy =
+        serde_json::from_str(line.trim()).map_err(|e| format!("bad policy line: {e}"))?;
+    crate::egress::normalize(&p).map_err(|e| e.to_string())
+}
+
+/// The relay's view of the egress policy, shared by its threads: what is
+/// admitted now, and which addresses it put into the `dns4` set until when.
+struct Relay {
+    nft: Option<std::path::PathBuf>,
+    state: Mutex<RelayState>,
+}
+
+struct RelayState {
+    policy: EgressPolicy,
+    cidrs: Vec<Cidr4>,
+    /// Marks the connections the current policy admitted (see
+    /// `egress_nft::ruleset`); a change bumps it.
+    generation: u32,
+    /// What is in `dns4` and until when (the kernel's own timeouts expire
+    /// the elements; this is our record of them, to replace a timeout).
+    admitted: HashMap<Ipv4Addr, Instant>,
+}
+
+/// How long a learned address stays open: its TTL, within these bounds.
+pub const TTL_FLOOR: u32 = 30;
+pub const TTL_CAP: u32 = 3600;
+/// An element closer than this to its expiry is not deleted (the kernel
+/// may have expired it already, and deleting a missing element fails the
+/// batch): it is added again instead.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(5);
+
+/// What to do with a guest's query under the current policy.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Forward,
+    Answer(u8),
+}
+
+impl Relay {
+    fn new(nft: Option<std::path::PathBuf>) -> Relay {
+        Relay {
+            nft,
+            state: Mutex::new(RelayState {
+                policy: EgressPolicy::Open,
+                cidrs: Vec::new(),
+                generation: 0,
+                admitted: HashMap::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RelayState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces the policy: one nft transaction (a new table, or none for
+    /// `open`) with the next generation; the relay's name list changes
+    /// under the same lock, so no query sees the one without the other.
+    fn set_policy(&self, policy: EgressPolicy) -> Result<(), String> {
+        let mut s = self.lock();
+        let generation = s.generation.wrapping_add(1).max(1);
+        let script = super::egress_nft::ruleset(&policy, generation);
+        match &self.nft {
+            Some(nft) => super::egress_nft::apply(nft, &script)?,
+            None if policy == EgressPolicy::Open => {}
+            None => {
+                return Err("nft is not installed (Debian package nftables): \
+                            only egress `open` works without it"
+                    .into())
+            }
+        }
+        s.cidrs = match &policy {
+            EgressPolicy::Allowlist { cidrs, .. } => {
+                cidrs.iter().filter_map(|c| Cidr4::parse(c).ok()).collect()
+            }
+            _ => Vec::new(),
+        };
+        s.policy = policy;
+        s.generation = generation;
+        s.admitted.clear();
+        Ok(())
+    }
+
+    /// The verdict on a question, and the generation it was made under.
+    fn judge(&self, name: Option<&str>, qtype: u16) -> (Verdict, u32) {
+        let s = self.lock();
+        let v = match &s.policy {
+            EgressPolicy::Open => Verdict::Forward,
+            EgressPolicy::Off => Verdict::Answer(dns_msg::REFUSED),
+            EgressPolicy::Allowlist { domains, .. } => match name {
+                Some(n) if crate::egress::name_allowed(domains, n) => {
+                    if qtype == dns_msg::TYPE_A {
+                        Verdict::Forward
+                    } else {
+                        // IPv4 only: no other record types (no AAAA, and
+                        // no TXT to carry data out).
+                        Verdict::Answer(dns_msg::NOERROR)
+                    }
+                }
+                _ => Verdict::Answer(dns_msg::NXDOMAIN),
+            },
+        };
+        (v, s.generation)
+    }
+
+    /// Admits the answer `a` to (`qname`, A) asked under `generation`:
+    /// opens its addresses in `dns4` and caps its TTLs. `Err` = the guest
+    /// gets SERVFAIL (fail closed: nothing was opened for it).
+    fn admit(&self, a: &mut [u8], qname: &str, generation: u32) -> Result<(), String> {
+        let mut s = self.lock();
+        if s.generation != generation {
+            return Err("the policy changed while the query was out".into());
+        }
+        if !matches!(s.policy, EgressPolicy::Allowlist { .. }) {
+            return Ok(());
+        }
+        let ans = dns_msg::parse_answer(a, qname, dns_msg::TYPE_A)
+            .ok_or_else(|| "a malformed answer".to_string())?;
+        let now = Instant::now();
+        let (mut delete, mut add) = (Vec::new(), Vec::new());
+        for (ip, ttl) in ans.addrs {
+            if s.cidrs.iter().any(|c| c.contains(ip)) || add.iter().any(|(a, _)| *a == ip) {
+                continue; // open already
+            }
+            if crate::egress::rebinding_guarded(ip) {
+                continue; // never opened by a name
+            }
+            let secs = ttl.clamp(TTL_FLOOR, TTL_CAP);
+            let until = now + Duration::from_secs(u64::from(secs));
+            match s.admitted.get(&ip) {
+                Some(&old) if old >= until => continue,
+                Some(&old) if old > now + EXPIRY_MARGIN => delete.push(ip),
+                _ => {}
+            }
+            add.push((ip, secs));
+        }
+        if !add.is_empty() {
+            s.admitted.retain(|_, t| *t > now);
+            let fresh = add
+                .iter()
+                .filter(|(ip, _)| !s.admitted.contains_key(ip))
+                .count();
+            if s.admitted.len() + fresh > super::egress_nft::MAX_DNS4 {
+                return Err("the set of learned addresses is full".into());
+            }
+            let nft = self.nft.as_deref().ok_or("nft is not installed")?;
+            super::egress_nft::apply(nft, &super::egress_nft::dns4_update(&delete, &add))?;
+            for (ip, secs) in add {
+                s.admitted
+                    .insert(ip, now + Duration::from_secs(u64::from(secs)));
+            }
+        }
+        dns_msg::cap_ttls(a, &ans.ttl_at, TTL_CAP);
+        Ok(())
+    }
+}
+
+/// Guest queries in, sanitized queries out (with an id of ours); queries
+/// the policy does not forward are answered here.
+fn queries(listen: &UdpSocket, upstream: &UdpSocket, pending: &Pending, relay: &Relay) {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut next: u16 = 1;
     loop {
@@ -141,10 +377,20 @@ fn queries(listen: &UdpSocket, upstream: &UdpSocket, pending: &Pending) {
         let Some(mut q) = buf.get(..n).and_then(sanitize_query) else {
             continue; // not a plain query: dropped
         };
+        let Some((name, qtype)) = dns_msg::question(&q) else {
+            continue;
+        };
+        let (verdict, generation) = relay.judge(name.as_deref(), qtype);
+        if let Verdict::Answer(rcode) = verdict {
+            if let Some(r) = dns_msg::reply(&q, rcode) {
+                let _ = listen.send_to(&r, from);
+            }
+            continue;
+        }
         let orig = u16::from_be_bytes([q[0], q[1]]);
         let id = {
             let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-            p.retain(|_, v| v.2.elapsed() < ANSWER_WAIT);
+            p.retain(|_, v| v.when.elapsed() < ANSWER_WAIT);
             if p.len() >= MAX_PENDING {
                 continue;
             }
@@ -153,7 +399,17 @@ fn queries(listen: &UdpSocket, upstream: &UdpSocket, pending: &Pending) {
             }
             let id = next;
             next = next.wrapping_add(1);
-            p.insert(id, (from, orig, Instant::now()));
+            p.insert(
+                id,
+                Asked {
+                    from,
+                    orig,
+                    when: Instant::now(),
+                    generation,
+                    name: name.unwrap_or_default(),
+                    query: q.clone(),
+                },
+            );
             id
         };
         q[..2].copy_from_slice(&id.to_be_bytes());
@@ -161,8 +417,9 @@ fn queries(listen: &UdpSocket, upstream: &UdpSocket, pending: &Pending) {
     }
 }
 
-/// Answers from the host's resolver back to whoever asked.
-fn answers(upstream: &UdpSocket, listen: &UdpSocket, pending: &Pending) {
+/// Answers from the host's resolver back to whoever asked (under an
+/// allowlist, only once their addresses are open).
+fn answers(upstream: &UdpSocket, listen: &UdpSocket, pending: &Pending, relay: &Relay) {
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
         let Ok(n) = upstream.recv(&mut buf) else {
@@ -175,15 +432,27 @@ fn answers(upstream: &UdpSocket, listen: &UdpSocket, pending: &Pending) {
             continue;
         };
         let id = u16::from_be_bytes([a[0], a[1]]);
-        let Some((to, orig, _)) = pending
+        let Some(asked) = pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id)
         else {
             continue;
         };
-        a[..2].copy_from_slice(&orig.to_be_bytes());
-        let _ = listen.send_to(a, to);
+        if let Err(e) = relay.admit(a, &asked.name, asked.generation) {
+            eprintln!(
+                "smolvm net holder: {:?}: {e}; answered SERVFAIL",
+                asked.name
+            );
+            let mut q = asked.query;
+            q[..2].copy_from_slice(&asked.orig.to_be_bytes());
+            if let Some(r) = dns_msg::reply(&q, dns_msg::SERVFAIL) {
+                let _ = listen.send_to(&r, asked.from);
+            }
+            continue;
+        }
+        a[..2].copy_from_slice(&asked.orig.to_be_bytes());
+        let _ = listen.send_to(a, asked.from);
     }
 }
 

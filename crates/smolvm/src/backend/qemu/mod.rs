@@ -3,6 +3,8 @@
 mod args;
 mod backend;
 pub(crate) mod dns;
+mod dns_msg;
+mod egress_nft;
 mod net;
 mod probe;
 mod qmp;

@@ -50,14 +50,63 @@ pub enum NetError {
     EarlyExit { status: String, log: String },
     #[error("{1} did not get ready within {0:?}")]
     Timeout(Duration, String),
+    /// The egress policy could not be applied (nft failed, the holder died).
+    #[error("cannot apply the egress policy: {0}")]
+    Policy(String),
 }
 
 /// The guest's network for one VM: passt inside a private user+network
 /// namespace, and pasta linking that namespace to the host. Both end when
 /// this is dropped (and with the supervisor: parent-death signal).
 pub struct GuestNet {
+    /// The namespace holder (passt is its child).
     passt: Child,
     pasta: Child,
+    /// The holder's policy line protocol (see `dns::holder_main`).
+    control: std::sync::Arc<std::sync::Mutex<Control>>,
+}
+
+/// The supervisor's end of the holder's policy pipe: lines of JSON
+/// policies out, `ok` / `err MESSAGE` lines back.
+struct Control {
+    stdin: std::process::ChildStdin,
+    acks: std::sync::mpsc::Receiver<String>,
+    /// Set when the host has no nft: then only `open` can be applied.
+    no_nft: Option<crate::hosttools::MissingTool>,
+}
+
+/// How long the holder gets to apply a policy (one nft transaction).
+const POLICY_DEADLINE: Duration = Duration::from_secs(10);
+
+impl Control {
+    fn send(&mut self, policy: &crate::config::EgressPolicy) -> Result<(), NetError> {
+        use std::io::Write as _;
+        if let Some(m) = self.no_nft.as_ref() {
+            if *policy != crate::config::EgressPolicy::Open {
+                return Err(NetError::Missing(m.clone()));
+            }
+        }
+        // Answers to earlier lines that timed out are stale.
+        while self.acks.try_recv().is_ok() {}
+        let mut line = serde_json::to_string(policy)
+            .map_err(|e| NetError::Policy(format!("cannot encode the policy: {e}")))?;
+        line.push('\n');
+        self.stdin
+            .write_all(line.as_bytes())
+            .and_then(|()| self.stdin.flush())
+            .map_err(|e| NetError::Policy(format!("the network holder is gone: {e}")))?;
+        match self.acks.recv_timeout(POLICY_DEADLINE) {
+            Ok(a) if a == "ok" => Ok(()),
+            Ok(a) => Err(NetError::Policy(
+                a.strip_prefix("err ").unwrap_or(&a).to_string(),
+            )),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(NetError::Timeout(
+                POLICY_DEADLINE,
+                "the egress policy".into(),
+            )),
+            Err(_) => Err(NetError::Policy("the network holder is gone".into())),
+        }
+    }
 }
 
 /// passt's command line (it runs in the VM directory, in the private
@@ -180,7 +229,10 @@ const SUBNET: &str = "10.0.2.0/24";
 impl GuestNet {
     /// Starts the guest network of the VM in `vm_dir` and waits until
     /// passt's socket is bound.
-    pub fn start(vm_dir: &super::super::VmDir) -> Result<GuestNet, NetError> {
+    pub fn start(
+        vm_dir: &super::super::VmDir,
+        policy: &crate::config::EgressPolicy,
+    ) -> Result<GuestNet, NetError> {
         if !has_default_route() {
             return Err(NetError::NoRoute);
         }
@@ -200,6 +252,12 @@ impl GuestNet {
         let clone_log = || log.stdio().map_err(NetError::Spawn);
         let passt_bin = crate::hosttools::require(PASST)?;
         let ip_bin = crate::hosttools::require("ip")?;
+        // nft programs every policy but `open` (which then needs no nft).
+        let (nft_bin, no_nft) = match crate::hosttools::require("nft") {
+            Ok(p) => (p, None),
+            Err(e) if *policy != crate::config::EgressPolicy::Open => return Err(e.into()),
+            Err(e) => ("-".into(), Some(e)),
+        };
         let pasta_bin = crate::hosttools::require(PASTA)?;
         // SAFETY: getuid/getgid have no preconditions.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
@@ -215,11 +273,12 @@ impl GuestNet {
             .arg("--net-holder")
             .arg(files::NET_RULES)
             .arg(&ip_bin)
+            .arg(&nft_bin)
             .arg(&passt_bin)
             .args(passt_args())
             .current_dir(vm_dir.path())
             .stdin(Stdio::piped())
-            .stdout(clone_log()?)
+            .stdout(Stdio::piped())
             .stderr(clone_log()?);
         super::confine_child(&mut holder);
         crate::sys::die_with_parent(&mut holder);
@@ -255,7 +314,25 @@ impl GuestNet {
         };
         let mut log = log;
         log.close_writer();
-        let mut net = GuestNet { passt, pasta };
+        let (stdin, acks) = match (passt.stdin.take(), passt.stdout.take()) {
+            (Some(i), Some(o)) => (i, ack_lines(o)),
+            _ => {
+                kill(&mut passt);
+                return Err(NetError::Spawn(std::io::Error::other(
+                    "no pipe to the holder",
+                )));
+            }
+        };
+        let control = std::sync::Arc::new(std::sync::Mutex::new(Control {
+            stdin,
+            acks,
+            no_nft,
+        }));
+        let mut net = GuestNet {
+            passt,
+            pasta,
+            control,
+        };
         let start = Instant::now();
         // Err(Some(status)): a helper exited; Err(None): the deadline passed.
         let wait = |net: &mut GuestNet, done: &dyn Fn() -> bool| loop {
@@ -287,17 +364,73 @@ impl GuestNet {
         if let Err(why) = wait(&mut net, &|| pidfile.metadata().is_ok_and(|m| m.len() > 0)) {
             return Err(fail(net, log, why, "pasta"));
         }
-        // 3. Open the gate: the holder closes what must be closed, starts
-        //    passt and relays DNS, inside the namespace.
-        if let Some(mut gate) = net.passt.stdin.take() {
-            use std::io::Write as _;
-            let _ = gate.write_all(b"go\n");
+        // 3. Open the gate with the initial policy: the holder closes what
+        //    must be closed, loads the policy, starts passt and relays DNS,
+        //    inside the namespace.
+        let gate = net.control.clone();
+        if let Err(e) = gate.lock().unwrap_or_else(|e| e.into_inner()).send(policy) {
+            drop(net);
+            log.finish();
+            return Err(match e {
+                NetError::Policy(m) => NetError::EarlyExit {
+                    status: m,
+                    log: crate::text::tail_file(&log_path, 1000),
+                },
+                e => e,
+            });
         }
         if let Err(why) = wait(&mut net, &|| sock.exists()) {
             return Err(fail(net, log, why, "passt"));
         }
         Ok(net)
     }
+}
+
+impl GuestNet {
+    /// A handle that changes the egress policy of the running network
+    /// (blocking: one round trip to the holder, one nft transaction).
+    pub fn policy_handle(&self) -> PolicyHandle {
+        PolicyHandle(self.control.clone())
+    }
+}
+
+/// Changes the egress policy of a running guest network.
+#[derive(Clone)]
+pub struct PolicyHandle(std::sync::Arc<std::sync::Mutex<Control>>);
+
+impl PolicyHandle {
+    /// Applies `policy` (already normalised): the holder loads it in one
+    /// nft transaction and its relay switches names at the same moment.
+    /// Blocking.
+    pub fn set_policy(&self, policy: &crate::config::EgressPolicy) -> Result<(), NetError> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(policy)
+    }
+}
+
+/// The holder's answer lines, read by a thread of their own (bounded: a
+/// line is a few bytes; anything longer is cut).
+fn ack_lines(out: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    use std::io::{BufRead as _, Read as _};
+    let (tx, rx) = std::sync::mpsc::sync_channel(8);
+    std::thread::spawn(move || {
+        let mut r = std::io::BufReader::new(out);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match (&mut r).take(4096).read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    if tx.send(line.trim_end().to_string()).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    rx
 }
 
 impl Drop for GuestNet {

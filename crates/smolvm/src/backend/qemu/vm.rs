@@ -114,7 +114,7 @@ impl QemuVm {
         // them (a blocking-pool thread would end and take them along). No
         // client is served before the launch anyway.
         let net = if spec.network {
-            Some(GuestNet::start(dir)?)
+            Some(GuestNet::start(dir, &spec.egress)?)
         } else {
             None
         };
@@ -444,6 +444,20 @@ impl QemuVm {
     }
 }
 
+/// A VM created without a NIC: `off` holds already; nothing can add one.
+fn no_nic_egress(policy: &crate::config::EgressPolicy) -> Result<(), VmmError> {
+    if *policy == crate::config::EgressPolicy::Off {
+        return Ok(());
+    }
+    Err(VmmError {
+        kind: smolvm_proto::supervisor::ControlErrorKind::InvalidState,
+        message: "the VM was created without a network; the egress policy cannot add one \
+                  (recreate it with the network on)"
+            .into(),
+        missing_tool: None,
+    })
+}
+
 fn boundary(what: &'static str) -> impl Fn(QemuError) -> VmmError {
     move |e| e.into_vmm_error(what)
 }
@@ -462,6 +476,36 @@ impl Vmm for QemuVm {
             self.command("cont")
                 .await
                 .map_err(boundary("cannot resume"))
+        })
+    }
+
+    fn set_egress(
+        &mut self,
+        policy: &crate::config::EgressPolicy,
+    ) -> BoxFuture<'_, Result<(), VmmError>> {
+        let policy = policy.clone();
+        let handle = self._net.as_ref().map(GuestNet::policy_handle);
+        Box::pin(async move {
+            let Some(handle) = handle else {
+                return no_nic_egress(&policy);
+            };
+            let r = tokio::task::spawn_blocking(move || handle.set_policy(&policy)).await;
+            match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(NetError::Missing(m))) => Err(QemuError::Net(NetError::Missing(m))
+                    .into_vmm_error("cannot change the egress policy")),
+                // Not a host defect (as at start): the network failed.
+                Ok(Err(e)) => Err(VmmError {
+                    kind: smolvm_proto::supervisor::ControlErrorKind::Other,
+                    message: format!("cannot change the egress policy: {e}"),
+                    missing_tool: None,
+                }),
+                Err(e) => Err(VmmError {
+                    kind: smolvm_proto::supervisor::ControlErrorKind::Other,
+                    message: format!("cannot change the egress policy: {e}"),
+                    missing_tool: None,
+                }),
+            }
         })
     }
 
