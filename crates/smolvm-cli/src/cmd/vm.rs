@@ -299,6 +299,19 @@ pub async fn info(a: InfoArgs) -> anyhow::Result<u8> {
             println!("last error:  {}", smolvm::text::escape_line(e));
         }
         println!("directory:   {}", info.vm_dir.display());
+        let sbx = Sandbox::from_id(&a.id).await?;
+        for p in sbx.ports().await.unwrap_or_default() {
+            println!(
+                "port:        {}:{} -> guest 127.0.0.1:{}",
+                p.host_addr, p.host_port, p.guest_port
+            );
+        }
+        if sbx.pinned_host_key().is_some() {
+            println!(
+                "ssh:         smolvm ssh {}   (the full command: smolvm ssh {} --print)",
+                info.id, info.id
+            );
+        }
     }
     Ok(0)
 }

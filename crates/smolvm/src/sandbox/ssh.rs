@@ -166,6 +166,17 @@ impl Sandbox {
     /// its host key is pinned, and a host port forwards to it. Idempotent
     /// (the existing forward is reused).
     pub async fn ensure_ssh(&self) -> Result<SshAccess> {
+        let state = self.status().await?;
+        if state != crate::state::VmState::Running {
+            return Err(Error::InvalidState {
+                id: self.id.clone(),
+                state,
+                hint: format!(
+                    "SSH needs a running VM; start (or resume) it first: smolvm start {}",
+                    self.id
+                ),
+            });
+        }
         let (key, public) = tokio::task::spawn_blocking(client_key)
             .await
             .map_err(|e| Error::Invalid(format!("the key set-up failed: {e}")))??;
@@ -268,6 +279,7 @@ impl Sandbox {
                         Err(e) => last = e.to_string(),
                     }
                 }
+                // Booting: the agent is not there yet.
                 Err(e) if e.kind() == crate::error::ErrorKind::AgentUnavailable => {
                     last = e.to_string();
                 }
