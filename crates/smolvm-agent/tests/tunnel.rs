@@ -57,7 +57,10 @@ fn half_close_both_ways_and_bytes_intact() {
     // Connected first, the service's Eof before the end, Done last.
     assert_eq!(msgs.first(), Some(&GuestMsg::Connected));
     let eof = msgs.iter().position(|m| *m == GuestMsg::Eof).unwrap();
-    assert!(matches!(msgs.last(), Some(GuestMsg::Done { .. })), "{msgs:?}");
+    assert!(
+        matches!(msgs.last(), Some(GuestMsg::Done { .. })),
+        "{msgs:?}"
+    );
     assert_eq!(eof, msgs.len() - 2, "{msgs:?}");
 }
 
@@ -81,7 +84,10 @@ fn a_service_that_closes_first_still_takes_input() {
     a.send(1, HostMsg::Eof);
     let msgs = a.wait_until(1, WAIT, terminal);
     assert_eq!(data_of(&msgs), b"hello");
-    assert!(matches!(msgs.last(), Some(GuestMsg::Done { .. })), "{msgs:?}");
+    assert!(
+        matches!(msgs.last(), Some(GuestMsg::Done { .. })),
+        "{msgs:?}"
+    );
     assert_eq!(server.join().unwrap(), b"late words");
 }
 
@@ -142,7 +148,11 @@ fn an_undrained_tunnel_stops_at_its_window_and_cancel_resets() {
     // (one window plus the kernel's socket buffers).
     let w1 = written.load(Ordering::SeqCst);
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(written.load(Ordering::SeqCst), w1, "the service kept writing");
+    assert_eq!(
+        written.load(Ordering::SeqCst),
+        w1,
+        "the service kept writing"
+    );
     assert!(w1 < 32 * 1024 * 1024, "{w1}");
     a.send(1, HostMsg::Cancel);
     assert!(server.join().unwrap(), "the service never saw the reset");
