@@ -136,6 +136,9 @@ pub struct SandboxConfig {
     /// Host ports forwarded to the guest whenever it runs (`-p`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortForward>,
+    /// Start the guest's SSH server at every boot (else on first use).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ssh: bool,
 }
 
 pub use smolvm_proto::supervisor::{EgressPolicy, PortForward};
@@ -172,6 +175,7 @@ impl Default for SandboxConfig {
             cold: false,
             egress: EgressPolicy::Open,
             ports: Vec::new(),
+            ssh: false,
         }
     }
 }

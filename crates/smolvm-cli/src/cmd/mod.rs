@@ -184,6 +184,10 @@ pub struct VmFlags {
     /// (`[[ADDRESS:]HOST:]GUEST`; repeatable).
     #[arg(short = 'p', long = "publish", value_name = "[HOST:]GUEST")]
     pub publish: Vec<String>,
+    /// Start the guest's SSH server at every boot (else `smolvm ssh` starts
+    /// it on first use).
+    #[arg(long)]
+    pub ssh: bool,
 }
 
 impl VmFlags {
@@ -209,6 +213,7 @@ impl VmFlags {
                 .iter()
                 .map(|p| smolvm::sandbox::parse_forward(p))
                 .collect::<Result<_, _>>()?,
+            ssh: self.ssh,
             ..smolvm::SandboxConfig::default()
         })
     }

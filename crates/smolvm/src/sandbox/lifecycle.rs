@@ -276,7 +276,14 @@ impl Sandbox {
                 if self.adopt_interrupted_boot(&rec, boot_timeout).await? {
                     return Ok(());
                 }
-                self.boot(rec.state, boot_timeout).await
+                self.boot(rec.state, boot_timeout).await?;
+                if self.config.ssh {
+                    // sshd at boot, by config: up (and its host key
+                    // pinned) before the start returns.
+                    self.step("starting sshd");
+                    self.ensure_ssh().await?;
+                }
+                Ok(())
             }
         }
     }
