@@ -518,6 +518,28 @@ async fn snapshot_restore_and_fork_keep_forwards_and_get_own_host_keys() -> Resu
     Ok(())
 }
 
+async fn ssh_at_boot_by_config() -> Result<(), String> {
+    let mut c = config("fw-ssh");
+    c.ssh = true;
+    let vm = Sandbox::create(c).await.map_err(e2s)?;
+    vm.start(BOOT).await.map_err(e2s)?;
+    // Up before the start returned: pinned, forwarded, logging in.
+    check!(vm.pinned_host_key().is_some());
+    let fwd = vm.ports().await.map_err(e2s)?;
+    check!(fwd.iter().any(|p| p.guest_port == 22), "{fwd:?}");
+    let a = vm.ensure_ssh().await.map_err(e2s)?;
+    let (code, out, _) = vm
+        .ssh_output(&a, &["hostname".into()], Duration::from_secs(30), false)
+        .await
+        .map_err(e2s)?;
+    check_eq!((code, String::from_utf8_lossy(&out).trim()), (0, "fw-ssh"));
+    // A paused VM is refused at once, with the state.
+    vm.pause().await.map_err(e2s)?;
+    expect_kind(vm.ensure_ssh().await, ErrorKind::InvalidState)?;
+    vm.delete().await.map_err(e2s)?;
+    Ok(())
+}
+
 async fn sweep(keep: &[&str]) {
     let Ok(list) = Sandbox::list().await else {
         return;
@@ -539,6 +561,7 @@ fn main() {
         nothing_listening_is_refused_and_bad_forwards_are_errors,
         forwards_survive_pause_and_two_vms_get_distinct_ports,
         ssh_logs_in_against_the_pinned_host_key,
+        ssh_at_boot_by_config,
         snapshot_restore_and_fork_keep_forwards_and_get_own_host_keys,
     ];
     list_if_asked(&case_names(&cases));
