@@ -11,7 +11,8 @@ pub enum Out {
     Sandbox(Box<smolvm::Sandbox>),
     /// New VMs (a fork's children).
     Sandboxes(Vec<smolvm::Sandbox>),
-    Info(Box<smolvm::sandbox::VmInfo>),
+    /// A VM's info, with fields added to it (what the config holds).
+    Info(Box<smolvm::sandbox::VmInfo>, Option<serde_json::Value>),
     List(Vec<smolvm::sandbox::VmInfo>),
     Exec(smolvm::ExecOutput),
     Seconds(f64),
@@ -35,11 +36,11 @@ impl Out {
                     .collect::<PyResult<Vec<_>>>()?;
                 pyo3::types::PyList::new(py, items)?.into_any().unbind()
             }
-            Out::Info(info) => info_dict(py, &info)?.unbind(),
+            Out::Info(info, extra) => info_dict(py, &info, extra)?.unbind(),
             Out::List(infos) => {
                 let items = infos
                     .iter()
-                    .map(|i| info_dict(py, i))
+                    .map(|i| info_dict(py, i, None))
                     .collect::<PyResult<Vec<_>>>()?;
                 pyo3::types::PyList::new(py, items)?.into_any().unbind()
             }
@@ -72,7 +73,11 @@ impl Out {
 
 /// A VM's info as a dict, through its JSON form (the same fields as
 /// `smolvm info --json`).
-fn info_dict<'py>(py: Python<'py>, info: &smolvm::sandbox::VmInfo) -> PyResult<Bound<'py, PyAny>> {
+fn info_dict<'py>(
+    py: Python<'py>,
+    info: &smolvm::sandbox::VmInfo,
+    extra: Option<serde_json::Value>,
+) -> PyResult<Bound<'py, PyAny>> {
     let mut v = serde_json::to_value(info).map_err(|e| {
         raise(
             "io",
@@ -85,6 +90,9 @@ fn info_dict<'py>(py: Python<'py>, info: &smolvm::sandbox::VmInfo) -> PyResult<B
     // The recorded reason may quote the guest (a panic line): escaped.
     if let Some(serde_json::Value::String(s)) = v.get_mut("last_error") {
         *s = smolvm::text::escape_line(s);
+    }
+    if let (Some(serde_json::Value::Object(add)), Some(obj)) = (extra, v.as_object_mut()) {
+        obj.extend(add);
     }
     let text = v.to_string();
     py.import("json")?.call_method1("loads", (text,))

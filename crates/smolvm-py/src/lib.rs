@@ -15,6 +15,7 @@
 //! library's error kind (docs/errors.md).
 
 mod convert;
+mod net;
 mod runtime;
 
 use convert::{raise, Out};
@@ -63,6 +64,8 @@ pub(crate) struct Sandbox {
     /// The process that made the handle: its runtime's connections do not
     /// survive a fork.
     pid: u32,
+    /// SSH access for `ssh_exec`, set up on first use.
+    ssh: net::SshCache,
 }
 
 impl Sandbox {
@@ -70,6 +73,7 @@ impl Sandbox {
         Sandbox {
             inner: Arc::new(inner),
             pid: std::process::id(),
+            ssh: net::SshCache::default(),
         }
     }
 
@@ -262,7 +266,11 @@ impl Sandbox {
     fn info(&self, py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
         let sb = self.handle()?;
         run_op(py, "info", self.id_owned(), done, async move {
-            Ok(Out::Info(Box::new(sb.info().await?)))
+            // With what the inventory's info leaves out: the egress
+            // policy and the forwards opened at each start.
+            let (egress, ports) = (json(&sb.config().egress), json(&sb.config().ports));
+            let extra = serde_json::json!({ "egress": egress, "ports": ports });
+            Ok(Out::Info(Box::new(sb.info().await?), Some(extra)))
         })
     }
 
@@ -758,6 +766,145 @@ impl Sandbox {
         })
     }
 
+    /// Forwards `host_addr:host_port` (0: a free port) to `guest_port` on
+    /// the guest's loopback for this run; returns the forward as a dict.
+    #[pyo3(signature = (guest_port, host_port=0, host_addr=None, done=None))]
+    fn expose(
+        &self,
+        py: Python<'_>,
+        guest_port: u16,
+        host_port: u16,
+        host_addr: Option<String>,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let host_addr = match host_addr {
+            None => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            Some(a) => a.parse().map_err(|_| {
+                raise(
+                    "invalid_input",
+                    &format!("host address {a:?} is not an IP address"),
+                    self.id_owned().as_deref(),
+                    None,
+                    "expose_local",
+                )
+            })?,
+        };
+        let fwd = smolvm::config::PortForward {
+            host_addr,
+            host_port,
+            guest_port,
+        };
+        let sb = self.handle()?;
+        run_op(py, "expose_local", self.id_owned(), done, async move {
+            Ok(Out::Json(net::forward_json(&sb.expose(fwd).await?)))
+        })
+    }
+
+    /// Closes the forward on `host_port`; returns it as a dict.
+    #[pyo3(signature = (host_port, done=None))]
+    fn unexpose(
+        &self,
+        py: Python<'_>,
+        host_port: u16,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let sb = self.handle()?;
+        run_op(py, "unexpose_local", self.id_owned(), done, async move {
+            Ok(Out::Json(net::forward_json(&sb.unexpose(host_port).await?)))
+        })
+    }
+
+    /// The VM's open forwards, as dicts (none unless it runs).
+    #[pyo3(signature = (done=None))]
+    fn ports(&self, py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+        let sb = self.handle()?;
+        run_op(py, "list_ports", self.id_owned(), done, async move {
+            let list = sb.ports().await?;
+            Ok(Out::Json(list.iter().map(net::forward_json).collect()))
+        })
+    }
+
+    /// Sets SSH up (sshd in the guest, its host key pinned, a forward to
+    /// it); returns the access as a dict (`argv`, `command_line`, ...).
+    #[pyo3(signature = (done=None))]
+    fn ensure_ssh(&self, py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+        let (sb, cache) = (self.handle()?, self.ssh.clone());
+        run_op(py, "ssh_commands", self.id_owned(), done, async move {
+            Ok(Out::Json(net::access_json(
+                &net::access(&sb, &cache).await?,
+            )))
+        })
+    }
+
+    /// Waits until an SSH login runs a command; returns the access.
+    #[pyo3(signature = (timeout, done=None))]
+    fn wait_for_ssh(
+        &self,
+        py: Python<'_>,
+        timeout: f64,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let t = seconds("wait_for_ssh", "timeout", timeout)?;
+        let (sb, cache) = (self.handle()?, self.ssh.clone());
+        run_op(py, "wait_for_ssh", self.id_owned(), done, async move {
+            net::check_running(&sb).await?;
+            let a = sb.wait_for_ssh(t).await?;
+            *cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(a.clone());
+            Ok(Out::Json(net::access_json(&a)))
+        })
+    }
+
+    /// Runs `argv` through SSH (one connection per VM, kept open); the
+    /// result has `exec`'s shape.
+    #[pyo3(signature = (argv, env, cwd=None, timeout=None, max_output=None, done=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn ssh_exec(
+        &self,
+        py: Python<'_>,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        timeout: Option<f64>,
+        max_output: Option<usize>,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        if argv.is_empty() {
+            return Err(raise(
+                "invalid_input",
+                "the command is empty",
+                self.id_owned().as_deref(),
+                None,
+                "run",
+            ));
+        }
+        for (k, v) in &env {
+            if smolvm::config::parse_env(&format!("{k}={v}")).is_err() || k.contains('=') {
+                return Err(raise(
+                    "invalid_input",
+                    &format!(
+                        "invalid environment variable {k:?}: over SSH keys match \
+                         ^[A-Za-z_][A-Za-z0-9_]*$ and values hold no NUL"
+                    ),
+                    self.id_owned().as_deref(),
+                    None,
+                    "run",
+                ));
+            }
+        }
+        let timeout = timeout.map(|t| seconds("run", "timeout", t)).transpose()?;
+        let cmd = net::SshCommand {
+            argv,
+            env,
+            cwd,
+            timeout,
+            max_output,
+        };
+        let (sb, cache) = (self.handle()?, self.ssh.clone());
+        run_op(py, "run", self.id_owned(), done, async move {
+            Ok(Out::Exec(net::ssh_exec(&sb, &cache, cmd).await?))
+        })
+    }
+
     fn __repr__(&self) -> String {
         format!("<smolvm._native.Sandbox {:?}>", self.inner.id())
     }
@@ -892,6 +1039,21 @@ fn check_backend(name: &str) -> PyResult<()> {
         })
 }
 
+/// `[[ADDR:]HOST:]GUEST` as a forward dict (the CLI's `-p` rule).
+#[pyfunction]
+fn parse_forward(spec: &str) -> PyResult<Py<PyAny>> {
+    match smolvm::sandbox::parse_forward(spec) {
+        Ok(f) => Python::attach(|py| Out::Json(net::forward_json(&f)).into_py(py)),
+        Err(e) => Err(raise(
+            e.kind().as_str(),
+            &e.to_string(),
+            None,
+            None,
+            "create",
+        )),
+    }
+}
+
 /// Where VMs and the inventory live (`SMOLVM_DATA_DIR`, as for the CLI).
 #[pyfunction]
 fn data_dir() -> std::path::PathBuf {
@@ -914,5 +1076,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(data_dir, m)?)?;
     m.add_function(wrap_pyfunction!(check_backend, m)?)?;
     m.add_function(wrap_pyfunction!(escape_text, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_forward, m)?)?;
     Ok(())
 }
