@@ -23,13 +23,23 @@ from typing import (
 )
 
 from . import _aio, _native
+from ._net import NetworkMethods, _check_channel, _egress_spec, _ports_spec
 from .exceptions import (
     OperationTimeoutError,
     SmolVMError,
     ValidationError,
     _from_native,
 )
-from .types import CommandResult, SnapshotInfo, SnapshotType, StreamEvent, VMConfig, VMInfo, VMState
+from .types import (
+    CommandResult,
+    InternetSettings,
+    SnapshotInfo,
+    SnapshotType,
+    StreamEvent,
+    VMConfig,
+    VMInfo,
+    VMState,
+)
 
 __all__ = ["SmolVM"]
 
@@ -122,18 +132,6 @@ def _check_backend(backend: Any) -> None:
     if not isinstance(backend, str):
         raise _validation(f"backend must be a string such as 'qemu', not {backend!r}")
     _native.check_backend(backend)
-
-
-def _check_channel(comm_channel: Any) -> None:
-    comm_channel = _value(comm_channel)
-    if comm_channel in (None, "vsock"):
-        return
-    if comm_channel == "ssh":
-        raise _validation(
-            "comm_channel='ssh' is not available yet: commands run through the guest "
-            "agent's channel; use comm_channel='vsock' (or leave it out)"
-        )
-    raise _validation(f"comm_channel must be 'vsock' or 'ssh', not {comm_channel!r}")
 
 
 def _stderr_progress(text: str) -> None:
@@ -273,6 +271,8 @@ def _create_spec(
     os: Optional[str],
     comm_channel: Optional[str],
     cold: bool = False,
+    internet_settings: Any = None,
+    ports: Any = None,
 ) -> str:
     """The library's SandboxConfig (JSON) for these arguments, checked."""
     if config is not None and not isinstance(config, VMConfig):
@@ -286,6 +286,7 @@ def _create_spec(
             for k, v in dict(
                 name=name, image=image, disk_size=disk_size, env=env, os=os,
                 memory=memory, vcpus=vcpus, network=network,
+                internet_settings=internet_settings, ports=ports,
             ).items()
             if v is not None and v != _DEFAULTS.get(k)
         )
@@ -301,6 +302,7 @@ def _create_spec(
         comm_channel = comm_channel if comm_channel is not None else config.comm_channel
         name, memory, vcpus = config.vm_id, config.memory, config.vcpu_count
         disk_size, network, env = config.disk_size_mib, config.network, config.env_vars
+        internet_settings, ports = config.internet_settings, config.ports
         image = _image_for(config.image, config.guest_os)
     else:
         image = _image_for(image, os)
@@ -312,6 +314,7 @@ def _create_spec(
         raise _validation(f"network must be True or False, not {network!r}")
     if not isinstance(cold, bool):
         raise _validation(f"cold must be True or False, not {cold!r}")
+    egress, network = _egress_spec(internet_settings, network)
     spec: Dict[str, Any] = {
         "name": name,
         "image": image,
@@ -321,7 +324,10 @@ def _create_spec(
         "network": network,
         "env": _env("env", env),
         "cold": cold,
+        "ports": _ports_spec(ports),
     }
+    if egress is not None:
+        spec["egress"] = egress
     for key in ("memory_mib", "cpus", "disk_size_mib"):
         if spec[key] is not None and spec[key] < 0:
             raise _validation(f"{key} must not be negative")
@@ -400,7 +406,7 @@ def _no_running_loop(method: str) -> None:
     )
 
 
-class SmolVM:
+class SmolVM(NetworkMethods):
     """A disposable, hardware-isolated Linux VM.
 
     ``SmolVM()`` creates a VM (state ``CREATED``; its image is built first
@@ -432,14 +438,28 @@ class SmolVM:
         disk_size: Root disk size: MiB as an int, or a string like ``"4G"``;
             the image's size when None.
         network: Outbound network for the guest; the guest never reaches
-            the host's own services.
+            the host's own services. False: no network device at all.
+        internet_settings: What the guest may reach: an
+            :class:`InternetSettings` or a dict with its keys (``mode``
+            ``"open"``/``"off"``/``"allowlist"``/``"restricted"``,
+            ``allowed_domains``, ``allowed_cidrs``). ``mode="off"`` is
+            ``network=False``.
+        ports: Host ports forwarded to the guest whenever it starts: guest
+            ports (``8080``: on a free host port), ``"HOST:GUEST"`` strings
+            (``"ADDR:HOST:GUEST"`` to listen beyond 127.0.0.1), ``(host,
+            guest)`` tuples, dicts ``{"host_port": ..., "guest_port":
+            ...}`` or :class:`PortForward` objects. A taken host port fails the
+            start (:class:`NetworkError`). :meth:`list_ports` shows them.
         env: Environment variables for every command run in the VM.
         vm_id: Reconnect to this existing VM instead (as :meth:`from_id`).
         backend: ``"auto"`` or ``"qemu"``; a VMM that cannot run here is a
             :class:`HostError`.
         os: ``"debian"``; other systems have no image yet
             (:class:`ValidationError`).
-        comm_channel: ``"vsock"`` (the guest agent's channel, the default).
+        comm_channel: How :meth:`run` reaches the guest: ``"vsock"`` (the
+            guest agent's channel, the default) or ``"ssh"`` (a real SSH
+            login, one kept connection per VM). A choice of this handle:
+            other handles on the VM choose their own.
         cold: Always boot the guest. By default a VM's first start
             continues the warm boot snapshot of its image and shape (made
             by the first VM of that shape to boot): much faster, with
@@ -471,29 +491,35 @@ class SmolVM:
         os: Optional[str] = None,
         comm_channel: Optional[str] = None,
         cold: bool = False,
+        internet_settings: Union[InternetSettings, Mapping[str, Any], None] = None,
+        ports: Optional[Sequence[Any]] = None,
         on_progress: Optional[ProgressCallback] = None,
     ) -> None:
         self._on_progress = on_progress
         self._closed = False
+        self._channel = "vsock"
         if vm_id is not None:
             given = sorted(
                 k
                 for k, v in dict(
                     config=config, name=name, image=image, disk_size=disk_size, env=env, os=os,
                     memory=memory, vcpus=vcpus, network=network, cold=cold,
+                    internet_settings=internet_settings, ports=ports,
                 ).items()
                 if v is not None and v != _DEFAULTS.get(k)
             )
             if given:
                 raise _validation(f"vm_id= reconnects to an existing VM; drop {', '.join(given)}", "from_id", vm_id)
             _check_backend(backend)
-            _check_channel(comm_channel)
+            self._channel = _check_channel(comm_channel, "from_id", vm_id)
             self._native = _native.Sandbox.from_id(_vm_id_arg(vm_id), _progress(on_progress))
             self._owns_vm = False
             return
         spec = _create_spec(
-            config, name, image, memory, vcpus, disk_size, network, env, backend, os, comm_channel, cold
+            config, name, image, memory, vcpus, disk_size, network, env, backend, os, comm_channel, cold,
+            internet_settings, ports,
         )
+        self._channel = _channel_of(config, comm_channel)
         # No warning on an event loop: `async with SmolVM() as vm` is the
         # documented form, and a create takes milliseconds once the image
         # exists (`await SmolVM.async_create()` when it may not).
@@ -501,12 +527,15 @@ class SmolVM:
         self._owns_vm = True
 
     @classmethod
-    def _adopt(cls, handle: Any, owns: bool, on_progress: Optional[ProgressCallback]) -> "SmolVM":
+    def _adopt(
+        cls, handle: Any, owns: bool, on_progress: Optional[ProgressCallback], channel: str = "vsock"
+    ) -> "SmolVM":
         vm = cls.__new__(cls)
         vm._native = handle
         vm._owns_vm = owns
         vm._closed = False
         vm._on_progress = on_progress
+        vm._channel = channel
         return vm
 
     @classmethod
@@ -525,6 +554,8 @@ class SmolVM:
         os: Optional[str] = None,
         comm_channel: Optional[str] = None,
         cold: bool = False,
+        internet_settings: Union[InternetSettings, Mapping[str, Any], None] = None,
+        ports: Optional[Sequence[Any]] = None,
         on_progress: Optional[ProgressCallback] = None,
     ) -> "SmolVM":
         """``SmolVM(...)`` without blocking the event loop (an image build
@@ -534,40 +565,57 @@ class SmolVM:
                 print((await vm.async_run("hostname")).output)
         """
         spec = _create_spec(
-            config, name, image, memory, vcpus, disk_size, network, env, backend, os, comm_channel, cold
+            config, name, image, memory, vcpus, disk_size, network, env, backend, os, comm_channel, cold,
+            internet_settings, ports,
         )
+        channel = _channel_of(config, comm_channel)
         progress = _progress(on_progress)
         handle = await _aio.call(
             lambda done: _native.Sandbox.create(spec, progress, done),
             # Made just as the await was cancelled: remove it in the background.
             orphan=lambda h: h.delete(lambda ok, value: None),
         )
-        return cls._adopt(handle, True, on_progress)
+        return cls._adopt(handle, True, on_progress, channel)
 
     # -- reconnecting and listing -------------------------------------
 
     @classmethod
-    def from_id(cls, vm_id: str, *, on_progress: Optional[ProgressCallback] = None) -> "SmolVM":
+    def from_id(
+        cls,
+        vm_id: str,
+        *,
+        comm_channel: Optional[str] = None,
+        on_progress: Optional[ProgressCallback] = None,
+    ) -> "SmolVM":
         """A handle on an existing VM, from any process.
 
         Leaving a ``with`` block of such a handle stops the VM but does not
-        delete it.
+        delete it. ``comm_channel="ssh"`` makes this handle's :meth:`run`
+        go through SSH (as ``SmolVM(comm_channel=...)``).
 
         Raises:
             VMNotFoundError: No VM has that id.
             ValidationError: No VM can have that id.
         """
+        channel = _check_channel(comm_channel, "from_id", vm_id if isinstance(vm_id, str) else None)
         _no_running_loop("from_id")
         handle = _native.Sandbox.from_id(_vm_id_arg(vm_id), _progress(on_progress))
-        return cls._adopt(handle, False, on_progress)
+        return cls._adopt(handle, False, on_progress, channel)
 
     @classmethod
-    async def async_from_id(cls, vm_id: str, *, on_progress: Optional[ProgressCallback] = None) -> "SmolVM":
+    async def async_from_id(
+        cls,
+        vm_id: str,
+        *,
+        comm_channel: Optional[str] = None,
+        on_progress: Optional[ProgressCallback] = None,
+    ) -> "SmolVM":
         """:meth:`from_id` without blocking the event loop."""
         vm_id = _vm_id_arg(vm_id)
+        channel = _check_channel(comm_channel, "from_id", vm_id)
         progress = _progress(on_progress)
         handle = await _aio.call(lambda done: _native.Sandbox.from_id(vm_id, progress, done))
-        return cls._adopt(handle, False, on_progress)
+        return cls._adopt(handle, False, on_progress, channel)
 
     @staticmethod
     def list() -> List[VMInfo]:
@@ -762,6 +810,14 @@ class SmolVM:
             on_stdout, on_stderr: Called with each chunk of output (text)
                 as it arrives, on this thread.
 
+        With ``comm_channel="ssh"`` the command runs through a real SSH
+        login (set up on first use; one kept connection per VM), with the
+        VM's ``env``, ``cwd`` and ``timeout`` applied in the guest's shell
+        line; the result is the same. With ``on_stdout``/``on_stderr`` (and
+        :meth:`run_stream`, :meth:`spawn`, :meth:`pty`, files) it uses the
+        agent channel. Over SSH an exit status of 255 is SSH's own failure
+        (:class:`NetworkError`), and ``max_output`` trims what came back.
+
         Returns:
             A :class:`CommandResult`; a non-zero exit code is not an error
             (a shell's "command not found" is exit code 127). Its output is
@@ -785,6 +841,8 @@ class SmolVM:
         argv, env_items, cwd, t = self._exec_args(command, timeout, shell, env, cwd)
         cap = _max_output(max_output, self.vm_id)
         _no_running_loop("run")
+        if self._channel == "ssh":
+            return self._run_ssh(command, argv, env_items, cwd, t, cap)
         out = self._h.exec(argv, env_items, cwd, t, None, cap)
         return _result(self.vm_id, command, t, out)
 
@@ -1178,7 +1236,7 @@ class SmolVM:
         """
         n = _fork_count(count, self.vm_id)
         _no_running_loop("fork")
-        return [type(self)._adopt(h, False, None) for h in self._h.fork(n)]
+        return [type(self)._adopt(h, False, None, self._channel) for h in self._h.fork(n)]
 
     async def async_fork(self, count: int) -> List["SmolVM"]:
         """:meth:`fork` without blocking the event loop. Once begun it
@@ -1192,7 +1250,7 @@ class SmolVM:
                 c.delete(lambda ok, value: None)
 
         handles = await _aio.call(lambda done: h.fork(n, done), orphan=orphan, cancel_op=False)
-        return [type(self)._adopt(c, False, None) for c in handles]
+        return [type(self)._adopt(c, False, None, self._channel) for c in handles]
 
     @staticmethod
     def list_snapshots() -> List[SnapshotInfo]:
@@ -1280,6 +1338,8 @@ class SmolVM:
         awaiting task kills the command in the guest."""
         argv, env_items, cwd, t = self._exec_args(command, timeout, shell, env, cwd)
         cap = _max_output(max_output, self.vm_id)
+        if self._channel == "ssh":
+            return await self._async_run_ssh(command, argv, env_items, cwd, t, cap)
         h = self._h
         out = await _aio.call(lambda done: h.exec(argv, env_items, cwd, t, None, cap, done))
         return _result(self.vm_id, command, t, out)
@@ -1386,6 +1446,13 @@ class SmolVM:
 
 
 SmolVM.__module__ = "smolvm"
+
+
+def _channel_of(config: Optional[VMConfig], comm_channel: Any) -> str:
+    """The channel a new VM's handle runs commands through."""
+    if comm_channel is None and config is not None:
+        comm_channel = config.comm_channel
+    return _check_channel(comm_channel)
 
 
 def _vm_id_arg(vm_id: Any) -> str:

@@ -23,6 +23,7 @@ start)
 ``snapshot_not_found``                   :class:`SnapshotNotFoundError`
 ``snapshot_already_exists``              :class:`SnapshotAlreadyExistsError`
 ``snapshot_invalid``                     :class:`SnapshotError`
+``network``                              :class:`NetworkError`
 ``busy``, ``vmm_died``, ``io``           :class:`SmolVMError`
 =======================================  ==========================================
 """
@@ -48,6 +49,7 @@ __all__ = [
     "SnapshotError",
     "SnapshotNotFoundError",
     "SnapshotAlreadyExistsError",
+    "NetworkError",
 ]
 
 
@@ -265,6 +267,15 @@ class SnapshotAlreadyExistsError(SnapshotError):
         )
 
 
+class NetworkError(SmolVMError):
+    """A network operation failed: a host port is taken (a forward cannot
+    listen), an SSH login or tunnel failed (a changed guest host key is
+    refused), the VM has no network (:meth:`SmolVM.get_ip` of a VM made
+    with ``network=False``), or an egress policy could not be applied."""
+
+    kind = "network"
+
+
 _BY_KIND: dict[str, type[SmolVMError]] = {
     "snapshot_not_found": SnapshotNotFoundError,
     "snapshot_already_exists": SnapshotAlreadyExistsError,
@@ -286,6 +297,7 @@ _BY_KIND: dict[str, type[SmolVMError]] = {
     "image": ImageError,
     "host_tool_missing": HostError,
     "host_unsupported": HostError,
+    "network": NetworkError,
 }
 
 # The library's messages name CLI commands as the fix; from Python the fix

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import datetime as _dt
+import ipaddress as _ip
+import re as _re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
+from urllib.parse import urlsplit as _urlsplit
+
+from .exceptions import ValidationError
 
 __all__ = [
     "VMState",
     "SnapshotType",
     "CommandResult",
+    "InternetSettings",
+    "PortForward",
     "VMConfig",
     "VMInfo",
     "SnapshotInfo",
@@ -82,6 +89,217 @@ class CommandResult:
         return self.stdout.strip()
 
 
+# -- networking ----------------------------------------------------------
+
+#: ``InternetSettings.mode`` values; ``"restricted"`` (the older package's
+#: name) is an allowlist.
+_MODES = ("open", "off", "allowlist", "restricted")
+_SETTINGS_KEYS = ("mode", "allowed_domains", "allowed_cidrs")
+_LABEL = _re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _invalid(message: str) -> ValidationError:
+    return ValidationError(message, {"field": "internet_settings", "operation": "create"})
+
+
+def _entries(name: str, value: Any) -> List[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, set, frozenset)):
+        raise _invalid(f"internet_settings.{name} must be a list of strings, not {value!r}")
+    return list(value)
+
+
+def _domain(entry: Any) -> str:
+    """A name as the allowlist keeps it: lowercase, no trailing dot;
+    ``*.example.com`` admits the names below ``example.com``."""
+    if not isinstance(entry, str):
+        raise _invalid(f"internet_settings.allowed_domains entries must be strings, not {entry!r}")
+    text = entry.strip().lower()
+    if "://" in text:
+        # A URL: its host (the older package took URLs too).
+        parts = _urlsplit(text)
+        if parts.username or parts.password or parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise _invalid(
+                f"internet_settings.allowed_domains entry {entry!r} is a URL with more than a host; "
+                "give the host name only, such as 'example.com'"
+            )
+        text = parts.hostname or ""
+    elif text.count(":") == 1:
+        text = text.split(":", 1)[0]  # host:port: the allowlist is by name, any port
+    name = text.rstrip(".")
+    if name == "*":
+        raise _invalid("internet_settings.allowed_domains entry '*' admits every name; use mode='open'")
+    try:
+        _ip.ip_address(name.strip("[]"))
+    except ValueError:
+        pass
+    else:
+        raise _invalid(
+            f"internet_settings.allowed_domains entry {entry!r} is an address; "
+            "put addresses in allowed_cidrs (e.g. allowed_cidrs=['203.0.113.7'])"
+        )
+    labels = name[2:].split(".") if name.startswith("*.") else name.split(".")
+    if not name or len(name) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise _invalid(
+            f"internet_settings.allowed_domains entry {entry!r} is not a host name; use names such as "
+            "'example.com', or '*.example.com' for the names below it"
+        )
+    return name
+
+
+def _cidr(entry: Any) -> str:
+    """An IPv4 address or network as ``a.b.c.d/n`` (an address is ``/32``)."""
+    if not isinstance(entry, str):
+        raise _invalid(f"internet_settings.allowed_cidrs entries must be strings, not {entry!r}")
+    text = entry.strip()
+    try:
+        net = _ip.ip_network(text, strict=True)
+    except ValueError:
+        try:
+            loose = _ip.ip_network(text, strict=False)
+        except ValueError:
+            raise _invalid(
+                f"internet_settings.allowed_cidrs entry {entry!r} is not an IPv4 address or network; "
+                "use an address such as '203.0.113.7' or a network such as '203.0.113.0/24'"
+            ) from None
+        one = text.split("/", 1)[0]
+        raise _invalid(
+            f"internet_settings.allowed_cidrs entry {entry!r} has host bits set past /{loose.prefixlen}: "
+            f"the network is '{loose}' (or use '{one}' for that one address)"
+        ) from None
+    if net.version != 4:
+        raise _invalid(
+            f"internet_settings.allowed_cidrs entry {entry!r} is IPv6; the guest's network is IPv4 only"
+        )
+    return str(net)
+
+
+def _unique(items: List[str]) -> List[str]:
+    return list(dict.fromkeys(items))
+
+
+@dataclass(frozen=True)
+class InternetSettings:
+    """What the guest may reach on the network (``SmolVM(internet_settings=...)``).
+
+    Attributes:
+        mode: ``"open"`` (anything but the host's own services, the
+            default), ``"off"`` (no network device at all; commands, files
+            and port forwards still work: they ride the agent channel), or
+            ``"allowlist"`` (only the names and networks listed;
+            ``"restricted"``, the older package's name, means the same and
+            reads back as ``"allowlist"``). None: ``"allowlist"`` when
+            something is listed, else ``"open"``.
+        allowed_domains: Host names the guest may resolve and connect to
+            (``"example.com"``, ``"*.example.com"`` for the names below
+            it); kept lowercase without a trailing dot. A URL gives its
+            host; ``"*"`` alone means ``mode="open"``.
+        allowed_cidrs: IPv4 addresses and networks the guest may connect
+            to (``"203.0.113.7"``, kept as ``"203.0.113.7/32"``, or
+            ``"10.1.0.0/16"``).
+
+    A bad value is a :class:`ValidationError` at once, naming the entry and
+    what would do instead.
+    """
+
+    mode: Optional[str] = None
+    allowed_domains: List[str] = field(default_factory=list)
+    allowed_cidrs: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        mode = getattr(self.mode, "value", self.mode)
+        if mode is not None and (not isinstance(mode, str) or mode.lower() not in _MODES):
+            accepted = ", ".join(repr(m) for m in _MODES)
+            raise _invalid(f"internet_settings.mode must be one of {accepted}, not {mode!r}")
+        raw_domains = _entries("allowed_domains", self.allowed_domains)
+        cidrs = _unique([_cidr(c) for c in _entries("allowed_cidrs", self.allowed_cidrs)])
+        if mode is None and raw_domains and all(isinstance(d, str) and d.strip() == "*" for d in raw_domains):
+            # The older package's default, ["*"]: everything.
+            raw_domains = []
+            mode = "open" if not cidrs else None
+        domains = _unique([_domain(d) for d in raw_domains])
+        if mode is None:
+            mode = "allowlist" if domains or cidrs else "open"
+        mode = mode.lower()
+        if mode == "restricted":
+            mode = "allowlist"
+        if mode == "allowlist" and not domains and not cidrs:
+            raise _invalid(
+                "internet_settings: an allowlist with no allowed_domains and no allowed_cidrs lets "
+                "nothing through; use mode='off' for no network, or list what the guest may reach"
+            )
+        if mode != "allowlist" and (domains or cidrs):
+            raise _invalid(
+                f"internet_settings: allowed_domains and allowed_cidrs apply to mode='allowlist' "
+                f"(or 'restricted') only, not mode={mode!r}"
+            )
+        object.__setattr__(self, "mode", mode)
+        object.__setattr__(self, "allowed_domains", domains)
+        object.__setattr__(self, "allowed_cidrs", cidrs)
+
+    @classmethod
+    def _coerce(cls, value: Any) -> "InternetSettings":
+        """An ``InternetSettings`` from one, a dict with its keys, or an
+        object with its attributes (the older package's settings)."""
+        if isinstance(value, InternetSettings):
+            return value
+        if isinstance(value, Mapping):
+            unknown = sorted(str(k) for k in value if k not in _SETTINGS_KEYS)
+            if unknown:
+                accepted = ", ".join(repr(k) for k in _SETTINGS_KEYS)
+                raise _invalid(
+                    f"internet_settings has no key {unknown[0]!r}; the keys are {accepted}"
+                )
+            return cls(**{str(k): v for k, v in value.items()})
+        if any(hasattr(value, k) for k in _SETTINGS_KEYS):
+            return cls(**{k: getattr(value, k) for k in _SETTINGS_KEYS if hasattr(value, k)})
+        raise _invalid(
+            "internet_settings must be an InternetSettings or a dict with keys "
+            f"{', '.join(repr(k) for k in _SETTINGS_KEYS)}, not {type(value).__name__}"
+        )
+
+    def _policy(self) -> Any:
+        """The library's egress policy (its JSON form)."""
+        if self.mode == "allowlist":
+            return {"allowlist": {"domains": list(self.allowed_domains), "cidrs": list(self.allowed_cidrs)}}
+        return self.mode
+
+    @classmethod
+    def _from_policy(cls, policy: Any) -> "InternetSettings":
+        if isinstance(policy, Mapping) and "allowlist" in policy:
+            a = policy["allowlist"] or {}
+            return cls("allowlist", list(a.get("domains") or []), list(a.get("cidrs") or []))
+        return cls(policy if policy in ("open", "off") else "open")
+
+
+@dataclass(frozen=True)
+class PortForward:
+    """A host TCP port forwarded to a port on the guest's loopback
+    (:meth:`SmolVM.list_ports`, ``SmolVM(ports=...)``). The connection
+    rides the agent channel: it needs no guest network, and services the
+    guest binds to its own ``127.0.0.1`` are reached too.
+
+    Attributes:
+        host_port: The host port (bound).
+        guest_port: The guest port.
+        host_address: The host address it listens on (``127.0.0.1``
+            unless asked otherwise).
+    """
+
+    host_port: int
+    guest_port: int
+    host_address: str = "127.0.0.1"
+
+    @classmethod
+    def _from_native(cls, d: Mapping[str, Any]) -> "PortForward":
+        return cls(
+            host_port=int(d["host_port"]),
+            guest_port=int(d["guest_port"]),
+            host_address=str(d.get("host_address") or d.get("host_addr") or "127.0.0.1"),
+        )
+
+
 # Fields of the older Python `smolvm` package's VMConfig that select things
 # this SDK does not do (custom kernels and disks): accepted as None only, so
 # code that sets them learns so at once instead of getting another VM.
@@ -103,9 +321,17 @@ class VMConfig:
         image: Guest image name (default ``debian-12``).
         guest_os: ``"debian"`` (or None); other systems have no image yet.
         backend: ``"auto"``, ``"qemu"`` (``"firecracker"`` is not available).
-        comm_channel: ``"vsock"`` (the guest agent channel) or None.
+        comm_channel: ``"vsock"`` (the guest agent channel), ``"ssh"``
+            (:meth:`SmolVM.run` through SSH) or None. A choice of the
+            handle, not of the VM: an info always says ``"vsock"``.
         network: Outbound network for the guest (never the host's own
             services).
+        internet_settings: What the guest may reach (an
+            :class:`InternetSettings` or a dict); None: open (``"off"``
+            when ``network`` is False).
+        ports: Host ports forwarded to the guest whenever it starts (as
+            ``SmolVM(ports=...)``); ``host_port`` 0 picks a free one each
+            start.
     """
 
     vm_id: Optional[str] = None
@@ -118,10 +344,22 @@ class VMConfig:
     backend: Optional[str] = None
     comm_channel: Optional[str] = None
     network: bool = True
+    internet_settings: Optional[InternetSettings] = None
+    ports: List[Any] = field(default_factory=list)
     kernel_path: Optional[Any] = None
     initrd_path: Optional[Any] = None
     rootfs_path: Optional[Any] = None
     boot_args: Optional[str] = None
+
+
+def _settings_of(d: Mapping[str, Any]) -> Optional[InternetSettings]:
+    """A VM's egress policy as its info has it: None when the info does
+    not carry it (``SmolVM.list()``); ``"off"`` for a VM without network."""
+    if not d.get("network", True):
+        return InternetSettings("off")
+    if "egress" not in d:
+        return None
+    return InternetSettings._from_policy(d["egress"])
 
 
 @dataclass(frozen=True)
@@ -173,6 +411,8 @@ class VMInfo:
             backend="qemu",
             comm_channel="vsock",
             network=d["network"],
+            internet_settings=_settings_of(d),
+            ports=[PortForward._from_native(p) for p in d.get("ports") or []],
         )
         return cls(
             vm_id=d["id"],
