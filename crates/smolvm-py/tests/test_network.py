@@ -7,8 +7,9 @@ the errors of each.
 
 Nothing here sends traffic off the machine: the forwards and SSH ride the
 agent channel to VMs without a network device (``network=False``); the
-one VM with a network only reports its own address. Two VMs are booted for
-the module; the settings tests create VMs without starting them.
+session's VM (``running_vm``, with a network) only reports its own
+address. Two VMs are booted for the module; the settings tests create VMs
+without starting them.
 """
 
 from __future__ import annotations
@@ -286,28 +287,26 @@ def test_comm_channel_ssh_runs_commands_through_ssh(quiet):
     assert vm.run("true").ok, "the connection does not survive a timed-out command"
 
 
-def test_comm_channel_ssh_at_creation_and_the_guest_address(make_vm):
-    # A VM with a network device: it only reports its own address here.
-    vm = make_vm(comm_channel="ssh")
-    vm.start()
-    assert vm.run("hostname").output == vm.vm_id
-    assert vm.run("echo ${SSH_CONNECTION:+via-ssh}", shell="raw").output == "via-ssh"
-    assert vm.get_ip() == "10.0.2.15"
+def test_the_guest_address(running_vm):
+    # The session's VM with a network device: it only reports its address.
+    assert running_vm.get_ip() == "10.0.2.15"
 
 
 def test_two_vms_get_their_own_ports_and_a_deleted_vm_leaves_none(quiet, make_vm):
-    other = make_vm(network=False)
+    other = make_vm(network=False, comm_channel="ssh")
     other.start()
+    # comm_channel at creation: this handle runs commands through SSH.
+    assert other.run("hostname").output == other.vm_id
+    assert other.run("echo ${SSH_CONNECTION:+via-ssh}", shell="raw").output == "via-ssh"
     serve(other, 8001, "0.0.0.0", "other")
     mine, theirs = quiet.expose_local(8001), other.expose_local(8001)
     assert mine != theirs
     assert fetch(theirs) == "other"
-    other.wait_for_ssh()
-    ssh_ports = {p.host_port for p in other.list_ports()}
-    assert len(ssh_ports) == 2
-    assert not ssh_ports & {p.host_port for p in quiet.list_ports()}
+    ports = {p.host_port for p in other.list_ports()}
+    assert len(ports) == 2, other.list_ports()  # 8001's and SSH's
+    assert not ports & {p.host_port for p in quiet.list_ports()}
     other.delete()
-    for port in ssh_ports:
+    for port in ports:
         assert refused(port), f"host port {port} of a deleted VM still accepts connections"
     quiet.unexpose_local(mine)
 
