@@ -254,6 +254,10 @@ pub fn rebinding_guarded(ip: Ipv4Addr) -> bool {
         || o[0] == 0
         || o[0] >= 240
         || (o[0] == 100 && (o[1] & 0xc0) == 64)
+        // IETF protocol assignments; benchmarking (fake-IP proxies on
+        // hosts answer names with these).
+        || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+        || (o[0] == 198 && (o[1] & 0xfe) == 18)
 }
 
 #[cfg(test)]

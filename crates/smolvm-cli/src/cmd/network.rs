@@ -78,8 +78,9 @@ pub struct NetworkArgs {
 
 #[derive(clap::Subcommand)]
 enum NetworkCommand {
-    /// Change the egress policy (at once on a running sandbox: connections
-    /// the new policy does not admit are cut; kept for later starts).
+    /// Replace the egress policy (the --allow entries are the whole new
+    /// list). On a running sandbox at once: every open connection is cut;
+    /// kept for later starts.
     Set {
         id: String,
         #[command(flatten)]

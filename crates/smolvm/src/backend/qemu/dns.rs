@@ -234,10 +234,6 @@ struct RelayState {
 /// How long a learned address stays open: its TTL, within these bounds.
 pub const TTL_FLOOR: u32 = 30;
 pub const TTL_CAP: u32 = 3600;
-/// An element closer than this to its expiry is not deleted (the kernel
-/// may have expired it already, and deleting a missing element fails the
-/// batch): it is added again instead.
-const EXPIRY_MARGIN: Duration = Duration::from_secs(5);
 
 /// What to do with a guest's query under the current policy.
 #[derive(Debug, PartialEq, Eq)]
@@ -338,8 +334,14 @@ impl Relay {
             let secs = ttl.clamp(TTL_FLOOR, TTL_CAP);
             let until = now + Duration::from_secs(u64::from(secs));
             match s.admitted.get(&ip) {
+                // Open for at least half its new time still: not worth an
+                // nft run (a guest looping lookups costs no host CPU).
+                Some(&old) if old >= now + Duration::from_secs(u64::from(secs) / 2) => continue,
                 Some(&old) if old >= until => continue,
-                Some(&old) if old > now + EXPIRY_MARGIN => delete.push(ip),
+                // Still in the set (maybe): deleted first, then added with
+                // the new timeout, since `add` of an existing element does
+                // not refresh its timeout on every kernel.
+                Some(&old) if old > now => delete.push(ip),
                 _ => {}
             }
             add.push((ip, secs));
@@ -354,7 +356,12 @@ impl Relay {
                 return Err("the set of learned addresses is full".into());
             }
             let nft = self.nft.as_deref().ok_or("nft is not installed")?;
-            super::egress_nft::apply(nft, &super::egress_nft::dns4_update(&delete, &add))?;
+            if !delete.is_empty() {
+                // Its own transaction: an element that expired meanwhile
+                // fails it, and that is fine (gone is what we wanted).
+                let _ = super::egress_nft::apply(nft, &super::egress_nft::dns4_update(&delete, &[]));
+            }
+            super::egress_nft::apply(nft, &super::egress_nft::dns4_update(&[], &add))?;
             for (ip, secs) in add {
                 s.admitted
                     .insert(ip, now + Duration::from_secs(u64::from(secs)));
