@@ -189,10 +189,18 @@ impl GuestMsg {
     /// is applied, never queued).
     pub fn credit_cost(&self) -> u64 {
         match self {
+            // An empty chunk carries nothing but is still a frame to hold:
+            // it costs like any other message (the agent never sends one).
             GuestMsg::Stdout(b)
             | GuestMsg::Stderr(b)
             | GuestMsg::FileData(b)
-            | GuestMsg::Data(b) => b.len() as u64,
+            | GuestMsg::Data(b) => {
+                if b.is_empty() {
+                    MESSAGE_COST
+                } else {
+                    b.len() as u64
+                }
+            }
             GuestMsg::Entries(e) => e.iter().map(DirEntry::wire_cost).sum::<u64>() + MESSAGE_COST,
             GuestMsg::FileStart(st) => {
                 MESSAGE_COST + st.link_target.as_ref().map_or(0, |t| t.len() as u64)

@@ -36,6 +36,23 @@ const KEEP: &[&str] = &[FW];
 const LO_PORT: u16 = 8001;
 const ANY_PORT: u16 = 8002;
 const HALF_PORT: u16 = 8003;
+const ECHO_PORT: u16 = 8004;
+/// Echoes as it reads (both directions busy at once, the way `ssh cat`,
+/// rsync or any echo service are).
+const ECHO_SERVER: &str = r#"
+import socket, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 8004)); s.listen(8)
+def echo(c):
+    while True:
+        b = c.recv(65536)
+        if not b: break
+        c.sendall(b)
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=echo, args=(c,), daemon=True).start()
+"#;
 const HALF_SERVER: &str = r#"
 import socket
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -141,12 +158,14 @@ async fn start_servers(vm: &Sandbox) -> Result<(), String> {
         .await
         .map_err(e2s)?;
     }
-    vm.spawn(
-        smolvm::Command::Argv(vec!["python3".into(), "-c".into(), HALF_SERVER.into()]),
-        &opts,
-    )
-    .await
-    .map_err(e2s)?;
+    for server in [HALF_SERVER, ECHO_SERVER] {
+        vm.spawn(
+            smolvm::Command::Argv(vec!["python3".into(), "-c".into(), server.into()]),
+            &opts,
+        )
+        .await
+        .map_err(e2s)?;
+    }
     Ok(())
 }
 
@@ -253,6 +272,33 @@ async fn half_close_and_big_transfers() -> Result<(), String> {
     use sha2::Digest as _;
     let got = hex(&sha2::Sha256::digest(body));
     check_eq!(got, http_get(any, "/big.sum").await?.trim());
+    // Both ways at once: 64 MiB written while the echo comes back.
+    let echo = forward(&vm, &ECHO_PORT.to_string()).await?;
+    let payload: Vec<u8> = (0..64 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let want = hex(&sha2::Sha256::digest(&payload));
+    let c = loop {
+        match tokio::net::TcpStream::connect(("127.0.0.1", echo)).await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() > until => return Err(e.to_string()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    let (mut rd, mut wr) = c.into_split();
+    let writer = tokio::spawn(async move {
+        wr.write_all(&payload).await?;
+        wr.shutdown().await
+    });
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(120), rd.read_to_end(&mut back))
+        .await
+        .map_err(|_| "the echo stalled: both directions busy at once hang the tunnel")?
+        .map_err(|e| e.to_string())?;
+    writer
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    check_eq!(back.len(), 64 * 1024 * 1024);
+    check_eq!(hex(&sha2::Sha256::digest(&back)), want);
     Ok(())
 }
 

@@ -413,9 +413,11 @@ impl AgentStream {
             if self.ungranted >= GRANT_BATCH || self.rx.is_empty() {
                 let bytes = u32::try_from(self.ungranted).unwrap_or(u32::MAX);
                 self.ungranted -= u64::from(bytes);
+                // Queued without waiting: `recv` stays cancel-safe (a
+                // caller's `select!` that drops it loses neither the
+                // message taken nor its credit).
                 self.client
-                    .send(self.stream, ClientMsg::Agent(HostMsg::Credit { bytes }))
-                    .await?;
+                    .send_now(self.stream, ClientMsg::Agent(HostMsg::Credit { bytes }));
             }
         }
         Ok(msg)

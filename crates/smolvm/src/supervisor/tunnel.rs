@@ -42,35 +42,39 @@ pub struct Moved {
 /// Moves bytes between a connected tunnel and a local reader/writer until
 /// both directions ended. Half-close both ways: the local reader's EOF
 /// ends the guest's input; the guest's `Eof` shuts the local writer down.
-/// A local failure drops the tunnel (the guest resets its connection).
+/// The two directions run as two futures polled side by side: one waiting
+/// for the guest's input credit never stops the other from draining (and
+/// crediting) the guest's output, or both could wait on each other. A
+/// local failure drops the tunnel (the guest resets its connection).
 pub async fn splice<R, W>(mut s: AgentStream, mut r: R, mut w: W) -> Result<Moved, TunnelError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let writer = s.writer();
-    let mut moved = Moved::default();
-    let mut buf = vec![0u8; MAX_CHUNK_LEN];
-    let mut up_open = true;
-    loop {
-        tokio::select! {
-            n = r.read(&mut buf), if up_open => {
-                let n = n.map_err(TunnelError::Local)?;
-                if n == 0 {
-                    up_open = false;
-                    writer.close().await?;
-                } else {
-                    writer.write(&buf[..n]).await?;
-                    moved.to_guest += n as u64;
-                }
+    let up = async {
+        let mut buf = vec![0u8; MAX_CHUNK_LEN];
+        let mut n_up = 0u64;
+        loop {
+            let n = r.read(&mut buf).await.map_err(TunnelError::Local)?;
+            if n == 0 {
+                writer.close().await?;
+                return Ok::<u64, TunnelError>(n_up);
             }
-            m = s.recv() => match m? {
+            writer.write(&buf[..n]).await?;
+            n_up += n as u64;
+        }
+    };
+    let down = async {
+        let mut n_down = 0u64;
+        loop {
+            match s.recv().await? {
                 GuestMsg::Data(Bytes(b)) => {
                     w.write_all(&b).await.map_err(TunnelError::Local)?;
                     // Buffered writers (stdout) must pass each chunk on:
                     // the peer may wait for it before it sends more.
                     w.flush().await.map_err(TunnelError::Local)?;
-                    moved.from_guest += b.len() as u64;
+                    n_down += b.len() as u64;
                 }
                 GuestMsg::Eof => {
                     w.flush().await.map_err(TunnelError::Local)?;
@@ -78,10 +82,28 @@ where
                 }
                 GuestMsg::Done { .. } => {
                     let _ = w.shutdown().await;
-                    return Ok(moved);
+                    return Ok::<u64, TunnelError>(n_down);
                 }
                 GuestMsg::Error(e) => return Err(TunnelError::Guest(e.bounded().message)),
                 _ => return Err(ClientError::Unexpected.into()),
+            }
+        }
+    };
+    tokio::pin!(up);
+    tokio::pin!(down);
+    let mut moved = Moved::default();
+    let mut up_done = false;
+    loop {
+        tokio::select! {
+            r = &mut up, if !up_done => {
+                moved.to_guest = r?;
+                up_done = true;
+            }
+            r = &mut down => {
+                // The guest's end closes the tunnel, whatever the local
+                // reader still does.
+                moved.from_guest = r?;
+                return Ok(moved);
             }
         }
     }
