@@ -188,8 +188,14 @@ pub fn start(procs: &Arc<Procs>, key: &str, new_host_key: bool) -> Result<OpRepl
                     SSHD,
                     "-D",
                     "-e",
+                    // No config file: the image's (ListenAddress, Match
+                    // blocks, Include) would add to what we pass.
+                    "-f",
+                    "/dev/null",
                     "-h",
                     HOST_KEY,
+                    "-o",
+                    "Subsystem=sftp internal-sftp",
                     "-o",
                     "ListenAddress=127.0.0.1",
                     "-o",

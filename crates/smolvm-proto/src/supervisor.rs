@@ -70,6 +70,7 @@ pub enum ControlRequest {
 /// over the agent channel (one stream per connection): no guest NIC
 /// needed, and services bound to the guest's 127.0.0.1 are reachable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PortForward {
     /// Host address to listen on (127.0.0.1 unless asked otherwise).
     pub host_addr: std::net::IpAddr,
@@ -80,7 +81,7 @@ pub struct PortForward {
 
 /// What the guest may reach on the network (docs/network.md).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
 pub enum EgressPolicy {
     /// Anything but the host's own services.
     #[default]

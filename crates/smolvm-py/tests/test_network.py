@@ -230,9 +230,9 @@ def test_unexpose_local_closes_the_forward(servers):
     assert servers.unexpose_local(port, guest_port=8001) is servers
     assert refused(port), f"host port {port} still accepts connections after unexpose_local"
     assert port not in {p.host_port for p in servers.list_ports()}
-    with pytest.raises(NetworkError) as ei:
+    with pytest.raises(InvalidStateError) as ei:
         servers.unexpose_local(port)
-    assert ei.value.kind == "network"
+    assert ei.value.kind == "invalid_state" and "no port forward" in ei.value.message
 
 
 def test_a_taken_host_port_is_a_network_error(servers):

@@ -337,7 +337,8 @@ async fn nothing_listening_is_refused_and_bad_forwards_are_errors() -> Result<()
         msg.contains(&tp.to_string()) && msg.contains("in use"),
         "{msg}"
     );
-    expect_kind(vm.unexpose(1).await, ErrorKind::Network)?;
+    let msg = expect_kind(vm.unexpose(1).await, ErrorKind::InvalidState)?;
+    check!(msg.contains("no port forward on host port 1"), "{msg}");
     for bad in ["0", "x:80", "80:0", "70000", "1.2.3:80:80"] {
         check!(parse_forward(bad).is_err(), "{bad} parsed");
     }
@@ -429,6 +430,25 @@ async fn ssh_logs_in_against_the_pinned_host_key() -> Result<(), String> {
         String::from_utf8_lossy(&o.stderr)
     );
     check_eq!(String::from_utf8_lossy(&o.stdout).trim(), "fw\n0");
+    // scp (OpenSSH 9 speaks sftp for it: the server has the subsystem).
+    let local = a.known_hosts.with_file_name("scp-probe");
+    std::fs::write(&local, b"over scp\n").map_err(|e| e.to_string())?;
+    let mut opts = a.options();
+    opts.truncate(opts.len() - 2); // `-p PORT` is `-P PORT` for scp
+    let o = std::process::Command::new("scp")
+        .args(&opts)
+        .args(["-o", "BatchMode=yes", "-P", &a.port.to_string()])
+        .arg(&local)
+        .arg("root@127.0.0.1:/tmp/scp-probe")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    check!(
+        o.status.success(),
+        "scp: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    check_eq!(sh(&vm, "cat /tmp/scp-probe").await?, "over scp");
     // Another key under the same alias: refused.
     let fake = a.known_hosts.with_file_name("known_hosts.fake");
     std::fs::write(

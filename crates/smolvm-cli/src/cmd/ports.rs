@@ -88,6 +88,10 @@ pub struct SshArgs {
     /// of running it.
     #[arg(long)]
     print: bool,
+    /// Forget the pinned host key first: the guest gets a new host key,
+    /// pinned anew (after its key was replaced or lost).
+    #[arg(long)]
+    forget_host_key: bool,
     /// A command to run instead of a login shell.
     #[arg(last = true, value_name = "CMD")]
     argv: Vec<String>,
@@ -97,6 +101,9 @@ pub struct SshArgs {
 /// demand), with smolvm's key and the VM's pinned host key.
 pub async fn ssh(a: SshArgs) -> anyhow::Result<u8> {
     let sbx = Sandbox::from_id(&a.id).await?;
+    if a.forget_host_key {
+        sbx.forget_host_key().await?;
+    }
     let access = sbx.ensure_ssh().await?;
     if a.print {
         println!("{}", access.command_line());

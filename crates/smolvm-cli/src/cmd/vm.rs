@@ -306,11 +306,15 @@ pub async fn info(a: InfoArgs) -> anyhow::Result<u8> {
                 p.host_addr, p.host_port, p.guest_port
             );
         }
-        if sbx.pinned_host_key().is_some() {
-            println!(
-                "ssh:         smolvm ssh {}   (the full command: smolvm ssh {} --print)",
-                info.id, info.id
-            );
+        match sbx.ssh_access_if_set_up().await {
+            Some(a) => println!("ssh:         {}", a.command_line()),
+            None if info.state == smolvm::VmState::Running => {
+                println!(
+                    "ssh:         smolvm ssh {}   (starts sshd on first use)",
+                    info.id
+                )
+            }
+            None => {}
         }
     }
     Ok(0)

@@ -74,6 +74,15 @@ impl Sandbox {
         }
         let c = self.open_connection().await?;
         match c.control(req).await {
+            Ok(ControlResponse::Error(e))
+                if e.kind == smolvm_proto::supervisor::ControlErrorKind::InvalidState =>
+            {
+                Err(Error::Control {
+                    id: self.id.clone(),
+                    kind: crate::error::ErrorKind::InvalidState,
+                    message: e.message,
+                })
+            }
             Ok(ControlResponse::Error(e)) => Err(self.network_error(e.message)),
             Ok(r) => Ok(r),
             Err(source) => Err(Error::Client {

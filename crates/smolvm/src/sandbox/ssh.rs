@@ -93,7 +93,9 @@ pub fn shell_quote(s: &str) -> String {
 
 /// smolvm's client key pair, made on first use (Ed25519, no passphrase,
 /// 0600 in a 0700 directory). Returns (private key, public key line).
-pub fn client_key() -> Result<(PathBuf, String)> {
+/// The caller holds the key lock: one maker at a time, so the pair in
+/// place is always one pair.
+fn client_key() -> Result<(PathBuf, String)> {
     let dir = crate::paths::ssh_dir();
     let key = dir.join(KEY_NAME);
     let public = dir.join(format!("{KEY_NAME}.pub"));
@@ -101,9 +103,11 @@ pub fn client_key() -> Result<(PathBuf, String)> {
         return Ok((key, p.trim().to_string()));
     }
     crate::private::dir_all(&dir).map_err(|e| Error::io(format!("{}", dir.display()), e))?;
-    // Made under a temporary name and renamed into place (public key
-    // first): two processes racing both end with one valid pair.
-    let tmp = dir.join(format!(".{KEY_NAME}.{}", std::process::id()));
+    // Made under a temporary name and renamed into place, public key
+    // first (a private key in place means its public key is too).
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{KEY_NAME}.{}.{seq}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let _ = std::fs::remove_file(tmp.with_extension("pub"));
     let out = crate::hosttools::command("ssh-keygen")?
@@ -166,6 +170,14 @@ impl Sandbox {
     /// its host key is pinned, and a host port forwards to it. Idempotent
     /// (the existing forward is reused).
     pub async fn ensure_ssh(&self) -> Result<SshAccess> {
+        // One set-up per VM at a time: two first callers would each ask for
+        // a new host key, and the pin could end up the older one.
+        let _ssh =
+            super::VmLock::acquire_at(&self.vm_dir.path().join("ssh.lock"), &self.id).await?;
+        self.ensure_ssh_locked().await
+    }
+
+    async fn ensure_ssh_locked(&self) -> Result<SshAccess> {
         let state = self.status().await?;
         if state != crate::state::VmState::Running {
             return Err(Error::InvalidState {
@@ -177,9 +189,13 @@ impl Sandbox {
                 ),
             });
         }
-        let (key, public) = tokio::task::spawn_blocking(client_key)
-            .await
-            .map_err(|e| Error::Invalid(format!("the key set-up failed: {e}")))??;
+        let (key, public) = {
+            let _key = super::VmLock::acquire_at(&crate::paths::ssh_dir().join(".lock"), "ssh key")
+                .await?;
+            tokio::task::spawn_blocking(client_key)
+                .await
+                .map_err(|e| Error::Invalid(format!("the key set-up failed: {e}")))??
+        };
         let pinned = self.pinned_host_key();
         let c = self.connect().await?;
         let mut s = c
@@ -213,7 +229,9 @@ impl Sandbox {
             Some(p) if p != host_key => {
                 return Err(self.ssh_error(format!(
                     "the guest's SSH host key changed (pinned {p}, now {host_key}); \
-                     refusing to trust it"
+                     refusing to trust it. If that was on purpose, give the guest a new \
+                     key and pin it: smolvm ssh {} --forget-host-key",
+                    self.id
                 )))
             }
             Some(_) => {}
@@ -273,7 +291,7 @@ impl Sandbox {
                         Ok((code, _, err)) => {
                             last = format!(
                                 "ssh exited {code}: {}",
-                                String::from_utf8_lossy(&err).trim()
+                                crate::text::escape_line(String::from_utf8_lossy(&err).trim())
                             );
                         }
                         Err(e) => last = e.to_string(),
@@ -352,6 +370,39 @@ impl Sandbox {
             )));
         }
         Ok((code, out.stdout, out.stderr))
+    }
+
+    /// The SSH access of a running VM whose SSH is set up already (a pin
+    /// and a forward to guest port 22), without asking the guest anything;
+    /// `None` otherwise.
+    pub async fn ssh_access_if_set_up(&self) -> Option<SshAccess> {
+        let host_key = self.pinned_host_key()?;
+        let fwd = self
+            .ports()
+            .await
+            .ok()?
+            .into_iter()
+            .find(|p| p.guest_port == GUEST_SSH_PORT && p.host_addr.is_loopback())?;
+        let key = crate::paths::ssh_dir().join(KEY_NAME);
+        key.exists().then(|| SshAccess {
+            host: fwd.host_addr,
+            port: fwd.host_port,
+            user: "root".into(),
+            key,
+            known_hosts: self.known_hosts(),
+            alias: self.alias(),
+            host_key,
+        })
+    }
+
+    /// Forgets the VM's pinned host key: the next SSH set-up gives the
+    /// guest a new host key and pins it.
+    pub async fn forget_host_key(&self) -> Result<()> {
+        let _ssh =
+            super::VmLock::acquire_at(&self.vm_dir.path().join("ssh.lock"), &self.id).await?;
+        self.close_ssh_master();
+        forget_host_key(self.vm_dir.path());
+        Ok(())
     }
 
     /// Ends this VM's persistent SSH connection, if one is open.

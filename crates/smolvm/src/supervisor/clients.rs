@@ -441,9 +441,13 @@ async fn control(
                 ControlRequest::PortAdd(f) => {
                     ports.add(f).map_or_else(failed, ControlResponse::Port)
                 }
-                ControlRequest::PortRemove { host_port } => ports
-                    .remove(host_port)
-                    .map_or_else(failed, ControlResponse::Port),
+                // No such forward: the request does not fit the run.
+                ControlRequest::PortRemove { host_port } => ports.remove(host_port).map_or_else(
+                    |e| {
+                        ControlResponse::Error(ControlError::new(ControlErrorKind::InvalidState, e))
+                    },
+                    ControlResponse::Port,
+                ),
                 _ => ControlResponse::Ports(ports.list()),
             }
         }

@@ -18,8 +18,14 @@ use tokio::sync::{watch, Semaphore};
 /// Most forwards per VM.
 pub const MAX_FORWARDS: usize = 64;
 /// Most tunnel connections open at once per VM (the agent holds at most
-/// 256 streams for everything).
+/// 256 streams for everything), and per forward: a forward on 127.0.0.1
+/// takes connections from every local user, and one of them holding all of
+/// a forward's slots must leave the VM's other forwards (SSH) working.
 const MAX_CONNECTIONS: usize = 128;
+const MAX_PER_FORWARD: usize = 32;
+/// Failed connections logged per forward, then one in this many.
+const LOG_FIRST: u64 = 10;
+const LOG_EVERY: u64 = 1000;
 /// How long a connection accepted before the guest is ready waits for it.
 const READY_WAIT: Duration = Duration::from_secs(120);
 
@@ -189,6 +195,8 @@ impl Ports {
         // Connections die with the forward: a removed forward aborts this
         // task, and the set of connection tasks with it.
         let mut conns = tokio::task::JoinSet::new();
+        let mine = Arc::new(Semaphore::new(MAX_PER_FORWARD));
+        let failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
         loop {
             let (tcp, peer) = tokio::select! {
                 a = listener.accept() => match a {
@@ -201,16 +209,28 @@ impl Ports {
                 },
                 Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             };
-            let Ok(permit) = self.conns.clone().try_acquire_owned() else {
-                // Over the limit: refused at once (the drop closes it).
+            // Over either limit: refused at once (the drop closes it).
+            let Ok(own) = mine.clone().try_acquire_owned() else {
                 continue;
             };
-            let me = self.clone();
+            let Ok(permit) = self.conns.clone().try_acquire_owned() else {
+                continue;
+            };
+            let (me, failures) = (self.clone(), failures.clone());
             conns.spawn(async move {
-                let _permit = permit;
+                let _permits = (own, permit);
                 let _ = tcp.set_nodelay(true);
                 if let Err(e) = me.tunnel(tcp, guest_port).await {
-                    log!("port forward {peer} -> guest {guest_port}: {e}");
+                    // Bounded and escaped: the peer and the guest choose
+                    // how often this happens and part of what it says.
+                    let n = failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if n < LOG_FIRST || n.is_multiple_of(LOG_EVERY) {
+                        log!(
+                            "port forward {peer} -> guest {guest_port}: {} ({} failures so far)",
+                            crate::text::escape_line(&e),
+                            n + 1
+                        );
+                    }
                 }
             });
         }

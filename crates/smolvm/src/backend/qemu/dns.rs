@@ -359,7 +359,8 @@ impl Relay {
             if !delete.is_empty() {
                 // Its own transaction: an element that expired meanwhile
                 // fails it, and that is fine (gone is what we wanted).
-                let _ = super::egress_nft::apply(nft, &super::egress_nft::dns4_update(&delete, &[]));
+                let _ =
+                    super::egress_nft::apply(nft, &super::egress_nft::dns4_update(&delete, &[]));
             }
             super::egress_nft::apply(nft, &super::egress_nft::dns4_update(&[], &add))?;
             for (ip, secs) in add {
