@@ -73,6 +73,9 @@ struct Control {
     acks: std::sync::mpsc::Receiver<String>,
     /// Set when the host has no nft: then only `open` can be applied.
     no_nft: Option<crate::hosttools::MissingTool>,
+    /// Lines sent whose answer never came in time: the holder answers in
+    /// order, so that many answers still to come belong to them.
+    unanswered: usize,
 }
 
 /// How long the holder gets to apply a policy (one nft transaction).
@@ -86,8 +89,6 @@ impl Control {
                 return Err(NetError::Missing(m.clone()));
             }
         }
-        // Answers to earlier lines that timed out are stale.
-        while self.acks.try_recv().is_ok() {}
         let mut line = serde_json::to_string(policy)
             .map_err(|e| NetError::Policy(format!("cannot encode the policy: {e}")))?;
         line.push('\n');
@@ -95,7 +96,20 @@ impl Control {
             .write_all(line.as_bytes())
             .and_then(|()| self.stdin.flush())
             .map_err(|e| NetError::Policy(format!("the network holder is gone: {e}")))?;
-        match self.acks.recv_timeout(POLICY_DEADLINE) {
+        let deadline = std::time::Instant::now() + POLICY_DEADLINE;
+        let answer = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.acks.recv_timeout(left) {
+                // The late answer to a line that timed out: not ours.
+                Ok(_) if self.unanswered > 0 => self.unanswered -= 1,
+                other => break other,
+            }
+        };
+        if answer.is_err() {
+            // Whatever the holder does with this line, its answer is stale.
+            self.unanswered += 1;
+        }
+        match answer {
             Ok(a) if a == "ok" => Ok(()),
             Ok(a) => Err(NetError::Policy(
                 a.strip_prefix("err ").unwrap_or(&a).to_string(),
@@ -327,6 +341,7 @@ impl GuestNet {
             stdin,
             acks,
             no_nft,
+            unanswered: 0,
         }));
         let mut net = GuestNet {
             passt,
