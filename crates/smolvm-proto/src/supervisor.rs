@@ -60,8 +60,9 @@ pub enum ControlRequest {
     /// Answered by `Ports`.
     PortList,
     /// Applies an egress policy to the running guest's network (atomic:
-    /// the old policy holds until the new one is in force; every open
-    /// connection is cut, and learned addresses are forgotten).
+    /// the old policy holds until the new one is in force; to allowlist or
+    /// off, every open connection is cut and learned addresses are
+    /// forgotten).
     /// Answered by `Ok`.
     SetEgress(EgressPolicy),
 }

@@ -64,6 +64,17 @@ def serve(ls, tag):
     while True:
         c, _ = ls.accept()
         threading.Thread(target=conn, args=(c, tag), daemon=True).start()
+def tick(c):
+    # A long-lived connection: a line every 0.2 s until it breaks.
+    try:
+        while True:
+            c.sendall(b"TICK\n"); threading.Event().wait(0.2)
+    except OSError: pass
+    finally: c.close()
+def ticks(ls):
+    while True:
+        c, _ = ls.accept()
+        threading.Thread(target=tick, args=(c,), daemon=True).start()
 def dns(us):
     while True:
         q, peer = us.recvfrom(512)
@@ -87,6 +98,9 @@ for a in sys.argv[3:]:
     ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind((a, 80)); ls.listen(64)
     threading.Thread(target=serve, args=(ls, a), daemon=True).start()
+    ts = socket.socket(); ts.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ts.bind((a, 81)); ts.listen(64)
+    threading.Thread(target=ticks, args=(ts,), daemon=True).start()
 us = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); us.bind(("192.0.2.53", 53))
 threading.Thread(target=dns, args=(us,), daemon=True).start()
 print("ready", flush=True)
@@ -369,6 +383,23 @@ async fn set(vm: &Sandbox, p: EgressPolicy) -> Result<EgressPolicy, String> {
         .map_err(|e| format!("set_egress: {}", smolvm::error::chain(&e)))
 }
 
+/// Guest side: reads the tick service at argv[1]:81 into /tmp/ticks (one
+/// line per tick), then how it ended: `END reset`, `END eof`, `END timeout`.
+const TICK_CLIENT: &str = r#"import socket,sys
+f=open("/tmp/ticks","w",buffering=1)
+s=socket.create_connection((sys.argv[1],81),timeout=5); s.settimeout(20)
+how="eof"
+try:
+    while True:
+        b=s.recv(4096)
+        if not b: break
+        f.write(b.decode())
+except ConnectionResetError: how="reset"
+except socket.timeout: how="timeout"
+except OSError as e: how="error %s" % e
+f.write("END %s\n" % how)
+"#;
+
 // ----------------------------------------------------------------- cases
 
 async fn open_reaches_everything(s: &Shared) -> Result<(), String> {
@@ -507,6 +538,53 @@ async fn live_changes_take_effect(s: &Shared) -> Result<(), String> {
     set(&s.vm, EgressPolicy::Open).await?;
     let got = probe(&s.vm, &[("again", &format!("http://{CIDR_HOST}/"))]).await?;
     check_eq!(result(&got, "again"), format!("[BODY-{CIDR_HOST}] rc=0"));
+    Ok(())
+}
+
+/// A policy change cuts an open connection, even one the new policy still
+/// admits (docs/network.md: every connection is cut on a change).
+async fn a_change_cuts_open_connections(s: &Shared) -> Result<(), String> {
+    set(&s.vm, EgressPolicy::Open).await?;
+    sh(&s.vm, "rm -f /tmp/ticks").await?;
+    s.vm.spawn(
+        Command::Argv(vec![
+            "python3".into(),
+            "-c".into(),
+            TICK_CLIENT.into(),
+            CIDR_HOST.into(),
+        ]),
+        &ExecOptions::default(),
+    )
+    .await
+    .map_err(|e| smolvm::error::chain(&e))?;
+    let ticks = || async { sh(&s.vm, "grep -c TICK /tmp/ticks 2>/dev/null || true").await };
+    let until = Instant::now() + Duration::from_secs(60);
+    while ticks().await?.trim().parse::<u32>().unwrap_or(0) < 3 {
+        check!(
+            Instant::now() < until,
+            "the tick connection never got going"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The new policy still lists the server's CIDR.
+    set(&s.vm, allowlist()).await?;
+    let until = Instant::now() + Duration::from_secs(30);
+    let end = loop {
+        let t = sh(&s.vm, "grep END /tmp/ticks 2>/dev/null || true").await?;
+        if !t.trim().is_empty() {
+            break t.trim().to_string();
+        }
+        check!(
+            Instant::now() < until,
+            "the open connection outlived the policy change"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    check_eq!(end, "END reset");
+    // New connections under the new policy work.
+    let got = probe(&s.vm, &[("after", &format!("http://{CIDR_HOST}/"))]).await?;
+    check_eq!(result(&got, "after"), format!("[BODY-{CIDR_HOST}] rc=0"));
+    set(&s.vm, EgressPolicy::Open).await?;
     Ok(())
 }
 
@@ -655,6 +733,7 @@ fn main() {
         allowlist_admits_only_listed,
         names_are_matched_each_time,
         live_changes_take_effect,
+        a_change_cuts_open_connections,
         invalid_entries_are_refused,
     ];
     let own_cases = cases![off_has_no_nic];

@@ -29,7 +29,7 @@ impl Sandbox {
 
     /// Sets the egress policy: checked (invalid entries are an
     /// `invalid_input` error and change nothing), applied to the running
-    /// VM at once (every open connection is cut), and
+    /// VM at once (to allowlist or off: every open connection is cut), and
     /// stored for its later starts. A VM created without a network takes
     /// only `Off`. Returns the policy in its normal form.
     pub async fn set_egress(&self, policy: EgressPolicy) -> Result<EgressPolicy> {
