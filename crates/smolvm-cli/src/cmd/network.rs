@@ -79,9 +79,8 @@ pub struct NetworkArgs {
 #[derive(clap::Subcommand)]
 enum NetworkCommand {
     /// Replace the egress policy (the --allow entries are the whole new
-    /// list). On a running sandbox at once: to allowlist or off, every open
-    /// connection is cut;
-    /// kept for later starts.
+    /// list). On a running sandbox at once (to allowlist or off, every open
+    /// connection is cut); kept for later starts.
     Set {
         id: String,
         #[command(flatten)]
