@@ -56,6 +56,31 @@ pub async fn port(c: PortCommand) -> anyhow::Result<u8> {
         PortCommand::Ls(a) => {
             let sbx = Sandbox::from_id(&a.id).await?;
             let ports = sbx.ports().await?;
+            let state = sbx.status().await?;
+            if !matches!(state, smolvm::VmState::Running | smolvm::VmState::Paused) && !a.json {
+                let fixed = &sbx.config().ports;
+                eprintln!(
+                    "smolvm: {} is {state}: forwards exist while it runs{}",
+                    a.id,
+                    if fixed.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            "; it opens {} at its next start ({})",
+                            if fixed.len() == 1 { "one" } else { "these" },
+                            fixed
+                                .iter()
+                                .map(|p| format!(
+                                    "{}:{} -> {}",
+                                    p.host_addr, p.host_port, p.guest_port
+                                ))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    }
+                );
+                return Ok(0);
+            }
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&ports)?);
                 return Ok(0);
@@ -75,7 +100,17 @@ pub async fn port(c: PortCommand) -> anyhow::Result<u8> {
         }
         PortCommand::Rm(a) => {
             let sbx = Sandbox::from_id(&a.id).await?;
-            sbx.unexpose(a.host_port).await?;
+            let f = sbx.unexpose(a.host_port).await?;
+            if sbx
+                .config()
+                .ports
+                .iter()
+                .any(|p| p.guest_port == f.guest_port && p.host_port == f.host_port)
+            {
+                eprintln!(
+                    "smolvm: closed for this run; it was fixed at creation (-p), so the next start opens it again"
+                );
+            }
             Ok(0)
         }
     }

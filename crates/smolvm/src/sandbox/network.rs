@@ -41,8 +41,10 @@ impl Sandbox {
             return Err(Error::InvalidState {
                 id: self.id.clone(),
                 state: rec.state,
-                hint: "it was created without a network, so its egress policy can only be \
-                       `off`; recreate it with the network on"
+                hint: "it was created without a network (`--no-network`, or `--egress off` at \
+                       creation, which leaves the NIC out), so its egress policy can only be \
+                       `off`: a NIC cannot be added later. To switch a VM between off and on, \
+                       create it with the network on and use `smolvm network set ID --egress off`"
                     .into(),
             });
         }
