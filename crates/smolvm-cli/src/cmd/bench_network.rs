@@ -133,7 +133,7 @@ async fn measure(vm: &Sandbox, iterations: usize, b: &mut NetBench) -> anyhow::R
         .trim()
         .parse::<f64>()
         .map_or(0.0, |s| s * 1000.0 / 100.0);
-    vm.close_ssh_master();
+    vm.close_ssh_master().await;
 
     eprintln!("bench: network: 100 MiB through a forward vs the agent's file copy ...");
     vm.run(&format!("head -c {BIG} /dev/zero > /dev/shm/big"))

@@ -298,7 +298,7 @@ impl Sandbox {
             return self.end_interrupted_boot(&rec).await;
         }
         self.step("stopping");
-        self.close_ssh_master();
+        self.close_ssh_master().await;
         let r = match self.open_connection().await {
             Ok(client) => {
                 client

@@ -400,26 +400,31 @@ impl Sandbox {
     pub async fn forget_host_key(&self) -> Result<()> {
         let _ssh =
             super::VmLock::acquire_at(&self.vm_dir.path().join("ssh.lock"), &self.id).await?;
-        self.close_ssh_master();
+        self.close_ssh_master().await;
         forget_host_key(self.vm_dir.path());
         Ok(())
     }
 
-    /// Ends this VM's persistent SSH connection, if one is open.
-    pub fn close_ssh_master(&self) {
+    /// Ends this VM's persistent SSH connection, if one is open (bounded:
+    /// a master that does not answer is left to die with the VM's forward).
+    pub async fn close_ssh_master(&self) {
         let ctl = self.control_path();
-        if ctl.exists() {
-            if let Ok(ssh) = crate::hosttools::require("ssh") {
-                let _ = std::process::Command::new(ssh)
-                    .args(["-F", "/dev/null", "-o"])
-                    .arg(format!("ControlPath={}", ctl.display()))
-                    .args(["-O", "exit", "x"])
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .status();
-            }
+        if !ctl.exists() {
+            return;
         }
+        let Ok(ssh) = crate::hosttools::require("ssh") else {
+            return;
+        };
+        let child = tokio::process::Command::new(ssh)
+            .args(["-F", "/dev/null", "-o"])
+            .arg(format!("ControlPath={}", ctl.display()))
+            .args(["-O", "exit", "x"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .status();
+        let _ = tokio::time::timeout(Duration::from_secs(5), child).await;
     }
 }
 
