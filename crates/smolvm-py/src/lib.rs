@@ -266,11 +266,15 @@ impl Sandbox {
     fn info(&self, py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
         let sb = self.handle()?;
         run_op(py, "info", self.id_owned(), done, async move {
-            // With what the inventory's info leaves out: the egress
-            // policy and the forwards opened at each start.
-            let (egress, ports) = (json(&sb.config().egress), json(&sb.config().ports));
-            let extra = serde_json::json!({ "egress": egress, "ports": ports });
-            Ok(Out::Info(Box::new(sb.info().await?), Some(extra)))
+            // With what the inventory's info leaves out: the forwards
+            // opened at each start. The egress policy is the stored one
+            // (another handle or process may have changed it since).
+            let info = sb.info().await?;
+            let extra = serde_json::json!({
+                "egress": json(&info.egress),
+                "ports": json(&sb.config().ports),
+            });
+            Ok(Out::Info(Box::new(info), Some(extra)))
         })
     }
 
@@ -812,6 +816,39 @@ impl Sandbox {
         run_op(py, "unexpose_local", self.id_owned(), done, async move {
             Ok(Out::Json(net::forward_json(&sb.unexpose(host_port).await?)))
         })
+    }
+
+    /// Replaces the egress policy (JSON: `"open"`, `"off"`,
+    /// `{"allowlist": {...}}`), at once on a running VM; returns it in its
+    /// normal form.
+    #[pyo3(signature = (policy_json, done=None))]
+    fn set_egress(
+        &self,
+        py: Python<'_>,
+        policy_json: &str,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let policy: smolvm::config::EgressPolicy =
+            serde_json::from_str(policy_json).map_err(|e| {
+                raise(
+                    "invalid_input",
+                    &format!("not an egress policy: {e}"),
+                    self.id_owned().as_deref(),
+                    None,
+                    "set_internet_settings",
+                )
+            })?;
+        let sb = self.handle()?;
+        run_op(
+            py,
+            "set_internet_settings",
+            self.id_owned(),
+            done,
+            async move {
+                let p = sb.set_egress(policy).await?;
+                Ok(Out::Json(serde_json::to_value(&p).unwrap_or_default()))
+            },
+        )
     }
 
     /// The VM's open forwards, as dicts (none unless it runs).

@@ -127,6 +127,27 @@ def test_internet_settings_objects_check_themselves():
     assert InternetSettings(allowed_cidrs=["192.0.2.0/24"]).mode == "allowlist"
 
 
+def test_set_internet_settings_changes_a_running_vm(make_vm, quiet):
+    """A live change on a VM with a network (nothing is sent anywhere: the
+    rules change, no packet is needed to check that they are stored), and
+    the refusals of a VM without one."""
+    vm = make_vm()
+    vm.start()
+    got = vm.set_internet_settings({"mode": "restricted", "allowed_domains": ["PyPI.org."], "allowed_cidrs": ["192.0.2.0/24"]})
+    assert got == InternetSettings("allowlist", ["pypi.org"], ["192.0.2.0/24"])
+    assert SmolVM.from_id(vm.vm_id).info.config.internet_settings == got
+    assert vm.run("true").ok, "commands still run under the new policy"
+    with pytest.raises(ValidationError):
+        vm.set_internet_settings({"allowed_cidrs": ["10.0.0.1/8"]})
+    assert vm.info.config.internet_settings == got, "a refused change changed the policy"
+    assert vm.set_internet_settings(InternetSettings("open")).mode == "open"
+    # Without a NIC only "off" is possible.
+    with pytest.raises(InvalidStateError) as ei:
+        quiet.set_internet_settings({"mode": "open"})
+    assert "without a network" in ei.value.message
+    assert quiet.set_internet_settings({"mode": "off"}).mode == "off"
+
+
 def test_internet_settings_are_stored_with_the_vm(make_vm, vm_ids):
     vm = make_vm(
         internet_settings=InternetSettings(

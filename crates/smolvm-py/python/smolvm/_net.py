@@ -3,6 +3,7 @@ forwards, forwards of a running VM, SSH, and ``run`` through SSH."""
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 from . import _aio, _native
@@ -187,6 +188,29 @@ class NetworkMethods:
             self._check_guest(await _aio.call(lambda done: handle.ports(done)), h, g)
         await _aio.call(lambda done: handle.unexpose(h, done))
         return self
+
+    def set_internet_settings(self: "SmolVM", internet_settings: Any) -> "InternetSettings":
+        """Replaces what the guest may reach (an :class:`InternetSettings` or
+        a dict, as at creation): at once on a running VM (a change to an
+        allowlist or ``"off"`` cuts every open connection), and kept for its
+        later starts. Returns the settings as stored (names normalised).
+
+        Raises:
+            ValidationError: Bad settings (nothing changes).
+            InvalidStateError: The VM was created without a network, and the
+                settings are not ``mode="off"`` (a NIC cannot be added later).
+            NetworkError: The running network could not apply them.
+        """
+        policy = InternetSettings._coerce(internet_settings)._policy()
+        out = self._blocking().set_egress(json.dumps(policy))
+        return InternetSettings._from_policy(out)
+
+    async def async_set_internet_settings(self: "SmolVM", internet_settings: Any) -> "InternetSettings":
+        """:meth:`set_internet_settings` without blocking the event loop."""
+        policy = json.dumps(InternetSettings._coerce(internet_settings)._policy())
+        handle = self._h
+        out = await _aio.call(lambda done: handle.set_egress(policy, done))
+        return InternetSettings._from_policy(out)
 
     def list_ports(self: "SmolVM") -> List[PortForward]:
         """The VM's open forwards (``ports=`` ones, :meth:`expose_local`
