@@ -569,8 +569,7 @@ impl Sandbox {
         };
         // A new machine: the old run's SSH pin and connection are of
         // another machine (a restore into a new VM has neither).
-        self.close_ssh_master().await;
-        super::ssh::forget_host_key(self.vm_dir.path());
+        self.forget_host_key().await?;
         // The source's forwards again: the same host ports for the source
         // itself, free ones for any other VM (the source may still hold
         // its ports).

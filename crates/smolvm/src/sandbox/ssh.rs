@@ -19,6 +19,8 @@ pub const GUEST_SSH_PORT: u16 = 22;
 const KEY_NAME: &str = "id_ed25519";
 /// The VM directory's pinned host key.
 const KNOWN_HOSTS: &str = "known_hosts";
+/// How long the guest gets to start its SSH server.
+const SSH_START_WAIT: Duration = Duration::from_secs(60);
 
 /// What a client needs to log in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,20 +200,31 @@ impl Sandbox {
         };
         let pinned = self.pinned_host_key();
         let c = self.connect().await?;
-        let mut s = c
-            .open_stream(HostMsg::Op(OpRequest::SshStart {
-                authorized_key: public,
-                new_host_key: pinned.is_none(),
-            }))
+        // Bounded: a guest that never answers must not hold the locks (the
+        // VM's own, when `start` asks) forever. The agent's own limits add
+        // up to ~45 s (key generation, sshd's start, an old sshd's end);
+        // dropping the stream on a timeout cancels the request.
+        let ask = async {
+            let mut s = c
+                .open_stream(HostMsg::Op(OpRequest::SshStart {
+                    authorized_key: public,
+                    new_host_key: pinned.is_none(),
+                }))
+                .await?;
+            s.recv().await
+        };
+        let reply = tokio::time::timeout(SSH_START_WAIT, ask)
             .await
+            .map_err(|_| Error::Timeout {
+                id: self.id.clone(),
+                what: "starting the guest's SSH server".into(),
+                after: SSH_START_WAIT,
+                hint: "the guest agent did not answer; `smolvm logs ID` shows the console".into(),
+            })?
             .map_err(|source| Error::Client {
                 id: self.id.clone(),
                 source,
             })?;
-        let reply = s.recv().await.map_err(|source| Error::Client {
-            id: self.id.clone(),
-            source,
-        })?;
         let host_key = match reply {
             smolvm_proto::GuestMsg::Op(OpReply::Ssh { host_key }) => host_key,
             smolvm_proto::GuestMsg::Error(e) => {

@@ -324,6 +324,9 @@ impl Relay {
             .ok_or_else(|| "a malformed answer".to_string())?;
         let now = Instant::now();
         let (mut delete, mut add) = (Vec::new(), Vec::new());
+        // The answer's TTLs never outlast an address left as it is: a
+        // guest cache must not keep one past its element's expiry.
+        let mut ttl_cap = TTL_CAP;
         for (ip, ttl) in ans.addrs {
             if s.cidrs.iter().any(|c| c.contains(ip)) || add.iter().any(|(a, _)| *a == ip) {
                 continue; // open already
@@ -336,8 +339,13 @@ impl Relay {
             match s.admitted.get(&ip) {
                 // Open for at least half its new time still: not worth an
                 // nft run (a guest looping lookups costs no host CPU).
-                Some(&old) if old >= now + Duration::from_secs(u64::from(secs) / 2) => continue,
-                Some(&old) if old >= until => continue,
+                Some(&old)
+                    if old >= now + Duration::from_secs(u64::from(secs) / 2) || old >= until =>
+                {
+                    let left = old.saturating_duration_since(now).as_secs();
+                    ttl_cap = ttl_cap.min(u32::try_from(left).unwrap_or(TTL_CAP));
+                    continue;
+                }
                 // Still in the set (maybe): deleted first, then added with
                 // the new timeout, since `add` of an existing element does
                 // not refresh its timeout on every kernel.
@@ -356,19 +364,24 @@ impl Relay {
                 return Err("the set of learned addresses is full".into());
             }
             let nft = self.nft.as_deref().ok_or("nft is not installed")?;
-            if !delete.is_empty() {
-                // Its own transaction: an element that expired meanwhile
-                // fails it, and that is fine (gone is what we wanted).
-                let _ =
-                    super::egress_nft::apply(nft, &super::egress_nft::dns4_update(&delete, &[]));
+            // One transaction when it can be (no moment without the
+            // address). When an element to replace expired meanwhile that
+            // fails: then each delete goes on its own (gone is what it
+            // wanted), then the adds.
+            let whole = super::egress_nft::dns4_update(&delete, &add);
+            if delete.is_empty() || super::egress_nft::apply(nft, &whole).is_err() {
+                for ip in &delete {
+                    let one = super::egress_nft::dns4_update(&[*ip], &[]);
+                    let _ = super::egress_nft::apply(nft, &one);
+                }
+                super::egress_nft::apply(nft, &super::egress_nft::dns4_update(&[], &add))?;
             }
-            super::egress_nft::apply(nft, &super::egress_nft::dns4_update(&[], &add))?;
             for (ip, secs) in add {
                 s.admitted
                     .insert(ip, now + Duration::from_secs(u64::from(secs)));
             }
         }
-        dns_msg::cap_ttls(a, &ans.ttl_at, TTL_CAP);
+        dns_msg::cap_ttls(a, &ans.ttl_at, ttl_cap);
         Ok(())
     }
 }
