@@ -455,7 +455,9 @@ async fn out(h: &Sandbox, cmd: &str) -> Result<String, String> {
 /// ready. The next `start` must finish that boot (not start a second VMM on
 /// the same disk), and `stop` must end an interrupted boot.
 async fn interrupted_start_recovers() -> Result<(), String> {
-    cli(&["create", "-q", "--name", "ks", "--memory", "256"])
+    // Cold: a warm start is ready in ~0.3 s, before the kill can land
+    // between the supervisor's start and the guest's readiness.
+    cli(&["create", "-q", "--cold", "--name", "ks", "--memory", "256"])
         .await?
         .ok()?;
     let vm_dir = data_dir().join("vms/ks");
