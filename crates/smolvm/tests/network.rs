@@ -214,6 +214,17 @@ async fn forwards_reach_guest_loopback_with_the_network_off() -> Result<(), Stri
     Ok(())
 }
 
+/// The host port forwarded to `guest_port` in the VM's run.
+async fn host_port_of(vm: &Sandbox, guest_port: u16) -> Result<u16, String> {
+    vm.ports()
+        .await
+        .map_err(e2s)?
+        .into_iter()
+        .find(|p| p.guest_port == guest_port)
+        .map(|p| p.host_port)
+        .ok_or_else(|| format!("{}: no forward to guest port {guest_port}", vm.id()))
+}
+
 fn free_port() -> Result<u16, String> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     Ok(l.local_addr().map_err(|e| e.to_string())?.port())
@@ -246,14 +257,7 @@ async fn half_close_and_big_transfers() -> Result<(), String> {
     check_eq!(answer, format!("got {} bytes, then EOF", payload.len()));
     // 20 MiB from the guest, checked byte for byte by its digest.
     sh(&vm, "head -c 20971520 /dev/urandom > /srv/any/big && sha256sum /srv/any/big | cut -c1-64 > /srv/any/big.sum").await?;
-    let any = vm
-        .ports()
-        .await
-        .map_err(e2s)?
-        .into_iter()
-        .find(|p| p.guest_port == ANY_PORT)
-        .ok_or("no forward to the 0.0.0.0 server")?
-        .host_port;
+    let any = host_port_of(&vm, ANY_PORT).await?;
     let mut c = tokio::net::TcpStream::connect(("127.0.0.1", any))
         .await
         .map_err(|e| e.to_string())?;
@@ -358,14 +362,7 @@ async fn nothing_listening_is_refused_and_bad_forwards_are_errors() -> Result<()
 
 async fn forwards_survive_pause_and_two_vms_get_distinct_ports() -> Result<(), String> {
     let vm = handle(FW).await?;
-    let lo = vm
-        .ports()
-        .await
-        .map_err(e2s)?
-        .into_iter()
-        .find(|p| p.guest_port == LO_PORT)
-        .ok_or("no loopback forward")?
-        .host_port;
+    let lo = host_port_of(&vm, LO_PORT).await?;
     vm.pause().await.map_err(e2s)?;
     // A connection made while paused waits and is served after resume.
     let pending = tokio::spawn(async move { http_get(lo, "/").await });
@@ -501,14 +498,7 @@ async fn ssh_logs_in_against_the_pinned_host_key() -> Result<(), String> {
 
 async fn snapshot_restore_and_fork_keep_forwards_and_get_own_host_keys() -> Result<(), String> {
     let vm = handle(FW).await?;
-    let lo = vm
-        .ports()
-        .await
-        .map_err(e2s)?
-        .into_iter()
-        .find(|p| p.guest_port == LO_PORT)
-        .ok_or("no loopback forward")?
-        .host_port;
+    let lo = host_port_of(&vm, LO_PORT).await?;
     // The key the guest has now (the SSH case made it a new one).
     let parent_key = sh(&vm, "cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub").await?;
     vm.snapshot(&SnapshotOptions {
@@ -530,14 +520,7 @@ async fn snapshot_restore_and_fork_keep_forwards_and_get_own_host_keys() -> Resu
     )
     .await
     .map_err(e2s)?;
-    let rp = r
-        .ports()
-        .await
-        .map_err(e2s)?
-        .into_iter()
-        .find(|p| p.guest_port == LO_PORT)
-        .ok_or("the restore has no loopback forward")?
-        .host_port;
+    let rp = host_port_of(&r, LO_PORT).await?;
     check!(rp != lo);
     check_eq!(http_wait(rp, "/").await?.trim(), "loopback-only");
     // A machine of its own: SSH makes it a host key of its own.

@@ -49,9 +49,25 @@ impl Sandbox {
         &self,
         change: impl FnOnce(&mut BTreeMap<String, String>) + Send + 'static,
     ) -> Result<BTreeMap<String, String>> {
+        self.update_config("environment", move |cfg| {
+            change(&mut cfg.env);
+            validate_env(&cfg.env)?;
+            Ok(cfg.env.clone())
+        })
+        .await
+    }
+
+    /// Changes the VM's stored config in one write transaction (other
+    /// processes' changes in between are never lost); `change` may refuse,
+    /// and then nothing is written. `what` names it in errors.
+    pub(super) async fn update_config<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        change: impl FnOnce(&mut SandboxConfig) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let (id, created_at) = (self.id.clone(), self.created_at);
         tokio::task::spawn_blocking(move || {
-            let mut result = BTreeMap::new();
+            let mut result = None;
             let found = store()?.update_config(&id, created_at, |json| {
                 let mut cfg: SandboxConfig = serde_json::from_str(json).map_err(|e| {
                     Error::Store(crate::state::StoreError::Corrupt {
@@ -59,18 +75,15 @@ impl Sandbox {
                         reason: e.to_string(),
                     })
                 })?;
-                change(&mut cfg.env);
-                validate_env(&cfg.env)?;
-                result = cfg.env.clone();
+                result = Some(change(&mut cfg)?);
                 serde_json::to_string(&cfg).map_err(|e| Error::Invalid(e.to_string()))
             })?;
-            if found {
-                Ok(result)
-            } else {
-                Err(Error::NotFound(id))
+            match (found, result) {
+                (true, Some(r)) => Ok(r),
+                _ => Err(Error::NotFound(id)),
             }
         })
         .await
-        .map_err(|e| Error::Invalid(format!("the environment update failed: {e}")))?
+        .map_err(|e| Error::Invalid(format!("the {what} update failed: {e}")))?
     }
 }

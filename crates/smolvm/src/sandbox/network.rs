@@ -4,9 +4,9 @@
 //! through its supervisor.
 
 use super::lock::VmLock;
-use super::record::{config_of, store};
+use super::record::config_of;
 use super::Sandbox;
-use crate::config::{EgressPolicy, SandboxConfig};
+use crate::config::EgressPolicy;
 use crate::error::{Error, ErrorKind, Result};
 use crate::state::VmState;
 use smolvm_proto::supervisor::{ControlErrorKind, ControlRequest, ControlResponse};
@@ -51,26 +51,12 @@ impl Sandbox {
         if matches!(rec.state, VmState::Running | VmState::Paused) {
             self.apply_egress(&policy).await?;
         }
-        let (id, created_at, stored) = (self.id.clone(), self.created_at, policy.clone());
-        tokio::task::spawn_blocking(move || {
-            let found = store()?.update_config(&id, created_at, |json| {
-                let mut cfg: SandboxConfig = serde_json::from_str(json).map_err(|e| {
-                    Error::Store(crate::state::StoreError::Corrupt {
-                        id: id.clone(),
-                        reason: e.to_string(),
-                    })
-                })?;
-                cfg.egress = stored;
-                serde_json::to_string(&cfg).map_err(|e| Error::Invalid(e.to_string()))
-            })?;
-            if found {
-                Ok(())
-            } else {
-                Err(Error::NotFound(id))
-            }
+        let stored = policy.clone();
+        self.update_config("policy", move |cfg| {
+            cfg.egress = stored;
+            Ok(())
         })
-        .await
-        .map_err(|e| Error::Invalid(format!("the policy update failed: {e}")))??;
+        .await?;
         Ok(policy)
     }
 

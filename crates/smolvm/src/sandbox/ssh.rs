@@ -174,9 +174,13 @@ impl Sandbox {
     pub async fn ensure_ssh(&self) -> Result<SshAccess> {
         // One set-up per VM at a time: two first callers would each ask for
         // a new host key, and the pin could end up the older one.
-        let _ssh =
-            super::VmLock::acquire_at(&self.vm_dir.path().join("ssh.lock"), &self.id).await?;
+        let _ssh = self.ssh_lock().await?;
         self.ensure_ssh_locked().await
+    }
+
+    /// One SSH set-up (or pin change) of this VM at a time.
+    async fn ssh_lock(&self) -> Result<super::VmLock> {
+        super::VmLock::acquire_at(&self.vm_dir.path().join("ssh.lock"), &self.id).await
     }
 
     async fn ensure_ssh_locked(&self) -> Result<SshAccess> {
@@ -411,8 +415,7 @@ impl Sandbox {
     /// Forgets the VM's pinned host key: the next SSH set-up gives the
     /// guest a new host key and pins it.
     pub async fn forget_host_key(&self) -> Result<()> {
-        let _ssh =
-            super::VmLock::acquire_at(&self.vm_dir.path().join("ssh.lock"), &self.id).await?;
+        let _ssh = self.ssh_lock().await?;
         self.close_ssh_master().await;
         forget_host_key(self.vm_dir.path());
         Ok(())
